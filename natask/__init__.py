@@ -1,0 +1,51 @@
+"""natask: a Celery-style distributed task queue on NATS JetStream."""
+
+from .app import Natask
+from .errors import (
+    BrokerError,
+    ConfigError,
+    DecodeError,
+    EncodeError,
+    NataskError,
+    NoWorkers,
+    PayloadTooLarge,
+    PermissionDenied,
+    Reject,
+    ResultError,
+    ResultTimeout,
+    Retry,
+    TaskControl,
+    TaskFailed,
+    TaskNotFound,
+    TaskRevoked,
+    TimeLimitExceeded,
+)
+from .result import AsyncResult
+from .task import AsyncTask, Request, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncResult",
+    "AsyncTask",
+    "BrokerError",
+    "ConfigError",
+    "DecodeError",
+    "EncodeError",
+    "Natask",
+    "NataskError",
+    "NoWorkers",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "Reject",
+    "Request",
+    "ResultError",
+    "ResultTimeout",
+    "Retry",
+    "Task",
+    "TaskControl",
+    "TaskFailed",
+    "TaskNotFound",
+    "TaskRevoked",
+    "TimeLimitExceeded",
+]

@@ -1,0 +1,471 @@
+"""Natask: configuration, the task registry and the connection lifecycle (sync portal + async)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
+
+from .broker import Broker
+from .config import Config, Seconds, check_queue_name, seconds
+from .errors import ConfigError, EncodeError, TaskNotFound
+from .message import (
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    HDR_TASK,
+    HDR_WIRE,
+    WIRE_VERSION,
+    Envelope,
+    at_schedule,
+    find_unencodable,
+    loads,
+)
+from .naming import Names, check_task_name
+from .portal import Portal
+from .result import AsyncResult
+from .task import AsyncTask, Task, TaskOptions
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+
+@dataclass(slots=True)
+class Call:
+    """One encoded call, ready to publish."""
+
+    task_id: str
+    task: str
+    queue: str
+    payload: bytes
+    headers: dict[str, str]
+    eta: float | None
+    ignore_result: bool
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+class _BoundDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, R]], /) -> AsyncTask[..., R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R], /) -> Task[..., R]: ...
+
+
+class Natask:
+    """A natask application: tasks, their configuration and the NATS connections behind them.
+
+    Connecting is lazy; nothing happens at construction or decoration time. Sync calls go
+    through a private I/O thread; async calls use a connection bound to the running loop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        servers: str | Sequence[str] | None = None,
+        *,
+        subject_prefix: str | None = None,
+        default_queue: str | None = None,
+        result_ttl: Seconds | None = None,
+        ack_wait: Seconds | None = None,
+        max_ack_pending: int | None = None,
+        stream_replicas: int | None = None,
+        publish_timeout: Seconds | None = None,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = Config.build(
+            name,
+            servers,
+            subject_prefix=subject_prefix,
+            default_queue=default_queue,
+            result_ttl=result_ttl,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            stream_replicas=stream_replicas,
+            publish_timeout=publish_timeout,
+            connect_options=connect_options,
+        )
+        self.name = name
+        self.names = Names(self.config.subject_prefix)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._portal = Portal(name)
+        self._lock = threading.Lock()
+        self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
+        self._pending: weakref.WeakValueDictionary[str, AsyncResult[Any]] = weakref.WeakValueDictionary()
+
+    def __repr__(self) -> str:
+        return f"<Natask {self.name} servers={self.config.safe_servers}>"
+
+    # -- tasks ------------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R]) -> Task[P, R]: ...
+    @overload
+    def task(
+        self,
+        *,
+        bind: Literal[True],
+        name: str | None = ...,
+        queue: str | None = ...,
+        max_retries: int | None = ...,
+        autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_backoff: Seconds = ...,
+        retry_backoff_max: Seconds = ...,
+        retry_jitter: bool = ...,
+        time_limit: Seconds | None = ...,
+        expires: Seconds | None = ...,
+        ignore_result: bool = ...,
+        track_started: bool = ...,
+    ) -> _BoundDecorator: ...
+    @overload
+    def task(
+        self,
+        *,
+        bind: Literal[False] = ...,
+        name: str | None = ...,
+        queue: str | None = ...,
+        max_retries: int | None = ...,
+        autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_backoff: Seconds = ...,
+        retry_backoff_max: Seconds = ...,
+        retry_jitter: bool = ...,
+        time_limit: Seconds | None = ...,
+        expires: Seconds | None = ...,
+        ignore_result: bool = ...,
+        track_started: bool = ...,
+    ) -> _Decorator: ...
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        bind: bool = False,
+        name: str | None = None,
+        queue: str | None = None,
+        max_retries: int | None = 3,
+        autoretry_for: Sequence[type[BaseException]] = (),
+        retry_backoff: Seconds = 1.0,
+        retry_backoff_max: Seconds = 600.0,
+        retry_jitter: bool = True,
+        time_limit: Seconds | None = None,
+        expires: Seconds | None = None,
+        ignore_result: bool = False,
+        track_started: bool = True,
+    ) -> Any:
+        """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
+
+        The name defaults to ``<module>.<function>``; name tasks defined in ``__main__`` explicitly
+        so workers importing the module find them under the same name.
+        """
+        options = TaskOptions(
+            queue=queue,
+            max_retries=max_retries,
+            autoretry_for=tuple(autoretry_for),
+            retry_backoff=seconds(retry_backoff, "retry_backoff"),
+            retry_backoff_max=seconds(retry_backoff_max, "retry_backoff_max"),
+            retry_jitter=retry_jitter,
+            time_limit=None if time_limit is None else seconds(time_limit, "time_limit"),
+            expires=None if expires is None else seconds(expires, "expires"),
+            ignore_result=ignore_result,
+            track_started=track_started,
+            bind=bind,
+        )
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            if not callable(func):
+                raise ConfigError(f"@app.task decorates functions, got {func!r}")
+            task_name = name or self._default_name(func)
+            cls: type[Task[Any, Any]] = AsyncTask if asyncio.iscoroutinefunction(func) else Task
+            task = cls(self, func, task_name, options)
+            task.signature  # noqa: B018 - validates bind=True functions now, not in the worker
+            existing = self.tasks.get(task.name)
+            if existing is not None and existing.fn is not func:
+                raise ConfigError(f"two tasks are named {task.name!r}: give one of them another name=")
+            self.tasks[task.name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    @staticmethod
+    def _default_name(func: Callable[..., Any]) -> str:
+        module = getattr(func, "__module__", None) or "__main__"
+        qualname = getattr(func, "__qualname__", getattr(func, "__name__", ""))
+        if "<" in qualname:
+            raise ConfigError(
+                f"cannot derive a task name for {qualname!r} (lambda or nested function): pass name='...'"
+            )
+        if module == "__main__":
+            warnings.warn(
+                f"task {qualname!r} is defined in __main__, so its name is '__main__.{qualname}' and a "
+                "worker importing your module will not find it: give it an explicit name='...'",
+                stacklevel=3,
+            )
+        return check_task_name(f"{module}.{qualname}")
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The registered task of that name; ``TaskNotFound`` names the ones that exist."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise TaskNotFound(f"no task named {name!r} in app {self.name!r} (registered: {known})") from None
+
+    # -- calling ----------------------------------------------------------------------------
+    def _prepare(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        queue: str,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        task_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        ignore_result: bool = False,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        links: list[Any] | None = None,
+    ) -> Call:
+        """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
+        check_task_name(name)
+        check_queue_name(queue)
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError("kwargs must be a dict with string keys")
+        now = time.time()
+        when = _eta(now, countdown, eta)
+        task_id = task_id or uuid.uuid4().hex
+        if not isinstance(task_id, str) or not task_id or any(c in task_id for c in " .*>\t\r\n:"):
+            raise ConfigError(f"invalid task_id {task_id!r}: no spaces, '.', '*', '>' or ':'")
+        envelope = Envelope(
+            id=task_id,
+            task=name,
+            args=list(args),
+            kwargs=dict(kwargs),
+            eta=when,
+            expires=_expires(now if when is None else when, expires),
+            parent_id=parent_id,
+            root_id=root_id,
+            links=links or [],
+        )
+        try:
+            payload = envelope.encode()
+        except EncodeError:
+            raise EncodeError(
+                f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
+                "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
+            ) from None
+        hdrs = {HDR_MSG_ID: task_id, HDR_TASK: name, HDR_WIRE: str(WIRE_VERSION)}
+        if headers:
+            for key, value in headers.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError("headers must map str to str")
+                hdrs.setdefault(key, value)
+        return Call(task_id, name, queue, payload, hdrs, when, ignore_result)
+
+    async def _apublish(self, call: Call) -> AsyncResult[Any]:
+        broker = await self._broker()
+        result, subject = self._route(broker, call)
+        broker.check_size(subject, call.payload, call.headers)
+        await broker.ensure_stream()
+        await broker.publish(subject, call.payload, call.headers)
+        return result
+
+    async def _apublish_many(self, calls: Sequence[Call]) -> list[AsyncResult[Any]]:
+        broker = await self._broker()
+        results, items = [], []
+        for call in calls:
+            result, subject = self._route(broker, call)
+            broker.check_size(subject, call.payload, call.headers)
+            results.append(result)
+            items.append((subject, call.payload, call.headers))
+        await broker.ensure_stream()
+        await broker.publish_many(items)
+        return results
+
+    def _route(self, broker: Broker, call: Call) -> tuple[AsyncResult[Any], str]:
+        """The result handle and the subject of a call; registers the reply fast path."""
+        result: AsyncResult[Any] = AsyncResult(
+            self, call.task_id, call.task, ignore_result=call.ignore_result, route=broker
+        )
+        if not call.ignore_result:
+            call.headers[HDR_REPLY] = f"{broker.reply_prefix}.{call.task_id}"
+            self._pending[call.task_id] = result
+        subject = self.names.task_subject(call.queue, call.task)
+        if call.eta is not None and call.eta > time.time():
+            call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
+            call.headers[HDR_SCHEDULE_TARGET] = subject
+            subject = self.names.schedule_subject(call.queue, call.task_id)
+        return result, subject
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        task_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        ignore_result: bool = False,
+    ) -> AsyncResult[Any]:
+        """Enqueue a task by name without consulting the local registry."""
+        call = self._prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+                             countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+                             headers=headers, ignore_result=ignore_result)
+        return self._portal.run(self._apublish(call))
+
+    async def asend_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        task_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        ignore_result: bool = False,
+    ) -> AsyncResult[Any]:
+        """Async ``send_task``."""
+        call = self._prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+                             countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+                             headers=headers, ignore_result=ignore_result)
+        return await self._apublish(call)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
+        """Rebuild the handle of any task by id (results are read from the KV bucket)."""
+        return AsyncResult(self, task_id)
+
+    async def _arevoke(self, task_id: str, terminate: bool) -> None:
+        raise NotImplementedError("revoke is not built yet")
+
+    # -- connections ------------------------------------------------------------------------
+    async def _broker(self) -> Broker:
+        """The connected broker of the running event loop, created on first use."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for other in [lp for lp in self._brokers if lp.is_closed()]:
+                del self._brokers[other]
+            entry = self._brokers.get(loop)
+            if entry is None or (entry.done() and (entry.cancelled() or entry.exception() is not None
+                                                   or entry.result().closed)):
+                entry = loop.create_task(self._connect())
+                self._brokers[loop] = entry
+        return await asyncio.shield(entry)
+
+    async def _connect(self) -> Broker:
+        broker = Broker(self.config, on_result=self._on_result, on_reconnect=self._on_reconnect)
+        await broker.connect()
+        return broker
+
+    def _on_result(self, task_id: str, data: bytes) -> None:
+        result = self._pending.get(task_id)
+        if result is None:
+            return
+        try:
+            record = loads(data)
+        except Exception:
+            return
+        if isinstance(record, dict) and isinstance(record.get("state"), str):
+            result._deliver(record)
+
+    def _on_reconnect(self) -> None:
+        # Replies published while we were away are lost: waiters fall back to the KV bucket.
+        for result in list(self._pending.values()):
+            result._wake_all()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every connection of this app and stop its I/O thread; safe from any thread."""
+        self._portal.stop(self._close_loop_brokers())
+        self._abandon_others()
+
+    async def aclose(self) -> None:
+        """Close the connection of the running loop, then everything else."""
+        await self._close_loop_brokers()
+        await asyncio.to_thread(self._portal.stop, self._close_loop_brokers())
+        self._abandon_others()
+
+    async def _close_loop_brokers(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._brokers.pop(loop, None)
+        if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
+            await entry.result().close()
+        elif entry is not None:
+            entry.cancel()
+
+    def _abandon_others(self) -> None:
+        with self._lock:
+            entries, self._brokers = list(self._brokers.items()), {}
+        for loop, entry in entries:
+            if loop.is_closed() or not entry.done() or entry.cancelled() or entry.exception() is not None:
+                continue
+            broker = entry.result()
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(broker.close(), loop)
+            else:
+                broker.abandon()
+
+    def __enter__(self) -> Natask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Natask:
+        await self._broker()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) -> float | None:
+    if countdown is not None and eta is not None:
+        raise ConfigError("give countdown= or eta=, not both")
+    if countdown is not None:
+        return now + seconds(countdown, "countdown")
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise TypeError(f"eta must be a datetime, got {type(eta).__name__}")
+        if eta.tzinfo is None:
+            raise ConfigError("eta must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
+        return eta.timestamp()
+    return None
+
+
+def _expires(start: float, expires: float | timedelta | datetime | None) -> float | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise ConfigError("expires must be timezone-aware when given as a datetime")
+        return expires.timestamp()
+    return start + seconds(expires, "expires")
+
+
+__all__ = ["Natask", "Call"]

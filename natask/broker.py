@@ -1,0 +1,382 @@
+"""JetStream plumbing for one event loop: connect, provision, publish with retries, results KV."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from .config import Config, redact_url
+from .errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied
+from .message import headers_size
+from .naming import DLQ_STREAM, Names
+
+log = logging.getLogger("natask.broker")
+
+MIN_SERVER: Final = (2, 12, 0)
+"""Server-held delays (message schedules) need nats-server 2.12."""
+
+_PERM_RE: Final = re.compile(r'permissions violation for (publish|subscription) to "?([^"\s]+)"?', re.I)
+_RETRY_PAUSE: Final = 0.25
+"""Pause between publish attempts while the server is unreachable or electing a leader."""
+
+ResultCallback = Callable[[str, bytes], None]
+
+
+class Broker:
+    """One NATS connection bound to the event loop that created it.
+
+    natask keeps one broker per event loop (the app's I/O thread has its own), because nats-py
+    connections cannot cross loops.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        on_result: ResultCallback | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.names = Names(config.subject_prefix)
+        self.loop = asyncio.get_running_loop()
+        self.nc = Client()
+        self.js: JetStreamContext = self.nc.jetstream()
+        self.reply_prefix = ""
+        self.generation = 0  # bumped on every reconnect: replies in flight may be lost
+        self._on_result = on_result
+        self._on_reconnect = on_reconnect
+        self._stream_ready = False
+        self._dlq_ready = False
+        self._kv: KeyValue | None = None
+        self._denied: dict[str, str] = {}
+        self._closed = False
+        self._guard: asyncio.Task[None] | None = None
+
+    # -- connection -------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect (retrying until ``publish_timeout``), check the server, open the reply inbox."""
+        deadline = time.monotonic() + self.config.publish_timeout
+        options: dict[str, Any] = {
+            "name": self.config.name,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "error_cb": self._error_cb,
+            "disconnected_cb": self._disconnected_cb,
+            "reconnected_cb": self._reconnected_cb,
+        }
+        options.update(self.config.connect_options)
+        last: BaseException | None = None
+        while True:
+            try:
+                await self.nc.connect(servers=list(self.config.servers), allow_reconnect=True, **options)
+                break
+            except Exception as e:  # nats raises several unrelated types here
+                last = e
+                if time.monotonic() >= deadline or _is_auth_error(e):
+                    break
+                await asyncio.sleep(_RETRY_PAUSE)
+        if not self.nc.is_connected:
+            raise BrokerError(
+                f"cannot connect to NATS at {self.config.safe_servers}: {_describe(last)}. "
+                "Is nats-server running? For development start one with `natask server`."
+            )
+        version = self.nc.connected_server_version
+        if (version.major, version.minor, version.patch) < MIN_SERVER:
+            await self.nc.close()
+            raise ConfigError(
+                f"nats-server {version.major}.{version.minor}.{version.patch} is too old: natask needs "
+                f">= {'.'.join(map(str, MIN_SERVER))} (message schedules). Upgrade nats-server."
+            )
+        if not self.nc._server_info.get("jetstream"):
+            await self.nc.close()
+            raise ConfigError("JetStream is not enabled on this NATS server: start nats-server with -js")
+        self._guard = self.loop.create_task(self._close_with_loop())
+        if self._on_result is not None:
+            self.reply_prefix = self.nc.new_inbox()
+            await self.nc.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.nc.is_closed or self.loop.is_closed()
+
+    async def close(self) -> None:
+        """Flush what is buffered and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._guard is not None and self._guard is not asyncio.current_task():
+            self._guard.cancel()
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except Exception:
+                await self.nc.close()
+
+    async def _close_with_loop(self) -> None:
+        # asyncio.run() cancels every task when its main coroutine returns: that is our cue to
+        # drop the socket, so an app used without `async with` leaves nothing open behind it.
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self._closed:
+                self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Drop the connection without awaiting anything (its event loop is shutting down)."""
+        self._closed = True
+        transport = getattr(self.nc, "_transport", None)
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # the loop may already be half torn down
+                pass
+
+    async def _reply_cb(self, msg: Msg) -> None:
+        assert self._on_result is not None
+        self._on_result(msg.subject.rsplit(".", 1)[-1], msg.data)
+
+    async def _error_cb(self, e: Exception) -> None:
+        text = str(e)
+        match = _PERM_RE.search(text)
+        if match:
+            self._denied[match.group(2)] = text
+        log.warning("nats: %s", _describe(e))
+
+    async def _disconnected_cb(self) -> None:
+        if not self._closed:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _reconnected_cb(self) -> None:
+        self.generation += 1
+        url = self.nc.connected_url
+        log.info("reconnected to NATS at %s", redact_url(url.geturl()) if url else "?")
+        if self._on_reconnect is not None:
+            self._on_reconnect()
+
+    # -- provisioning -----------------------------------------------------------------------
+    async def ensure_stream(self) -> None:
+        """Create the task stream if missing (producers and workers both call this)."""
+        if self._stream_ready:
+            return
+        names = self.names
+        config = StreamConfig(
+            name=names.stream,
+            subjects=names.stream_subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=self.config.stream_replicas,
+            allow_msg_schedules=True,
+            allow_direct=True,
+        )
+        await self._ensure(config)
+        self._stream_ready = True
+
+    async def ensure_dlq(self) -> None:
+        """Create the dead-letter stream if missing (workers and the dlq CLI call this)."""
+        if self._dlq_ready:
+            return
+        config = StreamConfig(
+            name=DLQ_STREAM,
+            subjects=["natask.dlq.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=self.config.stream_replicas,
+            allow_direct=True,
+        )
+        await self._ensure(config)
+        self._dlq_ready = True
+
+    async def _ensure(self, config: StreamConfig) -> None:
+        assert config.name is not None
+        try:
+            info = await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code != 10058:  # created concurrently by another process: fine
+                    raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
+                return
+            except Exception as e:
+                raise self._translate(e, f"$JS.API.STREAM.CREATE.{config.name}") from e
+        except Exception as e:
+            raise self._translate(e, f"$JS.API.STREAM.INFO.{config.name}") from e
+        have = info.config
+        if have.retention != config.retention or list(have.subjects or []) != list(config.subjects or []):
+            raise ConfigError(
+                f"stream {config.name} exists with retention={have.retention} subjects={have.subjects}, "
+                f"natask needs retention={config.retention} subjects={config.subjects}: "
+                "delete it or use another subject_prefix"
+            )
+
+    async def ensure_consumer(self, queue: str) -> str:
+        """Create or update the durable pull consumer of a queue (workers only)."""
+        await self.ensure_stream()
+        names = self.names
+        durable = names.consumer(queue)
+        config = ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            filter_subject=names.queue_filter(queue),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.config.ack_wait,
+            max_ack_pending=self.config.max_ack_pending,
+            max_deliver=-1,  # retry limits are per task, enforced by the worker
+            max_waiting=512,
+            num_replicas=self.config.stream_replicas,
+        )
+        try:
+            await self.js.add_consumer(names.stream, config)
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code not in (10148, 10013):  # 10148: exists with another config
+                raise BrokerError(f"cannot create consumer {durable}: {e.description}") from e
+            await self._update_consumer(config)
+        except Exception as e:
+            raise self._translate(e, f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}") from e
+        return durable
+
+    async def _update_consumer(self, config: ConsumerConfig) -> None:
+        import json
+
+        req = {"stream_name": self.names.stream, "config": config.as_dict(), "action": "update"}
+        subject = f"$JS.API.CONSUMER.CREATE.{self.names.stream}.{config.name}.{config.filter_subject}"
+        msg = await self.nc.request(subject, json.dumps(req).encode(), timeout=5)
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise BrokerError(f"cannot update consumer {config.name}: {resp['error'].get('description')}")
+
+    async def results(self) -> KeyValue:
+        """The results KV bucket, created on first use."""
+        if self._kv is not None:
+            return self._kv
+        bucket = self.names.results_bucket
+        try:
+            self._kv = await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    ttl=self.config.result_ttl,
+                    storage=StorageType.FILE,
+                    replicas=self.config.stream_replicas,
+                    direct=True,
+                )
+            )
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+        return self._kv
+
+    # -- publishing -------------------------------------------------------------------------
+    def check_size(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse a message the server would drop the connection for (payload + headers)."""
+        limit = self.nc.max_payload
+        size = len(payload) + headers_size(headers)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"message for {subject} is {size} bytes (payload {len(payload)} + headers), over the "
+                f"server's max_payload of {limit}: pass a reference (URL, object key) instead of the data",
+                size,
+                limit,
+            )
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+        """Publish to JetStream and await the PubAck, retrying with the same message id on
+        reconnects and leader elections until ``publish_timeout``; never reports success without
+        the server's ack."""
+        deadline = time.monotonic() + self.config.publish_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self.js.publish(subject, payload, timeout=max(0.05, min(remaining, 2.0)),
+                                             headers=headers)
+            except nats.js.errors.APIError as e:
+                if e.code == 503 or e.err_code == 10008:  # no leader / stream offline: election
+                    error: BaseException = e
+                else:
+                    raise BrokerError(f"publish to {subject} refused: {e.description}") from e
+            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as e:
+                error = e
+                if self._stream_ready and self.nc.is_connected:
+                    pass  # stream leader may be moving; keep trying
+            except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
+                error = e
+                if subject in self._denied:
+                    raise PermissionDenied(
+                        f"NATS permissions deny publishing to {subject}: grant it to this user", subject
+                    ) from None
+            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
+                    nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError) as e:
+                error = e
+                if self.nc.is_closed:
+                    raise BrokerError(f"publish to {subject} failed: the connection is closed") from e
+            if time.monotonic() >= deadline:
+                raise BrokerError(
+                    f"publish to {subject} not acknowledged within {self.config.publish_timeout:g}s "
+                    f"({_describe(error)}); is the stream {self.names.stream} available?"
+                )
+            if not isinstance(error, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+                await asyncio.sleep(_RETRY_PAUSE)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Pipelined publishes: send all, then await every PubAck; stragglers go through ``publish``."""
+        futures = []
+        for subject, payload, headers in items:
+            futures.append(await self.js.publish_async(subject, payload, headers=headers))
+        if futures:
+            await asyncio.wait(futures, timeout=min(self.config.publish_timeout, 5.0))
+        for fut, item in zip(futures, items, strict=True):
+            if not fut.done():
+                fut.cancel()
+                await self.publish(*item)
+            elif fut.exception() is not None:
+                await self.publish(*item)
+
+    async def publish_core(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Fire-and-forget core publish (replies, events)."""
+        await self.nc.publish(subject, payload, headers=headers)
+
+    def _translate(self, e: BaseException, subject: str) -> BrokerError:
+        if isinstance(e, BrokerError):
+            return e
+        if subject in self._denied or any(s.startswith("$JS.API") for s in self._denied):
+            return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
+        return BrokerError(f"NATS request on {subject} failed: {_describe(e)}")
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "authorization" in text or "authentication" in text
+
+
+def _describe(e: BaseException | None) -> str:
+    """An exception as text with any URL credentials removed."""
+    if e is None:
+        return "unknown error"
+    text = str(e) or type(e).__name__
+    return re.sub(r"(\w+://)[^@/\s]+@", r"\1***@", text)

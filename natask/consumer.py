@@ -1,0 +1,189 @@
+"""Pull consumption with credit: never more messages requested than a worker has free slots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .broker import Broker
+
+log = logging.getLogger("natask.worker")
+
+PULL_EXPIRES: Final = 10.0
+"""Lifetime of one pull request on the server; the server answers 408 when it ends unfilled."""
+_GRACE: Final = 3.0
+"""Extra time before a request the server never closed is written off locally."""
+
+
+class Slots:
+    """A worker's concurrency, shared by its consumers: running + requested <= capacity."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"concurrency must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.running = 0
+        self.requested = 0
+        self.consumers: list[PullConsumer] = []
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.running - self.requested
+
+    def release(self) -> None:
+        """A task finished: let the consumers ask for more."""
+        self.running -= 1
+        for consumer in self.consumers:
+            consumer.wake()
+
+
+class PullConsumer:
+    """Keeps pull requests outstanding on one durable consumer, sized to free slots.
+
+    Deliveries arrive on an inbox with their original subject, so credit is counted in total:
+    each delivery uses one, and a request ending early (408 at expiry, 409) returns the
+    undelivered rest, which the server reports in ``Nats-Pending-Messages``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        durable: str,
+        slots: Slots,
+        on_message: Callable[[Msg], None],
+    ) -> None:
+        self.broker = broker
+        self.durable = durable
+        self.slots = slots
+        self.on_message = on_message
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{broker.names.stream}.{durable}"
+        self._inbox = broker.nc.new_inbox()
+        self._batches: dict[str, int] = {}  # request token -> batch asked, until it ends or expires
+        self.credit = 0  # messages requested and not yet delivered or returned
+        self._seq = 0
+        self._wakeup = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self.paused = False
+        self.last_activity = time.monotonic()
+
+    async def start(self) -> None:
+        self._sub = await self.broker.nc.subscribe(f"{self._inbox}.*", cb=self._deliver,
+                                                   pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self.slots.consumers.append(self)
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def stop(self) -> None:
+        """Stop asking for messages; already-delivered ones still reach ``on_message``."""
+        self.paused = True
+        if self in self.slots.consumers:
+            self.slots.consumers.remove(self)
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            try:
+                await self._pump_task
+            except asyncio.CancelledError:
+                pass
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+        self._write_off()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def reset(self) -> None:
+        """After a reconnect the server forgot our requests: write them off and ask again."""
+        self._write_off()
+        self.wake()
+
+    def _write_off(self) -> None:
+        self._take(self.credit)
+        self._batches.clear()
+
+    def _take(self, n: int) -> None:
+        n = max(0, min(n, self.credit))
+        self.credit -= n
+        self.slots.requested -= n
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            if self.credit and time.monotonic() - self.last_activity > PULL_EXPIRES + _GRACE:
+                # Every unfinished request ends with a 408 by PULL_EXPIRES: silence means they are gone.
+                self._write_off()
+            if self.paused or not self.broker.nc.is_connected:
+                continue
+            await self._request()
+
+    async def _request(self) -> None:
+        free = self.slots.free
+        if free <= 0:
+            return
+        n = len(self.slots.consumers) or 1
+        share = free if n == 1 else max(1, free // n)
+        # Small top-ups cost a request each; wait for a quarter of capacity unless idle.
+        if self.credit and share < max(1, self.slots.capacity // 4):
+            return
+        self._seq += 1
+        token = str(self._seq)
+        body = json.dumps({"batch": share, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+        if not self.credit:
+            self.last_activity = time.monotonic()
+        self._batches[token] = share
+        self.credit += share
+        self.slots.requested += share
+        try:
+            await self.broker.nc.publish(self._next_subject, body, reply=f"{self._inbox}.{token}")
+        except Exception as e:
+            self._take(self._batches.pop(token, 0))
+            log.warning("pull request on %s failed: %s", self.durable, e)
+            await asyncio.sleep(0.5)
+        if len(self._batches) > 1000:  # fully served requests never report back: forget old ones
+            for old in list(self._batches)[:500]:
+                del self._batches[old]
+
+    async def _deliver(self, msg: Msg) -> None:
+        self.last_activity = time.monotonic()
+        headers = msg.headers
+        if headers and not msg.data and "Status" in headers:
+            self._status(msg.subject[len(self._inbox) + 1:], headers)
+            return
+        self._take(1)
+        self.slots.running += 1
+        try:
+            self.on_message(msg)
+        except Exception:
+            log.exception("cannot dispatch a message of %s; returning it to the queue", self.durable)
+            self.slots.release()
+            await msg.nak()
+
+    def _status(self, token: str, headers: dict[str, str]) -> None:
+        status = headers["Status"]
+        if status == "100":  # idle heartbeat
+            return
+        batch = self._batches.pop(token, 0)
+        pending = headers.get("Nats-Pending-Messages")
+        self._take(int(pending) if pending and pending.isdigit() else batch)
+        description = headers.get("Description", "")
+        if status == "409" and "Deleted" in description:
+            log.error("consumer %s was deleted on the server: restart the worker to recreate it", self.durable)
+        elif status not in ("404", "408", "409"):
+            log.warning("pull request on %s ended with %s %s", self.durable, status, description)
+        self.wake()

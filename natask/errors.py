@@ -1,0 +1,129 @@
+"""The exception tree of natask.
+
+    NataskError
+    ├─ ConfigError                 bad option, bad name, unsupported server
+    ├─ EncodeError                 an argument or result msgpack cannot carry
+    ├─ DecodeError                 a message that is not a natask envelope (keeps raw bytes and headers)
+    ├─ PayloadTooLarge             payload + headers over the server's max_payload
+    ├─ TaskNotFound                no task of that name in the app's registry
+    ├─ BrokerError                 NATS failures, translated at the broker boundary
+    │  ├─ PermissionDenied         a publish or subscribe denied by NATS permissions
+    │  └─ NoWorkers                an RPC call nobody listens to
+    ├─ ResultError                 getting a result failed
+    │  ├─ ResultTimeout            also a builtin TimeoutError
+    │  ├─ TaskFailed               the task raised: exc_type, message, traceback (text only)
+    │  └─ TaskRevoked              the task was revoked or expired
+    └─ TaskControl                 raised inside tasks to steer the worker, never logged as an error
+       ├─ Retry
+       ├─ Reject
+       └─ TimeLimitExceeded
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class NataskError(Exception):
+    """Base class of every error natask raises."""
+
+
+class ConfigError(NataskError):
+    """An option, a name or the server does not fit what natask needs."""
+
+
+class EncodeError(NataskError, TypeError):
+    """A value cannot be carried by natask's msgpack wire format."""
+
+
+class DecodeError(NataskError):
+    """Bytes that are not a valid natask message; keeps them for the dead-letter queue."""
+
+    def __init__(self, message: str, raw: bytes = b"", headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.raw = raw
+        self.headers = dict(headers or {})
+
+
+class PayloadTooLarge(NataskError):
+    """The encoded call (payload + headers) exceeds the server's max_payload."""
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class TaskNotFound(NataskError, KeyError):
+    """No task of that name is registered in this app."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task not found"
+
+
+class BrokerError(NataskError):
+    """NATS failed to do what natask asked (connection, publish, stream)."""
+
+
+class PermissionDenied(BrokerError):
+    """NATS permissions deny a publish or subscribe on a subject."""
+
+    def __init__(self, message: str, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class NoWorkers(BrokerError):
+    """An RPC call found no worker listening on its queue."""
+
+
+class ResultError(NataskError):
+    """Getting a task's result failed."""
+
+
+class ResultTimeout(ResultError, TimeoutError):
+    """The result did not arrive within the timeout."""
+
+
+class TaskFailed(ResultError):
+    """The task raised; carries the remote exception as text, never as a rebuilt class."""
+
+    def __init__(self, exc_type: str, message: str, traceback: str = "", task_id: str = "") -> None:
+        super().__init__(f"{exc_type}: {message}" if message else exc_type)
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+        self.task_id = task_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.exc_type, self.message, self.traceback, self.task_id))
+
+
+class TaskRevoked(ResultError):
+    """The task was revoked (or expired) and will not run."""
+
+
+class TaskControl(NataskError):
+    """Raised inside a task to steer the worker; never logged as an error."""
+
+
+class Retry(TaskControl):
+    """Ask the worker to run this task again later (see ``Task.retry``)."""
+
+    def __init__(self, message: str = "", exc: BaseException | None = None, countdown: float | None = None) -> None:
+        super().__init__(message or (repr(exc) if exc else "retry requested"))
+        self.exc = exc
+        self.countdown = countdown
+
+
+class Reject(TaskControl):
+    """Refuse the task: it is dead-lettered with this reason and not retried."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TimeLimitExceeded(TaskControl):
+    """The task ran longer than its ``time_limit``."""

@@ -1,0 +1,250 @@
+"""The wire: header names, the versioned msgpack envelope, value codecs and decode limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from .errors import DecodeError, EncodeError
+
+WIRE_VERSION: Final = 1
+"""Version of the envelope layout; a worker rejects (dead-letters) versions it does not know."""
+
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+"""JetStream dedupe id: the task id on the first publish, ``<task id>:<n>`` on republishes."""
+HDR_TASK: Final = "Natask-Task"
+"""The task name, readable with the ``nats`` CLI without decoding the body."""
+HDR_WIRE: Final = "Natask-Wire"
+"""The envelope version."""
+HDR_REPLY: Final = "Natask-Reply"
+"""The caller's inbox subject for the result fast path."""
+HDR_SCHEDULE: Final = "Nats-Schedule"
+"""Server-held delay (nats-server >= 2.12): ``@at <RFC 3339 time>``."""
+HDR_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
+"""The subject a schedule message publishes to when it fires."""
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+"""Decode refuses larger bodies outright (nats-server's max_payload cannot exceed 64 MiB)."""
+MAX_EXT_DEPTH: Final = 32
+"""How deep tuples/sets may nest inside each other; msgpack itself bounds plain array/map depth."""
+
+# msgpack extension codes; never reuse a number for another type.
+_EXT_DATETIME: Final = 1
+_EXT_DATE: Final = 2
+_EXT_TIME: Final = 3
+_EXT_TIMEDELTA: Final = 4
+_EXT_UUID: Final = 5
+_EXT_DECIMAL: Final = 6
+_EXT_SET: Final = 7
+_EXT_TUPLE: Final = 8
+_EXT_FROZENSET: Final = 9
+
+
+def _default(obj: Any) -> Any:
+    # Order matters: datetime is a subclass of date.
+    if isinstance(obj, dt.datetime):
+        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, dt.date):
+        return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, dt.time):
+        return msgpack.ExtType(_EXT_TIME, obj.isoformat().encode())
+    if isinstance(obj, dt.timedelta):
+        return msgpack.ExtType(_EXT_TIMEDELTA, _pack([obj.days, obj.seconds, obj.microseconds]))
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_EXT_UUID, obj.bytes)
+    if isinstance(obj, decimal.Decimal):
+        return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+    if isinstance(obj, frozenset):
+        return msgpack.ExtType(_EXT_FROZENSET, _pack(list(obj)))
+    if isinstance(obj, set):
+        return msgpack.ExtType(_EXT_SET, _pack(list(obj)))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    raise TypeError(f"cannot encode object of type {type(obj).__qualname__}")
+
+
+def _pack(obj: Any) -> bytes:
+    # strict_types so tuples reach _default instead of silently becoming lists.
+    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+class _Decoder:
+    """One decode call's ext hook, counting ext nesting depth."""
+
+    __slots__ = ("depth", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.depth = 0
+        self.limit = limit
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=self.ext_hook,
+            max_str_len=self.limit,
+            max_bin_len=self.limit,
+            max_array_len=self.limit,
+            max_map_len=self.limit,
+            max_ext_len=self.limit,
+        )
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _EXT_DATETIME:
+            return dt.datetime.fromisoformat(data.decode())
+        if code == _EXT_DATE:
+            return dt.date.fromisoformat(data.decode())
+        if code == _EXT_TIME:
+            return dt.time.fromisoformat(data.decode())
+        if code == _EXT_UUID:
+            return uuid.UUID(bytes=data)
+        if code == _EXT_DECIMAL:
+            return decimal.Decimal(data.decode())
+        self.depth += 1
+        if self.depth > MAX_EXT_DEPTH:
+            raise ValueError(f"tuples/sets nested deeper than {MAX_EXT_DEPTH}")
+        try:
+            items = self.unpack(data)
+        finally:
+            self.depth -= 1
+        if code == _EXT_TIMEDELTA:
+            days, secs, micros = items
+            return dt.timedelta(days=days, seconds=secs, microseconds=micros)
+        if code == _EXT_TUPLE:
+            return tuple(items)
+        if code == _EXT_SET:
+            return set(items)
+        if code == _EXT_FROZENSET:
+            return frozenset(items)
+        raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def dumps(obj: Any) -> bytes:
+    """Encode a value with natask's codecs; raises ``EncodeError`` naming the type that failed."""
+    try:
+        return _pack(obj)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(str(e)) from None
+
+
+def loads(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
+    """Decode bytes made by ``dumps``; any malformed input raises ``DecodeError``."""
+    if len(data) > limit:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the decode limit of {limit}", data)
+    try:
+        return _Decoder(max(len(data), 1)).unpack(data)
+    except Exception as e:  # msgpack raises outside its own hierarchy too (ValueError, RecursionError...)
+        raise DecodeError(f"undecodable msgpack: {type(e).__name__}: {e}", data) from None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One task call as it travels: the msgpack body is the source of truth, headers mirror it."""
+
+    id: str
+    task: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    eta: float | None = None
+    expires: float | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    links: list[Any] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"v": WIRE_VERSION, "id": self.id, "task": self.task, "args": self.args,
+                                "kwargs": self.kwargs}
+        # Optional keys only when set: smaller messages, cheaper decode.
+        for key in ("eta", "expires", "parent_id", "root_id"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        if self.links:
+            body["links"] = self.links
+        if self.meta:
+            body["meta"] = self.meta
+        return dumps(body)
+
+    @classmethod
+    def decode(cls, data: bytes, headers: Mapping[str, str] | None = None) -> Envelope:
+        """Parse and validate a task message body; raises ``DecodeError`` keeping bytes and headers."""
+        try:
+            body = loads(data)
+        except DecodeError as e:
+            raise DecodeError(str(e), data, headers) from None
+        if not isinstance(body, dict):
+            raise DecodeError(f"envelope must be a map, got {type(body).__name__}", data, headers)
+        version = body.get("v")
+        if version != WIRE_VERSION:
+            raise DecodeError(
+                f"unknown wire version {version!r} (this worker reads version {WIRE_VERSION}); "
+                "upgrade the worker or republish with a matching producer",
+                data, headers,
+            )
+        try:
+            env = cls(
+                id=_typed(body, "id", str),
+                task=_typed(body, "task", str),
+                args=list(_typed(body, "args", (list, tuple), [])),
+                kwargs=_typed(body, "kwargs", dict, {}),
+                eta=_typed(body, "eta", (int, float), None),
+                expires=_typed(body, "expires", (int, float), None),
+                parent_id=_typed(body, "parent_id", str, None),
+                root_id=_typed(body, "root_id", str, None),
+                links=list(_typed(body, "links", list, [])),
+                meta=_typed(body, "meta", dict, {}),
+            )
+        except (TypeError, ValueError) as e:
+            raise DecodeError(f"malformed envelope: {e}", data, headers) from None
+        if not all(isinstance(k, str) for k in env.kwargs):
+            raise DecodeError("malformed envelope: kwargs keys must be strings", data, headers)
+        return env
+
+
+_MISSING: Final[Any] = object()
+
+
+def _typed(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    value = body.get(key, default)
+    if value is _MISSING:
+        raise ValueError(f"missing {key!r}")
+    if value is not default and not isinstance(value, types):
+        raise TypeError(f"{key!r} has type {type(value).__name__}")
+    return value
+
+
+def at_schedule(ts: float) -> str:
+    """The ``Nats-Schedule`` value firing at Unix time ``ts`` (UTC, microseconds: truncating to
+    whole seconds fires up to a second early)."""
+    return "@at " + dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def headers_size(headers: Mapping[str, str]) -> int:
+    """Bytes the headers take on the wire (``NATS/1.0`` line, ``k: v`` lines, blank line)."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+
+
+def find_unencodable(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Name the first argument that cannot be encoded (only used to word an EncodeError)."""
+    for i, value in enumerate(args):
+        try:
+            _pack(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            return f"positional argument {i} ({type(value).__qualname__}): {e}"
+    for key, value in kwargs.items():
+        try:
+            _pack(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            return f"argument {key!r} ({type(value).__qualname__}): {e}"
+    return "an argument"

@@ -1,0 +1,268 @@
+"""AsyncResult: a task's outcome, from the caller's reply inbox or the results KV bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+import nats.js.errors
+
+from .errors import ResultError, ResultTimeout, TaskFailed, TaskRevoked
+from .message import loads
+
+if TYPE_CHECKING:
+    from .app import Natask
+    from .broker import Broker
+
+R = TypeVar("R")
+
+PENDING: Final = "PENDING"
+STARTED: Final = "STARTED"
+RETRY: Final = "RETRY"
+SUCCESS: Final = "SUCCESS"
+FAILURE: Final = "FAILURE"
+REVOKED: Final = "REVOKED"
+READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
+"""States after which a task's outcome never changes."""
+
+Record = Mapping[str, Any]
+"""A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
+
+
+class AsyncResult(Generic[R]):
+    """The handle of one task call; ``app.AsyncResult(id)`` rebuilds it in any process."""
+
+    def __init__(
+        self,
+        app: Natask,
+        task_id: str,
+        task_name: str | None = None,
+        *,
+        ignore_result: bool = False,
+        route: Broker | None = None,
+    ) -> None:
+        self.app = app
+        self.id = task_id
+        self.task_name = task_name
+        self._ignore_result = ignore_result
+        self._record: Record | None = None
+        self._route = route
+        self._generation = route.generation if route is not None else 0
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self._record['state'] if self._record else '?'}>"
+
+    # -- known outcome, no I/O --------------------------------------------------------------
+    def _deliver(self, record: Record) -> None:
+        """Take a new record (any thread) and wake every waiter."""
+        with self._lock:
+            if self._record is not None and self._record.get("state") in READY_STATES:
+                return
+            self._record = record
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_wake, fut)
+
+    @property
+    def _final(self) -> bool:
+        record = self._record
+        return record is not None and record.get("state") in READY_STATES
+
+    def _unwrap(self, propagate: bool) -> Any:
+        record = self._record
+        assert record is not None
+        state = record["state"]
+        if state == SUCCESS:
+            return record.get("result")
+        error = self._error(record)
+        if propagate:
+            raise error
+        return error
+
+    def _error(self, record: Record) -> ResultError:
+        if record["state"] == REVOKED:
+            info = record.get("info") or {}
+            reason = info.get("reason", "revoked") if isinstance(info, dict) else "revoked"
+            return TaskRevoked(f"task {self.id} was revoked ({reason})")
+        return TaskFailed(
+            str(record.get("exc_type", "Exception")),
+            str(record.get("message", "")),
+            str(record.get("traceback", "")),
+            self.id,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED or a custom state."""
+        record = self._current()
+        return str(record["state"]) if record else PENDING
+
+    @property
+    def info(self) -> Any:
+        """The result on SUCCESS, a ``TaskFailed`` on FAILURE, otherwise the state's meta."""
+        record = self._current()
+        if record is None:
+            return None
+        if record["state"] == SUCCESS:
+            return record.get("result")
+        if record["state"] == FAILURE:
+            return self._error(record)
+        return record.get("info")
+
+    @property
+    def result(self) -> Any:
+        """Alias of ``info`` (Celery compatibility)."""
+        return self.info
+
+    @property
+    def worker(self) -> str | None:
+        """The worker (``host:pid``) that produced the latest state, if known."""
+        record = self._current()
+        return None if record is None else record.get("worker")
+
+    def ready(self) -> bool:
+        """True once the task succeeded, failed or was revoked."""
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == FAILURE
+
+    def _current(self) -> Record | None:
+        if self._final:
+            return self._record
+        record = self.app._portal.run(self._fetch())
+        return record if record is not None else self._record
+
+    async def _fetch(self) -> Record | None:
+        broker = await self.app._broker()
+        kv = await broker.results()
+        try:
+            entry = await kv.get(self.id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        record = _parse(entry.value)
+        if record is not None:
+            self._deliver(record)
+        return record
+
+    # -- waiting ----------------------------------------------------------------------------
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Block until the task is done; return its result or raise ``TaskFailed``/``TaskRevoked``.
+
+        ``timeout`` (seconds) expiring raises ``ResultTimeout``.
+        """
+        if not self._final:
+            self._check_waitable()
+            self.app._portal.run(self._wait(timeout))
+        return self._unwrap(propagate)  # type: ignore[no-any-return]
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Async ``get``."""
+        if not self._final:
+            self._check_waitable()
+            await self._wait(timeout)
+        return self._unwrap(propagate)  # type: ignore[no-any-return]
+
+    def _check_waitable(self) -> None:
+        if self._ignore_result:
+            raise ResultError(
+                f"task {self.task_name or self.id} has ignore_result=True: no result is sent or stored. "
+                "Drop ignore_result to wait for it."
+            )
+
+    async def _wait(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wait_final(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            if self._final:
+                return
+            raise ResultTimeout(f"no result for task {self.id} within {timeout:g}s") from None
+
+    async def _wait_final(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._final:
+            route = self._route
+            if route is not None and not route.closed and route.generation == self._generation:
+                fut: asyncio.Future[None] = loop.create_future()
+                with self._lock:
+                    if self._final:
+                        return
+                    self._waiters.append((loop, fut))
+                try:
+                    await fut
+                finally:
+                    with self._lock:
+                        if (loop, fut) in self._waiters:
+                            self._waiters.remove((loop, fut))
+            else:
+                # No live reply route (other process, closed loop or a reconnect): watch the KV key.
+                await self._watch()
+
+    async def _watch(self) -> None:
+        broker = await self.app._broker()
+        kv = await broker.results()
+        watcher = await kv.watch(self.id)
+        try:
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue
+                record = _parse(entry.value)
+                if record is not None:
+                    self._deliver(record)
+                    if self._final:
+                        return
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    # -- management -------------------------------------------------------------------------
+    def forget(self) -> None:
+        """Delete the stored result (and forget the local copy)."""
+        self.app._portal.run(self.aforget())
+
+    async def aforget(self) -> None:
+        broker = await self.app._broker()
+        kv = await broker.results()
+        await kv.purge(self.id)
+        with self._lock:
+            self._record = None
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the task: if it has not started it never runs; ``terminate`` cancels a running
+        async task."""
+        self.app._portal.run(self.arevoke(terminate))
+
+    async def arevoke(self, terminate: bool = False) -> None:
+        await self.app._arevoke(self.id, terminate)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _parse(data: bytes) -> Record | None:
+    try:
+        record = loads(data)
+    except Exception:
+        print(f"natask: ignoring an undecodable result record ({len(data)} bytes)", file=sys.stderr)
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("state"), str) else None

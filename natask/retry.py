@@ -1,0 +1,46 @@
+"""Retry policy: the pure backoff function and the decision taken when a task raises."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .errors import Reject, Retry, TimeLimitExceeded
+from .task import TaskOptions
+
+
+def backoff(retries: int, base: float, maximum: float, jitter: bool, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``retries + 1``: ``base * 2**retries`` capped at
+    ``maximum``; with ``jitter`` a uniform draw in ``[0, that]`` ("full jitter")."""
+    delay: float = min(maximum, base * 2.0 ** min(retries, 62))
+    if jitter:
+        delay = float((rng or random).uniform(0, delay))
+    return delay
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a task that raised."""
+
+    action: str  # "retry", "fail" or "reject"
+    countdown: float = 0.0
+    reason: str = ""
+
+
+def decide(exc: BaseException, options: TaskOptions, retries: int) -> Decision:
+    """Retry, fail (FAILURE result, dead-lettered when retries are exhausted) or reject."""
+    if isinstance(exc, Reject):
+        return Decision("reject", reason=exc.reason)
+    limit = options.max_retries
+    if isinstance(exc, Retry):
+        limit = getattr(exc, "max_retries", None) or limit
+        countdown = exc.countdown
+    elif options.autoretry_for and isinstance(exc, options.autoretry_for) and not isinstance(exc, TimeLimitExceeded):
+        countdown = None
+    else:
+        return Decision("fail")
+    if limit is not None and retries >= limit:
+        return Decision("fail", reason=f"max retries ({limit}) exceeded")
+    if countdown is None:
+        countdown = backoff(retries, options.retry_backoff, options.retry_backoff_max, options.retry_jitter)
+    return Decision("retry", countdown=max(0.0, countdown))

@@ -1,0 +1,279 @@
+"""Tasks: ``@app.task`` turns a function into a ``Task[P, R]`` with typed calling methods."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .config import check_queue_name
+from .errors import ConfigError, Retry
+from .naming import check_task_name
+
+if TYPE_CHECKING:
+    from .app import Natask
+    from .result import AsyncResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-task settings given to ``@app.task``."""
+
+    queue: str | None = None
+    max_retries: int | None = 3
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    time_limit: float | None = None
+    expires: float | None = None
+    ignore_result: bool = False
+    track_started: bool = True
+    bind: bool = False
+
+    def __post_init__(self) -> None:
+        if self.queue is not None:
+            check_queue_name(self.queue)
+        if self.max_retries is not None and self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0 or None (forever), got {self.max_retries}")
+        for exc in self.autoretry_for:
+            if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+                raise ConfigError(f"autoretry_for must hold exception classes, got {exc!r}")
+        for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires"):
+            value = getattr(self, what)
+            if value is not None and value < 0:
+                raise ConfigError(f"{what} must be >= 0 seconds, got {value}")
+
+
+@dataclass
+class Request:
+    """What a running task knows about its own call (``self.request`` in a ``bind=True`` task)."""
+
+    id: str
+    task: str
+    retries: int = 0
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = ""
+    parent_id: str | None = None
+    root_id: str | None = None
+    eta: float | None = None
+    expires: float | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("natask_request", default=None)
+"""The request of the task running in this context (async task or worker thread)."""
+
+
+Args = Sequence[Any]
+Kwargs = Mapping[str, Any]
+
+
+class Task(Generic[P, R]):
+    """A registered task. Call it to run locally; ``delay``/``apply_async`` to enqueue."""
+
+    def __init__(self, app: Natask, fn: Callable[..., Any], name: str, options: TaskOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = check_task_name(name)
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+        self._signature: inspect.Signature | None = None
+        self._dataclass_params: dict[str, type] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    @property
+    def queue(self) -> str:
+        """The queue this task routes to unless a call says otherwise."""
+        return self.options.queue or self.app.config.default_queue
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.options.bind:
+            return self.fn(self, *args, **kwargs)  # type: ignore[no-any-return]
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+    # -- argument checks --------------------------------------------------------------------
+    @property
+    def signature(self) -> inspect.Signature:
+        """The call signature as callers see it (without ``self`` for ``bind=True``)."""
+        if self._signature is None:
+            sig = inspect.signature(self.fn)
+            params = list(sig.parameters.values())
+            if self.options.bind:
+                if not params:
+                    raise ConfigError(f"task {self.name} has bind=True but takes no 'self' argument")
+                params = params[1:]
+            self._signature = sig.replace(parameters=params)
+        return self._signature
+
+    def check_args(self, args: Args, kwargs: Kwargs) -> inspect.BoundArguments:
+        """Bind a call's arguments to the signature; ``TypeError`` names what does not fit."""
+        try:
+            return self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.name}{self.signature}: {e}") from None
+
+    def bind_call(self, args: Args, kwargs: Kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Bind a received call and rebuild dataclass arguments the annotations name."""
+        bound = self.check_args(args, kwargs)
+        if self._dataclass_params is None:
+            self._dataclass_params = _dataclass_params(self.fn)
+        for param, cls in self._dataclass_params.items():
+            value = bound.arguments.get(param)
+            if isinstance(value, dict):
+                bound.arguments[param] = _revive(cls, value)
+        return bound.args, bound.kwargs
+
+    # -- enqueue ----------------------------------------------------------------------------
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Enqueue a call; returns its ``AsyncResult`` once the server acknowledged it."""
+        return self.apply_async(args, kwargs)
+
+    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Async ``delay``."""
+        return await self.aapply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Args = (),
+        kwargs: Kwargs | None = None,
+        *,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        task_id: str | None = None,
+        queue: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncResult[R]:
+        """Enqueue with options; see SPEC §2."""
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        return self.app._portal.run(self.app._apublish(call))  # type: ignore[return-value]
+
+    async def aapply_async(
+        self,
+        args: Args = (),
+        kwargs: Kwargs | None = None,
+        *,
+        countdown: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        task_id: str | None = None,
+        queue: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncResult[R]:
+        """Async ``apply_async``."""
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        return await self.app._apublish(call)  # type: ignore[return-value]
+
+    def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
+        """Pipelined bulk enqueue: each item is a tuple of positional arguments (or a dict of
+        keyword arguments); one ``AsyncResult`` each, in order."""
+        calls = [self._prepare_item(item) for item in arglist]
+        return self.app._portal.run(self.app._apublish_many(calls))  # type: ignore[return-value]
+
+    async def adelay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
+        """Async ``delay_many``."""
+        calls = [self._prepare_item(item) for item in arglist]
+        return await self.app._apublish_many(calls)  # type: ignore[return-value]
+
+    def _prepare_item(self, item: Args | Kwargs) -> Any:
+        if isinstance(item, Mapping):
+            return self._prepare((), item, None, None, None, None, None, None)
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence):
+            raise TypeError(f"delay_many() takes tuples of arguments, got {type(item).__name__}: wrap it in a tuple")
+        return self._prepare(item, None, None, None, None, None, None, None)
+
+    def _prepare(
+        self,
+        args: Args,
+        kwargs: Kwargs | None,
+        countdown: float | timedelta | None,
+        eta: datetime | None,
+        expires: float | timedelta | datetime | None,
+        task_id: str | None,
+        queue: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        self.check_args(args, kwargs)
+        return self.app._prepare(
+            self.name,
+            args,
+            kwargs,
+            queue=queue or self.queue,
+            countdown=countdown,
+            eta=eta,
+            expires=expires if expires is not None else self.options.expires,
+            task_id=task_id,
+            headers=headers,
+            ignore_result=self.options.ignore_result,
+        )
+
+    # -- inside a running task --------------------------------------------------------------
+    @property
+    def request(self) -> Request:
+        """The current call's request; only valid while the task runs in a worker."""
+        req = current_request.get()
+        if req is None or req.task != self.name:
+            raise RuntimeError(f"{self.name}.request is only available while the task runs in a worker")
+        return req
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+    ) -> Retry:
+        """Build the ``Retry`` to raise: ``raise self.retry(exc=e, countdown=5)``."""
+        retry = Retry(exc=exc, countdown=countdown)
+        retry.max_retries = max_retries  # type: ignore[attr-defined]
+        return retry
+
+
+class AsyncTask(Task[P, R]):
+    """A task whose function is ``async def``: a local call returns a coroutine."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        if self.options.bind:
+            return self.fn(self, *args, **kwargs)  # type: ignore[no-any-return]
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _dataclass_params(fn: Callable[..., Any]) -> dict[str, type]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: no revival
+        return {}
+    return {name: cls for name, cls in hints.items()
+            if name != "return" and isinstance(cls, type) and dataclasses.is_dataclass(cls)}
+
+
+def _revive(cls: type, value: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a decoded dict, recursing into dataclass-typed fields."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        hints = {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    data = {}
+    for key, item in value.items():
+        if key not in fields:
+            raise TypeError(f"{cls.__qualname__} has no field {key!r}")
+        sub = hints.get(key)
+        if isinstance(item, dict) and isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            item = _revive(sub, item)
+        data[key] = item
+    return cls(**data)

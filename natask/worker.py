@@ -1,0 +1,406 @@
+"""Worker: consume queues, run tasks with bounded concurrency, store results, ack, drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from nats.aio.msg import Msg
+
+from .broker import Broker
+from .config import check_queue_name
+from .consumer import PullConsumer, Slots
+from .errors import DecodeError, EncodeError, TimeLimitExceeded
+from .message import (
+    HDR_MSG_ID,
+    HDR_REPLY,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    HDR_TASK,
+    Envelope,
+    at_schedule,
+    dumps,
+)
+from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
+from .retry import decide
+from .runner import ThreadRunner
+from .task import Request, Task, current_request
+
+if TYPE_CHECKING:
+    from .app import Natask
+
+log = logging.getLogger("natask.worker")
+
+HDR_RETRIES: Final = "Natask-Retries"
+"""How many times the task was retried before this message (republishes carry it)."""
+HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
+HDR_DLQ_ERROR: Final = "Natask-Dlq-Error"
+HDR_DLQ_ATTEMPTS: Final = "Natask-Dlq-Attempts"
+HDR_DLQ_TIME: Final = "Natask-Dlq-Time"
+HDR_DLQ_SUBJECT: Final = "Natask-Dlq-Subject"
+HDR_DLQ_ID: Final = "Natask-Dlq-Id"
+
+DEFAULT_CONCURRENCY: Final = 32
+DEFAULT_GRACE: Final = 30.0
+
+
+class _Delivery:
+    """One task message being worked on."""
+
+    __slots__ = ("handler", "msg", "started", "task_id", "touched")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.started = self.touched = time.monotonic()
+        self.task_id = ""
+        self.handler: asyncio.Task[None] | None = None
+
+
+class Worker:
+    """Runs an app's tasks from one or more queues in this process.
+
+    ``await worker.start()`` then ``await worker.stop()`` (or ``async with``); ``run()`` blocks
+    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it).
+    """
+
+    def __init__(
+        self,
+        app: Natask,
+        queues: Sequence[str] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        grace: float = DEFAULT_GRACE,
+    ) -> None:
+        self.app = app
+        self.queues = [check_queue_name(q) for q in (queues or [app.config.default_queue])]
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.grace = grace
+        self.ident = f"{socket.gethostname()}:{os.getpid()}"
+        self.processed = 0
+        self.failed = 0
+        self.started_at = 0.0
+        self.broker: Broker | None = None
+        self._slots = Slots(concurrency)
+        self._consumers: list[PullConsumer] = []
+        self._inflight: set[_Delivery] = set()
+        self._runner: ThreadRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, create the queues' consumers and start consuming."""
+        self.broker = broker = Broker(self.app.config, on_reconnect=self._on_reconnect)
+        await broker.connect()
+        await broker.ensure_stream()
+        await broker.ensure_dlq()
+        self._runner = ThreadRunner(self.concurrency)
+        for queue in self.queues:
+            durable = await broker.ensure_consumer(queue)
+            consumer = PullConsumer(broker, durable, self._slots, self._on_message)
+            await consumer.start()
+            self._consumers.append(consumer)
+        for consumer in self._consumers:
+            consumer.wake()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
+        self.started_at = time.time()
+        log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
+                 self.concurrency, self.app.config.safe_servers)
+
+    async def run(self) -> None:
+        """Start and block until ``stop()`` completes."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop fetching, let in-flight tasks finish within ``grace`` seconds, nak the rest, close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.grace if grace is None else grace
+        for consumer in self._consumers:
+            await consumer.stop()
+        if self._inflight:
+            log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                pending = [d.handler for d in self._inflight if d.handler is not None]
+                log.warning("grace period over: returning %d unfinished task(s) to the queue", len(pending))
+                for handler in pending:
+                    handler.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for consumer in self._consumers:
+            await consumer.close()
+        if self._runner is not None:
+            self._runner.shutdown()
+        if self.broker is not None:
+            await self.broker.close()
+        self._stopped.set()
+        log.info("worker %s stopped after %d task(s)", self.ident, self.processed)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _on_reconnect(self) -> None:
+        for consumer in self._consumers:
+            consumer.reset()
+
+    async def _keep_leases(self) -> None:
+        # in_progress resets the server's ack timer, so ack_wait can stay short for long tasks.
+        interval = max(0.2, self.app.config.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for delivery in list(self._inflight):
+                if now - delivery.touched >= interval:
+                    delivery.touched = now
+                    try:
+                        await delivery.msg.in_progress()
+                    except Exception as e:
+                        log.debug("in_progress failed: %s", e)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _on_message(self, msg: Msg) -> None:
+        delivery = _Delivery(msg)
+        self._inflight.add(delivery)
+        self._idle.clear()
+        delivery.handler = asyncio.get_running_loop().create_task(self._handle(delivery))
+
+    def _done(self, delivery: _Delivery) -> None:
+        self._inflight.discard(delivery)
+        self._slots.release()
+        if not self._inflight:
+            self._idle.set()
+
+    async def _handle(self, delivery: _Delivery) -> None:
+        msg = delivery.msg
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            await _quietly(msg.nak())
+        except Exception:
+            # A bug in natask itself: give the message back rather than lose it.
+            log.exception("internal error handling %s; returning it to the queue", delivery.task_id or "a message")
+            await _quietly(msg.nak(delay=5))
+        finally:
+            self._done(delivery)
+
+    async def _process(self, delivery: _Delivery) -> None:
+        msg = delivery.msg
+        headers = msg.headers or {}
+        try:
+            env = Envelope.decode(msg.data, headers)
+        except DecodeError as e:
+            await self._dead_letter(msg, "undecodable", str(e), task_id=headers.get(HDR_MSG_ID, "").split(":")[0])
+            return
+        delivery.task_id = env.id
+        task = self.app.tasks.get(env.task)
+        if task is None:
+            await self._dead_letter(msg, "unknown task", f"no task named {env.task!r} in app {self.app.name!r}",
+                                    env=env)
+            return
+        retries = int(headers.get(HDR_RETRIES, "0") or 0) + msg.metadata.num_delivered - 1
+        now = time.time()
+        if env.expires is not None and now > env.expires:
+            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "expired"}})
+            return
+        if env.eta is not None and env.eta > now + 0.001:
+            await msg.nak(delay=env.eta - now)  # clock skew between server and worker: never early
+            return
+        limit = task.options.max_retries
+        if limit is not None and retries > limit:
+            # Deliveries beyond the limit mean earlier attempts crashed their worker.
+            await self._dead_letter(msg, "max retries exceeded",
+                                    f"{retries} attempt(s) ended without an outcome (worker crashed?)", env=env)
+            return
+        try:
+            args, kwargs = task.bind_call(env.args, env.kwargs)
+        except TypeError as e:
+            await self._dead_letter(msg, "arguments do not bind", str(e), env=env)
+            return
+        request = Request(id=env.id, task=env.task, retries=retries, args=args, kwargs=kwargs,
+                          queue=msg.subject.split(".", 2)[1], parent_id=env.parent_id, root_id=env.root_id,
+                          eta=env.eta, expires=env.expires, headers=headers)
+        if task.options.track_started and not task.options.ignore_result:
+            await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
+        try:
+            value = await self._run(task, args, kwargs, request)
+        except Exception as exc:
+            await self._failed(msg, env, task, exc, retries)
+            return
+        self.processed += 1
+        await self._finish(msg, env, task, {"state": SUCCESS, "result": value}, retries)
+
+    async def _run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any],
+                   request: Request) -> Any:
+        fn, limit = task.fn, task.options.time_limit
+        if task.options.bind:
+            args = (task, *args)
+        if task.is_async:
+            current_request.set(request)
+            if limit is None:
+                return await fn(*args, **kwargs)
+            try:
+                return await asyncio.wait_for(fn(*args, **kwargs), limit)
+            except asyncio.TimeoutError:
+                raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
+        assert self._runner is not None
+        future = self._runner.run(fn, args, kwargs, request)
+        if limit is None:
+            return await future
+        try:
+            # The thread cannot be stopped: it runs on, its outcome is ignored (see README).
+            return await asyncio.wait_for(asyncio.shield(future), limit)
+        except asyncio.TimeoutError:
+            raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
+
+    # -- outcomes ---------------------------------------------------------------------------
+    async def _failed(self, msg: Msg, env: Envelope, task: Task[Any, Any], exc: Exception, retries: int) -> None:
+        decision = decide(exc, task.options, retries)
+        cause = getattr(exc, "exc", None) or exc
+        if decision.action == "retry":
+            await self._retry(msg, env, task, cause, retries, decision.countdown)
+            return
+        self.failed += 1
+        record = _failure(cause)
+        if decision.action == "reject":
+            await self._dead_letter(msg, "rejected", decision.reason, env=env, record=record)
+            return
+        if decision.reason:  # retries exhausted
+            await self._dead_letter(msg, decision.reason, f"{record['exc_type']}: {record['message']}",
+                                    env=env, record=record)
+            return
+        log.warning("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"])
+        await self._finish(msg, env, task, record, retries)
+
+    async def _retry(self, msg: Msg, env: Envelope, task: Task[Any, Any], exc: BaseException, retries: int,
+                     countdown: float) -> None:
+        assert self.broker is not None
+        n = retries + 1
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+        headers[HDR_MSG_ID] = f"{env.id}:{n}"
+        headers[HDR_RETRIES] = str(n)
+        subject = msg.subject
+        if countdown > 0:
+            queue = subject.split(".", 2)[1]
+            headers[HDR_SCHEDULE] = at_schedule(time.time() + countdown)
+            headers[HDR_SCHEDULE_TARGET] = subject
+            subject = self.app.names.schedule_subject(queue, env.id)
+        await self.broker.publish(subject, msg.data, headers)
+        if not task.options.ignore_result:
+            info = {"retries": n, "countdown": countdown, "exc_type": _qualname(type(exc)), "message": str(exc)}
+            await self._store(env.id, {"state": RETRY, "info": info})
+        log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
+        await msg.ack()
+
+    async def _finish(self, msg: Msg, env: Envelope, task: Task[Any, Any] | None, record: dict[str, Any],
+                      retries: int = 0) -> None:
+        """Send the outcome to the caller, store it, then ack (in that order)."""
+        ignore = task is not None and task.options.ignore_result
+        if not ignore:
+            record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
+            try:
+                data = dumps(record)
+            except EncodeError as e:
+                record = _failure(EncodeError(f"the result of {env.task} cannot be encoded: {e}"))
+                record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
+                data = dumps(record)
+            reply = (msg.headers or {}).get(HDR_REPLY)
+            if reply:
+                await self.broker_.publish_core(reply, data)
+            await self._store(env.id, data)
+        await msg.ack()
+
+    async def _store(self, task_id: str, record: dict[str, Any] | bytes, wait: bool = True) -> None:
+        broker = self.broker_
+        data = record if isinstance(record, bytes) else dumps(record)
+        subject = f"$KV.{broker.names.results_bucket}.{task_id}"
+        if not wait:
+            await broker.publish_core(subject, data)
+            return
+        await broker.results()
+        await broker.publish(subject, data, {})
+
+    async def _dead_letter(self, msg: Msg, reason: str, error: str, *, env: Envelope | None = None,
+                           task_id: str = "", record: dict[str, Any] | None = None) -> None:
+        """Move a message to NATASK_DLQ with why, then ack it; the caller gets a FAILURE result."""
+        broker = self.broker_
+        headers = dict(msg.headers or {})
+        queue, name = ([*msg.subject.split(".", 2), "", ""])[1:3]
+        name = env.task if env is not None else headers.get(HDR_TASK, "") or name
+        task_id = env.id if env is not None else task_id
+        meta = msg.metadata
+        headers.pop(HDR_MSG_ID, None)
+        headers.update({
+            HDR_DLQ_REASON: reason,
+            HDR_DLQ_ERROR: _one_line(error)[:1000],
+            HDR_DLQ_ATTEMPTS: str(int(headers.get(HDR_RETRIES, "0") or 0) + meta.num_delivered),
+            HDR_DLQ_TIME: f"{time.time():.6f}",
+            HDR_DLQ_SUBJECT: msg.subject,
+            HDR_DLQ_ID: task_id or f"seq-{meta.sequence.stream}",
+        })
+        subject = broker.names.dlq_subject(queue or "_", _subject_token(name))
+        await broker.publish(subject, msg.data, headers)
+        log.error("dead-lettered %s (%s): %s", task_id or f"message #{meta.sequence.stream}", reason, error)
+        self.failed += 1
+        if task_id:
+            if record is None:
+                record = {"state": FAILURE, "exc_type": f"natask.{reason.title().replace(' ', '')}",
+                          "message": error, "traceback": ""}
+            task = self.app.tasks.get(name)
+            await self._finish(msg, env or Envelope(id=task_id, task=name), task, dict(record))
+        else:
+            await msg.ack()
+
+    @property
+    def broker_(self) -> Broker:
+        assert self.broker is not None, "worker not started"
+        return self.broker
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    return {
+        "state": FAILURE,
+        "exc_type": _qualname(type(exc)),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _subject_token(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".")
+    return cleaned.replace("..", ".") or "_unknown"
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except Exception as e:
+        log.debug("ignored: %s", e)

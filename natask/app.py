@@ -11,9 +11,10 @@ import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from .broker import Broker
+from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
 from .errors import ConfigError, EncodeError, TaskNotFound
 from .message import (
@@ -33,6 +34,9 @@ from .naming import Names, check_task_name
 from .portal import Portal
 from .result import AsyncResult
 from .task import AsyncTask, Task, TaskOptions
+
+if TYPE_CHECKING:
+    from .beat import PeriodicEntry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,6 +106,7 @@ class Natask:
         self.name = name
         self.names = Names(self.config.subject_prefix)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.periodic_entries: dict[str, PeriodicEntry] = {}
         self._portal = Portal(name)
         self._lock = threading.Lock()
         self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
@@ -215,6 +220,41 @@ class Natask:
                 stacklevel=3,
             )
         return check_task_name(f"{module}.{qualname}")
+
+    def periodic(
+        self,
+        schedule: str | timedelta,
+        *,
+        name: str | None = None,
+        tz: str | None = None,
+        queue: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Register a task that ``natask beat`` fires on a cron string (5 or 6 fields) or a
+        ``timedelta`` interval aligned to the Unix epoch: ``@app.periodic("*/5 * * * *", name="cleanup")``."""
+
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
+            task: Task[Any, Any] = self.task(fn, name=name, queue=queue) if (name or queue) else self.task(fn)
+            self.add_periodic_task(schedule, task.s(), name=task.name, tz=tz)
+            return task
+
+        return register
+
+    def add_periodic_task(
+        self,
+        schedule: str | timedelta,
+        signature: Signature[Any],
+        name: str | None = None,
+        tz: str | None = None,
+    ) -> PeriodicEntry:
+        """Fire ``signature`` on ``schedule`` from ``natask beat``; ``name`` identifies the entry
+        (defaults to the task name) and must be unique in the app."""
+        from .beat import make_entry
+
+        entry = make_entry(schedule, signature, name=name or signature.task, tz=tz)
+        if entry.name in self.periodic_entries:
+            raise ConfigError(f"a periodic entry named {entry.name!r} exists already: pass another name=")
+        self.periodic_entries[entry.name] = entry
+        return entry
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task of that name; ``TaskNotFound`` names the ones that exist."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from .canvas import Signature
 from .config import check_queue_name
 from .errors import ConfigError, Retry
 from .naming import check_task_name
@@ -221,6 +222,15 @@ class Task(Generic[P, R]):
             headers=headers,
             ignore_result=self.options.ignore_result,
         )
+
+    # -- canvas -----------------------------------------------------------------------------
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature of this task with (partial) arguments."""
+        return Signature(self.app, self.name, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """An immutable signature: a chain will not pass it the previous result."""
+        return Signature(self.app, self.name, args, kwargs, immutable=True)
 
     # -- inside a running task --------------------------------------------------------------
     @property

@@ -233,7 +233,7 @@ class Natask:
         ``timedelta`` interval aligned to the Unix epoch: ``@app.periodic("*/5 * * * *", name="cleanup")``."""
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
-            task: Task[Any, Any] = self.task(fn, name=name, queue=queue) if (name or queue) else self.task(fn)
+            task: Task[Any, Any] = self.task(name=name, queue=queue)(fn)
             self.add_periodic_task(schedule, task.s(), name=task.name, tz=tz)
             return task
 

@@ -325,7 +325,10 @@ class Natask:
         result, subject = self._route(broker, call)
         broker.check_size(subject, call.payload, call.headers)
         await broker.ensure_stream()
-        await broker.publish(subject, call.payload, call.headers)
+        ack = await broker.publish(subject, call.payload, call.headers)
+        if ack.duplicate and self._pending.get(call.task_id) is not result:
+            # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
+            result._route = None
         return result
 
     async def _apublish_many(self, calls: Sequence[Call]) -> list[AsyncResult[Any]]:
@@ -342,17 +345,21 @@ class Natask:
 
     def _route(self, broker: Broker, call: Call) -> tuple[AsyncResult[Any], str]:
         """The result handle and the subject of a call; registers the reply fast path."""
+        subject = self.names.task_subject(call.queue, call.task)
+        if call.eta is not None and call.eta > time.time():
+            call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
+            call.headers[HDR_SCHEDULE_TARGET] = subject
+            subject = self.names.schedule_subject(call.queue, call.task_id)
+        existing = self._pending.get(call.task_id)
+        if existing is not None and existing._route is broker:
+            call.headers[HDR_REPLY] = f"{broker.reply_prefix}.{call.task_id}"
+            return existing, subject  # the same id again: one handle, one reply
         result: AsyncResult[Any] = AsyncResult(
             self, call.task_id, call.task, ignore_result=call.ignore_result, route=broker
         )
         if not call.ignore_result:
             call.headers[HDR_REPLY] = f"{broker.reply_prefix}.{call.task_id}"
             self._pending[call.task_id] = result
-        subject = self.names.task_subject(call.queue, call.task)
-        if call.eta is not None and call.eta > time.time():
-            call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
-            call.headers[HDR_SCHEDULE_TARGET] = subject
-            subject = self.names.schedule_subject(call.queue, call.task_id)
         return result, subject
 
     def send_task(

@@ -85,6 +85,7 @@ class PullConsumer:
         self.paused = True
         if self in self.slots.consumers:
             self.slots.consumers.remove(self)
+        self.wake()
         if self._pump_task is not None:
             self._pump_task.cancel()
             try:
@@ -119,16 +120,20 @@ class PullConsumer:
         self.slots.requested -= n
 
     async def _pump(self) -> None:
-        while True:
+        # Loop on the flag, not on cancellation alone: wait_for on Python < 3.12 can swallow a
+        # cancel that lands as the wait completes.
+        while not self.paused:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
             self._wakeup.clear()
+            if self.paused:
+                return
             if self.credit and time.monotonic() - self.last_activity > PULL_EXPIRES + _GRACE:
                 # Every unfinished request ends with a 408 by PULL_EXPIRES: silence means they are gone.
                 self._write_off()
-            if self.paused or not self.broker.nc.is_connected:
+            if not self.broker.nc.is_connected:
                 continue
             await self._request()
 

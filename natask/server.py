@@ -82,6 +82,7 @@ class NatsServer:
         if self.config_file:
             args += ["-c", self.config_file]
         args += self.extra_args
+        os.makedirs(self.store_dir, exist_ok=True)
         self._log = open(self.log_file, "ab")
         start_offset = self._log.tell()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -1,0 +1,115 @@
+"""Subprocess workers and server-side events for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    """``python -m natask worker`` in a child process; ready once it logs that it is consuming."""
+
+    def __init__(self, url: str, prefix: str, log: Path, queues: Sequence[str] = ("default",),
+                 concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = ()) -> None:
+        env = {**os.environ, "NATS_URL": url, "NATASK_TEST_PREFIX": prefix, "NATASK_TEST_LOG": str(log),
+               "NATASK_TEST_ACK_WAIT": str(ack_wait), "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "natask", "worker", "-A", "tests.integration.workerapp:app",
+             "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", "info", *extra],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if " consuming " in line:
+                self._ready.set()
+        self._ready.set()
+
+    async def ready(self, timeout: float = 20) -> WorkerProcess:
+        ok = await asyncio.to_thread(self._ready.wait, timeout)
+        if not ok or self.proc.poll() is not None:
+            raise RuntimeError("worker did not start:\n" + "".join(self.lines))
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 60) -> int:
+        code = await asyncio.to_thread(self.proc.wait, timeout)
+        await asyncio.to_thread(self._reader.join, 5)
+        self._close()
+        return code
+
+    def _close(self) -> None:
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._reader.join(5)
+        self._close()
+
+
+class KVEvents:
+    """Core subscription to a results bucket: lets a test await a task reaching a state."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.subject = f"$KV.natask_results_{prefix}.>"
+        self.states: dict[str, list[str]] = {}
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> KVEvents:
+        from natask.message import loads
+
+        self.nc = await nats.connect(self.url)
+
+        async def on_msg(msg: Msg) -> None:
+            task_id = msg.subject.rsplit(".", 1)[-1]
+            try:
+                state = loads(msg.data)["state"]
+            except Exception:
+                return
+            self.states.setdefault(task_id, []).append(state)
+            self._changed.set()
+
+        await self.nc.subscribe(self.subject, cb=on_msg)
+        await self.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.close()
+
+    async def reached(self, task_id: str, state: str, timeout: float = 20) -> None:
+        async def wait() -> None:
+            while state not in self.states.get(task_id, []):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+def log_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []

@@ -1,0 +1,44 @@
+"""The app that subprocess workers of the integration tests run (``-A tests.integration.workerapp:app``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from natask import Natask
+
+app = Natask(
+    "itest",
+    subject_prefix=os.environ.get("NATASK_TEST_PREFIX", "tasks"),
+    ack_wait=float(os.environ.get("NATASK_TEST_ACK_WAIT", "30")),
+)
+LOG = os.environ.get("NATASK_TEST_LOG", os.devnull)
+
+
+def record(line: str) -> None:
+    """Append one line to the shared log: what ran, in which process (O_APPEND keeps lines whole)."""
+    with open(LOG, "a") as f:
+        f.write(f"{line} {os.getpid()}\n")
+
+
+@app.task(name="it.add")
+def add(x: int, y: int) -> int:
+    record(f"add {x} {y}")
+    return x + y
+
+
+@app.task(name="it.sleep")
+def sleep(seconds: float, tag: str) -> str:
+    record(f"start {tag}")
+    time.sleep(seconds)
+    record(f"done {tag}")
+    return tag
+
+
+@app.task(name="it.asleep")
+async def asleep(seconds: float, tag: str) -> str:
+    record(f"start {tag}")
+    await asyncio.sleep(seconds)
+    record(f"done {tag}")
+    return tag

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -27,6 +27,7 @@ from .message import (
     WIRE_VERSION,
     Envelope,
     at_schedule,
+    dumps,
     find_unencodable,
     loads,
 )
@@ -110,6 +111,8 @@ class Natask:
         self._portal = Portal(name)
         self._lock = threading.Lock()
         self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
+        self._checked: set[str] = set()
+        self._checked_queues: set[str] = set()
         self._pending: weakref.WeakValueDictionary[str, AsyncResult[Any]] = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
@@ -169,7 +172,7 @@ class Natask:
         time_limit: Seconds | None = None,
         expires: Seconds | None = None,
         ignore_result: bool = False,
-        track_started: bool = True,
+        track_started: bool = False,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -283,15 +286,21 @@ class Natask:
         links: list[Any] | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
-        check_task_name(name)
-        check_queue_name(queue)
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        if name not in self._checked:  # names repeat: validate each once
+            check_task_name(name)
+            check_queue_name(queue)
+        elif queue not in self._checked_queues:
+            check_queue_name(queue)
+        self._checked.add(name)
+        self._checked_queues.add(queue)
+        if type(args) is not tuple and type(args) is not list and (
+                isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
         if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
             raise TypeError("kwargs must be a dict with string keys")
         now = time.time()
         when = _eta(now, countdown, eta)
-        task_id = task_id or uuid.uuid4().hex
+        task_id = task_id or os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
         if not isinstance(task_id, str) or not task_id or any(c in task_id for c in " .*>\t\r\n:"):
             raise ConfigError(f"invalid task_id {task_id!r}: no spaces, '.', '*', '>' or ':'")
         envelope = Envelope(
@@ -407,7 +416,10 @@ class Natask:
         return AsyncResult(self, task_id)
 
     async def _arevoke(self, task_id: str, terminate: bool) -> None:
-        raise NotImplementedError("revoke is not built yet")
+        """Record a revoke durably; every worker keeps the set and skips (or cancels) the task."""
+        broker = await self._broker()
+        kv = await broker.revoked()
+        await kv.put(task_id, dumps({"terminate": terminate, "at": time.time()}))
 
     # -- connections ------------------------------------------------------------------------
     async def _broker(self) -> Broker:

@@ -69,6 +69,7 @@ class Broker:
         self._stream_ready = False
         self._dlq_ready = False
         self._kv: KeyValue | None = None
+        self._revoked: KeyValue | None = None
         self._denied: dict[str, str] = {}
         self._closed = False
         self._guard: asyncio.Task[None] | None = None
@@ -272,13 +273,25 @@ class Broker:
 
     async def results(self) -> KeyValue:
         """The results KV bucket, created on first use."""
-        if self._kv is not None:
-            return self._kv
-        bucket = self.names.results_bucket
+        if self._kv is None:
+            self._kv = await self._bucket(self.names.results_bucket)
+        return self._kv
+
+    async def revoked(self) -> KeyValue:
+        """The revoked task ids (kept as long as results), created on first use."""
+        if self._revoked is None:
+            self._revoked = await self._bucket(self.names.revoked_bucket)
+        return self._revoked
+
+    async def _bucket(self, bucket: str) -> KeyValue:
         try:
-            self._kv = await self.js.key_value(bucket)
+            return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
-            self._kv = await self.js.create_key_value(
+            pass
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+        try:
+            return await self.js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket,
                     history=1,
@@ -290,7 +303,6 @@ class Broker:
             )
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
-        return self._kv
 
     # -- publishing -------------------------------------------------------------------------
     def check_size(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import signal
@@ -95,6 +96,98 @@ async def _serve(w: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await w.run()
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, purge."""
+
+
+def _run_app(app_spec: str | None, fn: Any) -> Any:
+    """Run ``fn(app)`` (a coroutine function) on a fresh loop and close the app afterwards."""
+    app = load_app(app_spec)
+
+    async def go() -> Any:
+        async with app:
+            return await fn(app)
+
+    try:
+        return asyncio.run(go())
+    except NataskError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@dlq.command("list")
+@app_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per entry")
+def dlq_list(app_spec: str | None, as_json: bool) -> None:
+    """One line per dead letter: task id (or seq-N placeholder), reason, task, attempts, error."""
+    from .dlq import DeadLetters
+
+    entries = _run_app(app_spec, lambda app: DeadLetters(app).list())
+    for e in entries:
+        if as_json:
+            click.echo(json.dumps(e.as_dict()))
+        else:
+            click.echo(f"{e.id}  {e.reason}  {e.task}  attempts={e.attempts}  {e.error[:120]}")
+
+
+@dlq.command("show")
+@app_option
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_show(app_spec: str | None, entry_id: str, as_json: bool) -> None:
+    """Everything about one dead letter, with its decoded call when it has one."""
+    from .dlq import DeadLetters
+    from .message import loads
+
+    entry = _run_app(app_spec, lambda app: DeadLetters(app).get(entry_id))
+    info = entry.as_dict()
+    try:
+        info["call"] = loads(entry.data)
+    except NataskError:
+        info["call"] = None
+        info["raw"] = entry.data[:200].hex()
+    info["headers"] = entry.headers
+    if as_json:
+        click.echo(json.dumps(info, default=repr))
+    else:
+        for key, value in info.items():
+            click.echo(f"{key}: {value!r}" if key in ("call", "headers", "raw") else f"{key}: {value}")
+
+
+@dlq.command("replay")
+@app_option
+@click.argument("entry_id")
+def dlq_replay(app_spec: str | None, entry_id: str) -> None:
+    """Publish a dead letter again to its queue and remove it from the DLQ."""
+    from .dlq import DeadLetters
+
+    entry = _run_app(app_spec, lambda app: DeadLetters(app).replay(entry_id))
+    click.echo(f"replayed {entry.id} to {entry.subject}")
+
+
+@dlq.command("purge")
+@app_option
+@click.option("--yes", is_flag=True, help="do not ask")
+def dlq_purge(app_spec: str | None, yes: bool) -> None:
+    """Delete every dead letter of the app."""
+    from .dlq import DeadLetters
+
+    if not yes:
+        click.confirm("delete every dead letter of this app?", abort=True)
+    count = _run_app(app_spec, lambda app: DeadLetters(app).purge())
+    click.echo(f"purged {count} dead letter(s)")
+
+
+@main.command()
+@app_option
+@click.argument("task_id")
+@click.option("--terminate", is_flag=True, help="also cancel it if it is running (async tasks)")
+def revoke(app_spec: str | None, task_id: str, terminate: bool) -> None:
+    """Revoke a task: it will not run (recorded durably for every worker)."""
+    _run_app(app_spec, lambda app: app._arevoke(task_id, terminate))
+    click.echo(f"revoked {task_id}")
 
 
 @main.command()

@@ -232,7 +232,7 @@ def at_schedule(ts: float) -> str:
 
 def headers_size(headers: Mapping[str, str]) -> int:
     """Bytes the headers take on the wire (``NATS/1.0`` line, ``k: v`` lines, blank line)."""
-    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + 2
 
 
 def find_unencodable(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:

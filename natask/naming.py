@@ -42,6 +42,10 @@ class Names:
     def results_bucket(self) -> str:
         return f"natask_results_{self.prefix}"
 
+    @property
+    def revoked_bucket(self) -> str:
+        return f"natask_revoked_{self.prefix}"
+
     def task_subject(self, queue: str, task: str) -> str:
         return f"{self.prefix}.{queue}.{task}"
 

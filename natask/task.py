@@ -37,7 +37,7 @@ class TaskOptions:
     time_limit: float | None = None
     expires: float | None = None
     ignore_result: bool = False
-    track_started: bool = True
+    track_started: bool = False
     bind: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +91,7 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
         self._signature: inspect.Signature | None = None
+        self._arity = -1  # number of plain positional parameters; -1 when binding needs inspect
         self._dataclass_params: dict[str, type] | None = None
 
     def __repr__(self) -> str:
@@ -118,10 +119,17 @@ class Task(Generic[P, R]):
                     raise ConfigError(f"task {self.name} has bind=True but takes no 'self' argument")
                 params = params[1:]
             self._signature = sig.replace(parameters=params)
+            simple = all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params)
+            self._arity = len(params) if simple else -1
         return self._signature
 
-    def check_args(self, args: Args, kwargs: Kwargs) -> inspect.BoundArguments:
-        """Bind a call's arguments to the signature; ``TypeError`` names what does not fit."""
+    def check_args(self, args: Args, kwargs: Kwargs) -> inspect.BoundArguments | None:
+        """Bind a call's arguments to the signature; ``TypeError`` names what does not fit.
+
+        Returns None on the fast path: plain positional parameters, called positionally.
+        """
+        if not kwargs and len(args) == self._arity:
+            return None
         try:
             return self.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -129,9 +137,15 @@ class Task(Generic[P, R]):
 
     def bind_call(self, args: Args, kwargs: Kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Bind a received call and rebuild dataclass arguments the annotations name."""
-        bound = self.check_args(args, kwargs)
         if self._dataclass_params is None:
             self._dataclass_params = _dataclass_params(self.fn)
+        self.signature  # noqa: B018 - computes the fast-path arity
+        if not self._dataclass_params and not kwargs and len(args) == self._arity:
+            return tuple(args), {}
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.name}{self.signature}: {e}") from None
         for param, cls in self._dataclass_params.items():
             value = bound.arguments.get(param)
             if isinstance(value, dict):

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from .broker import Broker
 from .config import check_queue_name
 from .consumer import PullConsumer, Slots
+from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
 from .errors import DecodeError, EncodeError, TimeLimitExceeded
 from .message import (
     HDR_MSG_ID,
@@ -26,6 +27,7 @@ from .message import (
     Envelope,
     at_schedule,
     dumps,
+    loads,
 )
 from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
@@ -39,12 +41,6 @@ log = logging.getLogger("natask.worker")
 
 HDR_RETRIES: Final = "Natask-Retries"
 """How many times the task was retried before this message (republishes carry it)."""
-HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
-HDR_DLQ_ERROR: Final = "Natask-Dlq-Error"
-HDR_DLQ_ATTEMPTS: Final = "Natask-Dlq-Attempts"
-HDR_DLQ_TIME: Final = "Natask-Dlq-Time"
-HDR_DLQ_SUBJECT: Final = "Natask-Dlq-Subject"
-HDR_DLQ_ID: Final = "Natask-Dlq-Id"
 
 DEFAULT_CONCURRENCY: Final = 32
 DEFAULT_GRACE: Final = 30.0
@@ -53,12 +49,13 @@ DEFAULT_GRACE: Final = 30.0
 class _Delivery:
     """One task message being worked on."""
 
-    __slots__ = ("handler", "msg", "started", "task_id", "touched")
+    __slots__ = ("handler", "msg", "revoked", "started", "task_id", "touched")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
         self.started = self.touched = time.monotonic()
         self.task_id = ""
+        self.revoked = False
         self.handler: asyncio.Task[None] | None = None
 
 
@@ -92,6 +89,8 @@ class Worker:
         self._inflight: set[_Delivery] = set()
         self._runner: ThreadRunner | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._revoked: set[str] = set()
+        self._revoke_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -105,6 +104,7 @@ class Worker:
         await broker.ensure_stream()
         await broker.ensure_dlq()
         self._runner = ThreadRunner(self.concurrency)
+        await self._watch_revokes()
         for queue in self.queues:
             durable = await broker.ensure_consumer(queue)
             consumer = PullConsumer(broker, durable, self._slots, self._on_message)
@@ -141,8 +141,9 @@ class Worker:
                 for handler in pending:
                     handler.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for background in (self._heartbeat, self._revoke_watch):
+            if background is not None:
+                background.cancel()
         for consumer in self._consumers:
             await consumer.close()
         if self._runner is not None:
@@ -162,6 +163,43 @@ class Worker:
     def _on_reconnect(self) -> None:
         for consumer in self._consumers:
             consumer.reset()
+
+    async def _watch_revokes(self) -> None:
+        """Mirror the revoked-ids bucket into a local set: no KV read per task, and revokes
+        recorded before this worker started still apply."""
+        kv = await self.broker_.revoked()
+        watcher = await kv.watchall()
+        loaded = asyncio.get_running_loop().create_future()
+
+        async def follow() -> None:
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        if not loaded.done():
+                            loaded.set_result(None)
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._revoked.discard(entry.key)
+                        continue
+                    self._revoked.add(entry.key)
+                    try:
+                        terminate = bool(loads(entry.value).get("terminate"))
+                    except Exception:
+                        terminate = False
+                    if terminate:
+                        self._terminate(entry.key)
+            finally:
+                await _quietly(watcher.stop())  # type: ignore[no-untyped-call]
+
+        self._revoke_watch = asyncio.get_running_loop().create_task(follow())
+        await asyncio.wait_for(loaded, 10)
+
+    def _terminate(self, task_id: str) -> None:
+        for delivery in self._inflight:
+            if delivery.task_id == task_id and delivery.handler is not None and not delivery.revoked:
+                delivery.revoked = True
+                delivery.handler.cancel()
+                log.info("terminating revoked task %s", task_id)
 
     async def _keep_leases(self) -> None:
         # in_progress resets the server's ack timer, so ack_wait can stay short for long tasks.
@@ -219,6 +257,9 @@ class Worker:
             return
         retries = int(headers.get(HDR_RETRIES, "0") or 0) + msg.metadata.num_delivered - 1
         now = time.time()
+        if env.id in self._revoked:
+            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "revoked"}})
+            return
         if env.expires is not None and now > env.expires:
             await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "expired"}})
             return
@@ -243,6 +284,11 @@ class Worker:
             await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
         try:
             value = await self._run(task, args, kwargs, request)
+        except asyncio.CancelledError:
+            if not delivery.revoked:
+                raise
+            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "terminated"}})
+            return
         except Exception as exc:
             await self._failed(msg, env, task, exc, retries)
             return
@@ -343,12 +389,12 @@ class Worker:
                            task_id: str = "", record: dict[str, Any] | None = None) -> None:
         """Move a message to NATASK_DLQ with why, then ack it; the caller gets a FAILURE result."""
         broker = self.broker_
-        headers = dict(msg.headers or {})
+        # Nats-* headers (schedule, dedupe id) belong to the original publish, not to the DLQ entry.
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         queue, name = ([*msg.subject.split(".", 2), "", ""])[1:3]
         name = env.task if env is not None else headers.get(HDR_TASK, "") or name
         task_id = env.id if env is not None else task_id
         meta = msg.metadata
-        headers.pop(HDR_MSG_ID, None)
         headers.update({
             HDR_DLQ_REASON: reason,
             HDR_DLQ_ERROR: _one_line(error)[:1000],
@@ -363,7 +409,7 @@ class Worker:
         self.failed += 1
         if task_id:
             if record is None:
-                record = {"state": FAILURE, "exc_type": f"natask.{reason.title().replace(' ', '')}",
+                record = {"state": FAILURE, "exc_type": _DLQ_EXC_TYPES.get(reason, "natask.DeadLettered"),
                           "message": error, "traceback": ""}
             task = self.app.tasks.get(name)
             await self._finish(msg, env or Envelope(id=task_id, task=name), task, dict(record))
@@ -374,6 +420,15 @@ class Worker:
     def broker_(self) -> Broker:
         assert self.broker is not None, "worker not started"
         return self.broker
+
+
+_DLQ_EXC_TYPES: Final = {
+    "unknown task": "natask.TaskNotFound",
+    "arguments do not bind": "TypeError",
+    "undecodable": "natask.DecodeError",
+    "max retries exceeded": "natask.WorkerLost",
+}
+"""The exception type a caller sees for a message dead-lettered before it could run."""
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:

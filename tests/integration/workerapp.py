@@ -28,7 +28,7 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="it.sleep")
+@app.task(name="it.sleep", track_started=True)
 def sleep(seconds: float, tag: str) -> str:
     record(f"start {tag}")
     time.sleep(seconds)
@@ -36,9 +36,15 @@ def sleep(seconds: float, tag: str) -> str:
     return tag
 
 
-@app.task(name="it.asleep")
+@app.task(name="it.asleep", track_started=True)
 async def asleep(seconds: float, tag: str) -> str:
     record(f"start {tag}")
     await asyncio.sleep(seconds)
     record(f"done {tag}")
     return tag
+
+
+@app.task(name="it.crash", max_retries=1)
+def crash(tag: str) -> None:
+    record(f"crash {tag}")
+    os._exit(3)  # the worker dies mid-task, every time

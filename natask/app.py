@@ -284,6 +284,7 @@ class Natask:
         parent_id: str | None = None,
         root_id: str | None = None,
         links: list[Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -313,6 +314,7 @@ class Natask:
             parent_id=parent_id,
             root_id=root_id,
             links=links or [],
+            meta=meta or {},
         )
         try:
             payload = envelope.encode()

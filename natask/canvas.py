@@ -90,3 +90,11 @@ class Signature(Generic[R]):
         opts.setdefault("queue", self.app.config.default_queue)
         call = self.app._prepare(self.task, self.args, self.kwargs, **opts)
         return await self.app._apublish(call)  # type: ignore[return-value]
+
+
+async def on_outcome(worker: Any, envelope: Any, record: dict[str, Any]) -> None:
+    """Workflow follow-ups of a finished task (links, chain steps, chord counting).
+
+    Called by the worker before it stores the outcome and acks. Not built yet: canvas is the
+    next issue; no envelope carries links or meta until then.
+    """

@@ -69,6 +69,8 @@ class Request:
     eta: float | None = None
     expires: float | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    report: Callable[[str, Any], None] | None = field(default=None, repr=False, compare=False)
+    """Set by the worker: stores a custom state (``Task.update_state``)."""
 
 
 current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("natask_request", default=None)
@@ -254,6 +256,16 @@ class Task(Generic[P, R]):
         if req is None or req.task != self.name:
             raise RuntimeError(f"{self.name}.request is only available while the task runs in a worker")
         return req
+
+    def update_state(self, state: str, meta: Any = None) -> None:
+        """Record a custom state (e.g. ``"PROGRESS"``) with ``meta``, readable through
+        ``AsyncResult.state`` / ``.info`` while the task runs; safe from sync and async tasks."""
+        if not isinstance(state, str) or not state:
+            raise ValueError("update_state needs a non-empty state name")
+        request = self.request
+        if request.report is None:
+            raise RuntimeError("update_state is only available while the task runs in a worker")
+        request.report(state, meta)
 
     def retry(
         self,

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from nats.aio.msg import Msg
@@ -49,13 +50,14 @@ DEFAULT_GRACE: Final = 30.0
 class _Delivery:
     """One task message being worked on."""
 
-    __slots__ = ("handler", "msg", "revoked", "started", "task_id", "touched")
+    __slots__ = ("finished", "handler", "msg", "revoked", "started", "task_id", "touched")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
         self.started = self.touched = time.monotonic()
         self.task_id = ""
         self.revoked = False
+        self.finished = False
         self.handler: asyncio.Task[None] | None = None
 
 
@@ -90,6 +92,9 @@ class Worker:
         self._runner: ThreadRunner | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._revoked: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        """Callables ``(kind, fields)`` told about task and worker lifecycle events."""
         self._revoke_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -99,10 +104,13 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, create the queues' consumers and start consuming."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.broker = broker = Broker(self.app.config, on_reconnect=self._on_reconnect)
         await broker.connect()
         await broker.ensure_stream()
         await broker.ensure_dlq()
+        await broker.results()  # fire-and-forget state writes need the bucket to exist
         self._runner = ThreadRunner(self.concurrency)
         await self._watch_revokes()
         for queue in self.queues:
@@ -279,19 +287,25 @@ class Worker:
             return
         request = Request(id=env.id, task=env.task, retries=retries, args=args, kwargs=kwargs,
                           queue=msg.subject.split(".", 2)[1], parent_id=env.parent_id, root_id=env.root_id,
-                          eta=env.eta, expires=env.expires, headers=headers)
+                          eta=env.eta, expires=env.expires, headers=headers,
+                          report=lambda state, meta: self._report(delivery, state, meta))
+        if self.listeners:
+            self.event("task-started", id=env.id, name=env.task, retries=retries)
         if task.options.track_started and not task.options.ignore_result:
             await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
         try:
             value = await self._run(task, args, kwargs, request)
         except asyncio.CancelledError:
+            delivery.finished = True
             if not delivery.revoked:
                 raise
             await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "terminated"}})
             return
         except Exception as exc:
+            delivery.finished = True
             await self._failed(msg, env, task, exc, retries)
             return
+        delivery.finished = True
         self.processed += 1
         await self._finish(msg, env, task, {"state": SUCCESS, "result": value}, retries)
 
@@ -357,12 +371,47 @@ class Worker:
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         await msg.ack()
 
+    def _report(self, delivery: _Delivery, state: str, meta: Any) -> None:
+        """update_state from a task, on the loop or from a worker thread."""
+        data = dumps({"state": state, "info": meta, "worker": self.ident})  # EncodeError goes to the task
+
+        def store() -> None:
+            if not delivery.finished:  # never overwrite the final outcome
+                self._background(self._store(delivery.task_id, data, wait=False))
+
+        if threading.get_ident() == self._loop_thread:
+            store()
+        else:
+            self._loop.call_soon_threadsafe(store)
+
+    def _background(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Tell every listener (events publisher, metrics) about a lifecycle event."""
+        for listener in self.listeners:
+            try:
+                listener(kind, fields)
+            except Exception:
+                log.exception("event listener failed on %s", kind)
+
     async def _finish(self, msg: Msg, env: Envelope, task: Task[Any, Any] | None, record: dict[str, Any],
                       retries: int = 0) -> None:
-        """Send the outcome to the caller, store it, then ack (in that order)."""
+        """Run workflow follow-ups, send the outcome to the caller, store it, then ack (in that order)."""
+        if env.links or env.meta:
+            from .canvas import on_outcome
+
+            await on_outcome(self, env, record)
+        if self.listeners:
+            self.event(_OUTCOME_EVENTS.get(record["state"], "task-finished"), id=env.id, name=env.task,
+                       state=record["state"])
         ignore = task is not None and task.options.ignore_result
         if not ignore:
             record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
+            if env.parent_id:
+                record.update(parent_id=env.parent_id, root_id=env.root_id)
             try:
                 data = dumps(record)
             except EncodeError as e:
@@ -421,6 +470,8 @@ class Worker:
         assert self.broker is not None, "worker not started"
         return self.broker
 
+
+_OUTCOME_EVENTS: Final = {SUCCESS: "task-succeeded", FAILURE: "task-failed", REVOKED: "task-revoked"}
 
 _DLQ_EXC_TYPES: Final = {
     "unknown task": "natask.TaskNotFound",

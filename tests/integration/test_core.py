@@ -285,3 +285,32 @@ async def test_sync_api_from_threads_and_successive_loops(nats_server: NatsServe
     assert await asyncio.to_thread(lambda: [app.AsyncResult(i).get(timeout=10) for i in ids]) == [3] * 4
     await asyncio.to_thread(app.close)
     assert not [t for t in threading.enumerate() if t.name.startswith("natask-io") and t.is_alive()]
+
+
+async def test_update_state_reports_progress_and_final_state_wins(app: Natask, nats_server: NatsServer) -> None:
+    from .helpers import KVEvents
+
+    go_on = asyncio.Event()
+
+    @app.task(name="t.progress", bind=True)
+    async def progress(self, total: int) -> str:  # type: ignore[no-untyped-def]
+        self.update_state(state="PROGRESS", meta={"done": 1, "total": total})
+        await go_on.wait()
+        return "finished"
+
+    @app.task(name="t.sync_progress", bind=True)
+    def sync_progress(self) -> str:  # type: ignore[no-untyped-def]
+        self.update_state("HALFWAY", {"pct": 50})
+        return "ok"
+
+    async with worker(app), KVEvents(nats_server.url, "tasks") as events:
+        result = await progress.adelay(3)
+        await events.reached(result.id, "PROGRESS")
+        observer = app.AsyncResult(result.id)
+        assert observer.state == "PROGRESS" and observer.info == {"done": 1, "total": 3}
+        go_on.set()
+        assert await result.aget(timeout=10) == "finished"
+        other = await sync_progress.adelay()
+        assert await other.aget(timeout=10) == "ok"
+        assert events.states[other.id] == ["HALFWAY", "SUCCESS"]
+    assert app.AsyncResult(result.id).state == "SUCCESS"

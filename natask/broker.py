@@ -71,6 +71,7 @@ class Broker:
         self._kv: KeyValue | None = None
         self._revoked: KeyValue | None = None
         self._denied: dict[str, str] = {}
+        self._last_error: BaseException | None = None
         self._closed = False
         self._guard: asyncio.Task[None] | None = None
 
@@ -89,16 +90,17 @@ class Broker:
         }
         options.update(self.config.connect_options)
         last: BaseException | None = None
-        while True:
-            try:
-                await self.nc.connect(servers=list(self.config.servers), allow_reconnect=True, **options)
-                break
-            except Exception as e:  # nats raises several unrelated types here
-                last = e
-                if time.monotonic() >= deadline or _is_auth_error(e):
-                    break
-                await asyncio.sleep(_RETRY_PAUSE)
+        # nats-py retries the first connect itself (max_reconnect_attempts=-1): bound it here.
+        try:
+            await asyncio.wait_for(
+                self.nc.connect(servers=list(self.config.servers), allow_reconnect=True, **options),
+                max(0.1, deadline - time.monotonic()),
+            )
+        except Exception as e:  # nats raises several unrelated types here
+            last = e
         if not self.nc.is_connected:
+            await self._abandon_client()
+            last = self._last_error or last
             raise BrokerError(
                 f"cannot connect to NATS at {self.config.safe_servers}: {_describe(last)}. "
                 "Is nats-server running? For development start one with `natask server`."
@@ -145,6 +147,13 @@ class Broker:
                 self.abandon()
             raise
 
+    async def _abandon_client(self) -> None:
+        self._closed = True
+        try:
+            await asyncio.wait_for(self.nc.close(), 2)
+        except Exception:
+            self.abandon()
+
     def abandon(self) -> None:
         """Drop the connection without awaiting anything (its event loop is shutting down)."""
         self._closed = True
@@ -160,6 +169,7 @@ class Broker:
         self._on_result(msg.subject.rsplit(".", 1)[-1], msg.data)
 
     async def _error_cb(self, e: Exception) -> None:
+        self._last_error = e
         text = str(e)
         match = _PERM_RE.search(text)
         if match:
@@ -379,11 +389,6 @@ class Broker:
         if subject in self._denied or any(s.startswith("$JS.API") for s in self._denied):
             return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
         return BrokerError(f"NATS request on {subject} failed: {_describe(e)}")
-
-
-def _is_auth_error(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "authorization" in text or "authentication" in text
 
 
 def _describe(e: BaseException | None) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
+import nats.js.errors
+
 from .broker import Broker
 from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
@@ -416,6 +418,25 @@ class Natask:
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         """Rebuild the handle of any task by id (results are read from the KV bucket)."""
         return AsyncResult(self, task_id)
+
+    def claim(self, key: str) -> bool:
+        """Record ``key`` once, cluster-wide: True for the first caller, False ever after (until
+        ``result_ttl``). The idempotency guard for side effects of at-least-once tasks."""
+        return self._portal.run(self.aclaim(key))
+
+    async def aclaim(self, key: str) -> bool:
+        """Async ``claim``."""
+        broker = await self._broker()
+        kv = await broker.claims()
+        try:
+            await kv.create(key, dumps({"at": time.time()}))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code == 10071:  # wrong last sequence: the key exists
+                return False
+            raise
+        return True
 
     async def _arevoke(self, task_id: str, terminate: bool) -> None:
         """Record a revoke durably; every worker keeps the set and skips (or cancels) the task."""

@@ -293,6 +293,10 @@ class Broker:
             self._revoked = await self._bucket(self.names.revoked_bucket)
         return self._revoked
 
+    async def claims(self) -> KeyValue:
+        """Idempotency claims (``Natask.claim``), kept as long as results."""
+        return await self._bucket(self.names.claims_bucket)
+
     async def _bucket(self, bucket: str) -> KeyValue:
         try:
             return await self.js.key_value(bucket)

@@ -46,6 +46,10 @@ class Names:
     def revoked_bucket(self) -> str:
         return f"natask_revoked_{self.prefix}"
 
+    @property
+    def claims_bucket(self) -> str:
+        return f"natask_claims_{self.prefix}"
+
     def task_subject(self, queue: str, task: str) -> str:
         return f"{self.prefix}.{queue}.{task}"
 

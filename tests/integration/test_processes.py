@@ -107,3 +107,25 @@ async def test_sigterm_drains_in_flight_tasks_and_exits_zero(
     finally:
         nxt.signal(signal.SIGTERM)
         await nxt.wait()
+
+
+async def test_idempotency_claim_keeps_a_side_effect_single_across_a_sigkill(
+    nats_server: NatsServer, client: Natask, tmp_path: Path
+) -> None:
+    from .workerapp import charge
+
+    client.task(name=charge.name, bind=True)(charge.fn)
+    log = tmp_path / "calls.log"
+    first = await WorkerProcess(nats_server.url, "proc", log, ack_wait=1).ready()
+    async with KVEvents(nats_server.url, "proc") as events:
+        result = await client.tasks["it.charge"].adelay("A-1")
+        await events.reached(result.id, "CHARGED")
+        first.kill()  # after the side effect, before the ack
+        second = await WorkerProcess(nats_server.url, "proc", log, ack_wait=1).ready()
+        try:
+            assert await result.aget(timeout=30) == "ok"
+        finally:
+            second.signal(signal.SIGTERM)
+            await second.wait()
+    assert events.states[result.id].count("CHARGED") == 2  # the task ran twice...
+    assert [line.split()[:2] for line in log_lines(log)] == [["charged", "A-1"]]  # ...the effect once

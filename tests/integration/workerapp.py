@@ -48,3 +48,14 @@ async def asleep(seconds: float, tag: str) -> str:
 def crash(tag: str) -> None:
     record(f"crash {tag}")
     os._exit(3)  # the worker dies mid-task, every time
+
+
+@app.task(name="it.charge", bind=True)
+def charge(self, order: str) -> str:  # type: ignore[no-untyped-def]
+    """A side effect guarded by an idempotency claim; the first run is killed after it."""
+    if app.claim(f"charge-{order}"):
+        record(f"charged {order}")
+    self.update_state("CHARGED")
+    if self.request.retries == 0:
+        time.sleep(60)  # the test kills this worker here
+    return "ok"

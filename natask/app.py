@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
+import nats.errors
 import nats.js.errors
 
 from .broker import Broker
 from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
-from .errors import ConfigError, EncodeError, TaskNotFound
+from .errors import ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
 from .message import (
     HDR_MSG_ID,
     HDR_REPLY,
@@ -418,6 +419,26 @@ class Natask:
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         """Rebuild the handle of any task by id (results are read from the KV bucket)."""
         return AsyncResult(self, task_id)
+
+    async def _acall(self, call: Call, timeout: float) -> Any:
+        """Core NATS request-reply to the queue group: at-most-once, nothing stored."""
+        broker = await self._broker()
+        subject = self.names.rpc_subject(call.queue, call.task)
+        broker.check_size(subject, call.payload, call.headers)
+        try:
+            msg = await broker.nc.request(subject, call.payload, timeout=timeout, headers=call.headers)
+        except nats.errors.NoRespondersError:
+            raise NoWorkers(
+                f"no worker listens to queue {call.queue!r} for {call.task}: start one with "
+                f"`natask worker -A <module>:app -Q {call.queue}`"
+            ) from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise ResultTimeout(f"no reply from {call.task} within {timeout:g}s") from None
+        record = loads(msg.data)
+        if record.get("state") == "SUCCESS":
+            return record.get("result")
+        raise TaskFailed(str(record.get("exc_type", "Exception")), str(record.get("message", "")),
+                         str(record.get("traceback", "")), call.task_id)
 
     def claim(self, key: str) -> bool:
         """Record ``key`` once, cluster-wide: True for the first caller, False ever after (until

@@ -239,6 +239,28 @@ class Task(Generic[P, R]):
             ignore_result=self.options.ignore_result,
         )
 
+    # -- RPC --------------------------------------------------------------------------------
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run on a worker over core NATS request-reply and return the result (no persistence,
+        at-most-once); ``NoWorkers`` at once when no worker listens, ``TaskFailed`` if it raised."""
+        return self.apply_call(args, kwargs)
+
+    async def acall(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Async ``call``."""
+        return await self.aapply_call(args, kwargs)
+
+    def apply_call(self, args: Args = (), kwargs: Kwargs | None = None, *, timeout: float = 30.0,
+                   queue: str | None = None) -> R:
+        """``call`` with options: ``timeout`` (seconds, then ``ResultTimeout``) and ``queue``."""
+        call = self._prepare(args, kwargs, None, None, None, None, queue, None)
+        return self.app._portal.run(self.app._acall(call, timeout))  # type: ignore[no-any-return]
+
+    async def aapply_call(self, args: Args = (), kwargs: Kwargs | None = None, *, timeout: float = 30.0,
+                          queue: str | None = None) -> R:
+        """Async ``apply_call``."""
+        call = self._prepare(args, kwargs, None, None, None, None, queue, None)
+        return await self.app._acall(call, timeout)  # type: ignore[no-any-return]
+
     # -- canvas -----------------------------------------------------------------------------
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """A signature of this task with (partial) arguments."""

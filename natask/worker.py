@@ -93,6 +93,8 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self._revoked: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rpc_subs: list[Any] = []
+        self._slot_freed = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         """Callables ``(kind, fields)`` told about task and worker lifecycle events."""
         self._revoke_watch: asyncio.Task[None] | None = None
@@ -118,6 +120,9 @@ class Worker:
             consumer = PullConsumer(broker, durable, self._slots, self._on_message)
             await consumer.start()
             self._consumers.append(consumer)
+            # RPC: core request-reply beside the stream, same queue group name, same slots.
+            self._rpc_subs.append(await broker.nc.subscribe(
+                f"natask.rpc.{broker.names.prefix}.{queue}.>", queue=queue, cb=self._on_rpc))
         for consumer in self._consumers:
             consumer.wake()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
@@ -137,6 +142,8 @@ class Worker:
             return
         self._stopping = True
         grace = self.grace if grace is None else grace
+        for sub in self._rpc_subs:
+            await _quietly(sub.unsubscribe())
         for consumer in self._consumers:
             await consumer.stop()
         if self._inflight:
@@ -233,8 +240,43 @@ class Worker:
     def _done(self, delivery: _Delivery) -> None:
         self._inflight.discard(delivery)
         self._slots.release()
+        self._slot_freed.set()
         if not self._inflight:
             self._idle.set()
+
+    async def _on_rpc(self, msg: Msg) -> None:
+        # Pushed by core NATS: wait for a slot so RPCs share the worker's concurrency limit.
+        while self._slots.running >= self._slots.capacity:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._slots.running += 1
+        delivery = _Delivery(msg)
+        self._inflight.add(delivery)
+        self._idle.clear()
+        delivery.handler = self._loop.create_task(self._answer(delivery))
+
+    async def _answer(self, delivery: _Delivery) -> None:
+        """Run an RPC call and reply with its outcome record; nothing is stored or acked."""
+        msg = delivery.msg
+        try:
+            record: dict[str, Any]
+            try:
+                env = Envelope.decode(msg.data, msg.headers)
+                task = self.app.get_task(env.task)
+                args, kwargs = task.bind_call(env.args, env.kwargs)
+                request = Request(id=env.id, task=env.task, args=args, kwargs=kwargs, headers=msg.headers or {})
+                record = {"state": SUCCESS, "result": await self._run(task, args, kwargs, request)}
+                self.processed += 1
+            except Exception as exc:
+                record = _failure(exc)
+            try:
+                data = dumps(record)
+            except EncodeError as e:
+                data = dumps(_failure(EncodeError(f"the result cannot be encoded: {e}")))
+            if msg.reply:
+                await self.broker_.publish_core(msg.reply, data)
+        finally:
+            self._done(delivery)
 
     async def _handle(self, delivery: _Delivery) -> None:
         msg = delivery.msg

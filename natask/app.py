@@ -19,7 +19,7 @@ import nats.js.errors
 from .broker import Broker
 from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
-from .errors import ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
+from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
 from .message import (
     HDR_MSG_ID,
     HDR_REPLY,
@@ -41,6 +41,9 @@ from .task import AsyncTask, Task, TaskOptions
 
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
+
+_FAILURE_MEMORY = 2.0
+"""Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,6 +96,7 @@ class Natask:
         max_ack_pending: int | None = None,
         stream_replicas: int | None = None,
         publish_timeout: Seconds | None = None,
+        connect_timeout: Seconds | None = None,
         connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = Config.build(
@@ -106,6 +110,7 @@ class Natask:
             stream_replicas=stream_replicas,
             publish_timeout=publish_timeout,
             connect_options=connect_options,
+            connect_timeout=connect_timeout,
         )
         self.name = name
         self.names = Names(self.config.subject_prefix)
@@ -114,6 +119,7 @@ class Natask:
         self._portal = Portal(name)
         self._lock = threading.Lock()
         self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
+        self._failure: tuple[float, BrokerError] | None = None
         self._checked: set[str] = set()
         self._checked_queues: set[str] = set()
         self._pending: weakref.WeakValueDictionary[str, AsyncResult[Any]] = weakref.WeakValueDictionary()
@@ -469,6 +475,9 @@ class Natask:
     async def _broker(self) -> Broker:
         """The connected broker of the running event loop, created on first use."""
         loop = asyncio.get_running_loop()
+        failed = self._failure
+        if failed is not None and time.monotonic() - failed[0] < _FAILURE_MEMORY:
+            raise failed[1]  # the server was unreachable a moment ago: do not wait again
         with self._lock:
             for other in [lp for lp in self._brokers if lp.is_closed()]:
                 del self._brokers[other]
@@ -481,7 +490,12 @@ class Natask:
 
     async def _connect(self) -> Broker:
         broker = Broker(self.config, on_result=self._on_result, on_reconnect=self._on_reconnect)
-        await broker.connect()
+        try:
+            await broker.connect()
+        except BrokerError as e:
+            self._failure = (time.monotonic(), e)
+            raise
+        self._failure = None
         return broker
 
     def _on_result(self, task_id: str, data: bytes) -> None:

@@ -77,8 +77,8 @@ class Broker:
 
     # -- connection -------------------------------------------------------------------------
     async def connect(self) -> None:
-        """Connect (retrying until ``publish_timeout``), check the server, open the reply inbox."""
-        deadline = time.monotonic() + self.config.publish_timeout
+        """Connect (retrying until ``connect_timeout``), check the server, open the reply inbox."""
+        deadline = time.monotonic() + self.config.connect_timeout
         options: dict[str, Any] = {
             "name": self.config.name,
             "max_reconnect_attempts": -1,
@@ -174,7 +174,8 @@ class Broker:
         match = _PERM_RE.search(text)
         if match:
             self._denied[match.group(2)] = text
-        log.warning("nats: %s", _describe(e))
+        # Before the first connect succeeds, errors are summed up in the BrokerError instead.
+        log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "nats: %s", _describe(e))
 
     async def _disconnected_cb(self) -> None:
         if not self._closed:

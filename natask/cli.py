@@ -66,16 +66,27 @@ def main() -> None:
 @click.option("-Q", "--queues", default=None, help="comma-separated queues (default: the app's default queue)")
 @click.option("-c", "--concurrency", default=32, show_default=True, help="tasks run at once by this process")
 @click.option("--grace", default=30.0, show_default=True, help="seconds to finish in-flight tasks on SIGTERM")
+@click.option("--processes", default=1, show_default=True,
+              help="worker processes under a supervisor that restarts crashed ones (1: no supervisor)")
+@click.option("--max-tasks-per-child", default=0, help="exit (and be restarted) after this many tasks; 0: never")
 @loglevel_option
-def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, loglevel: str) -> None:
+def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
+           max_tasks_per_child: int, loglevel: str) -> None:
     """Consume the given queues and run their tasks."""
     from .worker import Worker
 
     setup_logging(loglevel)
-    app = load_app(app_spec)
+    app = load_app(app_spec)  # fail fast, in the supervisor too
+    if processes > 1 or max_tasks_per_child:
+        if processes > 1 or os.environ.get("NATASK_SUPERVISED") != "1":
+            from .supervisor import Supervisor, child_argv
+
+            os.environ["NATASK_SUPERVISED"] = "1"
+            sys.exit(Supervisor(child_argv(sys.argv[1:]), processes, grace).run())
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
-        w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace)
+        w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
+                   max_tasks=max_tasks_per_child or None)
         asyncio.run(_serve(w))
     except NataskError as e:
         raise click.ClickException(str(e)) from None

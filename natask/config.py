@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ Seconds = float | timedelta
 def seconds(value: Seconds, what: str) -> float:
     """Convert a duration given in seconds or as a timedelta to float seconds, rejecting negatives."""
     s = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if s < 0:
+    if not math.isfinite(s) or s < 0:
         raise ConfigError(f"{what} must be >= 0 seconds, got {value!r}")
     return s
 
@@ -43,11 +44,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
@@ -56,9 +55,12 @@ def _env_float(name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"${name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"${name} ({name.removeprefix('NATASK_').lower()}) must be a finite number, got {raw!r}")
+    return value
 
 
 # Environment variables that feed connect options; values are secrets and never logged.
@@ -84,6 +86,7 @@ class Config:
     max_ack_pending: int = 1000
     stream_replicas: int = 1
     publish_timeout: float = 30.0
+    connect_timeout: float = 5.0
     connect_options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -99,6 +102,7 @@ class Config:
         stream_replicas: int | None = None,
         publish_timeout: Seconds | None = None,
         connect_options: Mapping[str, Any] | None = None,
+        connect_timeout: Seconds | None = None,
     ) -> Config:
         """Merge explicit arguments over the environment and validate the result."""
         if not isinstance(name, str) or not name:
@@ -113,6 +117,8 @@ class Config:
         prefix = subject_prefix or os.environ.get("NATASK_SUBJECT_PREFIX") or "tasks"
         if not _NAME_RE.match(prefix) or prefix.startswith("_"):
             raise ConfigError(f"invalid subject_prefix {prefix!r}: use letters, digits, '_' and '-'")
+        if prefix.lower() == "natask":
+            raise ConfigError("subject_prefix 'natask' is reserved (natask.rpc, natask.dlq, natask.events)")
         queue = check_queue_name(default_queue or os.environ.get("NATASK_DEFAULT_QUEUE") or "default")
         opts: dict[str, Any] = {
             key: os.environ[var] for var, key in _ENV_CONNECT.items() if os.environ.get(var)
@@ -145,6 +151,7 @@ class Config:
             max_ack_pending=pending,
             stream_replicas=replicas,
             publish_timeout=dur(publish_timeout, "NATASK_PUBLISH_TIMEOUT", 30.0, "publish_timeout", 0.1),
+            connect_timeout=dur(connect_timeout, "NATASK_CONNECT_TIMEOUT", 5.0, "connect_timeout", 0.1),
             connect_options=opts,
         )
 

@@ -47,6 +47,11 @@ class Names:
         return f"natask_revoked_{self.prefix}"
 
     @property
+    def chords_bucket(self) -> str:
+        """Chord progress: one key per finished header member, plus fired/sent/failed guards."""
+        return f"natask_chords_{self.prefix}"
+
+    @property
     def claims_bucket(self) -> str:
         return f"natask_claims_{self.prefix}"
 

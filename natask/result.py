@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import nats.js.errors
 
-from .errors import ResultError, ResultTimeout, TaskFailed, TaskRevoked
+from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .message import loads
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 R = TypeVar("R")
+log = logging.getLogger("natask.result")
 
 PENDING: Final = "PENDING"
 STARTED: Final = "STARTED"
@@ -134,6 +135,19 @@ class AsyncResult(Generic[R]):
         record = self._current()
         return None if record is None else record.get("worker")
 
+    @property
+    def parent(self) -> AsyncResult[Any] | None:
+        """The task whose success sent this one (a chain's previous step), once this one ran."""
+        record = self._current()
+        parent_id = record.get("parent_id") if record else None
+        return AsyncResult(self.app, parent_id) if parent_id else None
+
+    @property
+    def children(self) -> list[AsyncResult[Any]]:
+        """The tasks this one's success sent (next chain step, chord callback, links)."""
+        record = self._current()
+        return [AsyncResult(self.app, child) for child in (record.get("children") or [] if record else [])]
+
     def ready(self) -> bool:
         """True once the task succeeded, failed or was revoked."""
         return self.state in READY_STATES
@@ -147,7 +161,12 @@ class AsyncResult(Generic[R]):
     def _current(self) -> Record | None:
         if self._final:
             return self._record
-        record = self.app._portal.run(self._fetch())
+        try:
+            record = self.app._portal.run(self._fetch())
+        except BrokerError as e:
+            # Celery's PENDING means "unknown": that is what an unreachable store tells us.
+            log.warning("cannot read the state of task %s: %s", self.id, e)
+            return self._record
         return record if record is not None else self._record
 
     async def _fetch(self) -> Record | None:
@@ -263,6 +282,6 @@ def _parse(data: bytes) -> Record | None:
     try:
         record = loads(data)
     except Exception:
-        print(f"natask: ignoring an undecodable result record ({len(data)} bytes)", file=sys.stderr)
+        log.warning("ignoring an undecodable result record (%d bytes)", len(data))
         return None
     return record if isinstance(record, dict) and isinstance(record.get("state"), str) else None

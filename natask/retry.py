@@ -33,7 +33,8 @@ def decide(exc: BaseException, options: TaskOptions, retries: int) -> Decision:
         return Decision("reject", reason=exc.reason)
     limit = options.max_retries
     if isinstance(exc, Retry):
-        limit = getattr(exc, "max_retries", None) or limit
+        override = getattr(exc, "max_retries", None)
+        limit = override if override is not None else limit
         countdown = exc.countdown
     elif options.autoretry_for and isinstance(exc, options.autoretry_for) and not isinstance(exc, TimeLimitExceeded):
         countdown = None

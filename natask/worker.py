@@ -74,8 +74,10 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         grace: float = DEFAULT_GRACE,
+        max_tasks: int | None = None,
     ) -> None:
         self.app = app
+        self.max_tasks = max_tasks
         self.queues = [check_queue_name(q) for q in (queues or [app.config.default_queue])]
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -241,6 +243,9 @@ class Worker:
         self._inflight.discard(delivery)
         self._slots.release()
         self._slot_freed.set()
+        if self.max_tasks and self.processed + self.failed >= self.max_tasks and not self._stopping:
+            log.info("processed %d task(s), the --max-tasks-per-child limit: exiting", self.max_tasks)
+            self._background(self.stop())
         if not self._inflight:
             self._idle.set()
 

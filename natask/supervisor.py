@@ -1,0 +1,122 @@
+"""``natask worker --processes N``: N worker processes, restarted when they crash, drained together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Final
+
+log = logging.getLogger("natask.supervisor")
+
+BACKOFF_START: Final = 0.5
+BACKOFF_MAX: Final = 30.0
+"""A child that keeps crashing is restarted at most every BACKOFF_MAX seconds."""
+STABLE_AFTER: Final = 10.0
+"""A child that ran this long resets its restart backoff."""
+
+
+@dataclass
+class _Child:
+    slot: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float = 0.0
+    restarts: int = 0
+    history: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs ``argv`` (a single-process worker command) N times and keeps N alive.
+
+    SIGTERM/SIGINT are forwarded to every child, which drains (finishes in-flight tasks within
+    its grace period) and exits; the supervisor exits 0 once all have. A child that exits on its
+    own (a crash, or ``--max-tasks-per-child`` reached) is restarted, with exponential backoff
+    while it keeps failing fast.
+    """
+
+    def __init__(self, argv: Sequence[str], processes: int, grace: float = 30.0) -> None:
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        self.argv = list(argv)
+        self.children = [_Child(i) for i in range(processes)]
+        self.grace = grace
+        self.stopping = False
+
+    def _spawn(self, child: _Child) -> None:
+        child.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        log.info("child %d started (pid %d)", child.slot, child.proc.pid)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("%s: draining %d child(ren)", signal.Signals(signum).name, len(self.children))
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for child in self.children:
+            self._spawn(child)
+        deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            alive = 0
+            for child in self.children:
+                proc = child.proc
+                if proc is not None and proc.poll() is None:
+                    alive += 1
+                    continue
+                if self.stopping:
+                    continue
+                if proc is not None:  # exited on its own: schedule a restart
+                    code = proc.returncode
+                    child.history.append(code)
+                    child.proc = None
+                    if now - child.started >= STABLE_AFTER or code == 0:
+                        child.backoff = BACKOFF_START
+                    child.restart_at = now + (0 if code == 0 else child.backoff)
+                    if code != 0:
+                        log.warning("child %d (pid %d) exited with %d; restarting in %.1fs",
+                                    child.slot, proc.pid, code, child.restart_at - now)
+                        child.backoff = min(BACKOFF_MAX, child.backoff * 2)
+                if now >= child.restart_at:
+                    child.restarts += 1
+                    self._spawn(child)
+                    alive += 1
+            if self.stopping:
+                if alive == 0:
+                    return 0
+                deadline = deadline or now + self.grace + 15
+                if now > deadline:
+                    for child in self.children:
+                        if child.proc is not None and child.proc.poll() is None:
+                            child.proc.kill()
+            time.sleep(0.1)
+
+
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """The worker command line for a child: the same arguments without ``--processes``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--processes":
+            skip = True
+            continue
+        if arg.startswith("--processes="):
+            continue
+        out.append(arg)
+    return [sys.executable, "-m", "natask", *out]

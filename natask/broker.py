@@ -118,7 +118,20 @@ class Broker:
         self._guard = self.loop.create_task(self._close_with_loop())
         if self._on_result is not None:
             self.reply_prefix = self.nc.new_inbox()
-            await self.nc.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+            await self.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> Any:
+        """Subscribe and confirm with the server, so a permissions violation surfaces here as
+        ``PermissionDenied`` instead of as a subscription that silently never receives."""
+        sub = await self.nc.subscribe(subject, **kwargs)
+        await self.nc.flush(timeout=5)
+        for _ in range(3):  # nats-py runs error_cb in a task of its own: let it run
+            await asyncio.sleep(0)
+        if subject in self._denied:
+            await sub.unsubscribe()
+            raise PermissionDenied(f"NATS permissions deny subscribing to {subject}: grant it to this user",
+                                   subject)
+        return sub
 
     @property
     def closed(self) -> bool:
@@ -175,7 +188,7 @@ class Broker:
         if match:
             self._denied[match.group(2)] = text
         # Before the first connect succeeds, errors are summed up in the BrokerError instead.
-        log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "nats: %s", _describe(e))
+        log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", _describe(e))
 
     async def _disconnected_cb(self) -> None:
         if not self._closed:

@@ -75,8 +75,8 @@ class PullConsumer:
         self.last_activity = time.monotonic()
 
     async def start(self) -> None:
-        self._sub = await self.broker.nc.subscribe(f"{self._inbox}.*", cb=self._deliver,
-                                                   pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._sub = await self.broker.subscribe(f"{self._inbox}.*", cb=self._deliver,
+                                                pending_msgs_limit=-1, pending_bytes_limit=-1)
         self.slots.consumers.append(self)
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 

@@ -123,7 +123,7 @@ class Worker:
             await consumer.start()
             self._consumers.append(consumer)
             # RPC: core request-reply beside the stream, same queue group name, same slots.
-            self._rpc_subs.append(await broker.nc.subscribe(
+            self._rpc_subs.append(await broker.subscribe(
                 f"natask.rpc.{broker.names.prefix}.{queue}.>", queue=queue, cb=self._on_rpc))
         for consumer in self._consumers:
             consumer.wake()

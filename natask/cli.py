@@ -40,19 +40,14 @@ def load_app(spec: str | None) -> Natask:
     return app
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 app_option = click.option("-A", "--app", "app_spec", metavar="MODULE:APP", help=APP_HELP)
 loglevel_option = click.option(
     "--loglevel", "-l", default="info", show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
+logformat_option = click.option("--log-format", default="text", show_default=True,
+                                type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
 @click.group()
@@ -69,13 +64,20 @@ def main() -> None:
 @click.option("--processes", default=1, show_default=True,
               help="worker processes under a supervisor that restarts crashed ones (1: no supervisor)")
 @click.option("--max-tasks-per-child", default=0, help="exit (and be restarted) after this many tasks; 0: never")
+@click.option("-B", "--beat", "with_beat", is_flag=True, help="also run the periodic-task beat in this process")
+@click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics at :PORT/metrics")
+@click.option("--health-port", type=int, default=None, help="serve :PORT/health (200 healthy, 503 not)")
+@click.option("--without-events", is_flag=True, help="do not publish lifecycle events")
 @loglevel_option
+@logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
-           max_tasks_per_child: int, loglevel: str) -> None:
+           max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
+           without_events: bool, loglevel: str, log_format: str) -> None:
     """Consume the given queues and run their tasks."""
+    from .logs import setup_logging
     from .worker import Worker
 
-    setup_logging(loglevel)
+    setup_logging(loglevel, log_format)
     app = load_app(app_spec)  # fail fast, in the supervisor too
     if processes > 1 or max_tasks_per_child:
         if processes > 1 or os.environ.get("NATASK_SUPERVISED") != "1":
@@ -86,27 +88,243 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
-                   max_tasks=max_tasks_per_child or None)
-        asyncio.run(_serve(w))
+                   max_tasks=max_tasks_per_child or None, events=not without_events)
+        asyncio.run(_serve(w, with_beat, metrics_port, health_port))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
 
 
-async def _serve(w: Any) -> None:
-    """Run a worker until SIGTERM/SIGINT, then drain it; a second signal exits at once."""
+async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,
+                 health_port: int | None = None) -> None:
+    """Run a worker (and beat, HTTP endpoints) until SIGTERM/SIGINT, then drain; a second signal
+    exits at once."""
+    from .metrics import serve
+
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
+    beat = None
+    if with_beat:
+        from .beat import Beat
+
+        beat = Beat(w.app)
+
+    async def stop() -> None:
+        if beat is not None:
+            await beat.stop()
+        await w.stop()
 
     def on_signal(signum: int) -> None:
         if stopping:
             logging.getLogger("natask.worker").warning("second signal: exiting without draining")
             os._exit(1)
         logging.getLogger("natask.worker").info("%s received: draining", signal.Signals(signum).name)
-        stopping.append(loop.create_task(w.stop()))
+        stopping.append(loop.create_task(stop()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    await w.start()
+    servers = await serve(w, metrics_port, health_port)
+    if beat is not None:
+        await beat.start()
     await w.run()
+    for server in servers:
+        await server.stop()
+
+
+@main.command()
+@app_option
+@click.option("--list", "list_only", is_flag=True, help="print the entries with their next fire times and exit")
+@loglevel_option
+@logformat_option
+def beat(app_spec: str | None, list_only: bool, loglevel: str, log_format: str) -> None:
+    """Fire periodic tasks; run any number of these, one leads at a time."""
+    from .beat import Beat, describe
+    from .logs import setup_logging
+
+    app = load_app(app_spec)
+    if list_only:
+        for name, schedule, fire in describe(app):
+            click.echo(f"{name}  {schedule}  next {fire.isoformat()}")
+        return
+    setup_logging(loglevel, log_format)
+
+    async def run() -> None:
+        b = Beat(app)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(b.stop()))
+        await b.run()
+
+    try:
+        asyncio.run(run())
+    except NataskError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@app_option
+@json_option
+def status(app_spec: str | None, as_json: bool) -> None:
+    """Queues (pending, in flight, redelivered), DLQ size, live workers, periodic entries."""
+    from .control import status as read_status
+
+    info = _run_app(app_spec, read_status)
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+        return
+    click.echo("queues:")
+    for q in info["queues"] or []:
+        click.echo(f"  {q['name']:<20} pending={q['pending']} in_flight={q['in_flight']} "
+                   f"redelivered={q['redelivered']}")
+    if not info["queues"]:
+        click.echo("  (none: no worker has consumed yet)")
+    click.echo(f"dead letters: {info['dlq']}")
+    click.echo("workers:")
+    for w in info["workers"]:
+        click.echo(f"  {w['worker']:<24} queues={','.join(w.get('queues', []))} "
+                   f"concurrency={w.get('concurrency')} uptime={w.get('uptime', 0):.0f}s "
+                   f"processed={w.get('processed')} running={w.get('running')}")
+    if not info["workers"]:
+        click.echo("  (none answered)")
+    click.echo("periodic:")
+    for p in info["periodic"]:
+        click.echo(f"  {p['name']:<24} {p['schedule']}  next {p['next']}")
+    if not info["periodic"]:
+        click.echo("  (none)")
+
+
+@main.command()
+@app_option
+@click.argument("command", type=click.Choice(["active", "stats", "ping"]))
+@click.option("--timeout", default=1.0, show_default=True, help="seconds to gather replies")
+@json_option
+def inspect(app_spec: str | None, command: str, timeout: float, as_json: bool) -> None:
+    """Ask every live worker (answered from its event loop, even while its threads are busy)."""
+    from .control import inspect as ask
+
+    replies = _run_app(app_spec, lambda app: ask(app, command, timeout))
+    if as_json:
+        click.echo(json.dumps(replies, default=str))
+        return
+    for r in replies:
+        if command == "ping":
+            click.echo(f"{r['worker']}: pong")
+        elif command == "stats":
+            click.echo(f"{r['worker']}: " + " ".join(f"{k}={v}" for k, v in r.items() if k != "worker"))
+        else:
+            click.echo(f"{r['worker']}: {len(r.get('active', []))} running")
+            for t in r.get("active", []):
+                click.echo(f"  {t['id']}  {t['name']}  {t['runtime']:.1f}s")
+    if not replies:
+        click.echo("no worker answered", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@app_option
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="do not ask")
+def purge(app_spec: str | None, queue: str, yes: bool) -> None:
+    """Delete every task waiting in QUEUE."""
+    from .control import purge as do_purge
+
+    if not yes:
+        click.confirm(f"delete every task waiting in queue {queue!r}?", abort=True)
+    count = _run_app(app_spec, lambda app: do_purge(app, queue))
+    click.echo(f"purged {count} task(s) from {queue}")
+
+
+@main.command()
+@app_option
+@click.argument("name")
+@click.option("--args", "args_json", default="[]", help="positional arguments as a JSON list")
+@click.option("--kwargs", "kwargs_json", default="{}", help="keyword arguments as a JSON object")
+@click.option("-Q", "--queue", default=None)
+@click.option("--countdown", type=float, default=None)
+def call(app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None,
+         countdown: float | None) -> None:
+    """Enqueue task NAME by name; prints only the new task id."""
+    try:
+        args, kwargs = json.loads(args_json), json.loads(kwargs_json)
+    except json.JSONDecodeError as e:
+        raise click.UsageError(f"--args/--kwargs must be JSON: {e}") from None
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise click.UsageError("--args takes a JSON list, --kwargs a JSON object")
+    result = _run_app(app_spec, lambda app: app.asend_task(name, args, kwargs, queue=queue, countdown=countdown))
+    click.echo(result.id)
+
+
+@main.command()
+@app_option
+@click.argument("task_id")
+@click.option("--wait", is_flag=True, help="wait for the outcome")
+@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+@json_option
+def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Print a task's result (or its state); exits 1 if it failed."""
+    from .errors import ResultError, TaskFailed
+
+    async def read(app: Natask) -> dict[str, Any]:
+        res = app.AsyncResult(task_id)
+        if wait:
+            waiting = asyncio.ensure_future(res.aget(timeout=timeout, propagate=False))
+            started = asyncio.get_running_loop().time()
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=1.0)
+                if not waiting.done() and sys.stderr.isatty():
+                    elapsed = asyncio.get_running_loop().time() - started
+                    click.echo(f"\rwaiting for {task_id}... {elapsed:.0f}s", err=True, nl=False)
+            await waiting
+        else:
+            await res._fetch()
+        record = res._record or {"state": "PENDING"}
+        return dict(record)
+
+    try:
+        record = _run_app(app_spec, read)
+    except ResultError as e:
+        raise click.ClickException(str(e)) from None
+    if wait and sys.stderr.isatty():
+        click.echo("", err=True)
+    state = record.get("state")
+    if as_json:
+        click.echo(json.dumps(record, default=str))
+    elif state == "SUCCESS":
+        value = record.get("result")
+        click.echo(json.dumps(value, default=str) if not isinstance(value, str) else value)
+    elif state == "FAILURE":
+        click.echo(str(TaskFailed(str(record.get("exc_type")), str(record.get("message", "")))), err=True)
+    else:
+        click.echo(f"{state} {json.dumps(record.get('info'), default=str) if record.get('info') else ''}".strip())
+    if state == "FAILURE":
+        sys.exit(1)
+
+
+@main.command()
+@app_option
+@click.option("--kind", default=">", help="one event type, e.g. task-failed (default: all)")
+@click.option("-n", "--count", type=int, default=0, help="stop after this many events (0: never)")
+@json_option
+def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
+    """Follow the app's lifecycle events live."""
+    from .events import follow
+
+    async def tail(app: Natask) -> None:
+        seen = 0
+        async for event in follow(app, kind):
+            if as_json:
+                click.echo(json.dumps(event, default=str))
+            else:
+                fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker"))
+                click.echo(f"{event.get('ts', 0):.3f} {event.get('worker', '?')} {event['type']} {fields}")
+            seen += 1
+            if count and seen >= count:
+                return
+
+    try:
+        _run_app(app_spec, tail)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.group()

@@ -17,8 +17,10 @@ from nats.aio.msg import Msg
 from .broker import Broker
 from .config import check_queue_name
 from .consumer import PullConsumer, Slots
+from .control import ControlResponder
 from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
 from .errors import DecodeError, EncodeError, TimeLimitExceeded
+from .events import EventPublisher
 from .message import (
     HDR_MSG_ID,
     HDR_REPLY,
@@ -44,18 +46,22 @@ HDR_RETRIES: Final = "Natask-Retries"
 """How many times the task was retried before this message (republishes carry it)."""
 
 DEFAULT_CONCURRENCY: Final = 32
+HEARTBEAT_INTERVAL: Final = 5.0
+"""Seconds between worker-heartbeat events."""
 DEFAULT_GRACE: Final = 30.0
 
 
 class _Delivery:
     """One task message being worked on."""
 
-    __slots__ = ("finished", "handler", "msg", "revoked", "started", "task_id", "touched")
+    __slots__ = ("finished", "handler", "msg", "name", "revoked", "started", "started_at", "task_id", "touched")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
         self.started = self.touched = time.monotonic()
+        self.started_at = time.time()
         self.task_id = ""
+        self.name = ""
         self.revoked = False
         self.finished = False
         self.handler: asyncio.Task[None] | None = None
@@ -75,9 +81,11 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         grace: float = DEFAULT_GRACE,
         max_tasks: int | None = None,
+        events: bool = True,
     ) -> None:
         self.app = app
         self.max_tasks = max_tasks
+        self.send_events = events
         self.queues = [check_queue_name(q) for q in (queues or [app.config.default_queue])]
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -98,6 +106,9 @@ class Worker:
         self._rpc_subs: list[Any] = []
         self._slot_freed = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._control: ControlResponder | None = None
+        self._events: EventPublisher | None = None
+        self.last_heartbeat = 0.0
         """Callables ``(kind, fields)`` told about task and worker lifecycle events."""
         self._revoke_watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -129,12 +140,19 @@ class Worker:
             consumer.wake()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
         self.started_at = time.time()
+        self._control = ControlResponder(self)
+        await self._control.start()
+        if self.send_events:
+            self._events = EventPublisher(broker, self.ident)
+            self.listeners.append(self._events)
+        self.event("worker-online", **self._control.stats())
         log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
                  self.concurrency, self.app.config.safe_servers)
 
     async def run(self) -> None:
-        """Start and block until ``stop()`` completes."""
-        await self.start()
+        """Start (unless started) and block until ``stop()`` completes."""
+        if self.broker is None:
+            await self.start()
         await self._stopped.wait()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -161,6 +179,11 @@ class Worker:
         for background in (self._heartbeat, self._revoke_watch):
             if background is not None:
                 background.cancel()
+        if self._control is not None:
+            await self._control.stop()
+            self.event("worker-offline", **self._control.stats())
+        if self._events is not None:
+            await self._events.drain()
         for consumer in self._consumers:
             await consumer.close()
         if self._runner is not None:
@@ -218,11 +241,25 @@ class Worker:
                 delivery.handler.cancel()
                 log.info("terminating revoked task %s", task_id)
 
+    @property
+    def consuming(self) -> bool:
+        """True while the worker asks for and runs tasks (started, not stopping)."""
+        return bool(self._consumers) and not self._stopping
+
+    def active(self) -> list[dict[str, Any]]:
+        """The tasks running now: id, name, start time, seconds running."""
+        now = time.time()
+        return [{"id": d.task_id, "name": d.name, "started": d.started_at, "runtime": now - d.started_at}
+                for d in self._inflight if d.task_id]
+
     async def _keep_leases(self) -> None:
         # in_progress resets the server's ack timer, so ack_wait can stay short for long tasks.
-        interval = max(0.2, self.app.config.ack_wait / 3)
+        interval = max(0.2, min(HEARTBEAT_INTERVAL, self.app.config.ack_wait / 3))
         while True:
             await asyncio.sleep(interval)
+            if self._control is not None and time.time() - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+                self.last_heartbeat = time.time()
+                self.event("worker-heartbeat", **self._control.stats())
             now = time.monotonic()
             for delivery in list(self._inflight):
                 if now - delivery.touched >= interval:
@@ -304,7 +341,7 @@ class Worker:
         except DecodeError as e:
             await self._dead_letter(msg, "undecodable", str(e), task_id=headers.get(HDR_MSG_ID, "").split(":")[0])
             return
-        delivery.task_id = env.id
+        delivery.task_id, delivery.name = env.id, env.task
         task = self.app.tasks.get(env.task)
         if task is None:
             await self._dead_letter(msg, "unknown task", f"no task named {env.task!r} in app {self.app.name!r}",
@@ -336,6 +373,7 @@ class Worker:
                           queue=msg.subject.split(".", 2)[1], parent_id=env.parent_id, root_id=env.root_id,
                           eta=env.eta, expires=env.expires, headers=headers,
                           report=lambda state, meta: self._report(delivery, state, meta))
+        current_request.set(request)  # log lines about this task, from here on, carry its id and name
         if self.listeners:
             self.event("task-started", id=env.id, name=env.task, retries=retries)
         if task.options.track_started and not task.options.ignore_result:
@@ -416,6 +454,9 @@ class Worker:
             info = {"retries": n, "countdown": countdown, "exc_type": _qualname(type(exc)), "message": str(exc)}
             await self._store(env.id, {"state": RETRY, "info": info})
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
+        if self.listeners:
+            self.event("task-retried", id=env.id, name=env.task, retries=n, countdown=countdown,
+                       exc_type=_qualname(type(exc)), message=str(exc))
         await msg.ack()
 
     def _report(self, delivery: _Delivery, state: str, meta: Any) -> None:
@@ -438,6 +479,7 @@ class Worker:
 
     def event(self, kind: str, **fields: Any) -> None:
         """Tell every listener (events publisher, metrics) about a lifecycle event."""
+        fields["ts"] = time.time()
         for listener in self.listeners:
             try:
                 listener(kind, fields)

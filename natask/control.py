@@ -1,0 +1,159 @@
+"""Control plane over core NATS request-reply: workers answer ping/stats/active from their event
+loop; clients scatter a request and gather every worker's reply. Also queue status and purge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from .message import dumps, loads
+from .naming import DLQ_STREAM
+
+if TYPE_CHECKING:
+    from .app import Natask
+    from .worker import Worker
+
+COMMANDS: Final = ("ping", "stats", "active")
+
+
+def control_subject(prefix: str, command: str = "*") -> str:
+    return f"natask.control.{prefix}.{command}"
+
+
+class ControlResponder:
+    """Subscribed by every worker (no queue group: each one answers)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.hostname = socket.gethostname()
+
+    async def start(self) -> None:
+        broker = self.worker.broker_
+        self._sub = await broker.subscribe(control_subject(broker.names.prefix), cb=self._on_request)
+
+    async def stop(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception:
+            pass
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        command = msg.subject.rsplit(".", 1)[-1]
+        w = self.worker
+        answer: dict[str, Any] = {"worker": w.ident}
+        if command == "ping":
+            answer["pong"] = True
+        elif command == "stats":
+            answer.update(self.stats())
+        elif command == "active":
+            answer["active"] = w.active()
+        else:
+            answer["error"] = f"unknown command {command!r}; try one of {', '.join(COMMANDS)}"
+        await w.broker_.publish_core(msg.reply, dumps(answer))
+
+    def stats(self) -> dict[str, Any]:
+        w = self.worker
+        return {
+            "app": w.app.name,
+            "hostname": self.hostname,
+            "pid": os.getpid(),
+            "queues": list(w.queues),
+            "concurrency": w.concurrency,
+            "uptime": time.time() - w.started_at if w.started_at else 0.0,
+            "processed": w.processed,
+            "failed": w.failed,
+            "running": len(w.active()),
+        }
+
+
+async def inspect(app: Natask, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """Ask every live worker of the app; replies gathered for ``timeout`` seconds."""
+    broker = await app._broker()
+    inbox = broker.nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            answer = loads(msg.data)
+        except Exception:
+            return
+        if isinstance(answer, dict):
+            replies.append(answer)
+
+    sub = await broker.subscribe(inbox, cb=on_reply)
+    try:
+        await broker.nc.publish(control_subject(app.config.subject_prefix, command), b"", reply=inbox)
+        await broker.nc.flush()
+        await asyncio.sleep(timeout)  # scatter-gather: nobody knows how many workers will answer
+    finally:
+        await sub.unsubscribe()
+    return sorted(replies, key=lambda r: str(r.get("worker")))
+
+
+@dataclass
+class QueueStatus:
+    """One queue as the server sees it."""
+
+    name: str
+    pending: int
+    in_flight: int
+    redelivered: int
+    waiting_pulls: int
+
+
+async def queues(app: Natask) -> list[QueueStatus]:
+    """Every queue that has a consumer (created by a worker), with its counters."""
+    broker = await app._broker()
+    try:
+        infos = await broker.js._jsm.consumers_info(app.names.stream)
+    except nats.js.errors.NotFoundError:
+        return []
+    return sorted(
+        (QueueStatus(i.name, i.num_pending or 0, i.num_ack_pending or 0, i.num_redelivered or 0,
+                     i.num_waiting or 0) for i in infos),
+        key=lambda q: q.name,
+    )
+
+
+async def dlq_size(app: Natask) -> int:
+    """Dead letters of this app."""
+    broker = await app._broker()
+    await broker.ensure_dlq()
+    info = await broker.js.stream_info(DLQ_STREAM, subjects_filter=f"natask.dlq.{app.config.subject_prefix}.>")
+    return sum((info.state.subjects or {}).values())
+
+
+async def purge(app: Natask, queue: str) -> int:
+    """Delete every waiting task of a queue; returns how many there were."""
+    from .config import check_queue_name
+
+    check_queue_name(queue)
+    broker = await app._broker()
+    await broker.ensure_stream()
+    subject = app.names.queue_filter(queue)
+    info = await broker.js.stream_info(app.names.stream, subjects_filter=subject)
+    count = sum((info.state.subjects or {}).values())
+    await broker.js.purge_stream(app.names.stream, subject=subject)
+    return count
+
+
+async def status(app: Natask, timeout: float = 1.0) -> dict[str, Any]:
+    """Everything ``natask status`` shows: queues, DLQ size, live workers, periodic entries."""
+    from .beat import describe
+
+    qs, dead, workers = await asyncio.gather(queues(app), dlq_size(app), inspect(app, "stats", timeout))
+    return {
+        "queues": [asdict(q) for q in qs],
+        "dlq": dead,
+        "workers": workers,
+        "periodic": [{"name": n, "schedule": s, "next": t.isoformat()} for n, s, t in describe(app)],
+    }

@@ -70,19 +70,32 @@ class EventPublisher:
             await asyncio.gather(*self._flushing, return_exceptions=True)
 
 
-async def follow(app: Natask, kinds: str = ">") -> AsyncIterator[dict[str, Any]]:
-    """Yield the app's events as they happen (``natask events``, the dashboard)."""
-    broker = await app._broker()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
+class EventStream:
+    """``async with EventStream(app) as events: async for event in events`` — subscribed on entry,
+    so nothing that happens after ``__aenter__`` is missed."""
 
-    async def on_msg(msg: Any) -> None:
-        if not queue.full():
-            queue.put_nowait(msg.data)
+    def __init__(self, app: Natask, kinds: str = ">") -> None:
+        self.app = app
+        self.kinds = kinds
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
+        self._sub: Any = None
 
-    sub = await broker.subscribe(events_subject(app.config.subject_prefix, kinds), cb=on_msg)
-    try:
+    async def __aenter__(self) -> EventStream:
+        broker = await self.app._broker()
+
+        async def on_msg(msg: Any) -> None:
+            if not self._queue.full():  # a slow reader loses events, never blocks the connection
+                self._queue.put_nowait(msg.data)
+
+        self._sub = await broker.subscribe(events_subject(self.app.config.subject_prefix, self.kinds), cb=on_msg)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._sub.unsubscribe()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         while True:
-            data = await queue.get()
+            data = await self._queue.get()
             try:
                 batch = loads(data)
             except Exception:
@@ -90,5 +103,10 @@ async def follow(app: Natask, kinds: str = ">") -> AsyncIterator[dict[str, Any]]
             for event in batch if isinstance(batch, list) else [batch]:
                 if isinstance(event, dict):
                     yield event
-    finally:
-        await sub.unsubscribe()
+
+
+async def follow(app: Natask, kinds: str = ">") -> AsyncIterator[dict[str, Any]]:
+    """Yield the app's events as they happen (``natask events``)."""
+    async with EventStream(app, kinds) as stream:
+        async for event in stream:
+            yield event

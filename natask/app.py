@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 import warnings
@@ -42,6 +43,7 @@ from .task import AsyncTask, Task, TaskOptions
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
 
+_TASK_ID_RE = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
 _FAILURE_MEMORY = 2.0
 """Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
@@ -306,13 +308,15 @@ class Natask:
         if type(args) is not tuple and type(args) is not list and (
                 isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
-        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        if kwargs and (not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)):
             raise TypeError("kwargs must be a dict with string keys")
         now = time.time()
-        when = _eta(now, countdown, eta)
-        task_id = task_id or os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
-        if not isinstance(task_id, str) or not task_id or any(c in task_id for c in " .*>\t\r\n:"):
-            raise ConfigError(f"invalid task_id {task_id!r}: no spaces, '.', '*', '>' or ':'")
+        when = None if countdown is None and eta is None else _eta(now, countdown, eta)
+        if task_id is None:
+            task_id = os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
+        elif not isinstance(task_id, str) or not _TASK_ID_RE.match(task_id):
+            raise ConfigError(f"invalid task_id {task_id!r}: use letters, digits, '_', '-', '=' or '/' "
+                              "(it is a KV key and a subject token)")
         envelope = Envelope(
             id=task_id,
             task=name,
@@ -475,6 +479,11 @@ class Natask:
     async def _broker(self) -> Broker:
         """The connected broker of the running event loop, created on first use."""
         loop = asyncio.get_running_loop()
+        entry = self._brokers.get(loop)
+        if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
+            broker = entry.result()
+            if not broker.closed:
+                return broker  # the hot path: connected already
         failed = self._failure
         if failed is not None and time.monotonic() - failed[0] < _FAILURE_MEMORY:
             raise failed[1]  # the server was unreachable a moment ago: do not wait again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import threading
 from collections.abc import Coroutine
@@ -43,16 +44,29 @@ class Portal:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the I/O thread and block until it finishes."""
-        loop = self._start()
+        loop = self._loop or self._start()
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a sync natask call was made from natask's own I/O thread; use the async API")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        # A bare lock is the cheapest cross-thread wake-up CPython has (run_coroutine_threadsafe
+        # adds a concurrent Future and a Condition): it is on the path of every sync delay().
+        done = _thread.allocate_lock()
+        done.acquire()
+        box: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            box.append(task)
+            task.add_done_callback(lambda _: done.release())
+
+        loop.call_soon_threadsafe(start)
         try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
+            if not done.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"natask I/O did not finish within {timeout}s")
+        except BaseException:  # KeyboardInterrupt included: do not leave the coroutine running
+            loop.call_soon_threadsafe(lambda: box[0].cancel() if box else coro.close())
             raise
+        return box[0].result()
 
     def stop(self, final: Coroutine[Any, Any, Any] | None = None) -> None:
         """Run ``final`` (e.g. closing connections) on the loop, then stop and join the thread."""

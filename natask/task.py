@@ -207,6 +207,8 @@ class Task(Generic[P, R]):
         return await self.app._apublish_many(calls)  # type: ignore[return-value]
 
     def _prepare_item(self, item: Args | Kwargs) -> Any:
+        if type(item) is tuple:
+            return self._prepare(item, None, None, None, None, None, None, None)
         if isinstance(item, Mapping):
             return self._prepare((), item, None, None, None, None, None, None)
         if isinstance(item, (str, bytes)) or not isinstance(item, Sequence):

@@ -28,7 +28,7 @@ authorization {
       subscribe: {allow: ["_INBOX.>"]}}},
     {user: worker, password: "work-secret", permissions: {
       publish: {allow: ["$JS.API.>", "$JS.ACK.>", "$KV.>", "_INBOX.>", "natask.dlq.>", "natask.events.>"]},
-      subscribe: {allow: ["_INBOX.>", "natask.rpc.tasks.default.>"]}}},
+      subscribe: {allow: ["_INBOX.>", "natask.rpc.tasks.default.>", "natask.control.tasks.*"]}}},
     {user: nosub, password: "nosub-secret", permissions: {
       publish: {allow: [">"]}, subscribe: {allow: ["_INBOX.>"]}}}
   ]

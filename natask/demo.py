@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 from .app import Natask
 
@@ -26,6 +27,12 @@ def checksum(text: str, rounds: int = 2000) -> str:
 @app.task(name="demo.add")
 async def add(x: int, y: int) -> int:
     return x + y
+
+
+@app.periodic(timedelta(seconds=30), name="demo.tick")
+def tick() -> str:
+    """Fired by `natask beat` every 30 s (the docker-compose beat service)."""
+    return time.strftime("%H:%M:%S")
 
 
 def run_demo(count: int = 10, workers: int = 2) -> None:

@@ -1,0 +1,60 @@
+"""docker-compose.yml and the Dockerfile, checked by structure (no Docker engine here); the same
+topology runs for real in tests/integration/test_cluster.py with local servers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_three_node_jetstream_cluster() -> None:
+    services = compose()["services"]
+    nodes = {name: s for name, s in services.items() if str(s.get("image", "")).startswith("nats:")}
+    assert sorted(nodes) == ["n1", "n2", "n3"]
+    for name, node in nodes.items():
+        version = re.match(r"nats:(\d+)\.(\d+)", node["image"])
+        assert version and (int(version[1]), int(version[2])) >= (2, 12), node["image"]
+        cmd = node["command"]
+        assert "-js" in cmd and cmd[cmd.index("--name") + 1] == name
+        assert cmd[cmd.index("--cluster_name") + 1] == "natask"
+        routes = set(cmd[cmd.index("--routes") + 1].split(","))
+        assert routes == {f"nats://{other}:6222" for other in nodes if other != name}
+        assert any(v.endswith(":/data") for v in node["volumes"])  # JetStream state survives restarts
+
+
+def test_workers_beat_and_dashboard_use_the_cluster_with_three_replicas() -> None:
+    services = compose()["services"]
+    for name in ("worker", "beat", "dashboard"):
+        svc = services[name]
+        env = svc["environment"]
+        assert env["NATS_URL"] == "nats://n1:4222,nats://n2:4222,nats://n3:4222"
+        assert env["NATASK_STREAM_REPLICAS"] == "3"
+        assert svc["build"] == "."
+        assert set(svc["depends_on"]) == {"n1", "n2", "n3"}
+        assert svc["command"][:2] == ["natask", name] and "-A" in svc["command"]
+    assert services["beat"]["deploy"]["replicas"] >= 2  # HA beat: several may run
+    assert services["worker"]["stop_grace_period"] == "40s"  # longer than the worker's 30 s drain
+
+
+def test_the_app_module_named_by_compose_exists_and_has_a_periodic_entry() -> None:
+    from natask.cli import load_app
+
+    app = load_app("natask.demo:app")
+    assert "demo.checksum" in app.tasks and app.periodic_entries
+
+
+def test_dockerfile_installs_natask() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.1[0-9]", text, re.M)
+    assert "pip install" in text and "COPY natask" in text and "natask" in text.split("CMD", 1)[1]

@@ -1,6 +1,7 @@
 """natask: a Celery-style distributed task queue on NATS JetStream."""
 
 from .app import Natask
+from .canvas import GroupResult, chain, chord, group
 from .errors import (
     BrokerError,
     ConfigError,
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "EncodeError",
+    "GroupResult",
     "Natask",
     "NataskError",
     "NoWorkers",
@@ -48,4 +50,7 @@ __all__ = [
     "TaskNotFound",
     "TaskRevoked",
     "TimeLimitExceeded",
+    "chain",
+    "chord",
+    "group",
 ]

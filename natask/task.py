@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .canvas import Signature
+from .canvas import Canvas, Signature
 from .config import check_queue_name
 from .errors import ConfigError, Retry
 from .naming import check_task_name
@@ -174,8 +174,15 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         queue: str | None = None,
         headers: Mapping[str, str] | None = None,
+        link: Canvas | Sequence[Canvas] | None = None,
+        link_error: Canvas | Sequence[Canvas] | None = None,
     ) -> AsyncResult[R]:
-        """Enqueue with options; see SPEC §2."""
+        """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
+        ``link_error`` on failure with the failed task's id."""
+        if link is not None or link_error is not None:
+            return self.s(*args, **(kwargs or {})).apply_async(  # type: ignore[return-value]
+                countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
+                link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
         return self.app._portal.run(self.app._apublish(call))  # type: ignore[return-value]
 
@@ -190,8 +197,14 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         queue: str | None = None,
         headers: Mapping[str, str] | None = None,
+        link: Canvas | Sequence[Canvas] | None = None,
+        link_error: Canvas | Sequence[Canvas] | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
+        if link is not None or link_error is not None:
+            return await self.s(*args, **(kwargs or {})).aapply_async(  # type: ignore[return-value]
+                countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
+                link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
         return await self.app._apublish(call)  # type: ignore[return-value]
 

@@ -208,7 +208,7 @@ class Worker:
         """Mirror the revoked-ids bucket into a local set: no KV read per task, and revokes
         recorded before this worker started still apply."""
         kv = await self.broker_.revoked()
-        watcher = await kv.watchall()
+        watcher = await self.broker_._api(kv.watchall)  # through an election, too
         loaded = asyncio.get_running_loop().create_future()
 
         async def follow() -> None:
@@ -271,6 +271,11 @@ class Worker:
 
     # -- dispatch ---------------------------------------------------------------------------
     def _on_message(self, msg: Msg) -> None:
+        if self._stopping:
+            # Still-open pull requests deliver after stop(): hand those straight back.
+            self._background(_quietly(msg.nak()))
+            self._slots.release()
+            return
         delivery = _Delivery(msg)
         self._inflight.add(delivery)
         self._idle.clear()

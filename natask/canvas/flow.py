@@ -1,0 +1,264 @@
+"""In the worker: advance a workflow when one of its tasks finished — next chain step, chord
+completion (KV bucket ``natask_chords_<prefix>``), links and errbacks — from what its message carries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ..errors import ConfigError, EncodeError, PayloadTooLarge
+from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, at_schedule, dumps, loads
+from ..result import FAILURE, REVOKED, SUCCESS
+from .plan import Freezer, Node, Step, expand, seeded_ids, walk
+from .signature import from_dict
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from ..message import Envelope
+    from ..worker import Worker
+
+log = logging.getLogger("natask.canvas")
+
+_COLLECT_TIMEOUT: Final = 30.0
+"""Upper bound for reading a finished chord's member results from KV."""
+_COLLECT_BATCH: Final = 256
+"""Member results read concurrently when a chord completes."""
+
+
+# -- in the worker: advancing a workflow when one of its tasks finished ---------------------------
+async def on_outcome(worker: Worker, envelope: Envelope, record: dict[str, Any]) -> None:
+    """Workflow follow-ups of a finished task: chain steps, chord completion, links, errbacks.
+
+    Called by the worker before it replies, stores the outcome and acks; may add ``children`` to
+    ``record``. Raising (a broker error) makes the worker return the message for another attempt,
+    which is safe: every publish here uses an id fixed by the message, and chord state is keyed
+    per member.
+    """
+    try:
+        await _Flow(worker, envelope).run(record)
+    except (KeyError, TypeError, ValueError, IndexError, ConfigError, PayloadTooLarge):
+        # Malformed workflow data (or a callback too large to send) cannot get better on redelivery.
+        log.exception("task %s[%s]: malformed workflow data; follow-ups skipped", envelope.task, envelope.id)
+
+
+class _Flow:
+    """The follow-ups of one finished task."""
+
+    def __init__(self, worker: Worker, env: Envelope) -> None:
+        self.app = worker.app
+        self.broker = worker.broker_
+        self.ident = worker.ident
+        self.env = env
+        self._kv: KeyValue | None = None
+
+    async def run(self, record: dict[str, Any]) -> None:
+        env, meta = self.env, self.env.meta
+        rest: list[Node] = list(meta.get("chain") or [])
+        member: dict[str, Any] | None = meta.get("chord")
+        state = record.get("state")
+        if state == SUCCESS:
+            value = record.get("result")
+            try:
+                children = await self.advance(value, rest, member)
+                for k, link in enumerate(env.links):
+                    children += await self.call(link, value, f"{env.id}/link/{k}")
+            except (EncodeError, PayloadTooLarge) as e:
+                log.error("task %s[%s]: cannot send the next step: %s", env.task, env.id, e)
+                await self.fail(_error_record(e), rest, member)
+                return
+            if children:
+                record["children"] = children
+        elif state in (FAILURE, REVOKED):
+            if state == FAILURE:
+                for k, errback in enumerate(meta.get("errbacks") or []):
+                    await self.call(errback, env.id, f"{env.id}/errback/{k}")
+            await self.fail(record, rest, member)
+
+    # -- success ----------------------------------------------------------------------------
+    async def advance(self, value: Any, rest: list[Node], member: dict[str, Any] | None) -> list[str]:
+        """Publish what runs after a success; returns the ids published."""
+        if rest:
+            return await self.publish(expand(rest[0], (value,), {}, rest[1:], member))
+        if member is None:
+            return []
+        results = await self.complete(member, value)
+        if results is None:
+            return []
+        body = member.get("body")
+        if body is not None:
+            children = await self.publish(expand(body, (results,), {}, member.get("rest") or [], member.get("up")))
+        else:
+            children = await self.advance(results, member.get("rest") or [], member.get("up"))
+        await self.broker.publish(self._key_subject(f"{member['id']}.sent"), self.env.id.encode(), {})
+        return children
+
+    async def complete(self, member: dict[str, Any], value: Any) -> list[Any] | None:
+        """Record this chord member's result; the chord's result list if this call completes it
+        (and nobody else did), else None."""
+        chord_id, index, size = str(member["id"]), int(member["i"]), int(member["n"])
+        kv = await self.chords()
+        # One key per member, not a counter: a member finishing twice overwrites its own key.
+        await self.broker.publish(self._key_subject(f"{chord_id}.m.{index}"), dumps(value), {})
+        if await self._count(chord_id) < size:
+            return None
+        # Only the first completer fires (a redelivery of that same member may fire again:
+        # the callback's fixed id makes JetStream drop the second publish).
+        if not await self._claim(kv, f"{chord_id}.fired"):
+            return None
+        if await _exists(kv, f"{chord_id}.failed") or await _exists(kv, f"{chord_id}.sent"):
+            return None
+        results = await asyncio.wait_for(self._collect(kv, chord_id, size), _COLLECT_TIMEOUT)
+        missing = [i for i in range(size) if i not in results]
+        if missing:
+            error = {"state": FAILURE, "exc_type": "natask.ChordError", "traceback": "",
+                     "message": f"chord {chord_id} lost the results of member(s) {missing[:10]} "
+                                "(expired: is result_ttl shorter than the chord takes?)"}
+            await self.fail(error, [], member)
+            return None
+        return [results[i] for i in range(size)]
+
+    async def _count(self, chord_id: str) -> int:
+        """How many distinct members of a chord recorded a result (an ephemeral consumer's pending
+        count: O(1) data however large the chord)."""
+        bucket = self.broker.names.chords_bucket
+        config = ConsumerConfig(filter_subject=self._key_subject(f"{chord_id}.m.*"),
+                                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                                mem_storage=True, num_replicas=1, inactive_threshold=10.0)
+        info = await self.broker.js.add_consumer(f"KV_{bucket}", config)
+        try:
+            return int(info.num_pending or 0)
+        finally:
+            try:
+                await self.broker.js.delete_consumer(f"KV_{bucket}", info.name)
+            except Exception as e:  # the inactive threshold removes it anyway
+                log.debug("deleting counting consumer: %s", e)
+
+    async def _collect(self, kv: KeyValue, chord_id: str, size: int) -> dict[int, Any]:
+        """Read every member's result by key (direct gets, a bounded number in flight; nats-py's
+        ``kv.watch`` may signal "no more values" before values it already received)."""
+        results: dict[int, Any] = {}
+        for start in range(0, size, _COLLECT_BATCH):
+            keys = range(start, min(size, start + _COLLECT_BATCH))
+            entries = await asyncio.gather(*(kv.get(f"{chord_id}.m.{i}") for i in keys), return_exceptions=True)
+            for i, entry in zip(keys, entries, strict=True):
+                if isinstance(entry, nats.js.errors.KeyNotFoundError):
+                    continue
+                if isinstance(entry, BaseException):
+                    raise entry
+                if entry.value is not None:
+                    results[i] = loads(entry.value)
+        return results
+
+    # -- failure ----------------------------------------------------------------------------
+    async def fail(self, record: Mapping[str, Any], rest: Sequence[Node], member: dict[str, Any] | None) -> None:
+        """Mark everything that will now never run with the failure, and fail the enclosing chord."""
+        for node in rest:
+            for sig in walk(node):
+                await self.store(sig, record)
+        if member is None:
+            return
+        chord_id = str(member["id"])
+        kv = await self.chords()
+        if not await self._claim(kv, f"{chord_id}.failed"):
+            return  # another member failed it first (errbacks ran then)
+        body = member.get("body")
+        if body is not None:
+            if record.get("state") == FAILURE:
+                seen: list[Any] = []
+                for sig in (step.sig for step in expand(body)):
+                    for errback in sig.get("link_error") or []:
+                        if errback not in seen:
+                            seen.append(errback)
+                for k, errback in enumerate(seen):
+                    await self.call(errback, self.env.id, f"{self.env.id}/chord/{chord_id}/{k}")
+            for sig in walk(body):
+                await self.store(sig, record)
+        await self.fail(record, member.get("rest") or [], member.get("up"))
+
+    async def store(self, sig: Node, record: Mapping[str, Any]) -> None:
+        """Store (and reply) the upstream failure as the outcome of a task that will never run."""
+        if sig["options"].get("ignore_result"):
+            return
+        outcome = {k: record[k] for k in ("state", "exc_type", "message", "traceback", "info") if k in record}
+        outcome.update(task=sig["task"], worker=self.ident, date_done=time.time(), cause=self.env.id)
+        data = dumps(outcome)
+        await self.broker.results()
+        await self.broker.publish(f"$KV.{self.broker.names.results_bucket}.{sig['id']}", data, {})
+        reply = sig.get("reply")
+        if reply:
+            await self.broker.publish_core(reply, data)
+
+    # -- publishing -------------------------------------------------------------------------
+    async def call(self, data: Mapping[str, Any], value: Any, seed: str) -> list[str]:
+        """Send a link/errback with ``value`` as its first argument, under ids derived from ``seed``."""
+        node = Freezer(self.app, seeded_ids(seed), check=False).freeze(from_dict(self.app, data), entry=False)
+        return await self.publish(expand(node, (value,)))
+
+    async def publish(self, steps: Sequence[Step]) -> list[str]:
+        env, names, broker = self.env, self.broker.names, self.broker
+        items = []
+        for step in steps:
+            sig = step.sig
+            opts = dict(sig["options"])
+            headers = dict(opts.pop("headers", None) or {})
+            if sig.get("reply"):
+                headers[HDR_REPLY] = sig["reply"]
+            call = self.app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"], headers=headers,
+                                     parent_id=env.id, root_id=env.root_id or env.id, links=sig.get("link"),
+                                     meta=step.meta, **opts)
+            subject = names.task_subject(call.queue, call.task)
+            if call.eta is not None and call.eta > time.time():
+                call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
+                call.headers[HDR_SCHEDULE_TARGET] = subject
+                subject = names.schedule_subject(call.queue, call.task_id)
+            broker.check_size(subject, call.payload, call.headers)
+            items.append((subject, call.payload, call.headers))
+        if len(items) == 1:
+            await broker.publish(*items[0])
+        elif items:
+            await broker.publish_many(items)
+        return [step.sig["id"] for step in steps]
+
+    # -- chord state ------------------------------------------------------------------------
+    async def chords(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.broker._bucket(self.broker.names.chords_bucket)
+        return self._kv
+
+    def _key_subject(self, key: str) -> str:
+        return f"$KV.{self.broker.names.chords_bucket}.{key}"
+
+    async def _claim(self, kv: KeyValue, key: str) -> bool:
+        """Create ``key`` naming this task; True if we created it or an earlier delivery of this
+        same task did."""
+        me = self.env.id.encode()
+        try:
+            await kv.create(key, me)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return False
+            return entry.value == me
+
+
+async def _exists(kv: KeyValue, key: str) -> bool:
+    try:
+        await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return False
+    return True
+
+
+def _error_record(exc: BaseException) -> dict[str, Any]:
+    cls = type(exc)
+    return {"state": FAILURE, "exc_type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc),
+            "traceback": ""}

@@ -1,0 +1,172 @@
+"""Sending a workflow (its first messages, with reply routes for its results) and ``GroupResult``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ResultTimeout
+from ..message import HDR_REPLY
+from ..result import FAILURE, PENDING, READY_STATES, SUCCESS, AsyncResult
+from .plan import Freezer, Node, expand, leaves
+
+if TYPE_CHECKING:
+    from ..app import Natask
+    from ..broker import Broker
+    from .signature import Canvas
+
+
+# -- sending ------------------------------------------------------------------------------------
+async def launch(app: Natask, obj: Canvas, args: Sequence[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None) -> AsyncResult[Any] | GroupResult:
+    """Freeze ``obj``, register reply routes for its result tasks, publish its first messages."""
+    node = Freezer(app).freeze(obj)
+    steps = expand(node, tuple(args), kwargs)
+    for step in steps:
+        task = app.tasks.get(step.sig["task"])
+        if task is not None:
+            task.check_args(step.args, step.kwargs)
+    handles: dict[str, AsyncResult[Any]] = {}
+    if not steps:
+        return result_of(app, node, handles)
+    first = {step.sig["id"] for step in steps}
+    later = [leaf for leaf in leaves(node) if leaf["id"] not in first]
+    if later:
+        broker = await app._broker()
+        for leaf in later:
+            # Its message is published later by a worker: carry our reply inbox along with it.
+            handles[leaf["id"]] = _register(app, broker, leaf)
+    calls = []
+    for step in steps:
+        sig = step.sig
+        calls.append(app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"], links=sig.get("link"),
+                                  meta=step.meta, **sig["options"]))
+    if len(calls) == 1:
+        published = [await app._apublish(calls[0])]
+    else:
+        published = await app._apublish_many(calls)
+    for result in published:
+        handles.setdefault(result.id, result)
+    return result_of(app, node, handles)
+
+
+def _register(app: Natask, broker: Broker, leaf: Node) -> AsyncResult[Any]:
+    from ..app import Call  # app imports canvas: not at module level
+
+    opts = leaf["options"]
+    call = Call(leaf["id"], leaf["task"], opts["queue"], b"", {}, None, bool(opts.get("ignore_result")))
+    result, _ = app._route(broker, call)
+    reply = call.headers.get(HDR_REPLY)
+    if reply:
+        leaf["reply"] = reply
+    return result
+
+
+def result_of(app: Natask, node: Node, handles: Mapping[str, AsyncResult[Any]]) -> AsyncResult[Any] | GroupResult:
+    """The result handle of a frozen node (a chain's is its last step's, a chord's its body's)."""
+    kind = node.get("kind")
+    if kind is None:
+        return handles.get(node["id"]) or AsyncResult(app, node["id"], node["task"])
+    if kind == "chain":
+        return result_of(app, node["tasks"][-1], handles)
+    if kind == "group":
+        return GroupResult(app, node["id"], [result_of(app, t, handles) for t in node["tasks"]])
+    return result_of(app, node["body"], handles)
+
+
+# -- results ------------------------------------------------------------------------------------
+class GroupResult:
+    """The results of a group's members, in order (a member that is a chain counts with its last
+    step's result)."""
+
+    def __init__(self, app: Natask, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult]) -> None:
+        self.app = app
+        self.id = group_id
+        self.results: list[AsyncResult[Any] | GroupResult] = list(results)
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} [{len(self.results)} results]>"
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[AsyncResult[Any] | GroupResult]:
+        return iter(self.results)
+
+    def __getitem__(self, index: int) -> AsyncResult[Any] | GroupResult:
+        return self.results[index]
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        """Every member's result in order; the first failure (in order) raises unless ``propagate``
+        is false, then failures stand in the list as ``TaskFailed``/``TaskRevoked``. ``timeout``
+        bounds the whole wait (``ResultTimeout``)."""
+        return self.app._portal.run(self.aget(timeout, propagate))
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        values = []
+        for result in self.results:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                values.append(await result.aget(timeout=remaining, propagate=propagate))
+            except ResultTimeout:
+                raise ResultTimeout(f"group {self.id}: {len(values)} of {len(self.results)} results "
+                                    f"arrived within {timeout:g}s") from None
+        return values
+
+    def _flat(self) -> list[AsyncResult[Any]]:
+        out: list[AsyncResult[Any]] = []
+        for r in self.results:
+            out.extend(r._flat() if isinstance(r, GroupResult) else [r])
+        return out
+
+    async def _states(self) -> list[str]:
+        flat = self._flat()
+        pending = [r for r in flat if not r._final]
+        if pending:
+            await asyncio.gather(*(r._fetch() for r in pending))
+        return [str(r._record["state"]) if r._record else PENDING for r in flat]
+
+    def completed_count(self) -> int:
+        """How many member tasks succeeded."""
+        return self.app._portal.run(self.acompleted_count())
+
+    async def acompleted_count(self) -> int:
+        return sum(state == SUCCESS for state in await self._states())
+
+    def ready(self) -> bool:
+        """True once every member succeeded, failed or was revoked."""
+        return self.app._portal.run(self.aready())
+
+    async def aready(self) -> bool:
+        return all(state in READY_STATES for state in await self._states())
+
+    def successful(self) -> bool:
+        return self.app._portal.run(self.asuccessful())
+
+    async def asuccessful(self) -> bool:
+        return all(state == SUCCESS for state in await self._states())
+
+    def failed(self) -> bool:
+        """True if any member failed."""
+        return self.app._portal.run(self.afailed())
+
+    async def afailed(self) -> bool:
+        return any(state == FAILURE for state in await self._states())
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def revoke(self, terminate: bool = False) -> None:
+        self.app._portal.run(self.arevoke(terminate))
+
+    async def arevoke(self, terminate: bool = False) -> None:
+        await asyncio.gather(*(r.arevoke(terminate) for r in self._flat()))
+
+    def forget(self) -> None:
+        self.app._portal.run(self.aforget())
+
+    async def aforget(self) -> None:
+        await asyncio.gather(*(r.aforget() for r in self._flat()))

@@ -1,0 +1,317 @@
+"""Signatures, chains, groups and chords: workflows as data, composable with ``|``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+from ..errors import ConfigError
+from ..naming import check_task_name
+
+if TYPE_CHECKING:
+    from ..app import Natask
+    from ..result import AsyncResult
+    from .send import GroupResult
+
+R = TypeVar("R")
+
+CALL_OPTIONS: Final = frozenset({"queue", "countdown", "eta", "expires", "task_id", "headers", "ignore_result"})
+"""Options a signature (or ``apply_async``) accepts besides ``link`` and ``link_error``."""
+CALLBACK_OPTIONS: Final = frozenset({"link", "link_error"})
+
+
+class Canvas:
+    """What signatures, chains, groups and chords share: composing with ``|`` and calling."""
+
+    options: dict[str, Any]
+
+    def _natask(self) -> Natask:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The workflow as plain data (``from_dict`` rebuilds it)."""
+        raise NotImplementedError
+
+    def _with_options(self, options: dict[str, Any]) -> Canvas:
+        raise NotImplementedError
+
+    def set(self, **options: Any) -> Canvas:
+        """A copy with call options added: ``queue``, ``countdown``, ``eta``, ``expires``, ``task_id``,
+        ``headers``, ``ignore_result``, ``link``, ``link_error``."""
+        return self._with_options({**self.options, **_normalize(options)})
+
+    def __or__(self, other: Canvas) -> Canvas:
+        if not isinstance(other, Canvas):
+            return NotImplemented
+        return chain(self, other)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Canvas) and type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any] | GroupResult:
+        """Send the workflow; ``args``/``kwargs`` go to its first task(s)."""
+        return self.apply_async(args, kwargs)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any] | GroupResult:
+        return await self.aapply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                    **options: Any) -> AsyncResult[Any] | GroupResult:
+        """Send the workflow with ``options`` (see ``set``) on top of its own."""
+        return self._natask()._portal.run(self.aapply_async(args, kwargs, **options))
+
+    async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                           **options: Any) -> AsyncResult[Any] | GroupResult:
+        from .send import launch  # send imports this module: not at module level
+
+        target = self.set(**options) if options else self
+        return await launch(self._natask(), target, args, kwargs)
+
+
+class Signature(Canvas, Generic[R]):
+    """A task call as data: name, arguments and call options; serialisable with ``to_dict``.
+
+    ``immutable`` signatures (``task.si(...)``) ignore a parent's result in a chain.
+    """
+
+    def __init__(
+        self,
+        app: Natask,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        immutable: bool = False,
+    ) -> None:
+        self.app = app
+        self.task = check_task_name(task)
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.options = _normalize(options or {})
+        self.immutable = immutable
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.task}{'.si' if self.immutable else '.s'}({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Signature) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.task, self.args, self.immutable))
+
+    def _natask(self) -> Natask:
+        return self.app
+
+    def to_dict(self) -> dict[str, Any]:
+        """The signature as plain data (what travels in messages)."""
+        return {"task": self.task, "args": list(self.args), "kwargs": self.kwargs, "options": self.options,
+                "immutable": self.immutable}
+
+    @classmethod
+    def from_dict(cls, app: Natask, data: Mapping[str, Any]) -> Signature[Any]:
+        return cls(app, data["task"], data.get("args", ()), data.get("kwargs"), data.get("options"),
+                   bool(data.get("immutable", False)))
+
+    def _with_options(self, options: dict[str, Any]) -> Signature[R]:
+        return Signature(self.app, self.task, self.args, self.kwargs, options, self.immutable)
+
+    def set(self, **options: Any) -> Signature[R]:
+        """A copy with call options (queue, countdown, expires, link, link_error, ...) added."""
+        return self._with_options({**self.options, **_normalize(options)})
+
+    def clone(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Signature[R]:
+        """A copy with ``args`` prepended and ``kwargs`` merged (unless immutable)."""
+        if self.immutable:
+            return Signature(self.app, self.task, self.args, self.kwargs, self.options, True)
+        return Signature(self.app, self.task, (*args, *self.args), {**self.kwargs, **(kwargs or {})},
+                         self.options, False)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[R]:
+        """Enqueue this call (extra arguments as ``clone``)."""
+        return self.apply_async(args, kwargs)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult[R]:
+        return await self.aapply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                    **options: Any) -> AsyncResult[R]:
+        """Enqueue with the signature's options overridden by ``options``; ``link=`` / ``link_error=``
+        add callbacks (``link_error`` receives the failed task's id)."""
+        return self.app._portal.run(self.aapply_async(args, kwargs, **options))
+
+    async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                           **options: Any) -> AsyncResult[R]:
+        return await super().aapply_async(args, kwargs, **options)  # type: ignore[return-value]
+
+
+class chain(Canvas):  # noqa: N801 - Celery's name
+    """Tasks run one after another, each receiving the previous result as its first argument
+    (unless immutable). The chain's result is its last step's; a failed step stops it.
+
+    Options of the chain are defaults for its steps; ``countdown``/``eta`` delay only the first step,
+    ``link`` goes to the last step, ``link_error`` to every step, ``task_id`` names the last step.
+    """
+
+    def __init__(self, *tasks: Canvas | Iterable[Canvas], options: Mapping[str, Any] | None = None) -> None:
+        flat: list[Canvas] = []
+        for task in _canvas_args(tasks, "chain"):
+            if isinstance(task, chain) and not task.options:
+                flat.extend(task.tasks)
+            else:
+                flat.append(task)
+        if not flat:
+            raise ConfigError("a chain needs at least one task")
+        self.tasks: tuple[Canvas, ...] = tuple(flat)
+        self.options = _normalize(options or {})
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(t) for t in self.tasks)
+
+    def _natask(self) -> Natask:
+        return self.tasks[0]._natask()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "chain", "tasks": [t.to_dict() for t in self.tasks], "options": self.options}
+
+    def _with_options(self, options: dict[str, Any]) -> chain:
+        return chain(*self.tasks, options=options)
+
+
+class group(Canvas):  # noqa: N801 - Celery's name
+    """Tasks run in parallel; ``apply_async`` returns a ``GroupResult`` (results in order).
+
+    Options of the group are defaults for every member (``link``/``link_error`` included);
+    ``task_id`` is the group's id.
+    """
+
+    def __init__(self, *tasks: Canvas | Iterable[Canvas], options: Mapping[str, Any] | None = None,
+                 app: Natask | None = None) -> None:
+        self.tasks: tuple[Canvas, ...] = tuple(_canvas_args(tasks, "group"))
+        self.options = _normalize(options or {})
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"group([{', '.join(repr(t) for t in self.tasks)}])"
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def _natask(self) -> Natask:
+        if self.app is not None:
+            return self.app
+        if not self.tasks:
+            raise ConfigError("an empty group does not know its app: pass group([], app=app)")
+        return self.tasks[0]._natask()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "group", "tasks": [t.to_dict() for t in self.tasks], "options": self.options}
+
+    def _with_options(self, options: dict[str, Any]) -> group:
+        return group(self.tasks, options=options, app=self.app)
+
+    def __or__(self, other: Canvas) -> Canvas:
+        if not isinstance(other, Canvas):
+            return NotImplemented
+        return chain(self, other) if isinstance(other, group) else chord(self, other)
+
+    def delay(self, *args: Any, **kwargs: Any) -> GroupResult:
+        return self.apply_async(args, kwargs)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> GroupResult:
+        return await self.aapply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                    **options: Any) -> GroupResult:
+        return self._natask()._portal.run(self.aapply_async(args, kwargs, **options))
+
+    async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                           **options: Any) -> GroupResult:
+        return await super().aapply_async(args, kwargs, **options)  # type: ignore[return-value]
+
+
+class chord(Canvas):  # noqa: N801 - Celery's name
+    """A group (the header) whose results, as a list in header order, go to one callback (the body)
+    once every member succeeded. A failed member fails the chord: the body never runs, its
+    ``link_error`` callbacks do, and the chord's result (the body's) carries the member's error.
+
+    Options of the chord are defaults for header and body; ``countdown``/``eta`` delay only the
+    header, ``link``/``link_error``/``task_id`` belong to the body.
+    """
+
+    def __init__(self, header: group | Iterable[Canvas], body: Canvas,
+                 options: Mapping[str, Any] | None = None) -> None:
+        self.header = header if isinstance(header, group) else group(header)
+        if not isinstance(body, Canvas):
+            raise TypeError(f"a chord's body must be a signature, got {type(body).__name__}")
+        self.body = body
+        self.options = _normalize(options or {})
+
+    def __repr__(self) -> str:
+        return f"chord({self.header!r}, {self.body!r})"
+
+    def _natask(self) -> Natask:
+        return self.body._natask()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "chord", "header": self.header.to_dict(), "body": self.body.to_dict(),
+                "options": self.options}
+
+    def _with_options(self, options: dict[str, Any]) -> chord:
+        return chord(self.header, self.body, options=options)
+
+
+def from_dict(app: Natask, data: Mapping[str, Any]) -> Canvas:
+    """Rebuild a signature, chain, group or chord from ``to_dict`` data."""
+    kind = data.get("kind")
+    options = data.get("options")
+    if kind is None:
+        return Signature.from_dict(app, data)
+    if kind == "chain":
+        return chain([from_dict(app, t) for t in data["tasks"]], options=options)
+    if kind == "group":
+        return group([from_dict(app, t) for t in data["tasks"]], options=options, app=app)
+    if kind == "chord":
+        header = from_dict(app, data["header"])
+        if not isinstance(header, group):
+            raise ValueError("a chord's header must be a group")
+        return chord(header, from_dict(app, data["body"]), options=options)
+    raise ValueError(f"unknown canvas kind {kind!r}")
+
+
+def _canvas_args(tasks: tuple[Canvas | Iterable[Canvas], ...], what: str) -> list[Canvas]:
+    items: Iterable[Any] = tasks
+    if len(tasks) == 1 and not isinstance(tasks[0], Canvas):
+        items = tasks[0]  # group(generator) / chain([a, b])
+    out = list(items)
+    for item in out:
+        if not isinstance(item, Canvas):
+            raise TypeError(f"{what}() takes signatures (task.s(...)), got {type(item).__name__}")
+    return out
+
+
+def _normalize(options: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    for key in CALLBACK_OPTIONS:
+        if key in out:
+            out[key] = callbacks(out[key])
+    return out
+
+
+def callbacks(value: Any) -> list[dict[str, Any]]:
+    """``link``/``link_error`` values as a list of canvas dicts."""
+    if value is None:
+        return []
+    if isinstance(value, (Canvas, Mapping)):
+        value = [value]
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"link/link_error take signatures, got {type(value).__name__}")
+    out = []
+    for item in value:
+        if isinstance(item, Canvas):
+            out.append(item.to_dict())
+        elif isinstance(item, Mapping):
+            out.append(dict(item))
+        else:
+            raise TypeError(f"link/link_error take signatures, got {type(item).__name__}")
+    return out

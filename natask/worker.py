@@ -208,7 +208,7 @@ class Worker:
         """Mirror the revoked-ids bucket into a local set: no KV read per task, and revokes
         recorded before this worker started still apply."""
         kv = await self.broker_.revoked()
-        watcher = await self.broker_._api(kv.watchall)  # through an election, too
+        watcher = await kv.watchall()
         loaded = asyncio.get_running_loop().create_future()
 
         async def follow() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import os
 
 from natask import Natask, TaskFailed
-from natask.testing import worker
+from natask.worker import Worker
 
 if __name__ == "__main__" and not os.environ.get("NATS_URL"):
     from natask.server import NatsServer
@@ -37,7 +37,7 @@ def divide(x: float, y: float) -> float:
 
 
 async def main() -> None:
-    async with app, worker(app, concurrency=4):
+    async with app, Worker(app, concurrency=4):  # an in-process worker; `natask worker` runs one on its own
         total = await add.adelay(2, 3)
         hello = await greet.adelay("natask")
         print("add(2, 3) =", await total.aget(timeout=10))

@@ -23,6 +23,7 @@ from .errors import (
 )
 from .result import AsyncResult
 from .task import AsyncTask, Request, Task
+from .worker import Worker
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "TaskNotFound",
     "TaskRevoked",
     "TimeLimitExceeded",
+    "Worker",
     "chain",
     "chord",
     "group",

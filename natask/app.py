@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import threading
@@ -247,8 +248,15 @@ class Natask:
         ``timedelta`` interval aligned to the Unix epoch: ``@app.periodic("*/5 * * * *", name="cleanup")``."""
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
-            task: Task[Any, Any] = self.task(name=name, queue=queue)(fn)
-            self.add_periodic_task(schedule, task.s(), name=task.name, tz=tz)
+            from .beat import make_entry
+
+            task_name = name or self._default_name(fn)
+            # Validate the schedule before registering anything, so a fixed retry is not a duplicate.
+            entry = make_entry(schedule, Signature(self, task_name), name=task_name, tz=tz)
+            if entry.name in self.periodic_entries:
+                raise ConfigError(f"a periodic entry named {entry.name!r} exists already: pass another name=")
+            task: Task[Any, Any] = self.task(name=task_name, queue=queue)(fn)
+            self.periodic_entries[entry.name] = dataclasses.replace(entry, signature=task.s())
             return task
 
         return register

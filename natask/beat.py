@@ -1,9 +1,6 @@
-"""Periodic tasks: entries (cron via croniter, epoch-aligned intervals), their pure fire-time arithmetic,
-and ``Beat``, which enqueues each fire time once while any number of beats run (a KV lease elects one).
-
-Fire times are whole seconds in UTC. A tick's task id (= its ``Nats-Msg-Id``) is derived from the entry
-name and the fire time only (``tick_id``), so two beats that both believe they lead enqueue it once
-within the stream's duplicate window (120 s by default).
+"""Periodic tasks: entries (croniter cron, epoch-aligned intervals), pure fire-time arithmetic, and ``Beat``:
+any number of beats, one elected by a KV lease, enqueue each fire time once under a deterministic task id
+(``tick_id``), so a split-brain pair is deduplicated by the stream (duplicate window, 120 s by default).
 """
 
 from __future__ import annotations
@@ -420,6 +417,7 @@ class Beat:
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._started = 0.0
+        self._release_on_exit = True
         # lease (monotonic times)
         self._lease_rev: int | None = None
         self._leader_until = 0.0
@@ -428,6 +426,7 @@ class Beat:
         # while leading: every fire time up to the cursor is handled; record revisions for CAS
         self._cursors: dict[str, datetime | None] | None = None
         self._records: dict[str, int] = {}
+        self._upcoming: dict[str, datetime] = {}  # next fire time after each cursor (a cache)
 
     def __repr__(self) -> str:
         return f"<Beat {self.id} {'leader' if self.is_leader else 'follower'} entries={len(self._entries)}>"
@@ -447,6 +446,7 @@ class Beat:
             log.warning("app %r has no periodic entries: this beat has nothing to enqueue", self.app.name)
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
+        self._release_on_exit = True
         self._started = self._clock()
         self._lease_due = 0.0
         self._task = asyncio.get_running_loop().create_task(self._run(kv), name=f"natask-beat-{self.id}")
@@ -458,15 +458,19 @@ class Beat:
         task, self._task = self._task, None
         if task is None:
             return
+        self._release_on_exit = release
+        self._stopping.set()  # the loop exits on this even if a cancellation gets lost (see below)
         if release and not task.done():
-            self._stopping.set()
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.app.config.publish_timeout + self.lease_ttl)
             except asyncio.TimeoutError:
                 log.warning("beat %s did not stop in time; cancelling it", self.id)
+        # Before Python 3.12, asyncio.wait_for (inside nats-py requests) drops a cancellation that
+        # arrives as its result does; the loop then stops at its next check of _stopping instead.
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task})  # unlike `await task`, a cancellation of our caller still propagates
+        if not task.cancelled() and task.exception() is not None:
+            log.error("beat %s failed", self.id, exc_info=task.exception())
         self._lease_rev = None
         self._cursors = None
         self._done.set()
@@ -522,7 +526,8 @@ class Beat:
                     log.exception("beat %s: unexpected error; retrying", self.id)
                     delay = min(1.0, self._poll)
                 await self._sleep(delay)
-            await self._release(kv)
+            if self._release_on_exit:
+                await self._release(kv)
         finally:
             self._lease_rev = None
             self._cursors = None
@@ -539,6 +544,8 @@ class Beat:
         """One round: lease work if due, then the due ticks; returns how long to sleep."""
         if time.monotonic() >= self._lease_due:
             await self._lease(kv)
+        if self._stopping.is_set():
+            return 0.0
         wake = self._lease_due - time.monotonic()
         if not self.is_leader:
             self._cursors = None
@@ -554,6 +561,8 @@ class Beat:
     async def _lease(self, kv: KeyValue) -> None:
         """Renew our lease, or watch the holder's and take it over once it went unrenewed for a whole
         ``lease_ttl`` by our own monotonic clock (no wall clocks compared across hosts)."""
+        if self._stopping.is_set():
+            return
         if self._lease_rev is not None:
             sent = time.monotonic()
             try:
@@ -580,7 +589,7 @@ class Beat:
         holder = str(_loads(current.value).get("holder", "?"))
         if self._seen is None or self._seen[0] != rev:
             self._seen = (rev, seen)
-        if holder in ("", self.id) or seen - self._seen[1] >= self.lease_ttl:
+        if (holder in ("", self.id) or seen - self._seen[1] >= self.lease_ttl) and not self._stopping.is_set():
             sent = time.monotonic()
             try:
                 new = await kv.update(LEASE_KEY, self._lease_value(), last=rev)
@@ -627,6 +636,7 @@ class Beat:
         """On becoming leader: the last fire time each entry's previous leader recorded."""
         cursors: dict[str, datetime | None] = {}
         self._records = {}
+        self._upcoming = {}
         for entry in self._entries:
             try:
                 item = await kv.get(RECORD_PREFIX + entry.name)
@@ -644,19 +654,22 @@ class Beat:
         now_ts = self._clock()
         now = datetime.fromtimestamp(now_ts, UTC)
         horizon = datetime.fromtimestamp(max(self._started, now_ts - self._late_window), UTC)
-        soonest: float | None = None
+        soonest: datetime | None = None
         for entry in self._entries:
             cursor = cursors.get(entry.name)
-            for fire in due_ticks(entry, cursor, horizon, now, self.catch_up):
-                if not self.is_leader:
-                    return None
-                await self._publish(entry, fire)
-                cursors[entry.name] = fire
-                await self._record(kv, entry, fire)
-            cursors[entry.name] = now if cursor is None else max(cursor, now)
-            upcoming = next_fire(entry, now if cursor is None else max(cursor, now)).timestamp()
+            upcoming = self._upcoming.get(entry.name)
+            if upcoming is None or upcoming <= now or cursor is None or cursor < horizon:
+                for fire in due_ticks(entry, cursor, horizon, now, self.catch_up):
+                    if not self.is_leader or self._stopping.is_set():
+                        self._upcoming.clear()
+                        return None
+                    await self._publish(entry, fire)
+                    cursors[entry.name] = fire
+                    await self._record(kv, entry, fire)
+                cursor = cursors[entry.name] = now if cursor is None else max(cursor, now)
+                upcoming = self._upcoming[entry.name] = next_fire(entry, cursor)
             soonest = upcoming if soonest is None else min(soonest, upcoming)
-        return soonest
+        return None if soonest is None else soonest.timestamp()
 
     async def _publish(self, entry: PeriodicEntry, fire: datetime) -> None:
         task_id = tick_id(entry.name, fire)

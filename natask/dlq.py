@@ -116,6 +116,9 @@ class DeadLetters:
         headers[HDR_REPLAYS] = str(replays)
         headers[HDR_MSG_ID] = f"{entry.id}:replay{replays}:{int(time.time())}"
         await broker.ensure_stream()
+        if not entry.id.startswith("seq-"):
+            # The stored FAILURE would answer get() before the replay ran: forget it first.
+            await (await broker.results()).purge(entry.id)
         await broker.publish(entry.subject, entry.data, headers)
         await broker.js.delete_msg(DLQ_STREAM, entry.seq)
         return entry

@@ -43,6 +43,9 @@ class WorkerMetrics:
         self._poller: asyncio.Task[None] | None = None
 
     def __call__(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "worker-offline":
+            self.stop()
+            return
         if kind == "task-started":
             self._started[fields["id"]] = fields["ts"]
             return

@@ -115,7 +115,9 @@ class AsyncResult(Generic[R]):
     @property
     def info(self) -> Any:
         """The result on SUCCESS, a ``TaskFailed`` on FAILURE, otherwise the state's meta."""
-        record = self._current()
+        return self._info(self._current())
+
+    def _info(self, record: Record | None) -> Any:
         if record is None:
             return None
         if record["state"] == SUCCESS:
@@ -147,6 +149,17 @@ class AsyncResult(Generic[R]):
         """The tasks this one's success sent (next chain step, chord callback, links)."""
         record = self._current()
         return [AsyncResult(self.app, child) for child in (record.get("children") or [] if record else [])]
+
+    async def astate(self) -> str:
+        """Async ``state``: reads the KV bucket on the running loop instead of the I/O thread."""
+        if not self._final:
+            await self._fetch()
+        return str(self._record["state"]) if self._record else PENDING
+
+    async def ainfo(self) -> Any:
+        """Async ``info``."""
+        await self.astate()
+        return self._info(self._record)
 
     def ready(self) -> bool:
         """True once the task succeeded, failed or was revoked."""

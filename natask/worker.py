@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nats.aio.msg import Msg
 
+import natask
+
 from .broker import Broker
 from .config import check_queue_name
 from .consumer import PullConsumer, Slots
@@ -587,7 +589,11 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 
 def _qualname(cls: type) -> str:
     module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    if module == "builtins":
+        return cls.__qualname__
+    if module.startswith("natask.") and getattr(natask, cls.__name__, None) is cls:
+        return f"natask.{cls.__name__}"  # the public name, not the defining module
+    return f"{module}.{cls.__qualname__}"
 
 
 def _one_line(text: str) -> str:

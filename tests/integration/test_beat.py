@@ -159,6 +159,7 @@ async def test_leader_death_follower_takes_over(nats_server: NatsServer) -> None
 
             await leader.stop(release=False)  # dies mid-run: no hand-over, the lease must expire
             killed_at, killed_mono = time.time(), time.monotonic()
+            assert not leader.is_leader
             await ticks.wait_for(lambda: min(len(ticks.fires(e, after=killed_at + 1)) for e in ENTRIES) >= 5)
             survivors = [b for b in beats if b is not leader]
             assert sum(b.is_leader for b in survivors) == 1
@@ -216,3 +217,23 @@ async def test_restart_neither_replays_nor_catches_up_beyond_limit(
             lowest = max(last[entry] + 1, int(before) - catch_up + 1)
             highest = max(last[entry] + 1, int(after) - catch_up + 1)
             assert lowest <= later[0] <= highest
+
+
+async def test_run_until_cancelled_hands_the_lease_over(nats_server: NatsServer) -> None:
+    app = make_app(nats_server.url, 1)
+    beat = Beat(app)
+    async with observer(nats_server.url) as (_, ticks):
+        try:
+            runner = asyncio.create_task(beat.run())
+            await ticks.wait_for(lambda: len(ticks.fires("every.second")) >= 1)
+            assert (await read_state(app)).leader == beat.id
+            runner.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await runner
+            state = await read_state(app)
+            assert state.leader is None
+            recorded = state.last_fired["every.second"].timestamp()
+            await ticks.wait_for(lambda: recorded in ticks.fires("every.second"), timeout=5)
+            assert ticks.fires("every.second")[-1] == recorded  # nothing enqueued after the last record
+        finally:
+            await stop_all([beat], [app])

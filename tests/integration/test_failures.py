@@ -258,7 +258,7 @@ async def test_time_limit_cancels_async_and_fails_sync(app: Natask) -> None:
         for task in (slow_async, slow_sync):
             with pytest.raises(TaskFailed) as info:
                 await (await task.adelay()).aget(timeout=10)
-            assert info.value.exc_type == "natask.errors.TimeLimitExceeded"
+            assert info.value.exc_type == "natask.TimeLimitExceeded"
     assert cancelled.is_set()
 
 

@@ -1,0 +1,22 @@
+"""Periodic tasks: schedule entries (``schedule``) and the HA beat that fires them (``leader``)."""
+
+from .leader import Beat, BeatState, bucket_name, read_state
+from .schedule import (
+    EPOCH,
+    TICK_SEP,
+    TICK_TIME_FORMAT,
+    UTC,
+    PeriodicEntry,
+    describe,
+    due_ticks,
+    make_entry,
+    next_fire,
+    prev_fire,
+    schedule_text,
+    tick_id,
+)
+
+__all__ = [
+    "EPOCH", "TICK_SEP", "TICK_TIME_FORMAT", "UTC", "Beat", "BeatState", "PeriodicEntry", "bucket_name",
+    "describe", "due_ticks", "make_entry", "next_fire", "prev_fire", "read_state", "schedule_text", "tick_id",
+]

@@ -361,9 +361,7 @@ class Broker:
                 else:
                     raise BrokerError(f"publish to {subject} refused: {e.description}") from e
             except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as e:
-                error = e
-                if self._stream_ready and self.nc.is_connected:
-                    pass  # stream leader may be moving; keep trying
+                error = e  # no stream answers: its leader is moving (or it is gone); keep trying
             except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
                 error = e
                 if subject in self._denied:

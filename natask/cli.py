@@ -327,6 +327,31 @@ def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
         pass
 
 
+@main.command()
+@app_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every one)")
+@click.option("-p", "--port", default=5555, show_default=True, help="HTTP port (0: any free port)")
+@loglevel_option
+def dashboard(app_spec: str | None, host: str, port: int, loglevel: str) -> None:
+    """A web page: queues, workers, recent and failed tasks, dead letters to replay; live."""
+    from .dashboard import serve
+    from .logs import setup_logging
+
+    setup_logging(loglevel)
+    app = load_app(app_spec)
+
+    def ready(url: str) -> None:
+        click.echo(url)
+        click.echo(f"natask dashboard of {app.name!r}; Ctrl-C to stop", err=True)
+
+    try:
+        asyncio.run(serve(app, host, port, ready))
+    except NataskError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 @main.group()
 def dlq() -> None:
     """Dead letters: list, show, replay, purge."""

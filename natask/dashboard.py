@@ -1,0 +1,617 @@
+"""``natask dashboard``: one web page doing Flower's job — queues, workers, recent and failed tasks,
+dead letters with a replay button — served by a small asyncio HTTP server with Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
+
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from .control import inspect
+from .dlq import HDR_REPLAYS, DeadLetter, DeadLetters
+from .errors import NataskError
+from .events import follow
+from .message import HDR_MSG_ID, HDR_TASK, Envelope, loads
+from .naming import DLQ_STREAM
+from .worker import HDR_RETRIES, HEARTBEAT_INTERVAL
+
+if TYPE_CHECKING:
+    from .app import Natask
+
+log = logging.getLogger("natask.dashboard")
+
+DEFAULT_PORT: Final = 5555
+"""Flower's port: an operator's muscle memory."""
+MAX_TASKS: Final = 200
+"""Recent tasks kept (and shown)."""
+MAX_FAILED: Final = 100
+"""Failed tasks kept apart, so a burst of successes does not push them out."""
+MAX_DEAD_LETTERS: Final = 100
+"""Newest dead letters shown."""
+PREVIEW_CHARS: Final = 200
+"""Longest argument preview."""
+REFRESH: Final = 1.0
+"""Seconds between queue and dead-letter readings."""
+WORKER_POLL: Final = 3.0
+"""Seconds between ``inspect stats`` rounds (events update workers in between)."""
+RATE_WINDOW: Final = 10.0
+"""Seconds of queue readings a rate is computed over."""
+MAX_DECODE: Final = 1024 * 1024
+"""Larger task messages and result records are not decoded (their id and name come from headers)."""
+KEEPALIVE: Final = 15.0
+"""Seconds between comment lines on an idle event stream (proxies close silent connections)."""
+REDACTED: Final = "***"
+
+FINAL_STATES: Final = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+_SECRET_KEY: Final = re.compile(
+    r"passw|passphrase|pwd|secret|token|key|auth|credential|cookie|session|signature|card|cvv|cvc|ssn|iban"
+    r"|^pass$|^pin$", re.IGNORECASE)
+_LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
+_REPLAY_PATH: Final = re.compile(r"^/api/dlq/([^/]+)/replay$")
+_REASONS: Final = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                   405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error"}
+
+
+# -- argument previews -------------------------------------------------------------------------
+class _Cut:
+    def __repr__(self) -> str:
+        return "…"
+
+
+_CUT: Final = _Cut()
+
+
+def is_secret(key: object) -> bool:
+    """Whether a mapping key or keyword names something to hide (password, api_key, card_number...)."""
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` with the values of secret-looking keys replaced, at any depth (containers
+    cut to what a preview can show)."""
+    if depth > 8:
+        return _CUT
+    if isinstance(value, Mapping):
+        return {k: REDACTED if is_secret(k) else redact(v, depth + 1) for k, v in list(value.items())[:50]}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [redact(v, depth + 1) for v in list(value)[:50]]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+def preview(args: Any, kwargs: Mapping[str, Any], limit: int = PREVIEW_CHARS) -> str:
+    """``(1, 'a', password='***')``: the call's arguments, redacted, at most ``limit`` characters."""
+    parts = [_short_repr(redact(a), limit) for a in list(args)[:50]]
+    parts += [f"{k}={REDACTED!r}" if is_secret(k) else f"{k}={_short_repr(redact(v), limit)}"
+              for k, v in list(kwargs.items())[:50]]
+    text = "(" + ", ".join(parts) + ")"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit]
+
+
+# -- what the page shows -----------------------------------------------------------------------
+@dataclass
+class TaskRow:
+    """One task as the dashboard has seen it (publishes, events, result records)."""
+
+    id: str
+    name: str
+    queue: str = ""
+    state: str = "PENDING"
+    args: str = ""
+    sent: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    runtime: float | None = None
+    worker: str = ""
+    retries: int = 0
+    error: str = ""
+    version: int = 0
+    msg_id: str = field(default="", repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["msg_id"]
+        return d
+
+
+@dataclass
+class _Reading:
+    at: float
+    done: int
+    sent: int
+
+
+class Dashboard:
+    """The state behind the page, fed by core subscriptions (every task publish, every result
+    record), lifecycle events and periodic readings; plus the HTTP server that serves it."""
+
+    def __init__(self, app: Natask, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 refresh: float = REFRESH) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.refresh = refresh
+        self.prefix = app.config.subject_prefix
+        self.version = 0
+        self.tasks: OrderedDict[str, TaskRow] = OrderedDict()
+        self.failed: OrderedDict[str, TaskRow] = OrderedDict()
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.queues: list[dict[str, Any]] = []
+        self.dead_letters: list[dict[str, Any]] = []
+        self.dead_total = 0
+        self.error = ""
+        self.seen = 0
+        self._sent_by_queue: dict[str, int] = {}
+        self._readings: dict[str, deque[_Reading]] = {}
+        self._started = time.monotonic()
+        self._dlq_dirty = True
+        self._dlq_checked = 0.0
+        self._workers_polled = 0.0
+        self._wake = asyncio.Event()
+        self._listeners: set[asyncio.Event] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._subs: list[Any] = []
+        self._jobs: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+        self._page = resources.files("natask").joinpath("dashboard.html").read_bytes()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}/"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        broker = await self.app._broker()
+        try:
+            for subject, cb in ((f"{self.prefix}.>", self._on_publish),
+                                (f"$KV.{self.app.names.results_bucket}.>", self._on_result),
+                                (f"natask.dlq.{self.prefix}.>", self._on_dead_letter)):
+                self._subs.append(await broker.subscribe(subject, cb=cb))
+            self._jobs = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._poll())]
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for job in self._jobs:
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for listener in self._listeners:
+            listener.set()  # event streams end (cancelling a handler would upset asyncio.streams)
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Dashboard:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _touch(self) -> int:
+        self.version += 1
+        for listener in self._listeners:
+            listener.set()
+        return self.version
+
+    # -- feeds -------------------------------------------------------------------------------
+    def _row(self, task_id: str, name: str) -> TaskRow:
+        row = self.tasks.get(task_id) or self.failed.get(task_id)
+        if row is None:
+            row = TaskRow(id=task_id, name=name or "?")
+            self.seen += 1
+        elif name and row.name == "?":
+            row.name = name
+        self.tasks[task_id] = row
+        self.tasks.move_to_end(task_id)
+        while len(self.tasks) > MAX_TASKS:
+            self.tasks.popitem(last=False)
+        return row
+
+    def _changed(self, row: TaskRow) -> None:
+        if row.state in FINAL_STATES and row.started is not None and row.finished is not None:
+            row.runtime = max(0.0, row.finished - row.started)
+        if row.state == "SUCCESS":
+            row.error = ""  # an earlier attempt's exception
+        row.version = self._touch()
+        if row.state == "FAILURE":
+            self.failed[row.id] = row
+            self.failed.move_to_end(row.id)
+            while len(self.failed) > MAX_FAILED:
+                self.failed.popitem(last=False)
+
+    async def _on_publish(self, msg: Msg) -> None:
+        """Every task publish (the audit pattern): a new call, a retry, a replay or a schedule."""
+        headers = msg.headers or {}
+        rest = msg.subject[len(self.prefix) + 1:]
+        scheduled = rest.startswith("_sched.")
+        queue = rest.split(".", 2)[1] if scheduled else rest.split(".", 1)[0]
+        msg_id = headers.get(HDR_MSG_ID, "")
+        task_id, name, args = msg_id.split(":", 1)[0], headers.get(HDR_TASK, ""), ""
+        if len(msg.data) <= MAX_DECODE:
+            try:
+                env = Envelope.decode(msg.data, headers)
+                task_id, name, args = env.id, env.task, preview(env.args, env.kwargs)
+            except NataskError:
+                args = f"<undecodable, {len(msg.data)} bytes>"
+        else:
+            args = f"<{len(msg.data)} bytes>"
+        if not task_id:
+            return
+        self._sent_by_queue[queue] = self._sent_by_queue.get(queue, 0) + (not scheduled)
+        row = self._row(task_id, name)
+        if msg_id and msg_id == row.msg_id:
+            return  # a duplicate publish, which JetStream dropped
+        row.msg_id = msg_id
+        row.queue, row.args, row.sent = queue, args, time.time()
+        row.retries = max(row.retries, int(headers.get(HDR_RETRIES, "0") or 0))
+        if row.state in FINAL_STATES or scheduled or HDR_REPLAYS in headers:
+            row.started = row.finished = row.runtime = None
+            row.error = row.error if scheduled else ""
+        row.state = "SCHEDULED" if scheduled else "PENDING"
+        self._changed(row)
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        """Apply one lifecycle event (``natask.events.<prefix>.*``)."""
+        kind, ts = str(event.get("type", "")), float(event.get("ts") or time.time())
+        worker = str(event.get("worker", ""))
+        if kind.startswith("worker-"):
+            info = self.workers.setdefault(worker, {"worker": worker})
+            info.update({k: v for k, v in event.items() if k not in ("type", "ts")})
+            info["status"] = "offline" if kind == "worker-offline" else "online"
+            info["last_seen"] = time.time()
+            self._touch()
+            return
+        task_id = str(event.get("id") or "")
+        if not kind.startswith("task-") or not task_id:
+            return
+        row = self._row(task_id, str(event.get("name") or ""))
+        row.worker = worker or row.worker
+        if kind == "task-started":
+            row.started, row.retries = ts, int(event.get("retries") or row.retries)
+            if row.state not in FINAL_STATES:  # else the outcome's record came in first
+                row.state = "STARTED"
+        elif kind == "task-retried":
+            row.state, row.retries = "RETRY", int(event.get("retries") or row.retries)
+            row.error = f"{event.get('exc_type', '')}: {event.get('message', '')}"
+        elif kind in ("task-succeeded", "task-failed", "task-revoked", "task-finished"):
+            row.state = str(event.get("state") or kind.removeprefix("task-").upper())
+            row.finished = ts
+        else:
+            return
+        self._changed(row)
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async for event in follow(self.app):
+                    self.on_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("events: %s; resubscribing", e)
+                await asyncio.sleep(self.refresh)
+
+    async def _on_result(self, msg: Msg) -> None:
+        """A result record stored in the results bucket: error messages and custom states."""
+        if not msg.data or len(msg.data) > MAX_DECODE or (msg.headers or {}).get("KV-Operation"):
+            return
+        try:
+            record = loads(msg.data)
+        except NataskError:
+            return
+        if not isinstance(record, dict) or not isinstance(record.get("state"), str):
+            return
+        task_id, state = msg.subject.rsplit(".", 1)[-1], record["state"]
+        if task_id not in self.tasks and task_id not in self.failed and not record.get("task"):
+            return
+        row = self._row(task_id, str(record.get("task") or ""))
+        if row.state in FINAL_STATES and state not in FINAL_STATES:
+            return  # a progress record overtaken by the outcome
+        info: dict[str, Any] = record["info"] if isinstance(record.get("info"), dict) else {}
+        row.state = state
+        row.worker = str(record.get("worker") or info.get("worker") or row.worker)
+        if state in ("FAILURE", "RETRY"):
+            source: dict[str, Any] = record if state == "FAILURE" else info
+            row.error = f"{source.get('exc_type', '')}: {source.get('message', '')}"[:500]
+        if state in FINAL_STATES and row.finished is None:
+            row.finished = float(record.get("date_done") or time.time())
+        self._changed(row)
+
+    async def _on_dead_letter(self, msg: Msg) -> None:
+        self._dlq_dirty = True
+        self._wake.set()
+
+    # -- readings ----------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.read()
+                self.error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the server may be away: show it, keep trying
+                log.warning("dashboard refresh failed: %s", e)
+                self.error = str(e) or type(e).__name__
+            self._touch()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh)
+
+    async def read(self) -> None:
+        """Queues with rates, dead letters (when changed), workers (every few seconds)."""
+        now = time.monotonic()
+        jobs = [self._read_queues()]
+        if self._dlq_dirty or now - self._dlq_checked > 10 * self.refresh:
+            jobs.append(self._read_dead_letters())
+        if now - self._workers_polled > WORKER_POLL:
+            self._workers_polled = now
+            jobs.append(self._read_workers())
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _read_queues(self) -> None:
+        broker = await self.app._broker()
+        try:
+            infos = await broker.js._jsm.consumers_info(self.app.names.stream)
+        except nats.js.errors.NotFoundError:
+            infos = []
+        now = time.monotonic()
+        queues = []
+        for info in infos:
+            in_flight = info.num_ack_pending or 0
+            done = (info.delivered.consumer_seq if info.delivered else 0) - in_flight
+            queues.append({"name": info.name, "pending": info.num_pending or 0, "in_flight": in_flight,
+                           "redelivered": info.num_redelivered or 0, "waiting_pulls": info.num_waiting or 0,
+                           "consumer": True, **self._rates(info.name, now, done)})
+        known = {q["name"] for q in queues}
+        for name in sorted(set(self._sent_by_queue) - known):  # sent to, but no worker has consumed yet
+            subject = self.app.names.queue_filter(name)
+            try:
+                stream = await broker.js.stream_info(self.app.names.stream, subjects_filter=subject)
+                waiting = sum((stream.state.subjects or {}).values())
+            except nats.js.errors.NotFoundError:
+                waiting = 0
+            queues.append({"name": name, "pending": waiting, "in_flight": 0, "redelivered": 0,
+                           "waiting_pulls": 0, "consumer": False, **self._rates(name, now, 0)})
+        self.queues = sorted(queues, key=lambda q: str(q["name"]))
+
+    def _rates(self, queue: str, now: float, done: int) -> dict[str, float]:
+        readings = self._readings.setdefault(queue, deque([_Reading(self._started, done, 0)]))
+        readings.append(_Reading(now, done, self._sent_by_queue.get(queue, 0)))
+        while len(readings) > 2 and now - readings[0].at > RATE_WINDOW:
+            readings.popleft()
+        first, span = readings[0], now - readings[0].at
+        if span <= 0:
+            return {"in_rate": 0.0, "out_rate": 0.0}
+        return {"in_rate": round(max(0, readings[-1].sent - first.sent) / span, 2),
+                "out_rate": round(max(0, done - first.done) / span, 2)}
+
+    async def _read_dead_letters(self) -> None:
+        self._dlq_dirty, self._dlq_checked = False, time.monotonic()
+        entries, self.dead_total = await newest_dead_letters(self.app, MAX_DEAD_LETTERS)
+        dead = []
+        for e in reversed(entries):
+            info = e.as_dict()
+            try:
+                env = Envelope.decode(e.data)
+                info["args"] = preview(env.args, env.kwargs)
+            except NataskError:
+                info["args"] = f"<undecodable, {len(e.data)} bytes>"
+            dead.append(info)
+        self.dead_letters = dead
+
+    async def _read_workers(self) -> None:
+        replies = await inspect(self.app, "stats", timeout=0.5)
+        now = time.time()
+        for reply in replies:
+            info = self.workers.setdefault(str(reply.get("worker")), {})
+            info.update(reply, status="online", last_seen=now)
+        for ident, info in list(self.workers.items()):
+            silent = now - float(info.get("last_seen") or 0)
+            if info.get("status") == "online" and silent > 3 * HEARTBEAT_INTERVAL:
+                info["status"] = "unresponsive"
+            if info.get("status") != "online" and silent > 300:
+                del self.workers[ident]
+
+    # -- views -------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        workers = sorted(self.workers.values(), key=lambda w: str(w.get("worker")))
+        return {"app": self.app.name, "prefix": self.prefix, "error": self.error, "queues": self.queues,
+                "workers": workers, "seen": self.seen,
+                "dead_letters": {"total": self.dead_total, "entries": self.dead_letters}}
+
+    def tasks_since(self, version: int = 0) -> list[dict[str, Any]]:
+        """Task rows (recent and failed) changed after ``version``; all of them for 0."""
+        rows = {r.id: r for r in (*self.failed.values(), *self.tasks.values()) if r.version > version}
+        return [r.as_dict() for r in rows.values()]
+
+    def state(self) -> dict[str, Any]:
+        """The whole picture (``/api/state``, and the first event of a stream)."""
+        return {"version": self.version, "now": time.time(), "full": True, "tasks": self.tasks_since(),
+                "summary": self.summary()}
+
+    async def replay(self, entry_id: str) -> DeadLetter:
+        entry = await DeadLetters(self.app).replay(entry_id)
+        self._dlq_dirty = True
+        self._wake.set()
+        return entry
+
+    # -- HTTP --------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            request, *lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = request.split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
+            path = target.split("?", 1)[0]
+            if not self._host_allowed(headers.get("host", "")):
+                await _respond(writer, 403, "text/plain", b"unknown Host header\n")
+            elif path == "/api/events" and method == "GET":
+                await self._stream(writer)
+            else:
+                await _respond(writer, *await self._route(method, path, headers))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
+                ValueError):
+            pass  # a client that went away or spoke nonsense
+        except Exception:
+            log.exception("dashboard: request failed")
+        finally:
+            writer.close()
+
+    def _host_allowed(self, host: str) -> bool:
+        """Bound to loopback, only loopback names may be used (no DNS rebinding to reach it)."""
+        if self.host not in _LOOPBACK:
+            return True
+        return host in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+
+    async def _route(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        if path == "/":
+            return (200, "text/html; charset=utf-8", self._page) if method == "GET" else _not_allowed()
+        if path == "/api/state":
+            return (200, "application/json", _json(self.state())) if method == "GET" else _not_allowed()
+        if path == "/favicon.ico":
+            return 204, "image/x-icon", b""
+        replay = _REPLAY_PATH.match(path)
+        if replay is None:
+            return 404, "application/json", _json({"error": "not found"})
+        if method != "POST":
+            return _not_allowed()
+        # A custom header cannot be sent cross-origin without a CORS preflight, which we never allow.
+        origin = headers.get("origin", "")
+        if headers.get("x-natask-dashboard") != "1" or (origin and origin.partition("://")[2] != headers.get("host")):
+            return 403, "application/json", _json({"error": "cross-origin request refused"})
+        entry_id = unquote(replay.group(1))
+        try:
+            entry = await self.replay(entry_id)
+        except NataskError as e:
+            return (404 if "no dead letter" in str(e) else 409), "application/json", _json({"error": str(e)})
+        return 200, "application/json", _json({"replayed": entry.id, "subject": entry.subject})
+
+    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+        """Server-Sent Events: the full state first, then the rows changed since, coalesced."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n"
+                     b"Connection: keep-alive\r\n\r\n")
+        changed = asyncio.Event()
+        self._listeners.add(changed)
+        try:
+            last, last_summary = 0, b""
+            while not self._closing:
+                changed.clear()
+                tasks = self.tasks_since(last)
+                message: dict[str, Any] = {"version": self.version, "now": time.time(), "full": last == 0,
+                                           "tasks": tasks}
+                last = self.version
+                summary = self.summary()
+                blob = _json(summary)
+                if blob != last_summary:
+                    message["summary"], last_summary = summary, blob
+                if tasks or "summary" in message:
+                    writer.write(b"data: " + _json(message) + b"\n\n")
+                    await writer.drain()
+                while True:
+                    try:
+                        await asyncio.wait_for(changed.wait(), KEEPALIVE)
+                        break
+                    except asyncio.TimeoutError:
+                        writer.write(b": keepalive\n\n")  # also finds out that the client left
+                        await writer.drain()
+                if not self._closing:
+                    await asyncio.sleep(0.2)  # one message per burst of changes
+        finally:
+            self._listeners.discard(changed)
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, default=str, separators=(",", ":")).encode()
+
+
+def _not_allowed() -> tuple[int, str, bytes]:
+    return 405, "application/json", _json({"error": "method not allowed"})
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes) -> None:
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            "X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nConnection: close\r\n\r\n")
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+async def newest_dead_letters(app: Natask, limit: int) -> tuple[list[DeadLetter], int]:
+    """The app's ``limit`` newest dead letters (oldest first) and how many it has, reading back
+    from the end of the shared stream in growing windows instead of from its start."""
+    broker = await app._broker()
+    await broker.ensure_dlq()
+    subject = f"natask.dlq.{app.config.subject_prefix}.>"
+    info = await broker.js.stream_info(DLQ_STREAM, subjects_filter=subject)
+    total = sum((info.state.subjects or {}).values())
+    out: list[DeadLetter] = []
+    high, step = info.state.last_seq + 1, 4 * limit
+    while total and high > info.state.first_seq and len(out) < limit:
+        low = max(info.state.first_seq, high - step)
+        window: list[DeadLetter] = []
+        seq = low - 1
+        while True:
+            try:
+                msg = await broker.js.get_msg(DLQ_STREAM, seq=seq + 1, subject=subject, next=True, direct=True)
+            except nats.js.errors.NotFoundError:
+                break
+            assert msg.seq is not None
+            if msg.seq >= high:
+                break
+            seq = msg.seq
+            window.append(DeadLetter.from_msg(seq, msg.data or b"", dict(msg.headers or {})))
+        out = window + out
+        high, step = low, step * 4
+    return out[-limit:], total
+
+
+async def serve(app: Natask, host: str, port: int, ready: Callable[[str], None]) -> None:
+    """Run the dashboard until SIGTERM/SIGINT (``natask dashboard``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with app, Dashboard(app, host, port) as dashboard:
+        ready(dashboard.url)
+        await stop.wait()

@@ -1,0 +1,78 @@
+"""The dashboard's pure parts: argument previews (redacted, bounded) and how feeds update a task row."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from natask import Natask
+from natask.dashboard import PREVIEW_CHARS, REDACTED, Dashboard, is_secret, preview, redact
+
+
+def test_secret_looking_keys() -> None:
+    for key in ("password", "PASSWORD", "db_passwd", "api_key", "apiKey", "token", "access_token", "secret",
+                "client_secret", "Authorization", "auth", "card_number", "credit_card", "cvv", "session_id",
+                "cookie", "private_key", "pin", "pass", "iban", "ssn", "signature", "credentials"):
+        assert is_secret(key), key
+    for key in ("name", "user", "email", "order_id", "amount", "pinned", "passenger", "notes", 3, None):
+        assert not is_secret(key), key
+
+
+def test_redact_replaces_secret_values_at_any_depth() -> None:
+    value = {"user": "bob", "password": "hunter2",
+             "nested": {"items": [{"token": "t0k3n", "ok": 1}, ("x", {"Authorization": "Bearer abc"})]},
+             "card": {"number": "4111111111111111"}}
+    assert redact(value) == {"user": "bob", "password": REDACTED,
+                             "nested": {"items": [{"token": REDACTED, "ok": 1}, ("x", {"Authorization": REDACTED})]},
+                             "card": REDACTED}
+    assert value["password"] == "hunter2"  # a copy: the original is untouched
+
+
+def test_preview_redacts_keyword_and_nested_secrets() -> None:
+    text = preview(["order-7", {"api_key": "sk_live_123", "qty": 2}],
+                   {"password": "hunter2", "note": "hi", "headers": {"Cookie": "sid=1"}})
+    assert text == ("('order-7', {'api_key': '***', 'qty': 2}, password='***', note='hi', "
+                    "headers={'Cookie': '***'})")
+    for secret in ("sk_live_123", "hunter2", "sid=1"):
+        assert secret not in text
+
+
+def test_preview_is_bounded() -> None:
+    huge = preview(["x" * 100_000, list(range(100_000))], {"blob": b"\0" * 10_000})
+    assert len(huge) <= PREVIEW_CHARS and huge.endswith("…")
+    assert preview([b"\0" * 10_000], {}) == "(<10000 bytes>)"
+    deep: list[object] = []
+    for _ in range(1000):
+        deep = [deep]
+    assert len(preview([deep], {})) <= PREVIEW_CHARS
+    assert preview([], {}) == "()"
+    assert preview([dt.date(2026, 1, 2)], {}) == "(datetime.date(2026, 1, 2))"
+
+
+def _dashboard() -> Dashboard:
+    return Dashboard(Natask("unit", servers=["nats://127.0.0.1:1"]))  # never connects
+
+
+def test_events_make_a_row_with_runtime_whatever_the_order() -> None:
+    d = _dashboard()
+    d.on_event({"type": "task-started", "id": "a", "name": "t.add", "ts": 100.0, "worker": "w1", "retries": 0})
+    assert d.tasks["a"].state == "STARTED"
+    d.on_event({"type": "task-succeeded", "id": "a", "name": "t.add", "ts": 100.25, "worker": "w1",
+                "state": "SUCCESS"})
+    row = d.tasks["a"]
+    assert (row.state, row.runtime, row.worker) == ("SUCCESS", 0.25, "w1")
+
+    # The outcome may overtake the start (different subjects): the row stays final, runtime still known.
+    d.on_event({"type": "task-failed", "id": "b", "name": "t.div", "ts": 200.5, "worker": "w1", "state": "FAILURE"})
+    d.on_event({"type": "task-started", "id": "b", "name": "t.div", "ts": 200.0, "worker": "w1"})
+    assert (d.tasks["b"].state, d.tasks["b"].runtime) == ("FAILURE", 0.5)
+    assert list(d.failed) == ["b"]
+    assert {t["id"] for t in d.tasks_since(0)} == {"a", "b"}
+    assert [t["id"] for t in d.tasks_since(d.tasks["a"].version)] == ["b"]
+
+
+def test_worker_events() -> None:
+    d = _dashboard()
+    d.on_event({"type": "worker-online", "ts": 1.0, "worker": "h:1", "queues": ["default"], "concurrency": 4})
+    assert d.workers["h:1"]["status"] == "online" and d.workers["h:1"]["concurrency"] == 4
+    d.on_event({"type": "worker-offline", "ts": 2.0, "worker": "h:1"})
+    assert d.summary()["workers"][0]["status"] == "offline"

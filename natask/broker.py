@@ -6,8 +6,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 import nats
 import nats.errors
@@ -42,6 +42,16 @@ _RETRY_PAUSE: Final = 0.25
 """Pause between publish attempts while the server is unreachable or electing a leader."""
 
 ResultCallback = Callable[[str, bytes], None]
+T = TypeVar("T")
+
+_TRANSIENT_API: Final = (
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""JetStream API failures that a leader election or a reconnect causes: worth asking again."""
 
 
 class Broker:
@@ -201,6 +211,18 @@ class Broker:
         if self._on_reconnect is not None:
             self._on_reconnect()
 
+    async def api(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A JetStream API request, asked again while a leader election or reconnect makes it
+        time out (up to ``publish_timeout``); a denied subject fails at once."""
+        deadline = time.monotonic() + self.config.publish_timeout
+        while True:
+            try:
+                return await call()
+            except _TRANSIENT_API:
+                if time.monotonic() >= deadline or any(s.startswith("$JS.API") for s in self._denied):
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE)
+
     # -- provisioning -----------------------------------------------------------------------
     async def ensure_stream(self) -> None:
         """Create the task stream if missing (producers and workers both call this)."""
@@ -237,10 +259,10 @@ class Broker:
     async def _ensure(self, config: StreamConfig) -> None:
         assert config.name is not None
         try:
-            info = await self.js.stream_info(config.name)
+            info = await self.api(lambda: self.js.stream_info(config.name))  # type: ignore[arg-type]
         except nats.js.errors.NotFoundError:
             try:
-                await self.js.add_stream(config)
+                await self.api(lambda: self.js.add_stream(config))
                 return
             except nats.js.errors.BadRequestError as e:
                 if e.err_code != 10058:  # created concurrently by another process: fine
@@ -276,11 +298,11 @@ class Broker:
             num_replicas=self.config.stream_replicas,
         )
         try:
-            await self.js.add_consumer(names.stream, config)
+            await self.api(lambda: self.js.add_consumer(names.stream, config))
         except nats.js.errors.BadRequestError as e:
             if e.err_code not in (10148, 10013):  # 10148: exists with another config
                 raise BrokerError(f"cannot create consumer {durable}: {e.description}") from e
-            await self._update_consumer(config)
+            await self.api(lambda: self._update_consumer(config))
         except Exception as e:
             raise self._translate(e, f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}") from e
         return durable
@@ -313,13 +335,13 @@ class Broker:
 
     async def _bucket(self, bucket: str) -> KeyValue:
         try:
-            return await self.js.key_value(bucket)
+            return await self.api(lambda: self.js.key_value(bucket))
         except nats.js.errors.BucketNotFoundError:
             pass
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
         try:
-            return await self.js.create_key_value(
+            return await self.api(lambda: self.js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket,
                     history=1,
@@ -328,7 +350,7 @@ class Broker:
                     replicas=self.config.stream_replicas,
                     direct=True,
                 )
-            )
+            ))
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
 

@@ -20,6 +20,8 @@ PULL_EXPIRES: Final = 10.0
 """Lifetime of one pull request on the server; the server answers 408 when it ends unfilled."""
 _GRACE: Final = 3.0
 """Extra time before a request the server never closed is written off locally."""
+_NO_LEADER_PAUSE: Final = 0.5
+"""Pause before asking again after a 503 (no responders: the consumer is electing a leader)."""
 
 
 class Slots:
@@ -73,6 +75,7 @@ class PullConsumer:
         self._pump_task: asyncio.Task[None] | None = None
         self.paused = False
         self.last_activity = time.monotonic()
+        self._retry_at = 0.0  # after a 503, no pull request before this (monotonic)
 
     async def start(self) -> None:
         self._sub = await self.broker.subscribe(f"{self._inbox}.*", cb=self._deliver,
@@ -133,7 +136,7 @@ class PullConsumer:
             if self.credit and time.monotonic() - self.last_activity > PULL_EXPIRES + _GRACE:
                 # Every unfinished request ends with a 408 by PULL_EXPIRES: silence means they are gone.
                 self._write_off()
-            if not self.broker.nc.is_connected:
+            if not self.broker.nc.is_connected or time.monotonic() < self._retry_at:
                 continue
             await self._request()
 
@@ -187,8 +190,12 @@ class PullConsumer:
         pending = headers.get("Nats-Pending-Messages")
         self._take(int(pending) if pending and pending.isdigit() else batch)
         description = headers.get("Description", "")
-        if status == "409" and "Deleted" in description:
+        if status == "503":
+            # No responders: the consumer's leader is moving. Asking again at once would spin.
+            self._retry_at = time.monotonic() + _NO_LEADER_PAUSE
+            log.debug("consumer %s has no leader right now; asking again shortly", self.durable)
+        elif status == "409" and "Deleted" in description:
             log.error("consumer %s was deleted on the server: restart the worker to recreate it", self.durable)
-        elif status not in ("404", "408", "409"):
+        elif status not in ("404", "408", "409", "503"):
             log.warning("pull request on %s ended with %s %s", self.durable, status, description)
         self.wake()

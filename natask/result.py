@@ -186,7 +186,7 @@ class AsyncResult(Generic[R]):
         broker = await self.app._broker()
         kv = await broker.results()
         try:
-            entry = await kv.get(self.id)
+            entry = await broker.api(lambda: kv.get(self.id))
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
@@ -252,7 +252,7 @@ class AsyncResult(Generic[R]):
     async def _watch(self) -> None:
         broker = await self.app._broker()
         kv = await broker.results()
-        watcher = await kv.watch(self.id)
+        watcher = await broker.api(lambda: kv.watch(self.id))
         try:
             async for entry in watcher:
                 if entry is None or not entry.value:

@@ -210,7 +210,7 @@ class Worker:
         """Mirror the revoked-ids bucket into a local set: no KV read per task, and revokes
         recorded before this worker started still apply."""
         kv = await self.broker_.revoked()
-        watcher = await kv.watchall()
+        watcher = await self.broker_.api(kv.watchall)  # through an election, too
         loaded = asyncio.get_running_loop().create_future()
 
         async def follow() -> None:

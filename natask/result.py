@@ -26,6 +26,8 @@ RETRY: Final = "RETRY"
 SUCCESS: Final = "SUCCESS"
 FAILURE: Final = "FAILURE"
 REVOKED: Final = "REVOKED"
+_REPLY_CHECK: Final = 5.0
+"""Seconds between KV checks while waiting for a reply."""
 READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
 """States after which a task's outcome never changes."""
 
@@ -239,12 +241,21 @@ class AsyncResult(Generic[R]):
                     if self._final:
                         return
                     self._waiters.append((loop, fut))
+                # The reply is the fast path, not the only one: look at the KV record now and then
+                # (a reply can be lost, e.g. published before a cluster route knew our inbox).
+                timer = loop.call_later(_REPLY_CHECK, _wake, fut)
                 try:
                     await fut
                 finally:
+                    timer.cancel()
                     with self._lock:
                         if (loop, fut) in self._waiters:
                             self._waiters.remove((loop, fut))
+                if not self._final and timer.when() <= loop.time():
+                    try:
+                        await self._fetch()
+                    except BrokerError:
+                        pass  # the broker is away: keep waiting for whichever path comes back first
             else:
                 # No live reply route (other process, closed loop or a reconnect): watch the KV key.
                 await self._watch()

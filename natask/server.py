@@ -58,7 +58,9 @@ def _die_with_parent() -> None:
 class NatsServer:
     """A nats-server child process with JetStream on a loopback port and its own store dir.
 
-    Ready when its log says so; ``stop()`` (or the context manager) ends it.
+    Ready when its log says so; ``stop()`` (or the context manager) ends it. On Linux the server
+    also ends when the *thread* that started it exits (``PR_SET_PDEATHSIG``), so start it from a
+    long-lived thread (not through ``asyncio.to_thread``).
     """
 
     def __init__(

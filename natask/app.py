@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import threading
 import time
 import warnings
@@ -29,6 +28,7 @@ from .message import (
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
     HDR_WIRE,
+    TASK_ID_RE,
     WIRE_VERSION,
     Envelope,
     at_schedule,
@@ -44,7 +44,6 @@ from .task import AsyncTask, Task, TaskOptions
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
 
-_TASK_ID_RE = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
 _FAILURE_MEMORY = 2.0
 """Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
@@ -322,7 +321,7 @@ class Natask:
         when = None if countdown is None and eta is None else _eta(now, countdown, eta)
         if task_id is None:
             task_id = os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
-        elif not isinstance(task_id, str) or not _TASK_ID_RE.match(task_id):
+        elif not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
             raise ConfigError(f"invalid task_id {task_id!r}: use letters, digits, '_', '-', '=' or '/' "
                               "(it is a KV key and a subject token)")
         envelope = Envelope(

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ HDR_SCHEDULE: Final = "Nats-Schedule"
 HDR_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
 """The subject a schedule message publishes to when it fires."""
 
+TASK_ID_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
+"""What a task id may be: it becomes a KV key and a subject token."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Decode refuses larger bodies outright (nats-server's max_payload cannot exceed 64 MiB)."""
 MAX_EXT_DEPTH: Final = 32
@@ -225,6 +228,8 @@ class Envelope:
             raise DecodeError(f"malformed envelope: {e}", data, headers) from None
         if not all(isinstance(k, str) for k in env.kwargs):
             raise DecodeError("malformed envelope: kwargs keys must be strings", data, headers)
+        if not TASK_ID_RE.match(env.id):
+            raise DecodeError(f"malformed envelope: invalid task id {env.id[:100]!r}", data, headers)
         return env
 
 

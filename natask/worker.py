@@ -29,6 +29,7 @@ from .message import (
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
+    TASK_ID_RE,
     Envelope,
     at_schedule,
     dumps,
@@ -346,7 +347,8 @@ class Worker:
         try:
             env = Envelope.decode(msg.data, headers)
         except DecodeError as e:
-            await self._dead_letter(msg, "undecodable", str(e), task_id=headers.get(HDR_MSG_ID, "").split(":")[0])
+            task_id = headers.get(HDR_MSG_ID, "").split(":")[0]
+            await self._dead_letter(msg, "undecodable", str(e), task_id=task_id if TASK_ID_RE.match(task_id) else "")
             return
         delivery.task_id, delivery.name = env.id, env.task
         task = self.app.tasks.get(env.task)

@@ -130,8 +130,9 @@ async def test_reject_dead_letters_without_retry(app: Natask) -> None:
         b"\xdd\xff\xff\xff\xff",  # claims a 4-billion-element array
         b"\x91" * 100_000,  # nested far too deep
         dumps([1, 2, 3]),  # not a map
+        dumps({"v": 1, "id": "not a valid id", "task": "t.ok", "args": [1]}),  # would be a bad KV key
     ],
-    ids=["garbage", "empty", "truncated", "version", "huge-claim", "deep", "not-a-map"],
+    ids=["garbage", "empty", "truncated", "version", "huge-claim", "deep", "not-a-map", "bad-id"],
 )
 async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     app: Natask, nats_server: NatsServer, payload: bytes
@@ -143,7 +144,7 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     await app._apublish(app._prepare("t.ok", [0], {}, queue="default"))  # creates the stream
     nc = await nats.connect(nats_server.url)
     dead = await nc.subscribe("natask.dlq.>")
-    await nc.jetstream().publish("tasks.default.t.ok", payload)
+    await nc.jetstream().publish("tasks.default.t.ok", payload, headers={"Nats-Msg-Id": "bad id:1"})
     async with worker(app):
         assert await (await ok.adelay(7)).aget(timeout=10) == 7
         await dead.next_msg(timeout=10)

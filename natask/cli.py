@@ -122,8 +122,8 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    servers = await serve(w, metrics_port, health_port)  # listening before the first task arrives
     await w.start()
-    servers = await serve(w, metrics_port, health_port)
     if beat is not None:
         await beat.start()
     await w.run()

@@ -40,6 +40,9 @@ class WorkerMetrics:
         self.unacked = Gauge("natask_queue_in_flight", "Tasks delivered and not yet acked, all workers",
                              ["queue"], registry=self.registry)
         self._started: dict[str, float] = {}
+        # labels() costs a lock and a tuple lookup per call: keep the children per task name.
+        self._count: dict[tuple[str, str], Any] = {}
+        self._timing: dict[str, Any] = {}
         self._poller: asyncio.Task[None] | None = None
 
     def __call__(self, kind: str, fields: dict[str, Any]) -> None:
@@ -53,10 +56,16 @@ class WorkerMetrics:
         if outcome is None:
             return
         name = fields.get("name", "")
-        self.tasks.labels(name, outcome).inc()
+        counter = self._count.get((name, outcome))
+        if counter is None:
+            counter = self._count[(name, outcome)] = self.tasks.labels(name, outcome)
+        counter.inc()
         began = self._started.pop(fields.get("id", ""), None)
         if began is not None:
-            self.duration.labels(name).observe(fields["ts"] - began)
+            timing = self._timing.get(name)
+            if timing is None:
+                timing = self._timing[name] = self.duration.labels(name)
+            timing.observe(fields["ts"] - began)
 
     def start(self) -> None:
         self._poller = asyncio.get_running_loop().create_task(self._poll_queues())

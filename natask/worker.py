@@ -131,6 +131,14 @@ class Worker:
         await broker.results()  # fire-and-forget state writes need the bucket to exist
         self._runner = ThreadRunner(self.concurrency)
         await self._watch_revokes()
+        # Everything that observes tasks is in place before the first one can arrive.
+        self.started_at = time.time()
+        self._control = ControlResponder(self)
+        await self._control.start()
+        if self.send_events:
+            self._events = EventPublisher(broker, self.ident)
+            self.listeners.append(self._events)
+        self.event("worker-online", **self._control.stats())
         for queue in self.queues:
             durable = await broker.ensure_consumer(queue)
             consumer = PullConsumer(broker, durable, self._slots, self._on_message)
@@ -142,13 +150,6 @@ class Worker:
         for consumer in self._consumers:
             consumer.wake()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
-        self.started_at = time.time()
-        self._control = ControlResponder(self)
-        await self._control.start()
-        if self.send_events:
-            self._events = EventPublisher(broker, self.ident)
-            self.listeners.append(self._events)
-        self.event("worker-online", **self._control.stats())
         log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
                  self.concurrency, self.app.config.safe_servers)
 

@@ -71,7 +71,7 @@ async def test_producer_may_enqueue_one_task_but_not_another(secured: NatsServer
 async def test_denied_subscription_is_reported_at_worker_start(secured: NatsServer) -> None:
     app = Natask("n", servers=[secured.url], connect_options={"user": "nosub", "password": "nosub-secret"})
     try:
-        with pytest.raises(PermissionDenied, match=r"subscribing to natask\.rpc\.tasks\.default\.>"):
+        with pytest.raises(PermissionDenied, match=r"subscribing to natask\.control\.tasks\.\*"):
             async with worker(app):
                 pass
     finally:

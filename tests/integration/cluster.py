@@ -24,7 +24,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from natask.server import _die_with_parent, find_binary, free_port
+from natask.server import NatsServer, _die_with_parent, find_binary, free_port
 
 HOST = "127.0.0.1"
 
@@ -78,21 +78,7 @@ class Node:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    stop = NatsServer.stop  # same process handling as the single bundled server (proc, _log)
 
     def jsz(self) -> dict[str, Any]:
         """The node's ``/jsz`` monitoring document (meta group, streams); raises if unreachable."""

@@ -56,6 +56,7 @@ KEEPALIVE: Final = 15.0
 REDACTED: Final = "***"
 
 FINAL_STATES: Final = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+_OUTCOME_STATES: Final = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-revoked": "REVOKED"}
 _SECRET_KEY: Final = re.compile(
     r"passw|passphrase|pwd|secret|token|key|auth|credential|cookie|session|signature|card|cvv|cvc|ssn|iban"
     r"|^pass$|^pin$", re.IGNORECASE)
@@ -309,7 +310,7 @@ class Dashboard:
             row.state, row.retries = "RETRY", int(event.get("retries") or row.retries)
             row.error = f"{event.get('exc_type', '')}: {event.get('message', '')}"
         elif kind in ("task-succeeded", "task-failed", "task-revoked", "task-finished"):
-            row.state = str(event.get("state") or kind.removeprefix("task-").upper())
+            row.state = str(event.get("state") or _OUTCOME_STATES.get(kind, "FINISHED"))
             row.finished = ts
         else:
             return

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final
 
 from .http import Handler, HttpServer
 
 if TYPE_CHECKING:
+    from .events import Event
     from .worker import Worker
 
 _OUTCOMES: Final = {"task-succeeded": "succeeded", "task-failed": "failed", "task-retried": "retried",
@@ -20,52 +24,78 @@ QUEUE_POLL: Final = 5.0
 
 
 class WorkerMetrics:
-    """A worker listener feeding its own registry (several workers may share a process)."""
+    """A worker listener counting in plain ints and floats; Prometheus reads them at scrape time.
+
+    Per task this costs a few dict operations: no ``prometheus_client`` call (each takes a lock)
+    on the hot path. Every worker has its own registry (several workers may share a process).
+    """
+
+    BUCKETS: Final = (.001, .005, .01, .05, .1, .5, 1.0, 5.0, 10.0, 60.0, 300.0)
+    """Upper bounds (seconds) of the ``natask_task_duration_seconds`` histogram buckets."""
 
     def __init__(self, worker: Worker) -> None:
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            from prometheus_client import CollectorRegistry
         except ImportError:
             raise RuntimeError('--metrics-port needs prometheus-client: pip install "natask[metrics]"') from None
         self.worker = worker
-        self.registry = CollectorRegistry()
-        self.tasks = Counter("natask_tasks", "Tasks finished by this worker, by task name and outcome",
-                             ["task", "outcome"], registry=self.registry)
-        self.duration = Histogram("natask_task_duration_seconds", "Task run time", ["task"],
-                                  registry=self.registry,
-                                  buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 10, 60, 300))
-        self.in_flight = Gauge("natask_tasks_in_flight", "Tasks running in this worker", registry=self.registry)
-        self.in_flight.set_function(lambda: len(worker.active()))
-        self.pending = Gauge("natask_queue_pending", "Tasks waiting in a queue", ["queue"], registry=self.registry)
-        self.unacked = Gauge("natask_queue_in_flight", "Tasks delivered and not yet acked, all workers",
-                             ["queue"], registry=self.registry)
-        self._started: dict[str, float] = {}
-        # labels() costs a lock and a tuple lookup per call: keep the children per task name.
-        self._count: dict[tuple[str, str], Any] = {}
-        self._timing: dict[str, Any] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+        """Tasks finished, by (task name, outcome)."""
+        self.durations: dict[str, list[float]] = {}
+        """Per task name: a count per bucket (the last one is +Inf), then the sum of run times."""
+        self.depth: dict[str, tuple[int, int]] = {}
+        """Per queue: (pending, delivered and not yet acked), read from the server every few seconds."""
+        self._started: dict[str | None, float] = {}
         self._poller: asyncio.Task[None] | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # type: ignore[arg-type]
 
-    def __call__(self, kind: str, fields: dict[str, Any]) -> None:
-        if kind == "worker-offline":
-            self.stop()
-            return
-        if kind == "task-started":
-            self._started[fields["id"]] = fields["ts"]
-            return
-        outcome = _OUTCOMES.get(kind)
-        if outcome is None:
-            return
-        name = fields.get("name", "")
-        counter = self._count.get((name, outcome))
-        if counter is None:
-            counter = self._count[(name, outcome)] = self.tasks.labels(name, outcome)
-        counter.inc()
-        began = self._started.pop(fields.get("id", ""), None)
-        if began is not None:
-            timing = self._timing.get(name)
-            if timing is None:
-                timing = self._timing[name] = self.duration.labels(name)
-            timing.observe(fields["ts"] - began)
+    def __call__(self, events: list[Event]) -> None:
+        started, counts = self._started, self.counts
+        for kind, ts, task_id, name, _ in events:
+            if kind == "task-started":
+                started[task_id] = ts
+                continue
+            outcome = _OUTCOMES.get(kind)
+            if outcome is None or name is None:
+                if kind == "worker-offline":
+                    self.stop()
+                continue
+            key = (name, outcome)
+            counts[key] = counts.get(key, 0) + 1
+            began = started.pop(task_id, None)
+            if began is not None:
+                runtime = ts - began
+                hist = self.durations.get(name)
+                if hist is None:
+                    hist = self.durations[name] = [0.0] * (len(self.BUCKETS) + 2)
+                hist[bisect_left(self.BUCKETS, runtime)] += 1
+                hist[-1] += runtime
+
+    def collect(self) -> Iterator[Any]:
+        """The ``prometheus_client`` collector protocol: build the metric families from the counts."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        tasks = CounterMetricFamily("natask_tasks", "Tasks finished by this worker, by task name and outcome",
+                                    labels=["task", "outcome"])
+        for (name, outcome), n in self.counts.items():
+            tasks.add_metric([name, outcome], n)
+        yield tasks
+        duration = HistogramMetricFamily("natask_task_duration_seconds", "Task run time", labels=["task"])
+        bounds = [*map(str, self.BUCKETS), "+Inf"]
+        for name, hist in self.durations.items():
+            duration.add_metric([name], list(zip(bounds, accumulate(hist[:-1]), strict=True)), hist[-1])
+        yield duration
+        yield GaugeMetricFamily("natask_tasks_in_flight", "Tasks running in this worker",
+                                value=len(self.worker.active()))
+        pending = GaugeMetricFamily("natask_queue_pending", "Tasks waiting in a queue", labels=["queue"])
+        unacked = GaugeMetricFamily("natask_queue_in_flight", "Tasks delivered and not yet acked, all workers",
+                                    labels=["queue"])
+        for queue, (waiting, delivered) in self.depth.items():
+            pending.add_metric([queue], waiting)
+            unacked.add_metric([queue], delivered)
+        yield pending
+        yield unacked
 
     def start(self) -> None:
         self._poller = asyncio.get_running_loop().create_task(self._poll_queues())
@@ -81,8 +111,7 @@ class WorkerMetrics:
             try:
                 for q in await queues(self.worker.app):
                     if q.name in self.worker.queues:
-                        self.pending.labels(q.name).set(q.pending)
-                        self.unacked.labels(q.name).set(q.in_flight)
+                        self.depth[q.name] = (q.pending, q.in_flight)
             except Exception:
                 pass  # the next reading will do
             await asyncio.sleep(QUEUE_POLL)
@@ -90,6 +119,7 @@ class WorkerMetrics:
     async def render(self) -> tuple[int, str, bytes]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self.worker._flush_events()  # count what happened up to this scrape
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
 

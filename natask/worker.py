@@ -22,7 +22,7 @@ from .consumer import PullConsumer, Slots
 from .control import ControlResponder
 from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
 from .errors import DecodeError, EncodeError, TimeLimitExceeded
-from .events import EventPublisher
+from .events import Event, EventPublisher
 from .message import (
     HDR_MSG_ID,
     HDR_REPLY,
@@ -52,6 +52,10 @@ DEFAULT_CONCURRENCY: Final = 32
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between worker-heartbeat events."""
 DEFAULT_GRACE: Final = 30.0
+EVENTS_INTERVAL: Final = 0.05
+"""Seconds a lifecycle event may wait to be sent with others."""
+EVENTS_BATCH: Final = 1000
+"""Events sent at once, without waiting out ``EVENTS_INTERVAL``."""
 
 
 class _Delivery:
@@ -108,11 +112,13 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
         self._slot_freed = asyncio.Event()
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[list[Event]], None]] = []
+        """Callables given the lifecycle events in batches (event publisher, metrics)."""
+        self._event_batch: list[Event] = []
+        self._event_timer: asyncio.TimerHandle | None = None
         self._control: ControlResponder | None = None
         self._events: EventPublisher | None = None
         self.last_heartbeat = 0.0
-        """Callables ``(kind, fields)`` told about task and worker lifecycle events."""
         self._revoke_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -186,6 +192,7 @@ class Worker:
         if self._control is not None:
             await self._control.stop()
             self.event("worker-offline", **self._control.stats())
+            self._flush_events()
         if self._events is not None:
             await self._events.drain()
         for consumer in self._consumers:
@@ -385,7 +392,7 @@ class Worker:
                           report=lambda state, meta: self._report(delivery, state, meta))
         current_request.set(request)  # log lines about this task, from here on, carry its id and name
         if self.listeners:
-            self.event("task-started", id=env.id, name=env.task, retries=retries)
+            self.event("task-started", env.id, env.task, retries=retries)
         if task.options.track_started and not task.options.ignore_result:
             await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
         try:
@@ -465,7 +472,7 @@ class Worker:
             await self._store(env.id, {"state": RETRY, "info": info})
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.listeners:
-            self.event("task-retried", id=env.id, name=env.task, retries=n, countdown=countdown,
+            self.event("task-retried", env.id, env.task, retries=n, countdown=countdown,
                        exc_type=_qualname(type(exc)), message=str(exc))
         await msg.ack()
 
@@ -487,14 +494,28 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Tell every listener (events publisher, metrics) about a lifecycle event."""
-        fields["ts"] = time.time()
+    def event(self, kind: str, task_id: str | None = None, name: str | None = None, **fields: Any) -> None:
+        """Record a lifecycle event; the listeners get the events of up to ``EVENTS_INTERVAL``
+        seconds together (a batch costs about as much as one event)."""
+        batch = self._event_batch
+        if not batch:
+            self._event_timer = self._loop.call_later(EVENTS_INTERVAL, self._flush_events)
+        batch.append((kind, time.time(), task_id, name, fields or None))
+        if len(batch) >= EVENTS_BATCH:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        if self._event_timer is not None:
+            self._event_timer.cancel()
+            self._event_timer = None
+        batch, self._event_batch = self._event_batch, []
+        if not batch:
+            return
         for listener in self.listeners:
             try:
-                listener(kind, fields)
+                listener(batch)
             except Exception:
-                log.exception("event listener failed on %s", kind)
+                log.exception("event listener %r failed", listener)
 
     async def _finish(self, msg: Msg, env: Envelope, task: Task[Any, Any] | None, record: dict[str, Any],
                       retries: int = 0) -> None:
@@ -504,8 +525,16 @@ class Worker:
 
             await on_outcome(self, env, record)
         if self.listeners:
-            self.event(_OUTCOME_EVENTS.get(record["state"], "task-finished"), id=env.id, name=env.task,
-                       state=record["state"])
+            state = record["state"]
+            if state == SUCCESS:
+                self.event("task-succeeded", env.id, env.task)
+            elif state == FAILURE:
+                self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
+                           message=record.get("message"))
+            elif state == REVOKED:
+                self.event("task-revoked", env.id, env.task, **(record.get("info") or {}))
+            else:
+                self.event("task-finished", env.id, env.task, state=state)
         ignore = task is not None and task.options.ignore_result
         if not ignore:
             record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
@@ -569,8 +598,6 @@ class Worker:
         assert self.broker is not None, "worker not started"
         return self.broker
 
-
-_OUTCOME_EVENTS: Final = {SUCCESS: "task-succeeded", FAILURE: "task-failed", REVOKED: "task-revoked"}
 
 _DLQ_EXC_TYPES: Final = {
     "unknown task": "natask.TaskNotFound",

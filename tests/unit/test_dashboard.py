@@ -56,13 +56,13 @@ def test_events_make_a_row_with_runtime_whatever_the_order() -> None:
     d = _dashboard()
     d.on_event({"type": "task-started", "id": "a", "name": "t.add", "ts": 100.0, "worker": "w1", "retries": 0})
     assert d.tasks["a"].state == "STARTED"
-    d.on_event({"type": "task-succeeded", "id": "a", "name": "t.add", "ts": 100.25, "worker": "w1",
-                "state": "SUCCESS"})
+    d.on_event({"type": "task-succeeded", "id": "a", "name": "t.add", "ts": 100.25, "worker": "w1"})
     row = d.tasks["a"]
     assert (row.state, row.runtime, row.worker) == ("SUCCESS", 0.25, "w1")
 
     # The outcome may overtake the start (different subjects): the row stays final, runtime still known.
-    d.on_event({"type": "task-failed", "id": "b", "name": "t.div", "ts": 200.5, "worker": "w1", "state": "FAILURE"})
+    d.on_event({"type": "task-failed", "id": "b", "name": "t.div", "ts": 200.5, "worker": "w1",
+                "exc_type": "ZeroDivisionError", "message": "division by zero"})
     d.on_event({"type": "task-started", "id": "b", "name": "t.div", "ts": 200.0, "worker": "w1"})
     assert (d.tasks["b"].state, d.tasks["b"].runtime) == ("FAILURE", 0.5)
     assert list(d.failed) == ["b"]

@@ -10,9 +10,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 import nats.errors
 import nats.js.errors
@@ -27,9 +26,7 @@ from .message import (
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
-    HDR_WIRE,
     TASK_ID_RE,
-    WIRE_VERSION,
     Envelope,
     at_schedule,
     dumps,
@@ -52,9 +49,9 @@ R = TypeVar("R")
 
 
 
-@dataclass(slots=True)
-class Call:
-    """One encoded call, ready to publish."""
+class Call(NamedTuple):
+    """One encoded call, ready to publish (a tuple: the garbage collector stops tracking it, which
+    matters when ``delay_many`` holds thousands)."""
 
     task_id: str
     task: str
@@ -118,7 +115,7 @@ class Natask:
         self.names = Names(self.config.subject_prefix)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_entries: dict[str, PeriodicEntry] = {}
-        self._portal = Portal(name)
+        self._portal = Portal(name, self._close_loop_brokers)
         self._lock = threading.Lock()
         self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
         self._failure: tuple[float, BrokerError] | None = None
@@ -343,7 +340,7 @@ class Natask:
                 f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
                 "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
             ) from None
-        hdrs = {HDR_MSG_ID: task_id, HDR_TASK: name, HDR_WIRE: str(WIRE_VERSION)}
+        hdrs = {HDR_MSG_ID: task_id, HDR_TASK: name}
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -364,14 +361,14 @@ class Natask:
 
     async def _apublish_many(self, calls: Sequence[Call]) -> list[AsyncResult[Any]]:
         broker = await self._broker()
-        results, items = [], []
+        results, subjects = [], []
         for call in calls:
             result, subject = self._route(broker, call)
             broker.check_size(subject, call.payload, call.headers)
             results.append(result)
-            items.append((subject, call.payload, call.headers))
+            subjects.append(subject)
         await broker.ensure_stream()
-        await broker.publish_many(items)
+        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls])
         return results
 
     def _route(self, broker: Broker, call: Call) -> tuple[AsyncResult[Any], str]:
@@ -533,13 +530,13 @@ class Natask:
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
         """Close every connection of this app and stop its I/O thread; safe from any thread."""
-        self._portal.stop(self._close_loop_brokers())
+        self._portal.stop()
         self._abandon_others()
 
     async def aclose(self) -> None:
         """Close the connection of the running loop, then everything else."""
         await self._close_loop_brokers()
-        await asyncio.to_thread(self._portal.stop, self._close_loop_brokers())
+        await asyncio.to_thread(self._portal.stop)
         self._abandon_others()
 
     async def _close_loop_brokers(self) -> None:

@@ -12,6 +12,7 @@ import nats.js.errors
 
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .message import loads
+from .portal import OWN_LOOPS
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -55,7 +56,8 @@ class AsyncResult(Generic[R]):
         self._route = route
         self._generation = route.generation if route is not None else 0
         self._lock = threading.Lock()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
+        self._waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...] = ()
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self._record['state'] if self._record else '?'}>"
@@ -67,14 +69,14 @@ class AsyncResult(Generic[R]):
             if self._record is not None and self._record.get("state") in READY_STATES:
                 return
             self._record = record
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, ()
         for loop, fut in waiters:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, fut)
 
     def _wake_all(self) -> None:
         with self._lock:
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, ()
         for loop, fut in waiters:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, fut)
@@ -235,12 +237,13 @@ class AsyncResult(Generic[R]):
         loop = asyncio.get_running_loop()
         while not self._final:
             route = self._route
-            if route is not None and not route.closed and route.generation == self._generation:
+            if (route is not None and not route.closed and route.generation == self._generation
+                    and (route.loop is loop or route.loop not in OWN_LOOPS)):
                 fut: asyncio.Future[None] = loop.create_future()
                 with self._lock:
                     if self._final:
                         return
-                    self._waiters.append((loop, fut))
+                    self._waiters = (*self._waiters, (loop, fut))
                 # The reply is the fast path, not the only one: look at the KV record now and then
                 # (a reply can be lost, e.g. published before a cluster route knew our inbox).
                 timer = loop.call_later(_REPLY_CHECK, _wake, fut)
@@ -249,15 +252,15 @@ class AsyncResult(Generic[R]):
                 finally:
                     timer.cancel()
                     with self._lock:
-                        if (loop, fut) in self._waiters:
-                            self._waiters.remove((loop, fut))
+                        self._waiters = tuple(w for w in self._waiters if w[1] is not fut)
                 if not self._final and timer.when() <= loop.time():
                     try:
                         await self._fetch()
                     except BrokerError:
                         pass  # the broker is away: keep waiting for whichever path comes back first
             else:
-                # No live reply route (other process, closed loop or a reconnect): watch the KV key.
+                # No live reply route (other process, closed loop, a reconnect, or a loop that runs
+                # only while another thread makes a call): watch the KV key.
                 await self._watch()
 
     async def _watch(self) -> None:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .portal import use_io_thread
 from .task import Request, current_request
 
 _Item = tuple[asyncio.Future[Any], Callable[..., Any], Sequence[Any], Mapping[str, Any], Request]
@@ -44,6 +45,7 @@ class ThreadRunner:
         return fut
 
     def _work(self) -> None:
+        use_io_thread()  # sync calls made by tasks share the app's I/O thread, not a loop per thread
         get, done = self._queue.get, self._done
         while True:
             item = get()

@@ -223,7 +223,8 @@ class _Flow:
         if len(items) == 1:
             await broker.publish(*items[0])
         elif items:
-            await broker.publish_many(items)
+            subjects, payloads, headers_list = zip(*items, strict=True)
+            await broker.publish_many(subjects, payloads, headers_list)
         return [step.sig["id"] for step in steps]
 
     # -- chord state ------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from natask import DecodeError, EncodeError
 from natask.message import (
     HDR_MSG_ID,
     HDR_TASK,
-    HDR_WIRE,
     MAX_EXT_DEPTH,
     WIRE_VERSION,
     Envelope,
@@ -283,7 +282,7 @@ def wire_headers(headers: dict[str, str]) -> bytes:
     "headers",
     [
         {},
-        {HDR_MSG_ID: "a" * 32, HDR_TASK: "orders.process", HDR_WIRE: "1"},
+        {HDR_MSG_ID: "a" * 32, HDR_TASK: "orders.process"},
         {"X-Note": "ünïcödé ✓"},
         {"K": "v" * 5000},
     ],

@@ -41,6 +41,8 @@ from .task import AsyncTask, Task, TaskOptions
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
 
+_NONE: list[Any] = []  # shared defaults: an envelope being built is never mutated
+_EMPTY: dict[str, Any] = {}
 _FAILURE_MEMORY = 2.0
 """Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
@@ -118,10 +120,12 @@ class Natask:
         self._portal = Portal(name, self._close_loop_brokers)
         self._lock = threading.Lock()
         self._brokers: dict[asyncio.AbstractEventLoop, asyncio.Task[Broker]] = {}
+        self._ready: dict[asyncio.AbstractEventLoop, Broker] = {}  # the brokers of _brokers that are connected
         self._failure: tuple[float, BrokerError] | None = None
         self._checked: set[str] = set()
         self._checked_queues: set[str] = set()
         self._pending: weakref.WeakValueDictionary[str, AsyncResult[Any]] = weakref.WeakValueDictionary()
+        _APPS.add(self)
 
     def __repr__(self) -> str:
         return f"<Natask {self.name} servers={self.config.safe_servers}>"
@@ -304,11 +308,10 @@ class Natask:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
             check_task_name(name)
+            self._checked.add(name)
+        if queue not in self._checked_queues:
             check_queue_name(queue)
-        elif queue not in self._checked_queues:
-            check_queue_name(queue)
-        self._checked.add(name)
-        self._checked_queues.add(queue)
+            self._checked_queues.add(queue)
         if type(args) is not tuple and type(args) is not list and (
                 isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
@@ -327,11 +330,11 @@ class Natask:
             args=list(args),
             kwargs=dict(kwargs),
             eta=when,
-            expires=_expires(now if when is None else when, expires),
+            expires=None if expires is None else _expires(now if when is None else when, expires),
             parent_id=parent_id,
             root_id=root_id,
-            links=links or [],
-            meta=meta or {},
+            links=links or _NONE,
+            meta=meta or _EMPTY,
         )
         try:
             payload = envelope.encode()
@@ -483,23 +486,30 @@ class Natask:
     async def _broker(self) -> Broker:
         """The connected broker of the running event loop, created on first use."""
         loop = asyncio.get_running_loop()
+        broker = self._ready.get(loop)
+        if broker is not None and not broker.closed:
+            return broker  # the hot path: connected already
         entry = self._brokers.get(loop)
         if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
             broker = entry.result()
             if not broker.closed:
-                return broker  # the hot path: connected already
+                self._ready[loop] = broker
+                return broker
         failed = self._failure
         if failed is not None and time.monotonic() - failed[0] < _FAILURE_MEMORY:
             raise failed[1]  # the server was unreachable a moment ago: do not wait again
         with self._lock:
             for other in [lp for lp in self._brokers if lp.is_closed()]:
                 del self._brokers[other]
+                self._ready.pop(other, None)
             entry = self._brokers.get(loop)
             if entry is None or (entry.done() and (entry.cancelled() or entry.exception() is not None
                                                    or entry.result().closed)):
                 entry = loop.create_task(self._connect())
                 self._brokers[loop] = entry
-        return await asyncio.shield(entry)
+        broker = await asyncio.shield(entry)
+        self._ready[loop] = broker
+        return broker
 
     async def _connect(self) -> Broker:
         broker = Broker(self.config, on_result=self._on_result, on_reconnect=self._on_reconnect)
@@ -543,6 +553,7 @@ class Natask:
         loop = asyncio.get_running_loop()
         with self._lock:
             entry = self._brokers.pop(loop, None)
+            self._ready.pop(loop, None)
         if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
             await entry.result().close()
         elif entry is not None:
@@ -551,6 +562,7 @@ class Natask:
     def _abandon_others(self) -> None:
         with self._lock:
             entries, self._brokers = list(self._brokers.items()), {}
+            self._ready = {}
         for loop, entry in entries:
             if loop.is_closed() or not entry.done() or entry.cancelled() or entry.exception() is not None:
                 continue
@@ -572,6 +584,19 @@ class Natask:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+_APPS: weakref.WeakSet[Natask] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A forked child shares the parent's sockets: it must open connections of its own.
+    for app in _APPS:
+        app._lock = threading.Lock()
+        app._brokers, app._ready = {}, {}
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) -> float | None:

@@ -7,6 +7,7 @@ import datetime as dt
 import decimal
 import enum
 import re
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,12 +147,25 @@ class _Decoder:
         raise ValueError(f"unknown msgpack extension type {code}")
 
 
+_packers = threading.local()
+_PACKER_KEEP: Final = 64 * 1024
+"""A thread keeps its packer (and the packer's buffer) only after messages up to this size."""
+
+
 def dumps(obj: Any) -> bytes:
     """Encode a value with natask's codecs; raises ``EncodeError`` naming the type that failed."""
+    # A packer per thread, reused: making one per call is most of the cost of a small message.
+    # Taken out while in use, so a nested call (from a ``__del__``, say) makes its own.
+    packer = _packers.__dict__.pop("packer", None) or msgpack.Packer(
+        default=_default, strict_types=True, use_bin_type=True, buf_size=1024)
     try:
-        return _pack(obj)
+        data: bytes = packer.pack(obj)
     except (TypeError, ValueError, OverflowError) as e:
+        _packers.packer = packer  # it resets itself on errors
         raise EncodeError(str(e)) from None
+    if len(data) <= _PACKER_KEEP:
+        _packers.packer = packer
+    return data
 
 
 def loads(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
@@ -183,10 +197,14 @@ class Envelope:
         body: dict[str, Any] = {"v": WIRE_VERSION, "id": self.id, "task": self.task, "args": self.args,
                                 "kwargs": self.kwargs}
         # Optional keys only when set: smaller messages, cheaper decode.
-        for key in ("eta", "expires", "parent_id", "root_id"):
-            value = getattr(self, key)
-            if value is not None:
-                body[key] = value
+        if self.eta is not None:
+            body["eta"] = self.eta
+        if self.expires is not None:
+            body["expires"] = self.expires
+        if self.parent_id is not None:
+            body["parent_id"] = self.parent_id
+        if self.root_id is not None:
+            body["root_id"] = self.root_id
         if self.links:
             body["links"] = self.links
         if self.meta:

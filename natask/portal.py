@@ -45,6 +45,14 @@ def use_io_thread() -> None:
     _local.io_only = True
 
 
+async def _then_stop(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop) -> T:
+    # Stopping from inside saves run_until_complete's extra loop turn (its done callback).
+    try:
+        return await coro
+    finally:
+        loop.stop()
+
+
 class _Home:
     """A thread's own loop; ``lock`` is held while it runs (by its thread or by the keeper)."""
 
@@ -94,9 +102,11 @@ class Portal:
             return self._hop(coro)
         with home.lock:  # the keeper may be running it: it lets go within KEEP_RUN
             loop = home.loop
-            task = loop.create_task(coro)
+            task = loop.create_task(_then_stop(coro, loop))
             try:
-                return loop.run_until_complete(task)
+                while not task.done():
+                    loop.run_forever()
+                return task.result()
             except BaseException:  # KeyboardInterrupt included: do not leave the call half done
                 if not task.done():
                     task.cancel()

@@ -157,7 +157,8 @@ class Task(Generic[P, R]):
     # -- enqueue ----------------------------------------------------------------------------
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Enqueue a call; returns its ``AsyncResult`` once the server acknowledged it."""
-        return self.apply_async(args, kwargs)
+        call = self._prepare(args, kwargs, None, None, None, None, None, None)
+        return self.app._portal.run(self.app._apublish(call))  # type: ignore[return-value]
 
     async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Async ``delay``."""

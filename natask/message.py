@@ -228,18 +228,15 @@ class Envelope:
                 data, headers,
             )
         try:
-            env = cls(
-                id=_typed(body, "id", str),
-                task=_typed(body, "task", str),
-                args=list(_typed(body, "args", (list, tuple), [])),
-                kwargs=_typed(body, "kwargs", dict, {}),
-                eta=_typed(body, "eta", (int, float), None),
-                expires=_typed(body, "expires", (int, float), None),
-                parent_id=_typed(body, "parent_id", str, None),
-                root_id=_typed(body, "root_id", str, None),
-                links=list(_typed(body, "links", list, [])),
-                meta=_typed(body, "meta", dict, {}),
-            )
+            env = cls(_typed(body, "id", str), _typed(body, "task", str),
+                      list(_typed(body, "args", (list, tuple), ())), _typed(body, "kwargs", dict, None) or {})
+            if not body.keys() <= _BASE_KEYS:  # the optional keys are written only when set
+                env.eta = _typed(body, "eta", (int, float), None)
+                env.expires = _typed(body, "expires", (int, float), None)
+                env.parent_id = _typed(body, "parent_id", str, None)
+                env.root_id = _typed(body, "root_id", str, None)
+                env.links = list(_typed(body, "links", list, ()))
+                env.meta = _typed(body, "meta", dict, None) or {}
         except (TypeError, ValueError) as e:
             raise DecodeError(f"malformed envelope: {e}", data, headers) from None
         if not all(isinstance(k, str) for k in env.kwargs):
@@ -250,6 +247,7 @@ class Envelope:
 
 
 _MISSING: Final[Any] = object()
+_BASE_KEYS: Final = frozenset({"v", "id", "task", "args", "kwargs"})
 
 
 def _typed(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:

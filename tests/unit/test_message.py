@@ -157,6 +157,11 @@ def test_envelope_decode_ignores_unknown_keys() -> None:
     assert Envelope.decode(raw) == Envelope(id="i", task="t")
 
 
+def test_envelope_decode_reads_optional_keys_without_args_or_kwargs() -> None:
+    raw = dumps({"v": WIRE_VERSION, "id": "i", "task": "t", "eta": 5.5, "root_id": "r"})
+    assert Envelope.decode(raw) == Envelope(id="i", task="t", eta=5.5, root_id="r")
+
+
 def good_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"v": WIRE_VERSION, "id": "i", "task": "t", "args": [], "kwargs": {}}
     body.update(changes)

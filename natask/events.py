@@ -1,10 +1,10 @@
 """Lifecycle events on core NATS: ``natask.events.<prefix>.<kind>``, batched.
 
-A worker collects its events as tuples for up to 50 ms (or 1,000 events) and then sends one
-message per kind: msgpack ``{"worker": ident, "events": [[kind, ts, task id, task name, fields], ...]}``.
-``EventStream`` (and so ``natask events`` and the dashboard) turns each row back into a map
-``{"type", "ts", "worker", "id", "name", **fields}``. The tuples and the row format keep events
-cheap enough to leave on: no map is built or encoded per event on the worker.
+A worker collects its events per kind for up to 50 ms (or 1,000 events) and then sends one message
+per kind: msgpack ``{"worker": ident, "type": kind, "events": [[ts, task id, task name, fields],
+...]}``. ``EventStream`` (and so ``natask events`` and the dashboard) turns each row back into a map
+``{"type", "ts", "worker", "id", "name", **fields}``. Rows of tuples keep events cheap enough to leave
+on: no map is built, and nothing is regrouped, per event on the worker.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ TASK_EVENTS: Final = ("task-sent", "task-started", "task-succeeded", "task-faile
                       "task-revoked")
 WORKER_EVENTS: Final = ("worker-online", "worker-heartbeat", "worker-offline")
 
-Event = tuple[str, float, "str | None", "str | None", "dict[str, Any] | None"]
-"""``(kind, unix time, task id, task name, extra fields)``; worker events have no id or name."""
+Row = tuple[float, "str | None", "str | None", "dict[str, Any] | None"]
+"""One event: ``(unix time, task id, task name, extra fields)``; worker events have no id or name."""
+Batch = dict[str, list[Row]]
+"""Events by kind, as a worker hands them to its listeners."""
 
 
 def _pack(batch: dict[str, Any]) -> bytes:
@@ -49,23 +51,17 @@ class EventPublisher:
         self.source = source
         self._sending: set[asyncio.Task[None]] = set()
 
-    def __call__(self, events: list[Event]) -> None:
-        by_kind: dict[str, list[Event]] = {}
-        for event in events:
-            rows = by_kind.get(event[0])
-            if rows is None:
-                rows = by_kind[event[0]] = []
-            rows.append(event)
-        task = self.broker.loop.create_task(self._send(by_kind))
+    def __call__(self, batch: Batch) -> None:
+        task = self.broker.loop.create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, by_kind: dict[str, list[Event]]) -> None:
+    async def _send(self, batch: Batch) -> None:
         prefix = self.broker.names.prefix
-        for kind, rows in by_kind.items():
+        for kind, rows in batch.items():
             try:
-                batch = _pack({"worker": self.source, "events": rows})
-                await self.broker.publish_core(events_subject(prefix, kind), batch)
+                data = _pack({"worker": self.source, "type": kind, "events": rows})
+                await self.broker.publish_core(events_subject(prefix, kind), data)
             except Exception as e:  # events are best effort: never fail a task over them
                 log.debug("dropped %d %s event(s): %s", len(rows), kind, e)
 
@@ -79,13 +75,15 @@ def decode_events(data: bytes) -> Iterator[dict[str, Any]]:
     """The events of one message as maps; nothing for a message that is not an events batch."""
     try:
         batch = loads(data)
-        worker, rows = batch["worker"], batch["events"]
+        worker, kind, rows = batch["worker"], batch["type"], batch["events"]
     except Exception:
         return
-    for row in rows if isinstance(rows, list) else ():
-        if not isinstance(row, list) or len(row) != 5 or not isinstance(row[0], str):
+    if not isinstance(kind, str) or not isinstance(rows, list):
+        return
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 4:
             continue
-        kind, ts, task_id, name, extra = row
+        ts, task_id, name, extra = row
         event: dict[str, Any] = dict(extra) if isinstance(extra, dict) else {}
         event.update(type=kind, ts=ts, worker=worker)
         if task_id is not None:

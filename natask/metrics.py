@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .http import Handler, HttpServer
 
 if TYPE_CHECKING:
-    from .events import Event
+    from .events import Batch
     from .worker import Worker
 
 _OUTCOMES: Final = {"task-succeeded": "succeeded", "task-failed": "failed", "task-retried": "retried",
@@ -50,27 +50,25 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # type: ignore[arg-type]
 
-    def __call__(self, events: list[Event]) -> None:
-        started, counts = self._started, self.counts
-        for kind, ts, task_id, name, _ in events:
-            if kind == "task-started":
-                started[task_id] = ts
-                continue
-            outcome = _OUTCOMES.get(kind)
-            if outcome is None or name is None:
-                if kind == "worker-offline":
-                    self.stop()
-                continue
-            key = (name, outcome)
-            counts[key] = counts.get(key, 0) + 1
-            began = started.pop(task_id, None)
-            if began is not None:
-                runtime = ts - began
-                hist = self.durations.get(name)
-                if hist is None:
-                    hist = self.durations[name] = [0.0] * (len(self.BUCKETS) + 2)
-                hist[bisect_left(self.BUCKETS, runtime)] += 1
-                hist[-1] += runtime
+    def __call__(self, batch: Batch) -> None:
+        started, counts, durations = self._started, self.counts, self.durations
+        for ts, task_id, _, _ in batch.get("task-started", ()):
+            started[task_id] = ts
+        for kind, outcome in _OUTCOMES.items():
+            for ts, task_id, name, _ in batch.get(kind, ()):
+                if name is None:
+                    continue
+                key = (name, outcome)
+                counts[key] = counts.get(key, 0) + 1
+                began = started.pop(task_id, None)
+                if began is not None:
+                    hist = durations.get(name)
+                    if hist is None:
+                        hist = durations[name] = [0.0] * (len(self.BUCKETS) + 2)
+                    hist[bisect_left(self.BUCKETS, ts - began)] += 1
+                    hist[-1] += ts - began
+        if "worker-offline" in batch:
+            self.stop()
 
     def collect(self) -> Iterator[Any]:
         """The ``prometheus_client`` collector protocol: build the metric families from the counts."""

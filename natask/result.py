@@ -70,16 +70,12 @@ class AsyncResult(Generic[R]):
                 return
             self._record = record
             waiters, self._waiters = self._waiters, ()
-        for loop, fut in waiters:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_wake, fut)
+        _wake_waiters(waiters)
 
     def _wake_all(self) -> None:
         with self._lock:
             waiters, self._waiters = self._waiters, ()
-        for loop, fut in waiters:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_wake, fut)
+        _wake_waiters(waiters)
 
     @property
     def _final(self) -> bool:
@@ -298,6 +294,15 @@ class AsyncResult(Generic[R]):
 
     async def arevoke(self, terminate: bool = False) -> None:
         await self.app._arevoke(self.id, terminate)
+
+
+def _wake_waiters(waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...]) -> None:
+    here = asyncio._get_running_loop()
+    for loop, fut in waiters:
+        if loop is here:
+            _wake(fut)  # the reply came in on the waiter's own loop: no self-pipe round
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(_wake, fut)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -22,7 +22,7 @@ from .consumer import PullConsumer, Slots
 from .control import ControlResponder
 from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
 from .errors import DecodeError, EncodeError, TimeLimitExceeded
-from .events import Event, EventPublisher
+from .events import Batch, EventPublisher
 from .message import (
     HDR_MSG_ID,
     HDR_REPLY,
@@ -112,9 +112,10 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
         self._slot_freed = asyncio.Event()
-        self.listeners: list[Callable[[list[Event]], None]] = []
+        self.listeners: list[Callable[[Batch], None]] = []
         """Callables given the lifecycle events in batches (event publisher, metrics)."""
-        self._event_batch: list[Event] = []
+        self._event_batch: Batch = {}
+        self._event_count = 0
         self._event_timer: asyncio.TimerHandle | None = None
         self._control: ControlResponder | None = None
         self._events: EventPublisher | None = None
@@ -497,18 +498,21 @@ class Worker:
     def event(self, kind: str, task_id: str | None = None, name: str | None = None, **fields: Any) -> None:
         """Record a lifecycle event; the listeners get the events of up to ``EVENTS_INTERVAL``
         seconds together (a batch costs about as much as one event)."""
-        batch = self._event_batch
-        if not batch:
-            self._event_timer = self._loop.call_later(EVENTS_INTERVAL, self._flush_events)
-        batch.append((kind, time.time(), task_id, name, fields or None))
-        if len(batch) >= EVENTS_BATCH:
+        rows = self._event_batch.get(kind)
+        if rows is None:
+            if not self._event_batch:
+                self._event_timer = self._loop.call_later(EVENTS_INTERVAL, self._flush_events)
+            rows = self._event_batch[kind] = []
+        rows.append((time.time(), task_id, name, fields or None))
+        self._event_count += 1
+        if self._event_count >= EVENTS_BATCH:
             self._flush_events()
 
     def _flush_events(self) -> None:
         if self._event_timer is not None:
             self._event_timer.cancel()
             self._event_timer = None
-        batch, self._event_batch = self._event_batch, []
+        batch, self._event_batch, self._event_count = self._event_batch, {}, 0
         if not batch:
             return
         for listener in self.listeners:

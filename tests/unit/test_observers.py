@@ -8,20 +8,18 @@ import msgpack
 import pytest
 from prometheus_client import generate_latest
 
-from natask.events import Event, _pack, decode_events
+from natask.events import Row, _pack, decode_events
 from natask.metrics import WorkerMetrics
 
 
 def test_event_rows_decode_to_maps() -> None:
-    rows: list[Event] = [
-        ("task-started", 10.0, "a1", "t.add", {"retries": 2}),
-        ("task-succeeded", 10.5, "a1", "t.add", None),
-        ("worker-heartbeat", 11.0, None, None, {"processed": 7}),
-    ]
-    events = list(decode_events(_pack({"worker": "h:1", "events": rows})))
-    assert events == [
+    started: list[Row] = [(10.0, "a1", "t.add", {"retries": 2}), (10.1, "a2", "t.add", None)]
+    assert list(decode_events(_pack({"worker": "h:1", "type": "task-started", "events": started}))) == [
         {"type": "task-started", "ts": 10.0, "worker": "h:1", "id": "a1", "name": "t.add", "retries": 2},
-        {"type": "task-succeeded", "ts": 10.5, "worker": "h:1", "id": "a1", "name": "t.add"},
+        {"type": "task-started", "ts": 10.1, "worker": "h:1", "id": "a2", "name": "t.add"},
+    ]
+    beat: list[Row] = [(11.0, None, None, {"processed": 7})]
+    assert list(decode_events(_pack({"worker": "h:1", "type": "worker-heartbeat", "events": beat}))) == [
         {"type": "worker-heartbeat", "ts": 11.0, "worker": "h:1", "processed": 7},
     ]
 
@@ -29,8 +27,9 @@ def test_event_rows_decode_to_maps() -> None:
 @pytest.mark.parametrize("data", [
     b"\xc1",  # not msgpack
     msgpack.packb([{"type": "task-started"}]),  # not a batch
-    msgpack.packb({"worker": "w", "events": "nope"}),
-    msgpack.packb({"worker": "w", "events": [[1, 2], "x", [3, 1.0, None, None, None]]}),  # malformed rows
+    msgpack.packb({"worker": "w", "type": "task-started", "events": "nope"}),
+    msgpack.packb({"worker": "w", "type": 5, "events": []}),
+    msgpack.packb({"worker": "w", "type": "task-started", "events": [[1, 2], "x", [1.0, None, None, None, 5]]}),
 ])
 def test_malformed_event_messages_yield_nothing(data: bytes) -> None:
     assert list(decode_events(data)) == []
@@ -45,9 +44,9 @@ class _Worker:
 
 def test_metrics_count_outcomes_and_bucket_durations() -> None:
     m = WorkerMetrics(_Worker())  # type: ignore[arg-type]
-    m([("task-started", 1.0, "a", "t.x", None), ("task-started", 1.0, "b", "t.x", None)])
-    m([("task-succeeded", 1.02, "a", "t.x", None), ("task-failed", 3.0, "b", "t.x", {"exc_type": "E"}),
-       ("task-revoked", 4.0, "c", "t.y", None), ("worker-heartbeat", 5.0, None, None, {})])
+    m({"task-started": [(1.0, "a", "t.x", None), (1.0, "b", "t.x", None)]})
+    m({"task-succeeded": [(1.02, "a", "t.x", None)], "task-failed": [(3.0, "b", "t.x", {"exc_type": "E"})],
+       "task-revoked": [(4.0, "c", "t.y", None)], "worker-heartbeat": [(5.0, None, None, {})]})
     m.depth["q"] = (5, 2)
     text = generate_latest(m.registry).decode()
     for line in (

@@ -41,8 +41,8 @@ from .task import AsyncTask, Task, TaskOptions
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
 
-_NONE: list[Any] = []  # shared defaults: an envelope being built is never mutated
-_EMPTY: dict[str, Any] = {}
+_NO_LINKS: list[Any] = []  # shared defaults: the envelope is encoded and dropped, never mutated
+_NO_META: dict[str, Any] = {}
 _FAILURE_MEMORY = 2.0
 """Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
@@ -333,8 +333,8 @@ class Natask:
             expires=None if expires is None else _expires(now if when is None else when, expires),
             parent_id=parent_id,
             root_id=root_id,
-            links=links or _NONE,
-            meta=meta or _EMPTY,
+            links=links or _NO_LINKS,
+            meta=meta or _NO_META,
         )
         try:
             payload = envelope.encode()

@@ -536,7 +536,7 @@ class Worker:
                 self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
                            message=record.get("message"))
             elif state == REVOKED:
-                self.event("task-revoked", env.id, env.task, **(record.get("info") or {}))
+                self.event("task-revoked", env.id, env.task, reason=(record.get("info") or {}).get("reason"))
             else:
                 self.event("task-finished", env.id, env.task, state=state)
         ignore = task is not None and task.options.ignore_result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -20,7 +21,6 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
-    PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -373,16 +373,21 @@ class Broker:
                 limit,
             )
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
         """Publish to JetStream and await the PubAck, retrying with the same message id on
         reconnects and leader elections until ``publish_timeout``; never reports success without
-        the server's ack."""
+        the server's ack. True if the server had the message id already (a duplicate)."""
         deadline = time.monotonic() + self.config.publish_timeout
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return await self.js.publish(subject, payload, timeout=max(0.05, min(remaining, 2.0)),
-                                             headers=headers)
+                # js.publish parses every PubAck into a dataclass; only a refusal needs parsing.
+                ack = await self.nc.request(subject, payload, timeout=max(0.05, min(remaining, 2.0)),
+                                            headers=headers)
+                data = ack.data
+                if b'"error"' in data:
+                    raise nats.js.errors.APIError.from_error(json.loads(data)["error"])
+                return b'"duplicate":true' in data
             except nats.js.errors.APIError as e:
                 if e.code == 503 or e.err_code == 10008:  # no leader / stream offline: election
                     error: BaseException = e

@@ -28,6 +28,9 @@ TASK_EVENTS: Final = ("task-sent", "task-started", "task-succeeded", "task-faile
                       "task-revoked")
 WORKER_EVENTS: Final = ("worker-online", "worker-heartbeat", "worker-offline")
 
+MESSAGE_ROWS: Final = 2000
+"""Events per message at most (a row is ~60-100 bytes with its fields)."""
+
 Row = tuple[float, "str | None", "str | None", "dict[str, Any] | None"]
 """One event: ``(unix time, task id, task name, extra fields)``; worker events have no id or name."""
 Batch = dict[str, list[Row]]
@@ -59,11 +62,13 @@ class EventPublisher:
     async def _send(self, batch: Batch) -> None:
         prefix = self.broker.names.prefix
         for kind, rows in batch.items():
-            try:
-                data = _pack({"worker": self.source, "type": kind, "events": rows})
-                await self.broker.publish_core(events_subject(prefix, kind), data)
-            except Exception as e:  # events are best effort: never fail a task over them
-                log.debug("dropped %d %s event(s): %s", len(rows), kind, e)
+            for start in range(0, len(rows), MESSAGE_ROWS):  # messages well under max_payload
+                chunk = rows[start:start + MESSAGE_ROWS]
+                try:
+                    data = _pack({"worker": self.source, "type": kind, "events": chunk})
+                    await self.broker.publish_core(events_subject(prefix, kind), data)
+                except Exception as e:  # events are best effort: never fail a task over them
+                    log.debug("dropped %d %s event(s): %s", len(chunk), kind, e)
 
     async def drain(self) -> None:
         """Wait for the batches being sent (before the worker closes its connection)."""

@@ -56,6 +56,8 @@ EVENTS_INTERVAL: Final = 0.05
 """Seconds a lifecycle event may wait to be sent with others."""
 EVENTS_BATCH: Final = 1000
 """Events sent at once, without waiting out ``EVENTS_INTERVAL``."""
+EVENT_TEXT: Final = 1000
+"""Characters of an exception message an event carries (the result record has all of it)."""
 
 
 class _Delivery:
@@ -117,6 +119,9 @@ class Worker:
         self._event_batch: Batch = {}
         self._event_count = 0
         self._event_timer: asyncio.TimerHandle | None = None
+        # The two events of every task are noted as cheaply as possible and made rows on flush.
+        self._started: list[tuple[float, str, str, int]] = []
+        self._succeeded: list[tuple[float, str, str]] = []
         self._control: ControlResponder | None = None
         self._events: EventPublisher | None = None
         self.last_heartbeat = 0.0
@@ -393,7 +398,9 @@ class Worker:
                           report=lambda state, meta: self._report(delivery, state, meta))
         current_request.set(request)  # log lines about this task, from here on, carry its id and name
         if self.listeners:
-            self.event("task-started", env.id, env.task, retries=retries)
+            self._started.append((delivery.started_at, env.id, env.task, retries))
+            if self._event_timer is None:
+                self._arm_events()
         if task.options.track_started and not task.options.ignore_result:
             await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
         try:
@@ -474,7 +481,7 @@ class Worker:
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.listeners:
             self.event("task-retried", env.id, env.task, retries=n, countdown=countdown,
-                       exc_type=_qualname(type(exc)), message=str(exc))
+                       exc_type=_qualname(type(exc)), message=str(exc)[:EVENT_TEXT])
         await msg.ack()
 
     def _report(self, delivery: _Delivery, state: str, meta: Any) -> None:
@@ -500,19 +507,31 @@ class Worker:
         seconds together (a batch costs about as much as one event)."""
         rows = self._event_batch.get(kind)
         if rows is None:
-            if not self._event_batch:
-                self._event_timer = self._loop.call_later(EVENTS_INTERVAL, self._flush_events)
             rows = self._event_batch[kind] = []
         rows.append((time.time(), task_id, name, fields or None))
         self._event_count += 1
         if self._event_count >= EVENTS_BATCH:
             self._flush_events()
+        elif self._event_timer is None:
+            self._arm_events()
+
+    def _arm_events(self) -> None:
+        self._event_timer = self._loop.call_later(EVENTS_INTERVAL, self._flush_events)
 
     def _flush_events(self) -> None:
         if self._event_timer is not None:
             self._event_timer.cancel()
             self._event_timer = None
-        batch, self._event_batch, self._event_count = self._event_batch, {}, 0
+        batch: Batch = {}
+        if self._started:  # first: a subscriber reading the messages in order sees starts first
+            batch["task-started"] = [(ts, task_id, name, {"retries": retries} if retries else None)
+                                     for ts, task_id, name, retries in self._started]
+            self._started = []
+        batch.update(self._event_batch)
+        self._event_batch, self._event_count = {}, 0
+        if self._succeeded:
+            batch["task-succeeded"] = [(ts, task_id, name, None) for ts, task_id, name in self._succeeded]
+            self._succeeded = []
         if not batch:
             return
         for listener in self.listeners:
@@ -531,10 +550,12 @@ class Worker:
         if self.listeners:
             state = record["state"]
             if state == SUCCESS:
-                self.event("task-succeeded", env.id, env.task)
+                self._succeeded.append((time.time(), env.id, env.task))
+                if self._event_timer is None:
+                    self._arm_events()
             elif state == FAILURE:
                 self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
-                           message=record.get("message"))
+                           message=str(record.get("message", ""))[:EVENT_TEXT])
             elif state == REVOKED:
                 self.event("task-revoked", env.id, env.task, reason=(record.get("info") or {}).get("reason"))
             else:

@@ -9,8 +9,9 @@ A sync call cannot await, so its coroutine runs on an event loop that is not the
   the server's PINGs and read replies, and closes the loops of threads that have ended;
 - on the app's **I/O thread** (a daemon thread running one loop) for a thread's first calls (a
   thread that makes one call does not pay for a connection), for calls from a thread that runs an
-  event loop already (a sync call inside async code), and for the worker's task threads
-  (``use_io_thread``: a worker's 64 threads share one connection).
+  event loop already (a sync call inside async code), for the worker's task threads
+  (``use_io_thread``: a worker's 64 threads share one connection), and for the threads beyond
+  ``MAX_OWN_LOOPS`` (a web server's 100 threads do not open 100 connections).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ T = TypeVar("T")
 
 OWN_LOOP_AFTER: Final = 5
 """The sync call from which a thread runs its calls on a loop (and connection) of its own."""
+MAX_OWN_LOOPS: Final = 16
+"""Threads of one app with a loop (and a connection) of their own at most; others use the I/O thread."""
 KEEP_INTERVAL: Final = 1.0
 """Seconds between the keeper's rounds over idle loops."""
 KEEP_RUN: Final = 0.005
@@ -130,12 +133,14 @@ class Portal:
             if not home.loop.is_closed():  # stop() found it busy: finish closing it here
                 home.loop.run_until_complete(self._close())
                 home.loop.close()
-        else:
-            calls.count = getattr(calls, "count", 0) + 1
-            if calls.count < OWN_LOOP_AFTER:
-                return None
-        home = calls.home = _Home()
+            calls.home = None
+        calls.count = getattr(calls, "count", 0) + 1
+        if calls.count < OWN_LOOP_AFTER or len(self._homes) >= MAX_OWN_LOOPS:
+            return None
         with self._lock:
+            if len(self._homes) >= MAX_OWN_LOOPS:
+                return None
+            home = calls.home = _Home()
             self._homes[home.thread] = home
             if self._keeper is None:
                 self._keeper_stop = threading.Event()

@@ -73,6 +73,32 @@ def test_a_thread_making_one_call_uses_the_io_thread(sync_app: Natask) -> None:
     assert sync_app._portal.loop is not None
 
 
+def test_threads_beyond_the_limit_use_the_io_thread(sync_app: Natask, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("natask.portal.MAX_OWN_LOOPS", 1)
+    add = sync_app.tasks["s.add"]
+
+    first_done, release = threading.Event(), threading.Event()
+
+    def calls(wait: bool) -> bool:
+        ids = [add.delay(1, 2).id for _ in range(OWN_LOOP_AFTER * 2)]
+        own = len(set(ids)) == len(ids) and threading.current_thread() in homes(sync_app._portal)
+        if wait:  # stay alive (and keep the loop) while the second thread calls
+            first_done.set()
+            release.wait(20)
+        return own
+
+    first: list[bool] = []
+    thread = threading.Thread(target=lambda: first.append(calls(True)))
+    thread.start()
+    try:
+        assert first_done.wait(20)
+        assert in_thread(lambda: calls(False)) is False  # over the limit: the I/O thread
+    finally:
+        release.set()
+        thread.join(20)
+    assert first == [True]  # the first thread got a loop of its own
+
+
 def test_an_idle_loop_keeps_its_connection(tmp_path: Path) -> None:
     # The server drops a client that leaves 2 PINGs a second apart unanswered: after ~3 s idle.
     conf = tmp_path / "ping.conf"

@@ -1,7 +1,7 @@
 """Lifecycle events on core NATS: ``natask.events.<prefix>.<kind>``, batched.
 
-A worker collects its events per kind for up to 50 ms (or 1,000 events) and then sends one message
-per kind: msgpack ``{"worker": ident, "type": kind, "events": [[ts, task id, task name, fields],
+A worker collects its events per kind for up to 50 ms and then sends them, one message per kind
+(and per 500 events): msgpack ``{"worker": ident, "type": kind, "events": [[ts, task id, task name, fields],
 ...]}``. ``EventStream`` (and so ``natask events`` and the dashboard) turns each row back into a map
 ``{"type", "ts", "worker", "id", "name", **fields}``. Rows of tuples keep events cheap enough to leave
 on: no map is built, and nothing is regrouped, per event on the worker.
@@ -28,8 +28,8 @@ TASK_EVENTS: Final = ("task-sent", "task-started", "task-succeeded", "task-faile
                       "task-revoked")
 WORKER_EVENTS: Final = ("worker-online", "worker-heartbeat", "worker-offline")
 
-MESSAGE_ROWS: Final = 2000
-"""Events per message at most (a row is ~60-100 bytes with its fields)."""
+MESSAGE_ROWS: Final = 500
+"""Events per message at most: a row is ~100 bytes, ~1 kB with an exception message."""
 
 Row = tuple[float, "str | None", "str | None", "dict[str, Any] | None"]
 """One event: ``(unix time, task id, task name, extra fields)``; worker events have no id or name."""

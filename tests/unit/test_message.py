@@ -321,3 +321,16 @@ def test_at_schedule_never_fires_early_by_more_than_a_microsecond() -> None:
     ts = 1_700_000_000.987654
     parsed = dt.datetime.strptime(at_schedule(ts)[4:], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     assert abs(parsed.timestamp() - ts) < 2e-6
+
+
+@pytest.mark.parametrize("reply, count", [
+    ("$JS.ACK.NATASK_T.default.3.17.12.1700000000000000000.5", 3),  # the usual layout
+    ("$JS.ACK.hub.ACCHASH.NATASK_T.default.4.17.12.1700000000000000000.5.tok", 4),  # with a domain
+])
+def test_delivery_count_from_the_ack_subject(reply: str, count: int) -> None:
+    from nats.aio.msg import Msg
+
+    from natask.worker import delivered
+
+    msg = Msg(_client=None, subject="t.default.x", reply=reply)  # type: ignore[arg-type]
+    assert delivered(msg) == count == msg.metadata.num_delivered

@@ -89,6 +89,7 @@ class Broker:
         self._revoked: KeyValue | None = None
         self._denied: dict[str, str] = {}
         self._last_error: BaseException | None = None
+        self._auth_error: BaseException | None = None
         self._closed = False
         self._guard: asyncio.Task[None] | None = None
 
@@ -117,7 +118,8 @@ class Broker:
             last = e
         if not self.nc.is_connected:
             await self._abandon_client()
-            last = self._last_error or last
+            # A refused login explains the failure better than the reset that may follow it.
+            last = self._auth_error or self._last_error or last
             raise BrokerError(
                 f"cannot connect to NATS at {self.config.safe_servers}: {_describe(last)}. "
                 "Is nats-server running? For development start one with `natask server`."
@@ -210,6 +212,8 @@ class Broker:
     async def _error_cb(self, e: Exception) -> None:
         self._last_error = e
         text = str(e)
+        if isinstance(e, nats.errors.AuthorizationError) or "authorization" in text.lower():
+            self._auth_error = e
         match = _PERM_RE.search(text)
         if match:
             self._denied[match.group(2)] = text

@@ -82,7 +82,7 @@ async def test_wrong_password_is_a_clear_error_without_the_secret(
     secured: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     host = secured.url.removeprefix("nats://")
-    app = Natask("x", servers=[f"nats://producer:hunter2@{host}"], connect_timeout=1)
+    app = Natask("x", servers=[f"nats://producer:hunter2@{host}"], connect_timeout=2)  # a few attempts
     caplog.set_level(logging.DEBUG)
     try:
         with pytest.raises(BrokerError) as info:

@@ -324,7 +324,8 @@ def count_events(received: list[tuple[str, bytes]]) -> dict[str, int]:
         except Exception:
             continue
         kind = subject.rsplit(".", 1)[-1]
-        counts[kind] = counts.get(kind, 0) + (len(batch) if isinstance(batch, list) else 1)
+        rows = batch.get("events") if isinstance(batch, dict) else None
+        counts[kind] = counts.get(kind, 0) + (len(rows) if isinstance(rows, list) else 1)
     return counts
 
 

@@ -356,8 +356,8 @@ class Natask:
         result, subject = self._route(broker, call)
         broker.check_size(subject, call.payload, call.headers)
         await broker.ensure_stream()
-        duplicate = await broker.publish(subject, call.payload, call.headers)
-        if duplicate and self._pending.get(call.task_id) is not result:
+        published = await broker.publish(subject, call.payload, call.headers)
+        if published.duplicate and self._pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
             result._route = None
         return result

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import nats
 import nats.errors
@@ -47,6 +47,18 @@ _BATCH_ACK_WAIT: Final = 5.0
 
 ResultCallback = Callable[[str, bytes], None]
 T = TypeVar("T")
+
+
+class Published(NamedTuple):
+    """What the server's PubAck said of a publish."""
+
+    seq: int
+    """The message's stream sequence (the original's, for a duplicate)."""
+    duplicate: bool
+    """The stream had this ``Nats-Msg-Id`` already within its duplicate window: stored once."""
+
+
+_SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
 
 _TRANSIENT_API: Final = (
     nats.errors.TimeoutError,
@@ -389,10 +401,10 @@ class Broker:
                 limit,
             )
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:
         """Publish to JetStream and await the PubAck, retrying with the same message id on
         reconnects and leader elections until ``publish_timeout``; never reports success without
-        the server's ack. True if the server had the message id already (a duplicate)."""
+        the server's ack."""
         deadline = time.monotonic() + self.config.publish_timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -400,7 +412,8 @@ class Broker:
                 data = await self._request(subject, payload, headers, max(0.05, min(remaining, 2.0)))
                 if b'"error"' in data:
                     raise nats.js.errors.APIError.from_error(json.loads(data)["error"])
-                return b'"duplicate":true' in data
+                seq = _SEQ_RE.search(data)
+                return Published(int(seq.group(1)) if seq else 0, b'"duplicate":true' in data)
             except nats.js.errors.APIError as e:
                 if e.code == 503 or e.err_code == 10008:  # no leader / stream offline: election
                     error: BaseException = e

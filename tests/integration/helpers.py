@@ -30,21 +30,31 @@ class WorkerProcess:
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []
-        self._ready = threading.Event()
+        self._consuming = 0  # "consuming" lines seen: one per worker process (children of --processes too)
+        self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.lines.append(line)
-            if " consuming " in line:
-                self._ready.set()
-        self._ready.set()
+            with self._changed:
+                self.lines.append(line)
+                if " consuming " in line:
+                    self._consuming += 1
+                self._changed.notify_all()
+        with self._changed:
+            self._consuming = -1  # the process ended: nobody is waiting for more lines
+            self._changed.notify_all()
 
-    async def ready(self, timeout: float = 20) -> WorkerProcess:
-        ok = await asyncio.to_thread(self._ready.wait, timeout)
-        if not ok or self.proc.poll() is not None:
+    async def ready(self, timeout: float = 20, processes: int = 1) -> WorkerProcess:
+        """Wait until ``processes`` worker processes (``--processes N``: N) logged that they consume."""
+        def wait() -> bool:
+            with self._changed:
+                return self._changed.wait_for(lambda: not 0 <= self._consuming < processes, timeout)
+
+        ok = await asyncio.to_thread(wait)
+        if not ok or self._consuming < processes or self.proc.poll() is not None:
             raise RuntimeError("worker did not start:\n" + "".join(self.lines))
         return self
 

@@ -312,5 +312,7 @@ async def test_update_state_reports_progress_and_final_state_wins(app: Natask, n
         assert await result.aget(timeout=10) == "finished"
         other = await sync_progress.adelay()
         assert await other.aget(timeout=10) == "ok"
+        # The reply can overtake the stored records on their way to this subscriber: wait for them.
+        await events.reached(other.id, "SUCCESS")
         assert events.states[other.id] == ["HALFWAY", "SUCCESS"]
     assert app.AsyncResult(result.id).state == "SUCCESS"

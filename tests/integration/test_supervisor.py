@@ -24,7 +24,8 @@ def producer(url: str, prefix: str) -> Natask:
 async def test_processes_share_work_and_drain_together(nats_server: NatsServer, tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     app = producer(nats_server.url, "sup")
-    sup = await WorkerProcess(nats_server.url, "sup", log, concurrency=2, extra=["--processes", "2"]).ready()
+    sup = await WorkerProcess(nats_server.url, "sup", log, concurrency=2,
+                              extra=["--processes", "2"]).ready(processes=2)
     try:
         results = await app.tasks["it.add"].adelay_many([(i, 0) for i in range(100)])
         assert [await r.aget(timeout=30) for r in results] == list(range(100))

@@ -60,6 +60,16 @@ class Published(NamedTuple):
 
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
 
+HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+"""Compare-and-set: the server stores the message only if the subject's last sequence is this
+(``0``: the subject holds no message). A KV key is a subject, so this is the KV revision check."""
+_WRONG_LAST_SEQUENCE: Final = 10071
+
+
+class SequenceConflict(BrokerError):
+    """A compare-and-set publish (``Nats-Expected-Last-Subject-Sequence``) found another last
+    sequence on its subject: someone wrote the key in between."""
+
 _TRANSIENT_API: Final = (
     nats.errors.TimeoutError,
     asyncio.TimeoutError,
@@ -417,6 +427,8 @@ class Broker:
             except nats.js.errors.APIError as e:
                 if e.code == 503 or e.err_code == 10008:  # no leader / stream offline: election
                     error: BaseException = e
+                elif e.err_code == _WRONG_LAST_SEQUENCE:
+                    raise SequenceConflict(f"publish to {subject}: {e.description}") from e
                 else:
                     raise BrokerError(f"publish to {subject} refused: {e.description}") from e
             except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as e:

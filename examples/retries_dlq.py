@@ -61,7 +61,9 @@ def refund(order_id: int) -> str:
 
 async def main() -> None:
     global gateway_up
-    async with app, Worker(app, concurrency=4):
+    # unknown_grace: how long a task name no worker knows keeps coming back (a rolling deploy's new
+    # code may be on its way) before it is dead-lettered; 20 s by default, shortened for the demo.
+    async with app, Worker(app, concurrency=4, unknown_grace=2):
         print("charge: fails twice, succeeds on the third attempt")
         charged = await charge.adelay(1)
         print(f"  -> {await charged.aget(timeout=15)!r} (state {charged.state})")

@@ -21,6 +21,7 @@ from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
 from .message import (
+    HDR_CHECK_STORED,
     HDR_MSG_ID,
     HDR_REPLY,
     HDR_SCHEDULE,
@@ -319,6 +320,7 @@ class Natask:
             raise TypeError("kwargs must be a dict with string keys")
         now = time.time()
         when = None if countdown is None and eta is None else _eta(now, countdown, eta)
+        explicit_id = task_id is not None
         if task_id is None:
             task_id = os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
         elif not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
@@ -344,6 +346,8 @@ class Natask:
                 "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
             ) from None
         hdrs = {HDR_MSG_ID: task_id, HDR_TASK: name}
+        if explicit_id:
+            hdrs[HDR_CHECK_STORED] = "1"  # this id may have run before: the worker looks first
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -354,7 +358,6 @@ class Natask:
     async def _apublish(self, call: Call) -> AsyncResult[Any]:
         broker = await self._broker()
         result, subject = self._route(broker, call)
-        broker.check_size(subject, call.payload, call.headers)
         await broker.ensure_stream()
         published = await broker.publish(subject, call.payload, call.headers)
         if published.duplicate and self._pending.get(call.task_id) is not result:

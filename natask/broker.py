@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 
 from .config import Config, redact_url
 from .errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied
-from .message import headers_size
+from .message import HDR_CHECK_STORED, headers_size
 from .naming import DLQ_STREAM, Names
 
 log = logging.getLogger("natask.broker")
@@ -95,6 +95,7 @@ class Broker:
     ) -> None:
         self.config = config
         self.names = Names(config.subject_prefix)
+        self._task_subjects = self.names.prefix + "."
         self.loop = asyncio.get_running_loop()
         self.nc = Client()
         self.js: JetStreamContext = self.nc.jetstream()
@@ -414,9 +415,18 @@ class Broker:
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:
         """Publish to JetStream and await the PubAck, retrying with the same message id on
         reconnects and leader elections until ``publish_timeout``; never reports success without
-        the server's ack."""
+        the server's ack. ``PayloadTooLarge`` (payload + headers over ``max_payload``) before sending:
+        the server would otherwise drop the whole connection."""
+        self.check_size(subject, payload, headers)
         deadline = time.monotonic() + self.config.publish_timeout
+        attempt = 0
         while True:
+            attempt += 1
+            if attempt == 2 and subject.startswith(self._task_subjects):
+                # The first attempt may be stored, and a server restart since makes JetStream forget
+                # its id: the worker checks for a stored outcome before it runs this one.
+                headers[HDR_CHECK_STORED] = "1"
+                self.check_size(subject, payload, headers)
             remaining = deadline - time.monotonic()
             try:
                 data = await self._request(subject, payload, headers, max(0.05, min(remaining, 2.0)))
@@ -531,10 +541,13 @@ class Broker:
                 pass
         for i in range(n):
             if acked[i] != 1:
+                if subjects[i].startswith(self._task_subjects):
+                    headers[i][HDR_CHECK_STORED] = "1"  # as in publish: the first try may be stored
                 await self.publish(subjects[i], payloads[i], headers[i])
 
     async def publish_core(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Fire-and-forget core publish (replies, events)."""
+        """Fire-and-forget core publish (replies, events); ``PayloadTooLarge`` as ``publish``."""
+        self.check_size(subject, payload, headers or {})
         await self.nc.publish(subject, payload, headers=headers)
 
     def _translate(self, e: BaseException, subject: str) -> BrokerError:

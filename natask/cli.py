@@ -68,11 +68,14 @@ def main() -> None:
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics at :PORT/metrics")
 @click.option("--health-port", type=int, default=None, help="serve :PORT/health (200 healthy, 503 not)")
 @click.option("--without-events", is_flag=True, help="do not publish lifecycle events")
+@click.option("--unknown-grace", type=click.FloatRange(0, 25), default=20.0, show_default=True,
+              help="seconds a task name this worker does not know keeps coming back (for a worker with newer "
+                   "code during a rolling deploy) before it is dead-lettered")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
-           without_events: bool, loglevel: str, log_format: str) -> None:
+           without_events: bool, unknown_grace: float, loglevel: str, log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -88,7 +91,7 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
-                   max_tasks=max_tasks_per_child or None, events=not without_events)
+                   max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace)
         asyncio.run(_serve(w, with_beat, metrics_port, health_port))
     except NataskError as e:
         raise click.ClickException(str(e)) from None

@@ -12,6 +12,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .naming import MAX_QUEUE_NAME, is_queue_name
 
 DEFAULT_SERVER: Final = "nats://127.0.0.1:4222"
 """Where an app connects when neither ``servers=`` nor ``$NATS_URL`` says otherwise."""
@@ -30,10 +31,11 @@ def seconds(value: Seconds, what: str) -> float:
 
 
 def check_queue_name(queue: str) -> str:
-    """Validate a queue name: ``[A-Za-z0-9_-]+``, not starting with ``_``."""
-    if not isinstance(queue, str) or not _NAME_RE.match(queue) or queue.startswith("_"):
+    """Validate a queue name: ``[A-Za-z0-9_-]+``, not starting with ``_``, at most 100 characters."""
+    if not is_queue_name(queue):
         raise ConfigError(
-            f"invalid queue name {queue!r}: use letters, digits, '_' and '-', not starting with '_'"
+            f"invalid queue name {queue!r}: use letters, digits, '_' and '-', not starting with '_' "
+            f"(at most {MAX_QUEUE_NAME} characters)"
         )
     return queue
 

@@ -24,9 +24,9 @@ from .control import inspect
 from .dlq import HDR_REPLAYS, DeadLetter, DeadLetters
 from .errors import NataskError
 from .events import follow
-from .message import HDR_MSG_ID, HDR_TASK, Envelope, loads
+from .message import HDR_MSG_ID, HDR_RETRIES, HDR_TASK, Envelope, loads
 from .naming import DLQ_STREAM
-from .worker import HDR_RETRIES, HEARTBEAT_INTERVAL
+from .worker import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:
     from .app import Natask

@@ -28,6 +28,9 @@ HDR_DLQ_SUBJECT: Final = "Natask-Dlq-Subject"
 """The subject it was consumed from, where a replay publishes it again."""
 HDR_DLQ_ID: Final = "Natask-Dlq-Id"
 """The task id, or ``seq-<stream sequence>`` for a message with no readable id."""
+HDR_DLQ_TRUNCATED: Final = "Natask-Dlq-Truncated"
+"""The original body's size when it had to be left out (it did not fit ``max_payload`` beside the
+dead-letter headers)."""
 HDR_REPLAYS: Final = "Natask-Replays"
 """How many times this task was replayed from the DLQ (derives the replay's message id)."""
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 import msgpack
 
 from .errors import DecodeError, EncodeError
+from .naming import MAX_TASK_NAME, is_task_name
 
 WIRE_VERSION: Final = 1
 """Version of the envelope layout; a worker rejects (dead-letters) versions it does not know."""
@@ -30,9 +31,22 @@ HDR_SCHEDULE: Final = "Nats-Schedule"
 """Server-held delay (nats-server >= 2.12): ``@at <RFC 3339 time>``."""
 HDR_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
 """The subject a schedule message publishes to when it fires."""
+HDR_RETRIES: Final = "Natask-Retries"
+"""How many times the task was retried before this message (republishes carry it)."""
+HDR_CHECK_STORED: Final = "Natask-Check-Stored"
+"""``1``: this task id may have been published before (an id the caller chose, a workflow step, a
+beat tick, a publish retried across a reconnect), so a worker first looks for a stored final
+outcome and skips the run if there is one. JetStream's own dedupe forgets acknowledged ids when the
+server restarts; this check does not. Absent on first publishes of generated ids (no read needed)."""
+HDR_UNKNOWN_SINCE: Final = "Natask-Unknown-Since"
+"""When a worker first met this task's name without knowing it (Unix time): the rolling-deploy
+grace is counted from it."""
 
 TASK_ID_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
 """What a task id may be: it becomes a KV key and a subject token."""
+MAX_TIMESTAMP: Final = 253402300799.0
+"""9999-12-31T23:59:59Z: the latest eta or expiry a message may carry (later ones cannot be
+written as a schedule time, and inf or 1e300 would overflow date arithmetic)."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Decode refuses larger bodies outright (nats-server's max_payload cannot exceed 64 MiB)."""
 MAX_EXT_DEPTH: Final = 32
@@ -243,7 +257,25 @@ class Envelope:
             raise DecodeError("malformed envelope: kwargs keys must be strings", data, headers)
         if not TASK_ID_RE.match(env.id):
             raise DecodeError(f"malformed envelope: invalid task id {env.id[:100]!r}", data, headers)
+        if not is_task_name(env.task):
+            raise DecodeError(f"malformed envelope: invalid task name {env.task[:MAX_TASK_NAME]!r}", data, headers)
+        problem = _check_optional(env) if not body.keys() <= _BASE_KEYS else ""
+        if problem:
+            raise DecodeError(f"malformed envelope: {problem}", data, headers)
         return env
+
+
+def _check_optional(env: Envelope) -> str:
+    """What is wrong with an envelope's optional fields, or ``""``."""
+    for key in ("eta", "expires"):
+        value = getattr(env, key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= MAX_TIMESTAMP):
+            return f"{key} {value!r} is not a Unix time between 0 and {MAX_TIMESTAMP:.0f}"
+    for key in ("parent_id", "root_id"):
+        value = getattr(env, key)
+        if value is not None and not TASK_ID_RE.match(value):
+            return f"invalid {key} {value[:100]!r}"
+    return ""
 
 
 _MISSING: Final[Any] = object()

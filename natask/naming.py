@@ -9,19 +9,59 @@ from typing import Final
 from .errors import ConfigError
 
 _TASK_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_QUEUE_RE: Final = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]*$")
+_INBOX_TOKEN_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]+$")
+
+MAX_TASK_NAME: Final = 200
+"""Longest task name: names become subject tokens, and a subject built from a longer one (a dead
+letter's, say) could pass the server's ``max_control_line`` and cost the connection."""
+MAX_QUEUE_NAME: Final = 100
+"""Longest queue name (a subject token and a consumer name)."""
+MAX_REPLY_SUBJECT: Final = 300
+"""Longest reply subject a worker answers on."""
+DEFAULT_INBOX_PREFIX: Final = "_INBOX"
+"""nats-py's inbox prefix; workers answer only on inbox subjects (see ``is_reply_subject``)."""
 
 DLQ_STREAM: Final = "NATASK_DLQ"
 """The dead-letter stream, shared by every app on the account."""
 
 
+def is_task_name(name: object) -> bool:
+    """Whether ``name`` is a valid task name (see ``check_task_name``); never raises."""
+    return isinstance(name, str) and len(name) <= MAX_TASK_NAME and _TASK_NAME_RE.match(name) is not None
+
+
 def check_task_name(name: str) -> str:
-    """Validate a task name: letters, digits, ``_``, ``-``, dot-separated, no empty parts."""
-    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+    """Validate a task name: letters, digits, ``_``, ``-``, dot-separated, no empty parts, at most
+    ``MAX_TASK_NAME`` characters."""
+    if not is_task_name(name):
         raise ConfigError(
-            f"invalid task name {name!r}: use letters, digits, '_', '-' and '.' "
-            "(no empty parts, no spaces or wildcards), e.g. name='orders.process'"
+            f"invalid task name {_cut(name)}: use letters, digits, '_', '-' and '.' "
+            f"(no empty parts, no spaces or wildcards, at most {MAX_TASK_NAME} characters), "
+            "e.g. name='orders.process'"
         )
     return name
+
+
+def is_queue_name(queue: object) -> bool:
+    """Whether ``queue`` is a valid queue name: ``[A-Za-z0-9_-]+``, not starting with ``_``."""
+    return isinstance(queue, str) and len(queue) <= MAX_QUEUE_NAME and _QUEUE_RE.match(queue) is not None
+
+
+def is_reply_subject(subject: object, prefixes: tuple[str, ...] = (DEFAULT_INBOX_PREFIX,)) -> bool:
+    """Whether a worker may publish an answer on ``subject``: an inbox (``<prefix>.<token>...``
+    for one of ``prefixes``), literal tokens only, bounded. A reply subject comes from the message,
+    so anything else (``$KV.…``, ``$JS.…``, a task subject) would let its sender write with the
+    worker's rights."""
+    if not isinstance(subject, str) or len(subject) > MAX_REPLY_SUBJECT:
+        return False
+    head, _, rest = subject.partition(".")
+    return head in prefixes and bool(rest) and all(_INBOX_TOKEN_RE.match(t) for t in rest.split("."))
+
+
+def _cut(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + "…"
 
 
 @dataclass(frozen=True)
@@ -73,7 +113,22 @@ class Names:
     def dlq_subject(self, queue: str, task: str) -> str:
         return f"natask.dlq.{self.prefix}.{queue}.{task}"
 
-    def task_from_subject(self, subject: str) -> tuple[str, str]:
-        """(queue, task name) of a task subject; task name may contain dots."""
-        _, queue, task = subject.split(".", 2)
-        return queue, task
+    def task_from_subject(self, subject: str) -> tuple[str, str] | None:
+        """(queue, task name) of a task subject ``<prefix>.<queue>.<task name>``, both validated;
+        None for anything else. The subject is what NATS permissions check, so it, not the body,
+        says which task a message may run."""
+        return _split(subject, self.prefix + ".")
+
+    def task_from_rpc_subject(self, subject: str) -> tuple[str, str] | None:
+        """(queue, task name) of an RPC subject ``natask.rpc.<prefix>.<queue>.<task name>``; None if
+        it is not one."""
+        return _split(subject, f"natask.rpc.{self.prefix}.")
+
+
+def _split(subject: str, head: str) -> tuple[str, str] | None:
+    if not subject.startswith(head):
+        return None
+    queue, _, task = subject[len(head):].partition(".")
+    if not is_queue_name(queue) or not is_task_name(task):
+        return None
+    return queue, task

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from .server import NatsServer
-from .worker import DEFAULT_GRACE, Worker
+from .worker import DEFAULT_GRACE, UNKNOWN_GRACE, Worker
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -44,10 +44,12 @@ async def worker(
     queues: Sequence[str] | None = None,
     concurrency: int = 8,
     grace: float = DEFAULT_GRACE,
+    unknown_grace: float = UNKNOWN_GRACE,
 ) -> AsyncIterator[Worker]:
     """An in-process worker consuming ``queues`` (default: the app's default queue) on the
-    running event loop; drained and stopped on exit."""
-    w = Worker(app, queues=queues, concurrency=concurrency, grace=grace)
+    running event loop; drained and stopped on exit. ``unknown_grace=0`` dead-letters a task name
+    it does not know at once (no rolling-deploy grace), which keeps such tests short."""
+    w = Worker(app, queues=queues, concurrency=concurrency, grace=grace, unknown_grace=unknown_grace)
     await w.start()
     try:
         yield w

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
@@ -20,33 +21,43 @@ from .broker import Broker
 from .config import check_queue_name
 from .consumer import PullConsumer, Slots
 from .control import ControlResponder
-from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
-from .errors import DecodeError, EncodeError, TimeLimitExceeded
+from .dlq import (
+    HDR_DLQ_ATTEMPTS,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_ID,
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_DLQ_TIME,
+    HDR_DLQ_TRUNCATED,
+    HDR_REPLAYS,
+)
+from .errors import DecodeError, EncodeError, PayloadTooLarge, TimeLimitExceeded
 from .events import Batch, EventPublisher
 from .message import (
+    HDR_CHECK_STORED,
     HDR_MSG_ID,
     HDR_REPLY,
+    HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
-    HDR_TASK,
+    HDR_UNKNOWN_SINCE,
     TASK_ID_RE,
     Envelope,
     at_schedule,
     dumps,
     loads,
 )
+from .naming import DEFAULT_INBOX_PREFIX, is_queue_name, is_reply_subject
 from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
 from .runner import ThreadRunner
+from .store import ResultStore, is_final
 from .task import Request, Task, current_request
 
 if TYPE_CHECKING:
     from .app import Natask
 
 log = logging.getLogger("natask.worker")
-
-HDR_RETRIES: Final = "Natask-Retries"
-"""How many times the task was retried before this message (republishes carry it)."""
 
 DEFAULT_CONCURRENCY: Final = 32
 HEARTBEAT_INTERVAL: Final = 5.0
@@ -58,12 +69,31 @@ EVENTS_BATCH: Final = 1000
 """Events sent at once, without waiting out ``EVENTS_INTERVAL``."""
 EVENT_TEXT: Final = 1000
 """Characters of an exception message an event carries (the result record has all of it)."""
+UNKNOWN_GRACE: Final = 20.0
+"""Seconds a message naming an unknown task keeps coming back (a rolling deploy: a worker with
+newer code may know it) before it is dead-lettered; under SPEC's 30 s bound."""
+UNKNOWN_STEP: Final = 5.0
+"""Seconds between two looks at a message naming an unknown task."""
+MAX_CLOCK_SKEW: Final = 60.0
+"""A task delivered at most this long before its eta waits in the consumer (nak with a delay);
+earlier ones go back to the server as a schedule."""
+MAX_NAK_DELAY: Final = 300.0
+"""Longest nak delay used when a message cannot be republished as a schedule."""
+MAX_HEADER_INT: Final = 1_000_000
+"""Largest value accepted in a counting header (``Natask-Retries``)."""
+MAX_INTERNAL_ATTEMPTS: Final = 10
+"""Deliveries of one message ending in an internal error before it is dead-lettered."""
+INTERNAL_RETRY_DELAY: Final = 5.0
+"""Seconds before a message that met an internal error is delivered again."""
+RECORD_HEADROOM: Final = 1024
+"""Bytes of ``max_payload`` kept free beside a result record (headers of its KV write)."""
 
 
 class _Delivery:
     """One task message being worked on."""
 
-    __slots__ = ("finished", "handler", "msg", "name", "revoked", "started", "started_at", "task_id", "touched")
+    __slots__ = ("careful", "finished", "handler", "msg", "name", "result_seq", "revoked", "started", "started_at",
+                 "superseded", "task_id", "touched", "writing")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
@@ -74,6 +104,14 @@ class _Delivery:
         self.revoked = False
         self.finished = False
         self.handler: asyncio.Task[None] | None = None
+        self.result_seq: int | None = None
+        """The task's results key revision as this delivery knows it (None: unknown, read first)."""
+        self.careful = False
+        """This delivery may repeat a finished run: store before replying."""
+        self.superseded = False
+        """Another run stored the final outcome first: this one's writes are dropped."""
+        self.writing: asyncio.Task[None] | None = None
+        """The last state write of this delivery (writes are chained, in order)."""
 
 
 class Worker:
@@ -91,8 +129,10 @@ class Worker:
         grace: float = DEFAULT_GRACE,
         max_tasks: int | None = None,
         events: bool = True,
+        unknown_grace: float = UNKNOWN_GRACE,
     ) -> None:
         self.app = app
+        self.unknown_grace = unknown_grace
         self.max_tasks = max_tasks
         self.send_events = events
         self.queues = [check_queue_name(q) for q in (queues or [app.config.default_queue])]
@@ -126,6 +166,7 @@ class Worker:
         self._events: EventPublisher | None = None
         self.last_heartbeat = 0.0
         self._revoke_watch: asyncio.Task[None] | None = None
+        self._store: ResultStore | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -308,6 +349,21 @@ class Worker:
         if not self._inflight:
             self._idle.set()
 
+    @property
+    def store(self) -> ResultStore:
+        """Compare-and-set access to the results bucket (a final outcome is stored once)."""
+        if self._store is None or self._store.broker is not self.broker:
+            self._store = ResultStore(self.broker_)
+        return self._store
+
+    @property
+    def inboxes(self) -> tuple[str, ...]:
+        """Inbox prefixes this worker answers on: nats-py's default and the app's own ``inbox_prefix``."""
+        custom = self.app.config.connect_options.get("inbox_prefix")
+        if isinstance(custom, bytes):
+            custom = custom.decode(errors="replace")
+        return (DEFAULT_INBOX_PREFIX, custom) if isinstance(custom, str) and custom else (DEFAULT_INBOX_PREFIX,)
+
     async def _on_rpc(self, msg: Msg) -> None:
         # Pushed by core NATS: wait for a slot so RPCs share the worker's concurrency limit.
         while self._slots.running >= self._slots.capacity:
@@ -323,24 +379,32 @@ class Worker:
         """Run an RPC call and reply with its outcome record; nothing is stored or acked."""
         msg = delivery.msg
         try:
-            record: dict[str, Any]
+            if not is_reply_subject(msg.reply, self.inboxes):
+                # The reply subject is the sender's choice: answering elsewhere would write with our rights.
+                log.warning("RPC on %s without an inbox reply subject: not run", _cut(msg.subject))
+                return
             try:
-                env = Envelope.decode(msg.data, msg.headers)
-                task = self.app.get_task(env.task)
-                args, kwargs = task.bind_call(env.args, env.kwargs)
-                request = Request(id=env.id, task=env.task, args=args, kwargs=kwargs, headers=msg.headers or {})
-                record = {"state": SUCCESS, "result": await self._run(task, args, kwargs, request)}
-                self.processed += 1
+                record = await self._call(msg)
             except Exception as exc:
                 record = _failure(exc)
-            try:
-                data = dumps(record)
-            except EncodeError as e:
-                data = dumps(_failure(EncodeError(f"the result cannot be encoded: {e}")))
-            if msg.reply:
-                await self.broker_.publish_core(msg.reply, data)
+            await self.broker_.publish_core(msg.reply, self._encode(record, "the RPC call")[0])
         finally:
             self._done(delivery)
+
+    async def _call(self, msg: Msg) -> dict[str, Any]:
+        route = self.app.names.task_from_rpc_subject(msg.subject)
+        if route is None:
+            raise Forged(f"invalid RPC subject {_cut(msg.subject)}")
+        env = Envelope.decode(msg.data, msg.headers)
+        if env.task != route[1]:
+            raise Forged(f"the message names task {env.task!r} but was sent to {route[1]!r}")
+        task = self.app.get_task(env.task)
+        args, kwargs = task.bind_call(env.args, env.kwargs)
+        request = Request(id=env.id, task=env.task, args=args, kwargs=kwargs, queue=route[0],
+                          headers=msg.headers or {})
+        value = await self._run(task, args, kwargs, request)
+        self.processed += 1
+        return {"state": SUCCESS, "result": value}
 
     async def _handle(self, delivery: _Delivery) -> None:
         msg = delivery.msg
@@ -348,52 +412,94 @@ class Worker:
             await self._process(delivery)
         except asyncio.CancelledError:
             await _quietly(msg.nak())
-        except Exception:
-            # A bug in natask itself: give the message back rather than lose it.
-            log.exception("internal error handling %s; returning it to the queue", delivery.task_id or "a message")
-            await _quietly(msg.nak(delay=5))
+        except Exception as e:
+            # A bug in natask, or the broker unreachable for longer than publish_timeout: give the
+            # message back rather than lose it, a bounded number of times.
+            what = delivery.task_id or "a message"
+            if delivered(msg) < MAX_INTERNAL_ATTEMPTS:
+                log.exception("internal error handling %s; returning it to the queue", what)
+                await _quietly(msg.nak(delay=INTERNAL_RETRY_DELAY))
+                return
+            log.exception("internal error handling %s, attempt %d: dead-lettering it", what, delivered(msg))
+            try:
+                await self._dead_letter(delivery, "internal error", f"{type(e).__name__}: {e}",
+                                        task_id=delivery.task_id)
+            except Exception as again:
+                log.error("cannot dead-letter %s either (%s); returning it to the queue", what, again)
+                await _quietly(msg.nak(delay=INTERNAL_RETRY_DELAY))
         finally:
             self._done(delivery)
 
     async def _process(self, delivery: _Delivery) -> None:
+        """Gate a delivery (the subject decides which task it may run; every header and body field
+        is validated), then run it and settle its outcome."""
         msg = delivery.msg
         headers = msg.headers or {}
+        route = self.app.names.task_from_subject(msg.subject)
+        if route is None:
+            await self._dead_letter(delivery, "invalid subject",
+                                    f"{_cut(msg.subject)} is not <prefix>.<queue>.<task name>")
+            return
+        delivery.name = route[1]
         try:
             env = Envelope.decode(msg.data, headers)
         except DecodeError as e:
             task_id = headers.get(HDR_MSG_ID, "").split(":")[0]
-            await self._dead_letter(msg, "undecodable", str(e), task_id=task_id if TASK_ID_RE.match(task_id) else "")
+            await self._dead_letter(delivery, "undecodable", str(e),
+                                    task_id=task_id if TASK_ID_RE.match(task_id) else "")
             return
-        delivery.task_id, delivery.name = env.id, env.task
+        delivery.task_id = env.id
+        if env.task != route[1]:
+            await self._dead_letter(delivery, "forged", f"the message names task {_cut(env.task)} but was "
+                                    f"published on {msg.subject}, the subject permissions are checked on", env=env)
+            return
+        retried = _header_int(headers, HDR_RETRIES)
+        if retried is None:
+            await self._dead_letter(delivery, "malformed header", f"{HDR_RETRIES} must be an integer from 0 to "
+                                    f"{MAX_HEADER_INT}, got {_cut(headers.get(HDR_RETRIES))}", env=env)
+            return
+        reply = headers.get(HDR_REPLY)
+        if reply is not None and not (is_reply_subject(reply, self.inboxes) and reply.endswith("." + env.id)):
+            await self._dead_letter(delivery, "forged", f"{HDR_REPLY} {_cut(reply)} is not an inbox subject for "
+                                    "this task: results go only to the caller's inbox", env=env)
+            return
         task = self.app.tasks.get(env.task)
         if task is None:
-            await self._dead_letter(msg, "unknown task", f"no task named {env.task!r} in app {self.app.name!r}",
-                                    env=env)
+            await self._unknown(delivery, env)
             return
-        retries = int(headers.get(HDR_RETRIES, "0") or 0) + delivered(msg) - 1
+        attempt = delivered(msg)
+        retries = retried + attempt - 1
         now = time.time()
         if env.id in self._revoked:
-            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "revoked"}})
+            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "revoked"}})
             return
         if env.expires is not None and now > env.expires:
-            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "expired"}})
+            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "expired"}})
             return
         if env.eta is not None and env.eta > now + 0.001:
-            await msg.nak(delay=env.eta - now)  # clock skew between server and worker: never early
+            await self._early(delivery, env, now)
             return
         limit = task.options.max_retries
         if limit is not None and retries > limit:
             # Deliveries beyond the limit mean earlier attempts crashed their worker.
-            await self._dead_letter(msg, "max retries exceeded",
+            await self._dead_letter(delivery, "max retries exceeded",
                                     f"{retries} attempt(s) ended without an outcome (worker crashed?)", env=env)
             return
         try:
             args, kwargs = task.bind_call(env.args, env.kwargs)
         except TypeError as e:
-            await self._dead_letter(msg, "arguments do not bind", str(e), env=env)
+            await self._dead_letter(delivery, "arguments do not bind", str(e), env=env)
             return
+        if task.options.ignore_result:
+            pass  # nothing stored: nothing to check or fence
+        elif attempt == 1 and not retried and HDR_CHECK_STORED not in headers and HDR_REPLAYS not in headers:
+            delivery.result_seq = 0  # a first delivery of a fresh id: its key holds nothing yet
+        else:
+            delivery.careful = True
+            if await self._done_before(delivery, env, reply):
+                return
         request = Request(id=env.id, task=env.task, retries=retries, args=args, kwargs=kwargs,
-                          queue=msg.subject.split(".", 2)[1], parent_id=env.parent_id, root_id=env.root_id,
+                          queue=route[0], parent_id=env.parent_id, root_id=env.root_id,
                           eta=env.eta, expires=env.expires, headers=headers,
                           report=lambda state, meta: self._report(delivery, state, meta))
         current_request.set(request)  # log lines about this task, from here on, carry its id and name
@@ -402,22 +508,85 @@ class Worker:
             if self._event_timer is None:
                 self._arm_events()
         if task.options.track_started and not task.options.ignore_result:
-            await self._store(env.id, {"state": STARTED, "info": {"worker": self.ident}}, wait=False)
+            self._write_state(delivery, dumps({"state": STARTED, "info": {"worker": self.ident}}))
         try:
             value = await self._run(task, args, kwargs, request)
         except asyncio.CancelledError:
             delivery.finished = True
             if not delivery.revoked:
                 raise
-            await self._finish(msg, env, task, {"state": REVOKED, "info": {"reason": "terminated"}})
+            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "terminated"}})
             return
         except Exception as exc:
             delivery.finished = True
-            await self._failed(msg, env, task, exc, retries)
+            await self._failed(delivery, env, task, exc, retries)
             return
         delivery.finished = True
         self.processed += 1
-        await self._finish(msg, env, task, {"state": SUCCESS, "result": value}, retries)
+        await self._finish(delivery, env, task, {"state": SUCCESS, "result": value}, retries)
+
+    async def _done_before(self, delivery: _Delivery, env: Envelope, reply: str | None) -> bool:
+        """For a delivery that may repeat a finished run (a redelivery, a retry, an id published
+        again): True, after acking it, if a final outcome is stored already (JetStream's dedupe
+        forgets acknowledged ids when the server restarts; this check does not)."""
+        seq, record = await self.store.read(env.id)
+        delivery.result_seq = seq
+        if not is_final(record):
+            return False
+        assert record is not None
+        log.info("task %s[%s] has a stored outcome (%s): not run again", env.task, env.id, record.get("state"))
+        if reply:
+            await self.broker_.publish_core(reply, dumps(record))
+        await delivery.msg.ack()
+        return True
+
+    async def _unknown(self, delivery: _Delivery, env: Envelope) -> None:
+        """A task name this worker does not know: during a rolling deploy a worker with newer code
+        may know it, so the message goes back (held by the server, not by a slot) until
+        ``unknown_grace`` has passed since a worker first met it; then it is dead-lettered."""
+        msg, now = delivery.msg, time.time()
+        raw = (msg.headers or {}).get(HDR_UNKNOWN_SINCE)
+        since = now if raw is None else _header_time(raw, now)
+        if since is None:
+            await self._dead_letter(delivery, "malformed header", f"{HDR_UNKNOWN_SINCE} must be a Unix time no "
+                                    f"later than now, got {_cut(raw)}", env=env)
+            return
+        if now - since >= self.unknown_grace:
+            await self._dead_letter(delivery, "unknown task", f"no task named {env.task!r} in app {self.app.name!r} "
+                                    f"(waited {now - since:.0f}s for a worker that knows it)", env=env)
+            return
+        log.warning("task %s[%s]: no task of that name here; giving workers with newer code %.0fs more to take it",
+                    env.task, env.id, self.unknown_grace - (now - since))
+        await self._schedule_again(delivery, env, now + UNKNOWN_STEP, "grace", {HDR_UNKNOWN_SINCE: f"{since:.6f}"})
+
+    async def _early(self, delivery: _Delivery, env: Envelope, now: float) -> None:
+        """Delivered before its eta. By a little: the server's clock is behind ours, wait it out.
+        By more (published straight to the queue, or a badly skewed clock): hand it back to the
+        server as a schedule, so no slot and no ack-pending place is held while it waits."""
+        assert env.eta is not None
+        if env.eta - now <= MAX_CLOCK_SKEW:
+            await delivery.msg.nak(delay=env.eta - now)
+            return
+        await self._schedule_again(delivery, env, env.eta, "eta", {})
+
+    async def _schedule_again(self, delivery: _Delivery, env: Envelope, when: float, kind: str,
+                              extra: dict[str, str]) -> None:
+        """Republish this message as a server-held schedule firing at ``when``, then ack it. The
+        message id is derived from this message's stream sequence, so a crash between publish and
+        ack cannot enqueue it twice."""
+        msg = delivery.msg
+        queue, _ = self.app.names.task_from_subject(msg.subject) or ("_", "")
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+        headers.update(extra)
+        headers[HDR_MSG_ID] = f"{env.id}:{kind}{msg.metadata.sequence.stream}"
+        headers[HDR_SCHEDULE] = at_schedule(when)
+        headers[HDR_SCHEDULE_TARGET] = msg.subject
+        try:
+            await self.broker_.publish(self.app.names.schedule_subject(queue, env.id), msg.data, headers)
+        except PayloadTooLarge:  # no room for the schedule headers: wait in the consumer instead
+            await msg.nak(delay=min(MAX_NAK_DELAY, max(0.0, when - time.time())))
+            return
+        await msg.ack()
 
     async def _run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any],
                    request: Request) -> Any:
@@ -443,41 +612,48 @@ class Worker:
             raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
 
     # -- outcomes ---------------------------------------------------------------------------
-    async def _failed(self, msg: Msg, env: Envelope, task: Task[Any, Any], exc: Exception, retries: int) -> None:
+    async def _failed(self, delivery: _Delivery, env: Envelope, task: Task[Any, Any], exc: Exception,
+                      retries: int) -> None:
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
         if decision.action == "retry":
-            await self._retry(msg, env, task, cause, retries, decision.countdown)
+            await self._retry(delivery, env, task, cause, retries, decision.countdown)
             return
         self.failed += 1
         record = _failure(cause)
         if decision.action == "reject":
-            await self._dead_letter(msg, "rejected", decision.reason, env=env, record=record)
+            await self._dead_letter(delivery, "rejected", decision.reason, env=env, record=record)
             return
         if decision.reason:  # retries exhausted
-            await self._dead_letter(msg, decision.reason, f"{record['exc_type']}: {record['message']}",
+            await self._dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                     env=env, record=record)
             return
         log.warning("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"])
-        await self._finish(msg, env, task, record, retries)
+        await self._finish(delivery, env, task, record, retries)
 
-    async def _retry(self, msg: Msg, env: Envelope, task: Task[Any, Any], exc: BaseException, retries: int,
-                     countdown: float) -> None:
-        assert self.broker is not None
+    async def _retry(self, delivery: _Delivery, env: Envelope, task: Task[Any, Any], exc: BaseException,
+                     retries: int, countdown: float) -> None:
+        """Publish the message again as a server-held schedule (also for a zero countdown: workers
+        need no right to enqueue on task subjects) with the derived id ``<task id>:<n>``."""
+        msg = delivery.msg
         n = retries + 1
+        queue, _ = self.app.names.task_from_subject(msg.subject) or ("_", "")
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers[HDR_MSG_ID] = f"{env.id}:{n}"
         headers[HDR_RETRIES] = str(n)
-        subject = msg.subject
-        if countdown > 0:
-            queue = subject.split(".", 2)[1]
-            headers[HDR_SCHEDULE] = at_schedule(time.time() + countdown)
-            headers[HDR_SCHEDULE_TARGET] = subject
-            subject = self.app.names.schedule_subject(queue, env.id)
-        await self.broker.publish(subject, msg.data, headers)
+        headers[HDR_SCHEDULE] = at_schedule(time.time() + countdown)
+        headers[HDR_SCHEDULE_TARGET] = msg.subject
+        try:
+            await self.broker_.publish(self.app.names.schedule_subject(queue, env.id), msg.data, headers)
+        except PayloadTooLarge:
+            # No room for the retry headers next to this payload: let JetStream redeliver it instead
+            # (the delivery count carries the attempt; the wait counts against max_ack_pending).
+            await msg.nak(delay=countdown)
+            return
         if not task.options.ignore_result:
             info = {"retries": n, "countdown": countdown, "exc_type": _qualname(type(exc)), "message": str(exc)}
-            await self._store(env.id, {"state": RETRY, "info": info})
+            self._write_state(delivery, dumps({"state": RETRY, "info": info}))
+            await self._writes_of(delivery)
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.listeners:
             self.event("task-retried", env.id, env.task, retries=n, countdown=countdown,
@@ -487,15 +663,48 @@ class Worker:
     def _report(self, delivery: _Delivery, state: str, meta: Any) -> None:
         """update_state from a task, on the loop or from a worker thread."""
         data = dumps({"state": state, "info": meta, "worker": self.ident})  # EncodeError goes to the task
+        self.broker_.check_size(self.store.subject(delivery.task_id), data, {})  # PayloadTooLarge too
 
         def store() -> None:
-            if not delivery.finished:  # never overwrite the final outcome
-                self._background(self._store(delivery.task_id, data, wait=False))
+            if not delivery.finished:  # the final outcome is being written: this state is stale
+                self._write_state(delivery, data)
 
         if threading.get_ident() == self._loop_thread:
             store()
         else:
             self._loop.call_soon_threadsafe(store)
+
+    def _write_state(self, delivery: _Delivery, data: bytes) -> None:
+        """Store a non-final state (STARTED, RETRY, a custom one) in the background, after this
+        delivery's earlier writes, never over a final outcome."""
+        before = delivery.writing
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait({before})
+            if delivery.superseded:
+                return
+            try:
+                seq, final = await self.store.write(delivery.task_id, data, delivery.result_seq)
+            except Exception as e:
+                delivery.result_seq = None  # we no longer know the key's revision: read it next time
+                log.warning("task %s: cannot store its state: %s", delivery.task_id, e)
+                return
+            delivery.result_seq = seq
+            if final is not None:
+                self._superseded(delivery, final)
+
+        delivery.writing = self._loop.create_task(write())
+
+    async def _writes_of(self, delivery: _Delivery) -> None:
+        if delivery.writing is not None:
+            await asyncio.wait({delivery.writing})
+
+    def _superseded(self, delivery: _Delivery, final: dict[str, Any]) -> None:
+        if not delivery.superseded:
+            delivery.superseded = True
+            log.warning("task %s has a final outcome (%s) stored by another run (this worker lost its lease?): "
+                        "this run's states and outcome are dropped", delivery.task_id, final.get("state"))
 
     def _background(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
@@ -540,81 +749,122 @@ class Worker:
             except Exception:
                 log.exception("event listener %r failed", listener)
 
-    async def _finish(self, msg: Msg, env: Envelope, task: Task[Any, Any] | None, record: dict[str, Any],
-                      retries: int = 0) -> None:
-        """Run workflow follow-ups, send the outcome to the caller, store it, then ack (in that order)."""
+    def _encode(self, record: dict[str, Any], what: str) -> tuple[bytes, dict[str, Any]]:
+        """A record and its bytes; a result that cannot be encoded, or too large for the server's
+        ``max_payload``, becomes the FAILURE the caller gets instead (after one run: never a
+        redelivery loop)."""
+        try:
+            data = dumps(record)
+        except EncodeError as e:
+            record = _failure(EncodeError(f"the result of {what} cannot be encoded: {e}")) | _meta(record)
+            return dumps(record), record
+        limit = self.broker_.nc.max_payload - RECORD_HEADROOM
+        if len(data) <= limit:
+            return data, record
+        error = PayloadTooLarge(f"the result of {what} is {len(data)} bytes encoded, over the {limit} bytes the "
+                                "server's max_payload leaves for it: return a reference (a URL, an object key) "
+                                "instead of the data", len(data), limit)
+        record = _failure(error) | _meta(record)
+        return dumps(record), record
+
+    async def _finish(self, delivery: _Delivery, env: Envelope, task: Task[Any, Any] | None,
+                      record: dict[str, Any], retries: int = 0) -> None:
+        """Run workflow follow-ups, send the outcome to the caller, store it (once: the first final
+        outcome wins), then ack — in that order."""
+        msg = delivery.msg
+        ignore = task is not None and task.options.ignore_result
         if env.links or env.meta:
             from .canvas import on_outcome
 
+            if record["state"] == SUCCESS:
+                record = self._encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
             await on_outcome(self, env, record)
         if self.listeners:
-            state = record["state"]
-            if state == SUCCESS:
-                self._succeeded.append((time.time(), env.id, env.task))
-                if self._event_timer is None:
-                    self._arm_events()
-            elif state == FAILURE:
-                self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
-                           message=str(record.get("message", ""))[:EVENT_TEXT])
-            elif state == REVOKED:
-                self.event("task-revoked", env.id, env.task, reason=(record.get("info") or {}).get("reason"))
-            else:
-                self.event("task-finished", env.id, env.task, state=state)
-        ignore = task is not None and task.options.ignore_result
+            self._note_outcome(env, record)
         if not ignore:
             record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
             if env.parent_id:
                 record.update(parent_id=env.parent_id, root_id=env.root_id)
-            try:
-                data = dumps(record)
-            except EncodeError as e:
-                record = _failure(EncodeError(f"the result of {env.task} cannot be encoded: {e}"))
-                record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
-                data = dumps(record)
+            data, record = self._encode(record, env.task)
             reply = (msg.headers or {}).get(HDR_REPLY)
-            if reply:
+            fast = not delivery.careful and delivery.writing is None
+            if reply and fast:
+                # A fresh id's first run: nobody else can have stored an outcome, so the caller need
+                # not wait for the store's acknowledgement.
                 await self.broker_.publish_core(reply, data)
-            await self._store(env.id, data)
+            await self._writes_of(delivery)
+            final = await self._store_final(delivery, env, data)
+            if reply and not fast:
+                await self.broker_.publish_core(reply, data if final is None else dumps(final))
         await msg.ack()
 
-    async def _store(self, task_id: str, record: dict[str, Any] | bytes, wait: bool = True) -> None:
-        broker = self.broker_
-        data = record if isinstance(record, bytes) else dumps(record)
-        subject = f"$KV.{broker.names.results_bucket}.{task_id}"
-        if not wait:
-            await broker.publish_core(subject, data)
-            return
-        await broker.results()
-        await broker.publish(subject, data, {})
+    async def _store_final(self, delivery: _Delivery, env: Envelope, data: bytes) -> dict[str, Any] | None:
+        """Store the outcome unless one is stored already; that one, if so."""
+        seq, final = await self.store.write(env.id, data, delivery.result_seq)
+        delivery.result_seq = seq
+        if final is not None:
+            self._superseded(delivery, final)
+        return final
 
-    async def _dead_letter(self, msg: Msg, reason: str, error: str, *, env: Envelope | None = None,
+    def _note_outcome(self, env: Envelope, record: dict[str, Any]) -> None:
+        state = record["state"]
+        if state == SUCCESS:
+            self._succeeded.append((time.time(), env.id, env.task))
+            if self._event_timer is None:
+                self._arm_events()
+        elif state == FAILURE:
+            self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
+                       message=str(record.get("message", ""))[:EVENT_TEXT])
+        elif state == REVOKED:
+            self.event("task-revoked", env.id, env.task, reason=(record.get("info") or {}).get("reason"))
+        else:
+            self.event("task-finished", env.id, env.task, state=state)
+
+    async def _dead_letter(self, delivery: _Delivery, reason: str, error: str, *, env: Envelope | None = None,
                            task_id: str = "", record: dict[str, Any] | None = None) -> None:
-        """Move a message to NATASK_DLQ with why, then ack it; the caller gets a FAILURE result."""
-        broker = self.broker_
-        # Nats-* headers (schedule, dedupe id) belong to the original publish, not to the DLQ entry.
-        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-        queue, name = ([*msg.subject.split(".", 2), "", ""])[1:3]
-        name = env.task if env is not None else headers.get(HDR_TASK, "") or name
+        """Move a message to NATASK_DLQ with why, then ack it; the caller gets a FAILURE result.
+
+        The entry's subject is built from the validated subject the message arrived on (never from
+        its body or headers), and the entry is cut to fit ``max_payload``: a message crafted to make
+        the dead-letter publish oversized or its subject too long cannot cost the connection.
+        """
+        msg, broker = delivery.msg, self.broker_
+        route = self.app.names.task_from_subject(msg.subject)
+        queue, name = route if route is not None else (_queue_token(msg.subject, broker.names.prefix), "_invalid")
         task_id = env.id if env is not None else task_id
         meta = msg.metadata
-        headers.update({
+        retried = _header_int(msg.headers or {}, HDR_RETRIES) or 0
+        ours = {
             HDR_DLQ_REASON: reason,
             HDR_DLQ_ERROR: _one_line(error)[:1000],
-            HDR_DLQ_ATTEMPTS: str(int(headers.get(HDR_RETRIES, "0") or 0) + meta.num_delivered),
+            HDR_DLQ_ATTEMPTS: str(retried + meta.num_delivered),
             HDR_DLQ_TIME: f"{time.time():.6f}",
             HDR_DLQ_SUBJECT: msg.subject,
             HDR_DLQ_ID: task_id or f"seq-{meta.sequence.stream}",
-        })
-        subject = broker.names.dlq_subject(queue or "_", _subject_token(name))
-        await broker.publish(subject, msg.data, headers)
-        log.error("dead-lettered %s (%s): %s", task_id or f"message #{meta.sequence.stream}", reason, error)
+        }
+        subject = broker.names.dlq_subject(queue, name)
+        # Nats-* headers (schedule, dedupe id) belong to the original publish, not to the DLQ entry.
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")} | ours
+        data = msg.data
+        try:
+            broker.check_size(subject, data, headers)
+        except PayloadTooLarge:
+            headers = {k: v for k, v in headers.items() if k.startswith("Natask-")} | ours
+            try:
+                broker.check_size(subject, data, headers)
+            except PayloadTooLarge:
+                headers[HDR_DLQ_TRUNCATED] = str(len(data))  # the body cannot travel with its reasons
+                data = b""
+        await broker.publish(subject, data, headers)
+        log.error("dead-lettered %s (%s): %s", task_id or f"message #{meta.sequence.stream}", reason,
+                  ours[HDR_DLQ_ERROR])
         self.failed += 1
-        if task_id:
+        if task_id and reason not in _UNTRUSTED:
             if record is None:
                 record = {"state": FAILURE, "exc_type": _DLQ_EXC_TYPES.get(reason, "natask.DeadLettered"),
                           "message": error, "traceback": ""}
             task = self.app.tasks.get(name)
-            await self._finish(msg, env or Envelope(id=task_id, task=name), task, dict(record))
+            await self._finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record))
         else:
             await msg.ack()
 
@@ -629,8 +879,16 @@ _DLQ_EXC_TYPES: Final = {
     "arguments do not bind": "TypeError",
     "undecodable": "natask.DecodeError",
     "max retries exceeded": "natask.WorkerLost",
+    "forged": "natask.Forged",
 }
 """The exception type a caller sees for a message dead-lettered before it could run."""
+_UNTRUSTED: Final = frozenset({"forged", "malformed header", "invalid subject"})
+"""Dead-letter reasons that make the message's own claims (its id, its reply subject) untrusted:
+no outcome is stored or sent for them, or the sender could write another task's result."""
+
+
+class Forged(Exception):
+    """A message whose body disagrees with the subject it was published on."""
 
 
 def delivered(msg: Msg) -> int:
@@ -641,6 +899,37 @@ def delivered(msg: Msg) -> int:
     if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
         return int(tokens[4])
     return msg.metadata.num_delivered  # the longer layouts (domains, account hashes)
+
+
+def _header_int(headers: dict[str, str], name: str) -> int | None:
+    """A non-negative integer header (absent: 0); None when malformed or beyond ``MAX_HEADER_INT``."""
+    raw = headers.get(name)
+    if raw is None:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) > MAX_HEADER_INT:
+        return None
+    return int(raw)
+
+
+def _header_time(raw: str, now: float) -> float | None:
+    """A Unix time header no later than ``now`` (plus clock skew); None when malformed."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 <= value <= now + MAX_CLOCK_SKEW else None
+
+
+def _queue_token(subject: str, prefix: str) -> str:
+    token = subject[len(prefix) + 1:].partition(".")[0] if subject.startswith(prefix + ".") else ""
+    return token if is_queue_name(token) else "_invalid"
+
+
+def _meta(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k in _META_KEYS}
+
+
+_META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children"})
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -658,6 +947,8 @@ def _qualname(cls: type) -> str:
         return cls.__qualname__
     if module.startswith("natask.") and getattr(natask, cls.__name__, None) is cls:
         return f"natask.{cls.__name__}"  # the public name, not the defining module
+    if cls is Forged:
+        return "natask.Forged"
     return f"{module}.{cls.__qualname__}"
 
 
@@ -665,9 +956,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _subject_token(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".")
-    return cleaned.replace("..", ".") or "_unknown"
+def _cut(value: object, limit: int = 120) -> str:
+    """A wire value for a log line or an error: repr'd (control characters escaped) and bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 async def _quietly(coro: Any) -> None:

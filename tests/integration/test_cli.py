@@ -33,7 +33,7 @@ async def natask_cli(url: str, *args: str, prefix: str = "cli") -> subprocess.Co
 @pytest.fixture
 async def cli_app(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[tuple[Natask, WorkerProcess]]:
     app = Natask("cli-test", servers=[nats_server.url], subject_prefix="cli")
-    w = await WorkerProcess(nats_server.url, "cli", tmp_path / "log").ready()
+    w = await WorkerProcess(nats_server.url, "cli", tmp_path / "log", extra=["--unknown-grace", "0"]).ready()
     try:
         yield app, w
     finally:

@@ -71,7 +71,7 @@ async def test_api_state_events_and_replay(dash_app: Natask) -> None:
     app = dash_app
     ran: list[str] = []
     add = app.task(name="d.add")(lambda x, y: x + y)
-    async with worker(app), Dashboard(app, port=0, refresh=0.2) as dash:
+    async with worker(app, unknown_grace=0), Dashboard(app, port=0, refresh=0.2) as dash:
         url = dash.url
         page = await http(url)
         assert page[0] == 200 and b"<title>natask dashboard</title>" in page[2]
@@ -306,7 +306,7 @@ async def test_page_in_headless_chromium(nats_server: NatsServer, tmp_path: Path
         ran.append(order)
         return order
 
-    first = await WorkerProcess(nats_server.url, "page", tmp_path / "log").ready()
+    first = await WorkerProcess(nats_server.url, "page", tmp_path / "log", extra=["--unknown-grace", "0"]).ready()
     with await asyncio.to_thread(open, tmp_path / "dashboard.log", "w") as log:
         dash = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "natask", "dashboard", "-A", APP, "--port", "0", env=env, cwd=ROOT,

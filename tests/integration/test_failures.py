@@ -159,7 +159,7 @@ async def test_unknown_task_and_unbindable_arguments_are_dead_lettered(app: Nata
     def two(a: int, b: int) -> int:
         return a + b
 
-    async with worker(app):
+    async with worker(app, unknown_grace=0):
         unknown = await app.asend_task("t.missing", [1])
         bad_args = await app.asend_task("t.two", [1, 2, 3])
         with pytest.raises(TaskFailed, match=r"no task named 't\.missing'") as missing:
@@ -169,6 +169,25 @@ async def test_unknown_task_and_unbindable_arguments_are_dead_lettered(app: Nata
     assert missing.value.exc_type == "natask.TaskNotFound" and bad.value.exc_type == "TypeError"
     reasons = {e.id: e.reason for e in await DeadLetters(app).list()}
     assert reasons == {unknown.id: "unknown task", bad_args.id: "arguments do not bind"}
+
+
+async def test_unknown_task_waits_for_a_worker_that_knows_it(app: Natask, nats_server: NatsServer) -> None:
+    """A rolling deploy: new code publishes a task the running (old) worker does not know yet. The
+    message goes back to the server for a while instead of straight to the dead-letter queue, and a
+    worker with the new code takes it."""
+    new = Natask("new", servers=[nats_server.url])
+    new.task(name="t.added")(lambda x: x * 2)
+    try:
+        broker = await app._broker()
+        sent = await broker.nc.subscribe("tasks._sched.default.>")  # the old worker hands it back
+        async with worker(app):  # the old code: no t.added
+            result = await app.asend_task("t.added", [21])
+            await sent.next_msg(timeout=10)
+        async with worker(new):
+            assert await result.aget(timeout=20) == 42
+        assert await DeadLetters(app).list() == []
+    finally:
+        await new.aclose()
 
 
 async def test_dead_letter_replay_runs_the_task_again(app: Natask) -> None:

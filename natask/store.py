@@ -1,0 +1,85 @@
+"""The results bucket as workers write it: a final outcome is stored once (the first one wins).
+
+Every write to a task's key is a compare-and-set on the key's last revision
+(``Nats-Expected-Last-Subject-Sequence``), and no write lands on a final record (SUCCESS, FAILURE,
+REVOKED). So a worker that lost its lease (frozen, partitioned past ``ack_wait``) and resumes after
+another worker finished the task cannot replace that outcome, nor can its late ``update_state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import nats.js.errors
+
+from .broker import HDR_EXPECTED_LAST_SUBJECT_SEQ, Broker, SequenceConflict
+from .errors import BrokerError
+from .message import loads
+from .result import READY_STATES
+
+log = logging.getLogger("natask.worker")
+
+_ATTEMPTS: Final = 5
+"""Compare-and-set rounds before giving up on a key that keeps changing under us."""
+KV_OPERATION: Final = "KV-Operation"
+"""Header of a KV delete/purge marker (``DEL``/``PURGE``): no record, but a revision."""
+
+Record = dict[str, Any]
+
+
+def is_final(record: Record | None) -> bool:
+    """Whether a stored record is a final outcome (it never changes afterwards)."""
+    return record is not None and record.get("state") in READY_STATES
+
+
+class ResultStore:
+    """Reads and conditional writes of one app's results bucket, on one broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.bucket = broker.names.results_bucket
+        self._stream = f"KV_{self.bucket}"
+
+    def subject(self, task_id: str) -> str:
+        return f"$KV.{self.bucket}.{task_id}"
+
+    async def read(self, task_id: str, *, leader: bool = False) -> tuple[int, Record | None]:
+        """The key's last revision (0: never written) and its record (None for a delete marker or
+        an undecodable value). ``leader=True`` reads from the stream leader rather than any replica
+        (a replica may lag behind a write we just lost a race to)."""
+        broker = self.broker
+        try:
+            msg = await broker.api(lambda: broker.js.get_msg(self._stream, subject=self.subject(task_id),
+                                                             direct=not leader))
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        seq = msg.seq or 0
+        if not msg.data or (msg.headers or {}).get(KV_OPERATION):
+            return seq, None
+        try:
+            record = loads(msg.data)
+        except Exception:
+            return seq, None
+        return seq, record if isinstance(record, dict) else None
+
+    async def write(self, task_id: str, data: bytes, expected: int | None) -> tuple[int, Record | None]:
+        """Store ``data`` unless a final outcome is stored already.
+
+        ``expected`` is the key's revision as the caller knows it (0: no record; None: unknown, read
+        it first). Returns ``(revision, None)`` once stored, or ``(revision, final record)`` when a
+        final outcome was there first (``data`` is dropped).
+        """
+        subject = self.subject(task_id)
+        for attempt in range(_ATTEMPTS):
+            if expected is None:
+                expected, record = await self.read(task_id, leader=attempt > 0)
+                if is_final(record):
+                    return expected, record
+            try:
+                published = await self.broker.publish(subject, data, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected)})
+            except SequenceConflict:
+                expected = None  # written in between: look again
+                continue
+            return published.seq, None
+        raise BrokerError(f"the result of task {task_id} kept changing under {_ATTEMPTS} compare-and-set attempts")

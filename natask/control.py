@@ -14,7 +14,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from .message import dumps, loads
-from .naming import DLQ_STREAM
+from .naming import DLQ_STREAM, is_reply_subject
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -45,8 +45,8 @@ class ControlResponder:
             pass
 
     async def _on_request(self, msg: Msg) -> None:
-        if not msg.reply:
-            return
+        if not is_reply_subject(msg.reply, self.worker.inboxes):
+            return  # answering on any other subject would write there with the worker's rights
         command = msg.subject.rsplit(".", 1)[-1]
         w = self.worker
         answer: dict[str, Any] = {"worker": w.ident}

@@ -40,6 +40,7 @@ from .message import (
     HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_TASK,
     HDR_UNKNOWN_SINCE,
     TASK_ID_RE,
     Envelope,
@@ -690,8 +691,10 @@ class Worker:
                 delivery.result_seq = None  # we no longer know the key's revision: read it next time
                 log.warning("task %s: cannot store its state: %s", delivery.task_id, e)
                 return
-            delivery.result_seq = seq
-            if final is not None:
+            if final is None:
+                delivery.result_seq = seq
+            else:  # never compare-and-set against a final record's revision: read again next time
+                delivery.result_seq = None
                 self._superseded(delivery, final)
 
         delivery.writing = self._loop.create_task(write())
@@ -801,7 +804,7 @@ class Worker:
     async def _store_final(self, delivery: _Delivery, env: Envelope, data: bytes) -> dict[str, Any] | None:
         """Store the outcome unless one is stored already; that one, if so."""
         seq, final = await self.store.write(env.id, data, delivery.result_seq)
-        delivery.result_seq = seq
+        delivery.result_seq = seq if final is None else None
         if final is not None:
             self._superseded(delivery, final)
         return final
@@ -835,6 +838,7 @@ class Worker:
         meta = msg.metadata
         retried = _header_int(msg.headers or {}, HDR_RETRIES) or 0
         ours = {
+            HDR_TASK: name,  # the name its subject proves, not whatever a header claimed
             HDR_DLQ_REASON: reason,
             HDR_DLQ_ERROR: _one_line(error)[:1000],
             HDR_DLQ_ATTEMPTS: str(retried + meta.num_delivered),

@@ -13,7 +13,8 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..errors import ConfigError, EncodeError, PayloadTooLarge
-from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, at_schedule, dumps, loads
+from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, at_schedule, dumps, loads
+from ..naming import is_reply_subject
 from ..result import FAILURE, REVOKED, SUCCESS
 from .plan import Freezer, Node, Step, expand, seeded_ids, walk
 from .signature import from_dict
@@ -30,6 +31,8 @@ _COLLECT_TIMEOUT: Final = 30.0
 """Upper bound for reading a finished chord's member results from KV."""
 _COLLECT_BATCH: Final = 256
 """Member results read concurrently when a chord completes."""
+MAX_CHORD_SIZE: Final = 1_000_000
+"""Largest chord header a worker accepts from workflow data."""
 
 
 # -- in the worker: advancing a workflow when one of its tasks finished ---------------------------
@@ -55,6 +58,7 @@ class _Flow:
         self.app = worker.app
         self.broker = worker.broker_
         self.ident = worker.ident
+        self.inboxes = worker.inboxes
         self.env = env
         self._kv: KeyValue | None = None
 
@@ -102,7 +106,7 @@ class _Flow:
     async def complete(self, member: dict[str, Any], value: Any) -> list[Any] | None:
         """Record this chord member's result; the chord's result list if this call completes it
         (and nobody else did), else None."""
-        chord_id, index, size = str(member["id"]), int(member["i"]), int(member["n"])
+        chord_id, index, size = _chord_member(member)
         kv = await self.chords()
         # One key per member, not a counter: a member finishing twice overwrites its own key.
         await self.broker.publish(self._key_subject(f"{chord_id}.m.{index}"), dumps(value), {})
@@ -164,7 +168,7 @@ class _Flow:
                 await self.store(sig, record)
         if member is None:
             return
-        chord_id = str(member["id"])
+        chord_id = _chord_member(member)[0]
         kv = await self.chords()
         if not await self._claim(kv, f"{chord_id}.failed"):
             return  # another member failed it first (errbacks ran then)
@@ -192,7 +196,7 @@ class _Flow:
         await self.broker.results()
         await self.broker.publish(f"$KV.{self.broker.names.results_bucket}.{sig['id']}", data, {})
         reply = sig.get("reply")
-        if reply:
+        if reply and is_reply_subject(reply, self.inboxes) and reply.endswith("." + sig["id"]):
             await self.broker.publish_core(reply, data)
 
     # -- publishing -------------------------------------------------------------------------
@@ -249,6 +253,16 @@ class _Flow:
             except nats.js.errors.KeyNotFoundError:
                 return False
             return entry.value == me
+
+
+def _chord_member(member: Mapping[str, Any]) -> tuple[str, int, int]:
+    """(chord id, member index, chord size) from workflow data, validated: the id becomes a KV key."""
+    chord_id, index, size = member["id"], member["i"], member["n"]
+    if not (isinstance(chord_id, str) and TASK_ID_RE.match(chord_id)):
+        raise ValueError(f"invalid chord id {chord_id!r:.100}")
+    if not (isinstance(index, int) and isinstance(size, int) and 0 <= index < size <= MAX_CHORD_SIZE):
+        raise ValueError(f"invalid chord member {index!r:.20} of {size!r:.20}")
+    return chord_id, index, size
 
 
 async def _exists(kv: KeyValue, key: str) -> bool:

@@ -59,3 +59,14 @@ def charge(self, order: str) -> str:  # type: ignore[no-untyped-def]
     if self.request.retries == 0:
         time.sleep(60)  # the test kills this worker here
     return "ok"
+
+
+@app.task(name="it.stale", bind=True, track_started=True)
+def stale(self, frozen_pid: int) -> str:  # type: ignore[no-untyped-def]
+    """In the worker the test freezes (longer than ack_wait) the run resumes after another worker
+    finished the task, then reports progress and fails: both must be dropped."""
+    if os.getpid() == frozen_pid:
+        time.sleep(1)  # frozen here (or just before)
+        self.update_state("LATE", {"pid": os.getpid()})
+        raise RuntimeError("late failure")
+    return f"ran in {os.getpid()}"

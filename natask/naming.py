@@ -26,9 +26,25 @@ DLQ_STREAM: Final = "NATASK_DLQ"
 """The dead-letter stream, shared by every app on the account."""
 
 
+_VALID: Final[set[str]] = set()
+"""Task names and subjects validated already (a worker sees the same few again and again)."""
+_VALID_MAX: Final = 8192
+
+
+def _remember(value: str) -> None:
+    if len(_VALID) >= _VALID_MAX:  # a flood of distinct names: start over rather than grow
+        _VALID.clear()
+    _VALID.add(value)
+
+
 def is_task_name(name: object) -> bool:
     """Whether ``name`` is a valid task name (see ``check_task_name``); never raises."""
-    return isinstance(name, str) and len(name) <= MAX_TASK_NAME and _TASK_NAME_RE.match(name) is not None
+    if name in _VALID:
+        return True
+    if isinstance(name, str) and len(name) <= MAX_TASK_NAME and _TASK_NAME_RE.match(name) is not None:
+        _remember(name)
+        return True
+    return False
 
 
 def check_task_name(name: str) -> str:
@@ -48,6 +64,15 @@ def is_queue_name(queue: object) -> bool:
     return isinstance(queue, str) and len(queue) <= MAX_QUEUE_NAME and _QUEUE_RE.match(queue) is not None
 
 
+def is_reply_for(subject: str, task_id: str, prefixes: tuple[str, ...] = (DEFAULT_INBOX_PREFIX,)) -> bool:
+    """Whether ``subject`` is an inbox reply subject ending in ``task_id`` (a valid id), as natask's
+    producers make them (``<inbox>.<task id>``)."""
+    stem, _, last = subject.rpartition(".")
+    if last != task_id or not stem:
+        return False
+    return stem in _VALID or is_reply_subject(subject, prefixes)
+
+
 def is_reply_subject(subject: object, prefixes: tuple[str, ...] = (DEFAULT_INBOX_PREFIX,)) -> bool:
     """Whether a worker may publish an answer on ``subject``: an inbox (``<prefix>.<token>...``
     for one of ``prefixes``), literal tokens only, bounded. A reply subject comes from the message,
@@ -56,7 +81,17 @@ def is_reply_subject(subject: object, prefixes: tuple[str, ...] = (DEFAULT_INBOX
     if not isinstance(subject, str) or len(subject) > MAX_REPLY_SUBJECT:
         return False
     head, _, rest = subject.partition(".")
-    return head in prefixes and bool(rest) and all(_INBOX_TOKEN_RE.match(t) for t in rest.split("."))
+    if head not in prefixes or not rest:
+        return False
+    # Replies to one caller share all but their last token: check that part once.
+    stem, _, last = rest.rpartition(".")
+    if not _INBOX_TOKEN_RE.match(last):
+        return False
+    if stem and f"{head}.{stem}" not in _VALID:
+        if not all(_INBOX_TOKEN_RE.match(t) for t in stem.split(".")):
+            return False
+        _remember(f"{head}.{stem}")
+    return True
 
 
 def _cut(value: object) -> str:
@@ -69,6 +104,9 @@ class Names:
     """Names on the server for one subject prefix."""
 
     prefix: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_routes", {})
 
     @property
     def stream(self) -> str:
@@ -117,7 +155,15 @@ class Names:
         """(queue, task name) of a task subject ``<prefix>.<queue>.<task name>``, both validated;
         None for anything else. The subject is what NATS permissions check, so it, not the body,
         says which task a message may run."""
-        return _split(subject, self.prefix + ".")
+        routes: dict[str, tuple[str, str]] = self._routes  # type: ignore[attr-defined]
+        route = routes.get(subject)
+        if route is None:
+            route = _split(subject, self.prefix + ".")
+            if route is not None:
+                if len(routes) >= _VALID_MAX:
+                    routes.clear()
+                routes[subject] = route
+        return route
 
     def task_from_rpc_subject(self, subject: str) -> tuple[str, str] | None:
         """(queue, task name) of an RPC subject ``natask.rpc.<prefix>.<queue>.<task name>``; None if

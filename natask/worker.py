@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from .message import (
     dumps,
     loads,
 )
-from .naming import DEFAULT_INBOX_PREFIX, is_queue_name, is_reply_subject
+from .naming import DEFAULT_INBOX_PREFIX, is_queue_name, is_reply_for, is_reply_subject
 from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
 from .runner import ThreadRunner
@@ -357,7 +358,7 @@ class Worker:
             self._store = ResultStore(self.broker_)
         return self._store
 
-    @property
+    @functools.cached_property
     def inboxes(self) -> tuple[str, ...]:
         """Inbox prefixes this worker answers on: nats-py's default and the app's own ``inbox_prefix``."""
         custom = self.app.config.connect_options.get("inbox_prefix")
@@ -460,7 +461,7 @@ class Worker:
                                     f"{MAX_HEADER_INT}, got {_cut(headers.get(HDR_RETRIES))}", env=env)
             return
         reply = headers.get(HDR_REPLY)
-        if reply is not None and not (is_reply_subject(reply, self.inboxes) and reply.endswith("." + env.id)):
+        if reply is not None and not is_reply_for(reply, env.id, self.inboxes):
             await self._dead_letter(delivery, "forged", f"{HDR_REPLY} {_cut(reply)} is not an inbox subject for "
                                     "this task: results go only to the caller's inbox", env=env)
             return

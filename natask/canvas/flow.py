@@ -14,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..errors import ConfigError, EncodeError, PayloadTooLarge
 from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, at_schedule, dumps, loads
-from ..naming import is_reply_subject
+from ..naming import is_reply_for
 from ..result import FAILURE, REVOKED, SUCCESS
 from .plan import Freezer, Node, Step, expand, seeded_ids, walk
 from .signature import from_dict
@@ -196,7 +196,7 @@ class _Flow:
         await self.broker.results()
         await self.broker.publish(f"$KV.{self.broker.names.results_bucket}.{sig['id']}", data, {})
         reply = sig.get("reply")
-        if reply and is_reply_subject(reply, self.inboxes) and reply.endswith("." + sig["id"]):
+        if isinstance(reply, str) and is_reply_for(reply, sig["id"], self.inboxes):
             await self.broker.publish_core(reply, data)
 
     # -- publishing -------------------------------------------------------------------------

@@ -439,7 +439,7 @@ class Broker:
         try:
             return await self.api(lambda: self.js.create_key_value(config))
         except nats.js.errors.BadRequestError as e:
-            if e.err_code != 10058:  # 10058: created meanwhile by another process, with other settings
+            if getattr(e, "err_code", None) != 10058:  # 10058: created meanwhile, with other settings
                 raise self._translate(e, f"$KV.{bucket}") from e
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
@@ -890,9 +890,10 @@ def _gone(e: BaseException) -> bool:
     """Whether an error may mean that the stream is gone (no responders, stream not found)."""
     if isinstance(e, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
         return True
-    if isinstance(e, nats.js.errors.ServiceUnavailableError) and e.err_code is None:
+    code = getattr(e, "err_code", None)
+    if isinstance(e, nats.js.errors.ServiceUnavailableError) and code is None:
         return True  # nats-py's JetStream manager reports no responders this way
-    return isinstance(e, nats.js.errors.NotFoundError) and e.err_code == _STREAM_NOT_FOUND
+    return isinstance(e, nats.js.errors.NotFoundError) and code == _STREAM_NOT_FOUND
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:
@@ -904,7 +905,9 @@ def _storage_full(e: BaseException) -> TypeGuard[nats.js.errors.APIError]:
     """Whether JetStream refused for want of storage: no retry helps until an operator acts."""
     if not isinstance(e, nats.js.errors.APIError):
         return False
-    return e.err_code in _STORAGE_FULL or (e.err_code == _STORE_FAILED and "exceeded" in (e.description or ""))
+    # nats-py's KV errors (KeyNotFoundError...) are APIErrors that never set these attributes.
+    code = getattr(e, "err_code", None)
+    return code in _STORAGE_FULL or (code == _STORE_FAILED and "exceeded" in (getattr(e, "description", "") or ""))
 
 
 def _full(e: nats.js.errors.APIError, what: str) -> StorageFull:

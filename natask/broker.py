@@ -85,8 +85,9 @@ WATCH_HEARTBEAT: Final = 1.0
 """Seconds between the server's idle heartbeats on a bucket watch."""
 _WATCH_MISSED: Final = 3
 """Heartbeats a bucket watch may miss before it restarts its consumer (gone with its bucket?)."""
-_WATCH_INACTIVE: Final = 60.0
-"""Seconds the server keeps a watch's consumer once nobody listens (a client gone for good)."""
+_WATCH_INACTIVE: Final = 10.0
+"""Seconds the server keeps a watch's consumer once nobody listens (a closed watch, a client gone);
+a watch whose client was away longer restarts on the missing heartbeats."""
 _RESTART_PAUSE: Final = 1.0
 """Pause between attempts to restart a watch while the server cannot be reached."""
 
@@ -747,8 +748,10 @@ class _Bucket(KeyValue):
 
 
 class _Watch:
-    """One bucket watch: an ephemeral push consumer (no acks, flow control, idle heartbeats),
-    recreated after the last entry seen whenever it ends, skips entries or goes silent."""
+    """One bucket watch: an ephemeral push consumer (no acks, idle heartbeats), recreated after
+    the last entry seen whenever it ends, skips entries or goes silent. No flow control: its
+    replies would need publish rights on ``$JS.FC.>``; a slow reader that loses entries notices
+    the gap in the consumer sequence and restarts instead."""
 
     def __init__(self, broker: Broker, bucket: str, keys: str) -> None:
         self.broker = broker
@@ -758,7 +761,6 @@ class _Watch:
         self.after = 0  # stream sequence of the last entry seen
         self.created = ""  # the stream's creation time: another one means the bucket was recreated
         self.cseq = 0  # consumer sequence of the last entry: a jump means entries were lost
-        self.consumer = ""
         self.sub: Any = None
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -780,8 +782,8 @@ class _Watch:
                         break
                     headers = msg.headers or {}
                     if not msg.data and "Status" in headers:
-                        why = await self._status(msg, headers)
-                        if not why and not caught_up and not msg.reply:  # an idle heartbeat
+                        why = self._status(headers)
+                        if not why and not caught_up:  # an idle heartbeat: nothing pending
                             caught_up = True
                             yield None
                         continue
@@ -795,22 +797,27 @@ class _Watch:
             await self._close()
 
     async def _open(self, why: str) -> bool:
-        """(Re)create the consumer; True if there is nothing to catch up on. A restart keeps
-        trying (logged once) while the server cannot be reached."""
+        """(Re)create the consumer; True if there is nothing to catch up on. The first start
+        tries for up to ``publish_timeout`` (an election, a reconnect); a restart keeps trying
+        (logged once) for as long as it takes."""
+        broker = self.broker
         await self._close()
         if why:
             log.warning("watch of bucket %s %s: restarting it", self.bucket, why)
-        failing = ""
+        deadline = time.monotonic() + broker.config.publish_timeout
+        failing = False
         while True:
             try:
                 return await self._start()
             except Exception as e:
-                if not why or self.broker.closed:
-                    raise self.broker._translate(e, self.subject) from e
-                if not failing:
-                    log.warning("watch of bucket %s cannot restart yet (%s): trying again", self.bucket, _describe(e))
-                failing = _describe(e)
-            await asyncio.sleep(_RESTART_PAUSE)
+                error = broker._translate(e, self.subject)
+                final = isinstance(error, (PermissionDenied, StorageFull)) or time.monotonic() >= deadline
+                if broker.closed or (not why and final):
+                    raise error from e
+                if why and not failing:
+                    log.warning("watch of bucket %s cannot restart yet (%s): trying again", self.bucket, error)
+                failing = True
+            await asyncio.sleep(_RESTART_PAUSE if why else _RETRY_PAUSE)
 
     async def _start(self) -> bool:
         broker = self.broker
@@ -839,25 +846,18 @@ class _Watch:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.after else DeliverPolicy.LAST_PER_SUBJECT,
             opt_start_seq=self.after + 1 if self.after else None,
             idle_heartbeat=WATCH_HEARTBEAT,
-            flow_control=True,
             mem_storage=True,
             num_replicas=1,
             inactive_threshold=_WATCH_INACTIVE,
         )
         consumer = await broker.js.add_consumer(self.stream, config)
-        self.consumer, self.cseq = consumer.name or "", 0
+        self.cseq = 0
         return not consumer.num_pending
 
-    async def _status(self, msg: Msg, headers: Mapping[str, str]) -> str:
-        """Answer flow control; why the watch must restart, if it must."""
+    def _status(self, headers: Mapping[str, str]) -> str:
+        """Why the watch must restart, if a status message (heartbeat...) says it must."""
         if headers["Status"] != "100":
             return f"ended ({headers['Status']} {headers.get('Description', '')})"
-        nc = self.broker.nc
-        if msg.reply:
-            await nc.publish(msg.reply, b"")  # flow control: the server pauses until answered
-        stalled = headers.get("Nats-Consumer-Stalled")
-        if stalled:
-            await nc.publish(stalled, b"")
         last = headers.get("Nats-Last-Consumer", "")
         if last.isdigit() and int(last) != self.cseq:
             return f"missed {int(last) - self.cseq} entries"
@@ -874,14 +874,13 @@ class _Watch:
         return KeyValue.Entry(self.bucket, key, msg.data, self.after, meta.num_pending, None, operation), ""
 
     async def _close(self) -> None:
+        # The server deletes the consumer once nobody listens (inactive threshold): no API call,
+        # so no permission beyond creating it is needed.
         sub, self.sub = self.sub, None
         if sub is None:
             return
-        nc = self.broker.nc
         try:
             await sub.unsubscribe()
-            if self.consumer:  # no need to wait for the answer: the inactive threshold removes it anyway
-                await nc.publish(f"$JS.API.CONSUMER.DELETE.{self.stream}.{self.consumer}", b"")
         except nats.errors.Error as e:
             log.debug("closing the watch of bucket %s: %s", self.bucket, e)
 

@@ -83,7 +83,7 @@ class PullConsumer:
         self.paused = False
         self.last_activity = time.monotonic()
         self._retry_at = 0.0  # after a 503, no pull request before this (monotonic)
-        self._lost = 0  # 503s in a row
+        self._lost = 0  # 503s with no other answer in between (a spurious lookup costs one request)
         self._suspect = False  # the consumer may be gone: look it up before the next request
         self._heal_failed = False
 
@@ -204,7 +204,6 @@ class PullConsumer:
             self._status(msg.subject[len(self._inbox) + 1:], headers)
             return
         self._take(1)
-        self._lost = 0
         self.slots.running += 1
         try:
             self.on_message(msg)
@@ -228,8 +227,10 @@ class PullConsumer:
             self._lost += 1
             self._suspect = self._suspect or self._lost >= _LOST_AFTER
             log.debug("consumer %s has no leader right now; asking again shortly", self.durable)
-        elif status == "409" and "Deleted" in description:
-            self._suspect = True
-        elif status not in ("404", "408", "409", "503"):
-            log.warning("pull request on %s ended with %s %s", self.durable, status, description)
+        else:
+            self._lost = 0  # the consumer answered (reset here, not per delivery: no cost per task)
+            if status == "409" and "Deleted" in description:
+                self._suspect = True
+            elif status not in ("404", "408", "409"):
+                log.warning("pull request on %s ended with %s %s", self.durable, status, description)
         self.wake()

@@ -53,6 +53,8 @@ DEFAULT_CONCURRENCY: Final = 32
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between worker-heartbeat events."""
 DEFAULT_GRACE: Final = 30.0
+WATCH_RESTART_PAUSE: Final = 1.0
+"""Seconds before the revoke watch is started again after it ended (no spin if the server refuses)."""
 EVENTS_INTERVAL: Final = 0.05
 """Seconds a lifecycle event may wait to be sent with others."""
 EVENTS_BATCH: Final = 1000
@@ -262,7 +264,7 @@ class Worker:
                 if broker.closed:
                     return
                 log.warning("revoke watch stopped (%s): starting it again", why)
-                await asyncio.sleep(1.0)  # not a spin if the server keeps refusing
+                await asyncio.sleep(WATCH_RESTART_PAUSE)
 
         self._revoke_watch = asyncio.get_running_loop().create_task(follow())
         await asyncio.wait_for(loaded, 10)

@@ -202,10 +202,7 @@ class Beat:
             replicas=self.app.config.stream_replicas,
             direct=False,  # reads from the stream leader: no stale lease or cursor from a replica
         )
-        try:
-            return await broker._bucket(bucket, config)
-        except BrokerError as e:
-            raise BrokerError(f"cannot open the beat bucket {bucket}: {e}") from e
+        return await broker._bucket(bucket, config)
 
     async def _run(self, kv: KeyValue) -> None:
         try:

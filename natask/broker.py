@@ -7,8 +7,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, NamedTuple, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, NamedTuple, TypeGuard, TypeVar
 
 import nats
 import nats.errors
@@ -28,7 +28,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from .config import Config, redact_url
-from .errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied
+from .errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied, StorageFull
 from .message import HDR_CHECK_STORED, headers_size
 from .naming import DLQ_STREAM, Names
 
@@ -70,6 +70,27 @@ class SequenceConflict(BrokerError):
     """A compare-and-set publish (``Nats-Expected-Last-Subject-Sequence``) found another last
     sequence on its subject: someone wrote the key in between."""
 
+_STORAGE_FULL: Final = frozenset({10002, 10023, 10028, 10047})
+"""JetStream err_codes of a full store: account limits exceeded (10002), insufficient resources
+(10023: the server's max_file_store/max_memory_store), memory and storage reservations (10028, 10047)."""
+_STORE_FAILED: Final = 10077
+"""A stream refused a message: its description says which limit ("maximum bytes exceeded"...)."""
+_STREAM_NOT_FOUND: Final = 10059
+_CONSUMER_NOT_FOUND: Final = 10014
+_CHECK_TIMEOUT: Final = 2.0
+"""Seconds a check whether a stream or consumer exists may take (an election answers slowly or not)."""
+_PRESENT_FOR: Final = 1.0
+"""Seconds a stream seen to exist is not asked about again (no-responders during an election repeat)."""
+WATCH_HEARTBEAT: Final = 1.0
+"""Seconds between the server's idle heartbeats on a bucket watch."""
+_WATCH_MISSED: Final = 3
+"""Heartbeats a bucket watch may miss before it restarts its consumer (gone with its bucket?)."""
+_WATCH_INACTIVE: Final = 10.0
+"""Seconds the server keeps a watch's consumer once nobody listens (a closed watch, a client gone);
+a watch whose client was away longer restarts on the missing heartbeats."""
+_RESTART_PAUSE: Final = 1.0
+"""Pause between attempts to restart a watch while the server cannot be reached."""
+
 _TRANSIENT_API: Final = (
     nats.errors.TimeoutError,
     asyncio.TimeoutError,
@@ -92,6 +113,7 @@ class Broker:
         config: Config,
         on_result: ResultCallback | None = None,
         on_reconnect: Callable[[], None] | None = None,
+        on_closed: Callable[[BrokerError], None] | None = None,
     ) -> None:
         self.config = config
         self.names = Names(config.subject_prefix)
@@ -115,6 +137,12 @@ class Broker:
         self._auth_error: BaseException | None = None
         self._closed = False
         self._guard: asyncio.Task[None] | None = None
+        self._on_closed = on_closed
+        # What natask owns on the server, by stream name, and how to recreate it when it is gone.
+        self._owned: dict[str, Callable[[], Awaitable[Any]]] = {
+            self.names.stream: self.ensure_stream, DLQ_STREAM: self.ensure_dlq}
+        self._healing: dict[str, asyncio.Task[bool]] = {}
+        self._present: dict[str, float] = {}  # stream -> when it was last seen to exist (monotonic)
 
     # -- connection -------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -128,6 +156,7 @@ class Broker:
             "error_cb": self._error_cb,
             "disconnected_cb": self._disconnected_cb,
             "reconnected_cb": self._reconnected_cb,
+            "closed_cb": self._closed_cb,
         }
         options.update(self.config.connect_options)
         last: BaseException | None = None
@@ -244,8 +273,21 @@ class Broker:
         log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", _describe(e))
 
     async def _disconnected_cb(self) -> None:
-        if not self._closed:
+        if not self._closed and not self.nc.is_closed:
             log.warning("disconnected from NATS; reconnecting")
+
+    async def _closed_cb(self) -> None:
+        # nats-py gives up on a connection for good on most -ERRs from the server (e.g. a control
+        # line over max_control_line) or when reconnect attempts run out: nothing comes back.
+        if self._closed or self._guard is None:
+            return  # asked for (close, drain), or the first connect failed (connect() reports it)
+        error = BrokerError(
+            f"the NATS connection was closed for good ({_describe(self.nc.last_error or self._last_error)}); "
+            "nats-py does not reconnect after this"
+        )
+        log.error("%s", error)
+        if self._on_closed is not None:
+            self._on_closed(error)
 
     async def _reconnected_cb(self) -> None:
         self.generation += 1
@@ -256,12 +298,14 @@ class Broker:
 
     async def api(self, call: Callable[[], Awaitable[T]]) -> T:
         """A JetStream API request, asked again while a leader election or reconnect makes it
-        time out (up to ``publish_timeout``); a denied subject fails at once."""
+        time out (up to ``publish_timeout``); a denied subject or a full store fails at once."""
         deadline = time.monotonic() + self.config.publish_timeout
         while True:
             try:
                 return await call()
-            except _TRANSIENT_API:
+            except _TRANSIENT_API as e:
+                if _storage_full(e):  # a 503 too, but no election ends it
+                    raise _full(e, "a JetStream request") from e
                 if time.monotonic() >= deadline or any(s.startswith("$JS.API") for s in self._denied):
                     raise
                 await asyncio.sleep(_RETRY_PAUSE)
@@ -376,26 +420,144 @@ class Broker:
         """Idempotency claims (``Natask.claim``), kept as long as results."""
         return await self._bucket(self.names.claims_bucket)
 
-    async def _bucket(self, bucket: str) -> KeyValue:
+    async def _bucket(self, bucket: str, config: KeyValueConfig | None = None) -> KeyValue:
+        """A bucket natask owns, created if missing (``config``: by default one revision per key,
+        kept ``result_ttl``). Its handle heals: a call that finds the bucket deleted on the server
+        recreates it and is made again."""
+        if config is None:
+            config = KeyValueConfig(bucket=bucket, history=1, ttl=self.config.result_ttl, storage=StorageType.FILE,
+                                    replicas=self.config.stream_replicas, direct=True)
+        self._owned[f"KV_{bucket}"] = lambda: self._create_bucket(config)
+        try:
+            kv = await self.api(lambda: self.js.key_value(bucket))
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._create_bucket(config)
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+        return _Bucket(self, kv)
+
+    async def _create_bucket(self, config: KeyValueConfig) -> KeyValue:
+        bucket = config.bucket
+        try:
+            return await self.api(lambda: self.js.create_key_value(config))
+        except nats.js.errors.BadRequestError as e:
+            if getattr(e, "err_code", None) != 10058:  # 10058: created meanwhile, with other settings
+                raise self._translate(e, f"$KV.{bucket}") from e
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
         try:
             return await self.api(lambda: self.js.key_value(bucket))
-        except nats.js.errors.BucketNotFoundError:
-            pass
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
+
+    # -- healing what natask owns -----------------------------------------------------------
+    async def heal(self, stream: str) -> bool:
+        """Recreate ``stream`` (natask's task stream, DLQ or a bucket's stream) if the server lost
+        it. True: recreated, make the failed call again. False: it exists (a leader election or a
+        reconnect: retry as before), cannot be checked now, or is not natask's."""
+        recreate, seen = self._owned.get(stream), self._present.get(stream)
+        if recreate is None or self.closed or (seen is not None and time.monotonic() - seen < _PRESENT_FOR):
+            return False
+        healing = self._healing.get(stream)
+        if healing is None:  # callers failing at once share one check (and one log line)
+            healing = self._healing[stream] = self.loop.create_task(self._heal(stream, recreate))
+            healing.add_done_callback(lambda _: self._healing.pop(stream, None))
+        return await asyncio.shield(healing)
+
+    async def _heal(self, stream: str, recreate: Callable[[], Awaitable[Any]]) -> bool:
+        exists = await self._stream_exists(stream)
+        if exists is not False:
+            return False
+        if stream == self.names.stream:
+            self._stream_ready = False
+        elif stream == DLQ_STREAM:
+            self._dlq_ready = False
+        elif stream == f"KV_{self.names.results_bucket}":
+            self._kv = None
+        elif stream == f"KV_{self.names.revoked_bucket}":
+            self._revoked = None
+        what = f"bucket {stream[3:]}" if stream.startswith("KV_") else f"stream {stream}"
         try:
-            return await self.api(lambda: self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket,
-                    history=1,
-                    ttl=self.config.result_ttl,
-                    storage=StorageType.FILE,
-                    replicas=self.config.stream_replicas,
-                    direct=True,
-                )
-            ))
+            await recreate()
         except Exception as e:
-            raise self._translate(e, f"$KV.{bucket}") from e
+            log.warning("%s was deleted on the server and cannot be recreated: %s", what, e)
+            raise
+        log.warning("%s was deleted on the server: recreated it", what)
+        self._present[stream] = time.monotonic()
+        return True
+
+    async def _stream_info(self, stream: str) -> dict[str, Any] | None:
+        """The stream's info (raw JSON), None if it does not exist; BrokerError if unknown now."""
+        try:
+            msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=_CHECK_TIMEOUT)
+            info = json.loads(msg.data)
+        except (nats.errors.Error, asyncio.TimeoutError, ValueError) as e:
+            raise BrokerError(f"cannot look up stream {stream}: {_describe(e)}") from e
+        error = info.get("error") if isinstance(info, dict) else {"code": 0}
+        if error is None:
+            self._present[stream] = time.monotonic()
+            return info  # type: ignore[no-any-return]
+        if error.get("err_code") == _STREAM_NOT_FOUND:
+            return None
+        raise BrokerError(f"cannot look up stream {stream}: {error.get('description')}")
+
+    async def _stream_exists(self, stream: str) -> bool | None:
+        try:
+            return await self._stream_info(stream) is not None
+        except BrokerError:
+            return None
+
+    def _owner(self, subject: str) -> str | None:
+        """The stream natask owns that stores ``subject``, if any."""
+        if subject.startswith("$KV."):
+            stream = "KV_" + subject[4:].split(".", 1)[0]
+            return stream if stream in self._owned else None
+        if subject.startswith("natask.dlq."):
+            return DLQ_STREAM
+        if subject.startswith(self.names.prefix) and subject[len(self.names.prefix):].startswith("."):
+            return self.names.stream
+        return None
+
+    async def heal_consumer(self, queue: str) -> bool:
+        """Recreate a queue's consumer (and the task stream) if the server lost it: True if it
+        was recreated, False if it exists or cannot be checked now."""
+        stream, durable = self.names.stream, self.names.consumer(queue)
+        try:
+            msg = await self.nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", timeout=_CHECK_TIMEOUT)
+            error = json.loads(msg.data).get("error")
+        except (nats.errors.Error, asyncio.TimeoutError, ValueError, AttributeError):
+            return False
+        if error is None:
+            return False
+        if error.get("err_code") == _STREAM_NOT_FOUND:
+            self._present.pop(stream, None)
+            await self.heal(stream)
+        elif error.get("err_code") != _CONSUMER_NOT_FOUND:
+            return False
+        await self.ensure_consumer(queue)
+        log.warning("consumer %s of stream %s was deleted on the server: recreated it", durable, stream)
+        return True
+
+    async def _healed(self, stream: str, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """``call``, made once more if its stream was gone and is recreated; a full store is
+        ``StorageFull`` at once."""
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except nats.errors.Error as e:
+                if _storage_full(e):
+                    raise _full(e, what) from e
+                if attempt == 2 or not _gone(e) or not await self.heal(stream):
+                    raise
+        raise AssertionError("unreachable")
+
+    def watch(self, bucket: str, keys: str = ">") -> AsyncGenerator[KeyValue.Entry | None, None]:
+        """The entries of a bucket natask owns, as they are stored: the latest of each key first,
+        then every change; ``None`` each time the watch has caught up (after its start and after
+        each restart). Creates the bucket if missing; when the server-side consumer ends or goes
+        silent (bucket deleted, server restarted) it recreates what is gone and carries on from
+        the last entry seen, logging why. Runs until the caller stops iterating."""
+        return _Watch(self, bucket, keys).entries()
 
     # -- publishing -------------------------------------------------------------------------
     def check_size(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> None:
@@ -435,6 +597,8 @@ class Broker:
                 seq = _SEQ_RE.search(data)
                 return Published(int(seq.group(1)) if seq else 0, b'"duplicate":true' in data)
             except nats.js.errors.APIError as e:
+                if _storage_full(e):  # a 503 too, but no election ends it
+                    raise _full(e, f"the publish to {subject}") from e
                 if e.code == 503 or e.err_code == 10008:  # no leader / stream offline: election
                     error: BaseException = e
                 elif e.err_code == _WRONG_LAST_SEQUENCE:
@@ -442,7 +606,10 @@ class Broker:
                 else:
                     raise BrokerError(f"publish to {subject} refused: {e.description}") from e
             except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as e:
-                error = e  # no stream answers: its leader is moving (or it is gone); keep trying
+                error = e  # no stream answers: its leader is moving, or it is gone (then recreate it)
+                stream = self._owner(subject)
+                if stream is not None and await self.heal(stream):
+                    continue
             except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
                 error = e
                 if subject in self._denied:
@@ -553,14 +720,216 @@ class Broker:
     def _translate(self, e: BaseException, subject: str) -> BrokerError:
         if isinstance(e, BrokerError):
             return e
+        if _storage_full(e):
+            return _full(e, f"the request on {subject}")
         if subject in self._denied or any(s.startswith("$JS.API") for s in self._denied):
             return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
         return BrokerError(f"NATS request on {subject} failed: {_describe(e)}")
 
 
+class _Bucket(KeyValue):
+    """A KV handle whose calls heal: a bucket deleted on the server is recreated and the call made
+    once more; a full store raises ``StorageFull`` at once."""
+
+    def __init__(self, broker: Broker, kv: KeyValue) -> None:
+        super().__init__(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js, direct=kv._direct)
+        self._broker = broker
+
+    async def get(self, *args: Any, **kwargs: Any) -> KeyValue.Entry:
+        call = super().get
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a read of {self._name}")
+
+    async def put(self, *args: Any, **kwargs: Any) -> int:
+        call = super().put
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a write to {self._name}")
+
+    async def create(self, *args: Any, **kwargs: Any) -> int:
+        call = super().create
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a write to {self._name}")
+
+    async def update(self, *args: Any, **kwargs: Any) -> int:
+        call = super().update
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a write to {self._name}")
+
+    async def delete(self, *args: Any, **kwargs: Any) -> bool:
+        call = super().delete
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a write to {self._name}")
+
+    async def purge(self, *args: Any, **kwargs: Any) -> bool:
+        call = super().purge
+        return await self._broker._healed(self._stream, lambda: call(*args, **kwargs), f"a write to {self._name}")
+
+
+class _Watch:
+    """One bucket watch: an ephemeral push consumer (no acks, idle heartbeats), recreated after
+    the last entry seen whenever it ends, skips entries or goes silent. No flow control: its
+    replies would need publish rights on ``$JS.FC.>``; a slow reader that loses entries notices
+    the gap in the consumer sequence and restarts instead."""
+
+    def __init__(self, broker: Broker, bucket: str, keys: str) -> None:
+        self.broker = broker
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        self.subject = f"$KV.{bucket}.{keys}"
+        self.after = 0  # stream sequence of the last entry seen
+        self.created = ""  # the stream's creation time: another one means the bucket was recreated
+        self.cseq = 0  # consumer sequence of the last entry: a jump means entries were lost
+        self.sub: Any = None
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def entries(self) -> AsyncGenerator[KeyValue.Entry | None, None]:
+        await self.broker._bucket(self.bucket)  # created if missing, and known as natask's
+        silence = WATCH_HEARTBEAT * _WATCH_MISSED
+        why = ""
+        try:
+            while True:
+                caught_up = await self._open(why)
+                if caught_up:
+                    yield None
+                why = ""
+                while not why:
+                    try:
+                        msg = await asyncio.wait_for(self.queue.get(), silence)
+                    except asyncio.TimeoutError:
+                        why = f"heard nothing for {silence:g}s (bucket deleted? server restarted?)"
+                        break
+                    headers = msg.headers or {}
+                    if not msg.data and "Status" in headers:
+                        why = self._status(headers)
+                        if not why and not caught_up:  # an idle heartbeat: nothing pending
+                            caught_up = True
+                            yield None
+                        continue
+                    entry, why = self._entry(msg, headers)
+                    if entry is not None:
+                        yield entry
+                        if not caught_up and entry.delta == 0:
+                            caught_up = True
+                            yield None
+        finally:
+            await self._close()
+
+    async def _open(self, why: str) -> bool:
+        """(Re)create the consumer; True if there is nothing to catch up on. The first start
+        tries for up to ``publish_timeout`` (an election, a reconnect); a restart keeps trying
+        (logged once) for as long as it takes."""
+        broker = self.broker
+        await self._close()
+        if why:
+            log.warning("watch of bucket %s %s: restarting it", self.bucket, why)
+        deadline = time.monotonic() + broker.config.publish_timeout
+        failing = False
+        while True:
+            try:
+                return await self._start()
+            except Exception as e:
+                error = broker._translate(e, self.subject)
+                final = isinstance(error, (PermissionDenied, StorageFull)) or time.monotonic() >= deadline
+                if broker.closed or (not why and final):
+                    raise error from e
+                if why and not failing:
+                    log.warning("watch of bucket %s cannot restart yet (%s): trying again", self.bucket, error)
+                failing = True
+            await asyncio.sleep(_RESTART_PAUSE if why else _RETRY_PAUSE)
+
+    async def _start(self) -> bool:
+        broker = self.broker
+        info = await broker._stream_info(self.stream)
+        if info is None and await broker.heal(self.stream):
+            info = await broker._stream_info(self.stream)
+        if info is None:
+            raise BrokerError(f"bucket {self.bucket} does not exist")
+        created = str(info.get("created"))
+        if created != self.created:
+            if self.created:
+                log.info("bucket %s was recreated: watching it from its start", self.bucket)
+            self.after, self.created = 0, created
+        inbox = broker.nc.new_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def put(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        self.queue = queue
+        self.sub = await broker.nc.subscribe(inbox, cb=put)
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.after else DeliverPolicy.LAST_PER_SUBJECT,
+            opt_start_seq=self.after + 1 if self.after else None,
+            idle_heartbeat=WATCH_HEARTBEAT,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=_WATCH_INACTIVE,
+        )
+        consumer = await broker.js.add_consumer(self.stream, config)
+        self.cseq = 0
+        return not consumer.num_pending
+
+    def _status(self, headers: Mapping[str, str]) -> str:
+        """Why the watch must restart, if a status message (heartbeat...) says it must."""
+        if headers["Status"] != "100":
+            return f"ended ({headers['Status']} {headers.get('Description', '')})"
+        last = headers.get("Nats-Last-Consumer", "")
+        if last.isdigit() and int(last) != self.cseq:
+            return f"missed {int(last) - self.cseq} entries"
+        return ""
+
+    def _entry(self, msg: Msg, headers: Mapping[str, str]) -> tuple[KeyValue.Entry | None, str]:
+        meta = msg.metadata
+        if meta.sequence.consumer != self.cseq + 1:
+            return None, f"missed {meta.sequence.consumer - self.cseq - 1} entries"
+        self.cseq, self.after = meta.sequence.consumer, meta.sequence.stream
+        # TTL markers (nats-server >= 2.11) remove a key like a purge.
+        operation = headers.get("KV-Operation") or ("PURGE" if headers.get("Nats-Marker-Reason") else None)
+        key = msg.subject[len(self.bucket) + 5:]
+        return KeyValue.Entry(self.bucket, key, msg.data, self.after, meta.num_pending, None, operation), ""
+
+    async def _close(self) -> None:
+        # The server deletes the consumer once nobody listens (inactive threshold): no API call,
+        # so no permission beyond creating it is needed.
+        sub, self.sub = self.sub, None
+        if sub is None:
+            return
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as e:
+            log.debug("closing the watch of bucket %s: %s", self.bucket, e)
+
+
+def _gone(e: BaseException) -> bool:
+    """Whether an error may mean that the stream is gone (no responders, stream not found)."""
+    if isinstance(e, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
+        return True
+    code = getattr(e, "err_code", None)
+    if isinstance(e, nats.js.errors.ServiceUnavailableError) and code is None:
+        return True  # nats-py's JetStream manager reports no responders this way
+    return isinstance(e, nats.js.errors.NotFoundError) and code == _STREAM_NOT_FOUND
+
+
 def _expire(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(nats.errors.TimeoutError())
+
+
+def _storage_full(e: BaseException) -> TypeGuard[nats.js.errors.APIError]:
+    """Whether JetStream refused for want of storage: no retry helps until an operator acts."""
+    if not isinstance(e, nats.js.errors.APIError):
+        return False
+    # nats-py's KV errors (KeyNotFoundError...) are APIErrors that never set these attributes.
+    code = getattr(e, "err_code", None)
+    return code in _STORAGE_FULL or (code == _STORE_FAILED and "exceeded" in (getattr(e, "description", "") or ""))
+
+
+def _full(e: nats.js.errors.APIError, what: str) -> StorageFull:
+    return StorageFull(
+        f"JetStream refused {what}: {e.description} (err_code {e.err_code}): the server, the account or the "
+        "stream is out of storage. Free disk space, raise the server's jetstream max_file_store or the "
+        "account's JetStream limits (or the stream's max_bytes/max_msgs), purge old messages, or start "
+        "workers to drain the queues",
+        e.err_code or 0,
+    )
 
 
 def _describe(e: BaseException | None) -> str:

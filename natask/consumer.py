@@ -22,6 +22,10 @@ _GRACE: Final = 3.0
 """Extra time before a request the server never closed is written off locally."""
 _NO_LEADER_PAUSE: Final = 0.5
 """Pause before asking again after a 503 (no responders: the consumer is electing a leader)."""
+_LOST_AFTER: Final = 3
+"""503s in a row after which the consumer is looked up: an election ends, a deleted consumer does not."""
+_HEAL_PAUSE: Final = 2.0
+"""Pause before trying again to recreate a deleted consumer that could not be recreated."""
 
 
 class Slots:
@@ -51,18 +55,21 @@ class PullConsumer:
 
     Deliveries arrive on an inbox with their original subject, so credit is counted in total:
     each delivery uses one, and a request ending early (408 at expiry, 409) returns the
-    undelivered rest, which the server reports in ``Nats-Pending-Messages``.
+    undelivered rest, which the server reports in ``Nats-Pending-Messages``. A consumer deleted
+    on the server (409 "Consumer Deleted", or 503s that do not end) is recreated, with the task
+    stream if that is gone too, and consumption goes on.
     """
 
     def __init__(
         self,
         broker: Broker,
-        durable: str,
+        queue: str,
         slots: Slots,
         on_message: Callable[[Msg], None],
     ) -> None:
         self.broker = broker
-        self.durable = durable
+        self.queue = queue
+        durable = self.durable = broker.names.consumer(queue)
         self.slots = slots
         self.on_message = on_message
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{broker.names.stream}.{durable}"
@@ -76,6 +83,9 @@ class PullConsumer:
         self.paused = False
         self.last_activity = time.monotonic()
         self._retry_at = 0.0  # after a 503, no pull request before this (monotonic)
+        self._lost = 0  # 503s with no other answer in between (a spurious lookup costs one request)
+        self._suspect = False  # the consumer may be gone: look it up before the next request
+        self._heal_failed = False
 
     async def start(self) -> None:
         self._sub = await self.broker.subscribe(f"{self._inbox}.*", cb=self._deliver,
@@ -138,7 +148,27 @@ class PullConsumer:
                 self._write_off()
             if not self.broker.nc.is_connected or time.monotonic() < self._retry_at:
                 continue
+            if self._suspect:
+                await self._heal()
+                continue
             await self._request()
+
+    async def _heal(self) -> None:
+        """Recreate the consumer (and stream) if the server lost them; logged by the broker."""
+        self._suspect, self._lost = False, 0
+        try:
+            healed = await self.broker.heal_consumer(self.queue)
+        except Exception as e:
+            if not self._heal_failed:
+                log.warning("consumer %s is gone and cannot be recreated yet (%s): trying again", self.durable, e)
+            self._heal_failed = self._suspect = True
+            self._retry_at = time.monotonic() + _HEAL_PAUSE
+            return
+        self._heal_failed = False
+        if healed:
+            self._write_off()  # the old consumer's requests died with it
+            self._retry_at = 0.0
+        self.wake()
 
     async def _request(self) -> None:
         free = self.slots.free
@@ -191,11 +221,16 @@ class PullConsumer:
         self._take(int(pending) if pending and pending.isdigit() else batch)
         description = headers.get("Description", "")
         if status == "503":
-            # No responders: the consumer's leader is moving. Asking again at once would spin.
+            # No responders: the consumer's leader is moving (asking again at once would spin),
+            # or the consumer is gone: look it up after a few in a row.
             self._retry_at = time.monotonic() + _NO_LEADER_PAUSE
+            self._lost += 1
+            self._suspect = self._suspect or self._lost >= _LOST_AFTER
             log.debug("consumer %s has no leader right now; asking again shortly", self.durable)
-        elif status == "409" and "Deleted" in description:
-            log.error("consumer %s was deleted on the server: restart the worker to recreate it", self.durable)
-        elif status not in ("404", "408", "409", "503"):
-            log.warning("pull request on %s ended with %s %s", self.durable, status, description)
+        else:
+            self._lost = 0  # the consumer answered (reset here, not per delivery: no cost per task)
+            if status == "409" and "Deleted" in description:
+                self._suspect = True
+            elif status not in ("404", "408", "409"):
+                log.warning("pull request on %s ended with %s %s", self.durable, status, description)
         self.wake()

@@ -321,11 +321,12 @@ class Dashboard:
             try:
                 async for event in follow(self.app):
                     self.on_event(event)
+                log.warning("events: the subscription ended; resubscribing")
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("events: %s; resubscribing", e)
-                await asyncio.sleep(self.refresh)
+            await asyncio.sleep(self.refresh)
 
     async def _on_result(self, msg: Msg) -> None:
         """A result record stored in the results bucket: error messages and custom states."""

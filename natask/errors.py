@@ -8,7 +8,8 @@
     ├─ TaskNotFound                no task of that name in the app's registry
     ├─ BrokerError                 NATS failures, translated at the broker boundary
     │  ├─ PermissionDenied         a publish or subscribe denied by NATS permissions
-    │  └─ NoWorkers                an RPC call nobody listens to
+    │  ├─ NoWorkers                an RPC call nobody listens to
+    │  └─ StorageFull              JetStream refused to store: out of storage or over a limit (err_code)
     ├─ ResultError                 getting a result failed
     │  ├─ ResultTimeout            also a builtin TimeoutError
     │  ├─ TaskFailed               the task raised: exc_type, message, traceback (text only)
@@ -76,6 +77,18 @@ class PermissionDenied(BrokerError):
 
 class NoWorkers(BrokerError):
     """An RPC call found no worker listening on its queue."""
+
+
+class StorageFull(BrokerError):
+    """JetStream refused to store a message or create a stream: the server, the account or the
+    stream is out of storage or at a limit. ``err_code`` is the server's JetStream error code."""
+
+    def __init__(self, message: str, err_code: int = 0) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.err_code))
 
 
 class ResultError(NataskError):

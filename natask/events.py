@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
+from .errors import BrokerError
 from .message import loads
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ log = logging.getLogger("natask.events")
 TASK_EVENTS: Final = ("task-sent", "task-started", "task-succeeded", "task-failed", "task-retried",
                       "task-revoked")
 WORKER_EVENTS: Final = ("worker-online", "worker-heartbeat", "worker-offline")
+IDLE_CHECK: Final = 5.0
+"""Seconds without events after which an ``EventStream`` checks that its connection still lives."""
 
 MESSAGE_ROWS: Final = 500
 """Events per message at most: a row is ~100 bytes, ~1 kB with an exception message."""
@@ -105,9 +108,10 @@ class EventStream:
         self.kinds = kinds
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._sub: Any = None
+        self._broker: Broker | None = None
 
     async def __aenter__(self) -> EventStream:
-        broker = await self.app._broker()
+        broker = self._broker = await self.app._broker()
 
         async def on_msg(msg: Any) -> None:
             if not self._queue.full():  # a slow reader loses events, never blocks the connection
@@ -120,8 +124,20 @@ class EventStream:
         await self._sub.unsubscribe()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        queue = self._queue
         while True:
-            for event in decode_events(await self._queue.get()):
+            if queue.empty():
+                try:
+                    data = await asyncio.wait_for(queue.get(), IDLE_CHECK)
+                except asyncio.TimeoutError:
+                    # nats-py closes a connection for good on some server errors: then no event
+                    # ever comes again, so end with an error and let the caller subscribe anew.
+                    if self._broker is not None and self._broker.closed:
+                        raise BrokerError("the connection of the event stream was closed") from None
+                    continue
+            else:
+                data = queue.get_nowait()
+            for event in decode_events(data):
                 yield event
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -260,11 +261,10 @@ class AsyncResult(Generic[R]):
                 await self._watch()
 
     async def _watch(self) -> None:
+        # The broker's watch outlives a deleted bucket (recreated) and a silent consumer (restarted).
         broker = await self.app._broker()
-        kv = await broker.results()
-        watcher = await broker.api(lambda: kv.watch(self.id))
-        try:
-            async for entry in watcher:
+        async with contextlib.aclosing(broker.watch(broker.names.results_bucket, self.id)) as entries:
+            async for entry in entries:
                 if entry is None or not entry.value:
                     continue
                 record = _parse(entry.value)
@@ -272,8 +272,6 @@ class AsyncResult(Generic[R]):
                     self._deliver(record)
                     if self._final:
                         return
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
 
     # -- management -------------------------------------------------------------------------
     def forget(self) -> None:

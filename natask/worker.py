@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -32,7 +33,7 @@ from .dlq import (
     HDR_DLQ_TRUNCATED,
     HDR_REPLAYS,
 )
-from .errors import DecodeError, EncodeError, PayloadTooLarge, TimeLimitExceeded
+from .errors import BrokerError, DecodeError, EncodeError, PayloadTooLarge, TimeLimitExceeded
 from .events import Batch, EventPublisher
 from .message import (
     HDR_CHECK_STORED,
@@ -65,6 +66,8 @@ DEFAULT_CONCURRENCY: Final = 32
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between worker-heartbeat events."""
 DEFAULT_GRACE: Final = 30.0
+WATCH_RESTART_PAUSE: Final = 1.0
+"""Seconds before the revoke watch is started again after it ended (no spin if the server refuses)."""
 EVENTS_INTERVAL: Final = 0.05
 """Seconds a lifecycle event may wait to be sent with others."""
 EVENTS_BATCH: Final = 1000
@@ -169,6 +172,7 @@ class Worker:
         self.last_heartbeat = 0.0
         self._revoke_watch: asyncio.Task[None] | None = None
         self._store: ResultStore | None = None
+        self._failure: BrokerError | None = None  # why the worker stopped on its own
         self._stopping = False
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -179,7 +183,7 @@ class Worker:
         """Connect, create the queues' consumers and start consuming."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self.broker = broker = Broker(self.app.config, on_reconnect=self._on_reconnect)
+        self.broker = broker = Broker(self.app.config, on_reconnect=self._on_reconnect, on_closed=self._on_closed)
         await broker.connect()
         await broker.ensure_stream()
         await broker.ensure_dlq()
@@ -195,8 +199,8 @@ class Worker:
             self.listeners.append(self._events)
         self.event("worker-online", **self._control.stats())
         for queue in self.queues:
-            durable = await broker.ensure_consumer(queue)
-            consumer = PullConsumer(broker, durable, self._slots, self._on_message)
+            await broker.ensure_consumer(queue)
+            consumer = PullConsumer(broker, queue, self._slots, self._on_message)
             await consumer.start()
             self._consumers.append(consumer)
             # RPC: core request-reply beside the stream, same queue group name, same slots.
@@ -209,10 +213,13 @@ class Worker:
                  self.concurrency, self.app.config.safe_servers)
 
     async def run(self) -> None:
-        """Start (unless started) and block until ``stop()`` completes."""
+        """Start (unless started) and block until ``stop()`` completes; ``BrokerError`` if the
+        worker stopped because its connection was closed for good (restart it)."""
         if self.broker is None:
             await self.start()
         await self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop fetching, let in-flight tasks finish within ``grace`` seconds, nak the rest, close."""
@@ -264,35 +271,58 @@ class Worker:
         for consumer in self._consumers:
             consumer.reset()
 
+    def _on_closed(self, error: BrokerError) -> None:
+        # A connection nats-py closed for good never comes back, and nothing can be acked on it:
+        # stop (the server redelivers the unacked tasks) so run() raises and a supervisor restarts us.
+        if self._stopping:
+            return
+        self._failure = BrokerError(f"worker {self.ident} stopped: {error}")
+        log.error("worker %s lost its NATS connection for good: stopping (in-flight tasks go back to the "
+                  "queue after ack_wait); restart the worker", self.ident)
+        self._background(self.stop(grace=0))
+
     async def _watch_revokes(self) -> None:
         """Mirror the revoked-ids bucket into a local set: no KV read per task, and revokes
-        recorded before this worker started still apply."""
-        kv = await self.broker_.revoked()
-        watcher = await self.broker_.api(kv.watchall)  # through an election, too
+        recorded before this worker started still apply. The broker's watch outlives a deleted
+        bucket or a restarted server; should it end anyway, it is started again."""
+        broker = self.broker_
         loaded = asyncio.get_running_loop().create_future()
 
         async def follow() -> None:
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        if not loaded.done():
-                            loaded.set_result(None)
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self._revoked.discard(entry.key)
-                        continue
-                    self._revoked.add(entry.key)
-                    try:
-                        terminate = bool(loads(entry.value).get("terminate"))
-                    except Exception:
-                        terminate = False
-                    if terminate:
-                        self._terminate(entry.key)
-            finally:
-                await _quietly(watcher.stop())  # type: ignore[no-untyped-call]
+            while True:
+                try:
+                    async with contextlib.aclosing(broker.watch(broker.names.revoked_bucket)) as entries:
+                        async for entry in entries:
+                            if entry is None:
+                                if not loaded.done():
+                                    loaded.set_result(None)
+                                continue
+                            self._on_revoke(entry.key, entry.value, entry.operation)
+                    why = "it ended"
+                except Exception as e:
+                    if not loaded.done():
+                        loaded.set_exception(e)
+                        return
+                    why = f"it failed: {e}"
+                if broker.closed:
+                    return
+                log.warning("revoke watch stopped (%s): starting it again", why)
+                await asyncio.sleep(WATCH_RESTART_PAUSE)
 
         self._revoke_watch = asyncio.get_running_loop().create_task(follow())
         await asyncio.wait_for(loaded, 10)
+
+    def _on_revoke(self, task_id: str, value: bytes | None, operation: str | None) -> None:
+        if operation in ("DEL", "PURGE") or not value:
+            self._revoked.discard(task_id)
+            return
+        self._revoked.add(task_id)
+        try:
+            terminate = bool(loads(value).get("terminate"))
+        except Exception:
+            terminate = False
+        if terminate:
+            self._terminate(task_id)
 
     def _terminate(self, task_id: str) -> None:
         for delivery in self._inflight:

@@ -191,29 +191,18 @@ class Beat:
                 raise error
 
     async def _open(self) -> KeyValue:
+        """The beat bucket, created if missing; its handle recreates it if it is deleted later."""
         broker = await self.app._broker()
         bucket = bucket_name(self.app)
-        try:
-            try:
-                return await broker.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                pass
-            config = KeyValueConfig(
-                bucket=bucket,
-                description="natask beat: leader lease and last fire times",
-                history=1,
-                storage=StorageType.FILE,
-                replicas=self.app.config.stream_replicas,
-                direct=False,  # reads from the stream leader: no stale lease or cursor from a replica
-            )
-            try:
-                return await broker.js.create_key_value(config)
-            except nats.js.errors.BadRequestError:  # created concurrently with other settings
-                return await broker.js.key_value(bucket)
-        except BrokerError:
-            raise
-        except Exception as e:
-            raise BrokerError(f"cannot open the beat bucket {bucket}: {e}") from e
+        config = KeyValueConfig(
+            bucket=bucket,
+            description="natask beat: leader lease and last fire times",
+            history=1,
+            storage=StorageType.FILE,
+            replicas=self.app.config.stream_replicas,
+            direct=False,  # reads from the stream leader: no stale lease or cursor from a replica
+        )
+        return await broker._bucket(bucket, config)
 
     async def _run(self, kv: KeyValue) -> None:
         try:
@@ -397,7 +386,11 @@ class Beat:
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
         # Another beat wrote it meanwhile (it led while we thought we did): keep the later time.
-        item = await kv.get(key)
+        try:
+            item = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # the bucket was deleted and recreated: start over
+            self._records[entry.name] = await kv.create(key, value)
+            return
         theirs = _record_time(item.value)
         if theirs is not None and theirs >= fire:
             self._records[entry.name] = item.revision or 0

@@ -70,3 +70,16 @@ def stale(self, frozen_pid: int) -> str:  # type: ignore[no-untyped-def]
         self.update_state("LATE", {"pid": os.getpid()})
         raise RuntimeError("late failure")
     return f"ran in {os.getpid()}"
+
+
+@app.task(name="it.ledger", bind=True, track_started=True)
+def ledger(self, seconds: float, hold: str = "") -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A ledgered run: takes ``seconds`` (or waits until the file ``hold`` exists), then appends
+    ``ran <task id> <pid>`` and returns the id and pid, so a test can match outcomes to runs."""
+    if hold:
+        while not os.path.exists(hold):
+            time.sleep(0.01)
+    else:
+        time.sleep(seconds)
+    record(f"ran {self.request.id}")
+    return {"id": self.request.id, "pid": os.getpid()}

@@ -375,7 +375,11 @@ class Broker:
         """Idempotency claims (``Natask.claim``), kept as long as results."""
         return await self._bucket(self.names.claims_bucket)
 
-    async def _bucket(self, bucket: str) -> KeyValue:
+    async def dlq_index(self) -> KeyValue:
+        """Dead-letter id -> ``NATASK_DLQ`` sequence (``natask.dlq``): kept until purged, no TTL."""
+        return await self._bucket(self.names.dlq_index_bucket, keep=True)
+
+    async def _bucket(self, bucket: str, keep: bool = False) -> KeyValue:
         try:
             return await self.api(lambda: self.js.key_value(bucket))
         except nats.js.errors.BucketNotFoundError:
@@ -387,7 +391,7 @@ class Broker:
                 KeyValueConfig(
                     bucket=bucket,
                     history=1,
-                    ttl=self.config.result_ttl,
+                    ttl=None if keep else self.config.result_ttl,
                     storage=StorageType.FILE,
                     replicas=self.config.stream_replicas,
                     direct=True,

@@ -20,7 +20,15 @@ from .broker import Broker
 from .config import check_queue_name
 from .consumer import PullConsumer, Slots
 from .control import ControlResponder
-from .dlq import HDR_DLQ_ATTEMPTS, HDR_DLQ_ERROR, HDR_DLQ_ID, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, HDR_DLQ_TIME
+from .dlq import (
+    HDR_DLQ_ATTEMPTS,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_ID,
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_DLQ_TIME,
+    index_dead_letter,
+)
 from .errors import DecodeError, EncodeError, TimeLimitExceeded
 from .events import Batch, EventPublisher
 from .message import (
@@ -606,7 +614,8 @@ class Worker:
             HDR_DLQ_ID: task_id or f"seq-{meta.sequence.stream}",
         })
         subject = broker.names.dlq_subject(queue or "_", _subject_token(name))
-        await broker.publish(subject, msg.data, headers)
+        published = await broker.publish(subject, msg.data, headers)
+        await index_dead_letter(broker, headers[HDR_DLQ_ID], published.seq)
         log.error("dead-lettered %s (%s): %s", task_id or f"message #{meta.sequence.stream}", reason, error)
         self.failed += 1
         if task_id:

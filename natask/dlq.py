@@ -3,6 +3,7 @@ moved to ``NATASK_DLQ``; the id index the worker writes beside each entry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -240,18 +241,22 @@ class DeadLetters:
     async def _forward(self, broker: Broker, low: int, high: int) -> list[DeadLetter]:
         """This app's entries with a sequence in ``[low, high)``, oldest first.
 
-        Batched direct gets (nats-server >= 2.11): one request returns up to ``BATCH`` messages
+        Batched direct gets (nats-server >= 2.11): one request returns up to ``batch`` messages
         matching the filter, then an end-of-batch status (204); 404 when nothing matches anymore.
+        A batch does not stop at ``high`` (the server has no such bound for it), so batches start
+        at one message and grow only while they stay inside the window: what is read past it is
+        at most about what the window held.
         """
         nc = broker.nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         out: list[DeadLetter] = []
-        seq = low
+        seq, batch = low, 1
         try:
             while seq < high:
-                request = {"seq": seq, "next_by_subj": self.filter, "batch": min(BATCH, high - seq),
+                request = {"seq": seq, "next_by_subj": self.filter, "batch": min(batch, high - seq),
                            "max_bytes": BATCH_BYTES}
+                batch = min(batch * 8, BATCH)
                 await nc.publish(f"$JS.API.DIRECT.GET.{DLQ_STREAM}", json.dumps(request).encode(), reply=inbox)
                 while True:
                     msg = await self._next(sub)
@@ -266,11 +271,14 @@ class DeadLetters:
                                           f"{(msg.headers or {}).get('Description', '')}".rstrip())
                     if entry_seq >= high:
                         return out
-                    if entry_seq >= seq:  # a replica's late answer to an earlier request is not news
+                    if entry_seq >= seq:  # sequences only grow within a read: anything else is not news
                         out.append(_entry(entry_seq, msg))
                         seq = entry_seq + 1
+        except nats.errors.Error as e:
+            raise BrokerError(f"reading {DLQ_STREAM} failed: {e}") from e
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
         return out
 
     @staticmethod

@@ -183,6 +183,36 @@ async def test_show_and_replay_find_a_dead_letter_without_the_index_and_despite_
         await app.aclose()
 
 
+async def test_pages_walk_one_apps_dead_letters_of_a_shared_stream_newest_first(url: str) -> None:
+    mine = Natask("obs", servers=[url], subject_prefix="mine")
+    other = Natask("obs", servers=[url], subject_prefix="other")
+    try:
+        broker = await mine._broker()
+        await broker.ensure_dlq()
+        # Mine and another app's interleaved, then a long run of the other app's: windows must grow.
+        subjects = [f"natask.dlq.{'mine' if i % 3 == 0 else 'other'}.default.t" for i in range(600)]
+        subjects += ["natask.dlq.other.default.t"] * 5000
+        await broker.publish_many(subjects, [b"x"] * len(subjects), [{HDR_DLQ_REASON: str(i)} for i in
+                                                                    range(len(subjects))])
+        dlq = DeadLetters(mine)
+        expected = [str(i) for i in range(600) if i % 3 == 0][::-1]
+        seen: list[str] = []
+        before = None
+        while True:
+            entries, before = await dlq.page(limit=7, before=before)
+            seen += [e.reason for e in entries]
+            if before is None:
+                break
+        assert seen == expected
+        assert await dlq.count() == 200 and await DeadLetters(other).count() == 5400
+        assert [e.reason for e in await dlq.list(limit=3)] == expected[:3]
+        assert await dlq.purge() == 200 and await DeadLetters(other).count() == 5400
+        assert await dlq.page() == ([], None)
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
 # -- item 9: malformed events; item 10: escape sequences ------------------------------------------
 def _events(kind: str, rows: list[list[object]], worker: str = "w:1") -> bytes:
     return msgpack.packb({"worker": worker, "type": kind, "events": rows}, use_bin_type=True)  # type: ignore[no-any-return]

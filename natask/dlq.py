@@ -3,16 +3,17 @@ moved to ``NATASK_DLQ``; the id index the worker writes beside each entry."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 log = logging.getLogger("natask.dlq")
+T = TypeVar("T")
 
 HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
 """Why the message was dead-lettered (``unknown task``, ``undecodable``, ``max retries exceeded``...)."""
@@ -61,6 +63,8 @@ MAX_WINDOW: Final = 4096
 """Most stream sequences read into memory at once while reading back from the end."""
 SCAN_WINDOW: Final = 1024
 """First window of a scan for an id that the index does not know."""
+INDEX_WAIT: Final = 2.0
+"""Seconds a worker spends at most noting a dead letter in the index."""
 _REPLY_WAIT: Final = 5.0
 """Seconds to wait for each message of a direct get."""
 _DIRECT_HEADERS: Final = frozenset({"Nats-Stream", "Nats-Sequence", "Nats-Subject", "Nats-Time-Stamp",
@@ -146,11 +150,28 @@ async def index_dead_letter(broker: Broker, entry_id: str, seq: int) -> None:
     ``replay`` read it directly. Best effort: without the note ``DeadLetters.get`` scans for it."""
     if seq <= 0 or not TASK_ID_RE.match(entry_id) or PLACEHOLDER_RE.match(entry_id):
         return  # placeholders are read by sequence, no index needed
-    try:
+
+    async def put() -> None:
         kv = await broker.dlq_index()
         await kv.put(entry_id, str(seq).encode())
+
+    # A worker holds a task slot meanwhile.
+    await _on_index(put, f"cannot index dead letter {entry_id}: `natask dlq show` will scan for it",
+                    logging.WARNING)
+
+
+async def _on_index(op: Callable[[], Awaitable[T]], failed: str, level: int = logging.DEBUG) -> T | None:
+    """Run an operation on the id index, bounded: the index is a shortcut, and a NATS user that may
+    not use its bucket sees a denied request only as a timeout."""
+    try:
+        return await asyncio.wait_for(op(), INDEX_WAIT)
     except Exception as e:
-        log.warning("cannot index dead letter %s (%s): `natask dlq show` will scan for it", entry_id, e)
+        log.log(level, "%s (%s)", failed, _describe(e))
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
 
 
 class DeadLetters:
@@ -214,14 +235,14 @@ class DeadLetters:
         raise DeadLetterNotFound(f"no dead letter with id {entry_id!r}: `natask dlq list` shows the ids")
 
     async def _indexed(self, broker: Broker, entry_id: str) -> int:
-        try:
+        async def read() -> bytes:
             kv = await broker.dlq_index()
-            value = (await kv.get(entry_id)).value
-        except nats.js.errors.KeyNotFoundError:
-            return 0
-        except Exception as e:  # the index is a shortcut: without it, scan
-            log.debug("dead-letter index unreadable (%s): scanning for %s", e, entry_id)
-            return 0
+            try:
+                return (await kv.get(entry_id)).value or b""
+            except nats.js.errors.KeyNotFoundError:
+                return b""
+
+        value = await _on_index(read, f"dead-letter index unreadable: scanning for {entry_id}")
         return parse_count(value.decode("ascii", "replace")) if value else 0
 
     async def _newest_first(self, broker: Broker, before: int | None, window: int) -> AsyncGenerator[DeadLetter, None]:
@@ -322,11 +343,8 @@ class DeadLetters:
             await (await broker.results()).purge(entry.id)
         await broker.publish(entry.subject, entry.data, headers)
         await broker.api(lambda: broker.js.delete_msg(DLQ_STREAM, entry.seq))
-        if not placeholder:
-            try:
-                await (await broker.dlq_index()).delete(entry.id)
-            except Exception as e:  # a stale key only costs a later lookup its shortcut
-                log.debug("dead-letter index: cannot remove %s: %s", entry.id, e)
+        if not placeholder:  # a stale key would only cost a later lookup its shortcut
+            await _on_index(lambda: _delete_key(broker, entry.id), f"dead-letter index: cannot remove {entry.id}")
         return entry
 
     async def purge(self) -> int:
@@ -334,16 +352,25 @@ class DeadLetters:
         broker = await self._broker()
         count = await self.count()
         await broker.api(lambda: broker.js.purge_stream(DLQ_STREAM, subject=self.filter))
-        try:
-            await broker.api(lambda: broker.js.purge_stream(f"KV_{broker.names.dlq_index_bucket}"))
-        except nats.js.errors.NotFoundError:
-            pass  # no dead letter was ever indexed
+        # Stale keys would only point at sequences that are gone (``get`` checks): best effort.
+        await _on_index(lambda: _purge_index(broker), "dead-letter index: cannot purge it", logging.WARNING)
         return count
 
     # Last: from here on, ``list`` in an annotation would name this method.
     async def list(self, limit: int = 10_000) -> list[DeadLetter]:
         """The ``limit`` newest entries, newest first."""
         return (await self.page(limit))[0]
+
+
+async def _delete_key(broker: Broker, key: str) -> None:
+    await (await broker.dlq_index()).delete(key)
+
+
+async def _purge_index(broker: Broker) -> None:
+    try:
+        await broker.js.purge_stream(f"KV_{broker.names.dlq_index_bucket}")
+    except nats.js.errors.NotFoundError:
+        pass  # no dead letter was ever indexed
 
 
 def _sequence(msg: Msg) -> int | None:

@@ -411,16 +411,17 @@ async def test_page_renders_through_malformed_events_and_odd_values(nats_server:
             assert dash.summary()["dropped"] > 0
 
             # Whatever the server sends, the page renders what it can: values of unexpected types are shown
-            # as text (or a dash), never a TypeError that stops the rendering.
-            await page.evaluate("""apply({full: false, now: "x", tasks: [{id: 5}, null,
+            # as text (or a dash), never a TypeError that stops the rendering. Applied and rendered in one
+            # evaluation, so no message from the server replaces the odd summary in between.
+            shown = await page.evaluate("""apply({full: false, now: "x", tasks: [{id: 5}, null,
                 {id: "z1", state: 7, name: {}, args: 3, sent: "x", runtime: "y", worker: ["w"]}],
                 summary: {app: 1, prefix: null, queues: [{name: 5, pending: "x", in_rate: "a"}, null],
                           workers: [{worker: "weird", status: "online", queues: 5, uptime: "u", running: "r"}],
-                          dead_letters: {total: "x", entries: [{id: 9, attempts: "n", time: "t"}, 4]}, seen: "s"}}),
-                true""")
-            await page.wait_for("!!document.querySelector('#tasks tr[data-id=\"z1\"]')", "the odd task row")
-            await page.wait_for("!!document.querySelector('#workers tr[data-worker=\"weird\"]')", "the odd worker row")
-            await page.wait_for("!!document.querySelector('#dlq tr[data-id=\"9\"]')", "the odd dead letter row")
+                          dead_letters: {total: "x", entries: [{id: 9, attempts: "n", time: "t"}, 4]}, seen: "s"}});
+                render();
+                ['#tasks tr[data-id="z1"]', '#workers tr[data-worker="weird"]', '#queues tr[data-queue="5"]',
+                 '#dlq tr[data-id="9"]'].map((q) => !!document.querySelector(q))""")
+            assert shown == [True, True, True, True]
             assert await page.evaluate(f"!!document.querySelector('#tasks tr[data-id=\"{added.id}\"]')")
             assert browser.errors == []
     finally:

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgpack
 import nats
@@ -213,6 +214,26 @@ async def test_pages_walk_one_apps_dead_letters_of_a_shared_stream_newest_first(
         await other.aclose()
 
 
+async def test_a_worker_that_may_not_write_the_index_still_dead_letters(tmp_path: Path) -> None:
+    conf = tmp_path / "server.conf"
+    conf.write_text("""authorization { users = [
+      {user: w, password: w, permissions: {
+        publish: {allow: [">"], deny: ["$KV.natask_dlq_tasks.>", "$JS.API.STREAM.*.KV_natask_dlq_tasks"]},
+        subscribe: {allow: [">"]}}}]}""")
+    with NatsServer(store_dir=str(tmp_path / "js"), config_file=str(conf)) as server:
+        app = Natask("obs", servers=[server.url], connect_options={"user": "w", "password": "w"})
+        app.task(name="o.no")(lambda: (_ for _ in ()).throw(Reject("no")))
+        try:
+            async with worker(app):
+                result = await app.asend_task("o.no")
+                with pytest.raises(TaskFailed, match="no"):
+                    await result.aget(timeout=15)  # the index write gives up after INDEX_WAIT
+            entry = await DeadLetters(app).get(result.id)  # the index is unreadable too: scanned for
+            assert (entry.id, entry.reason) == (result.id, "rejected")
+        finally:
+            await app.aclose()
+
+
 # -- item 9: malformed events; item 10: escape sequences ------------------------------------------
 def _events(kind: str, rows: list[list[object]], worker: str = "w:1") -> bytes:
     return msgpack.packb({"worker": worker, "type": kind, "events": rows}, use_bin_type=True)  # type: ignore[no-any-return]
@@ -229,10 +250,13 @@ async def test_natask_events_drops_malformed_events_and_escapes_the_rest(url: st
         batch = _events("task-failed", [["soon", "a1", "o.add", None],  # a string ts crashed `natask events`
                                         [1.0, "a2", "o.add", {"exc_type": "E", "message": "\x1b[31mred\nline"}]])
         done = asyncio.ensure_future(proc.communicate())
-        async with asyncio.timeout(30):
+
+        async def send() -> None:
             while not done.done():  # until the command has subscribed, read one event and exited
                 await nc.publish("natask.events.evt.task-failed", batch)
                 await asyncio.wait({done}, timeout=0.2)
+
+        await asyncio.wait_for(send(), 30)
         out, err = done.result()
     finally:
         if proc.returncode is None:
@@ -301,13 +325,15 @@ async def test_the_dashboard_keeps_its_event_subscription_through_malformed_even
                 rows = [[1.0, result.id, "o.add", {"retries": "abc"}], [2.0, result.id, "o.add", {"retries": 3}]]
                 # One message, the bad row first: a ValueError on it ended the subscription (and lost
                 # the good row) every time. Sent until the dashboard's subscription has taken one.
-                async with asyncio.timeout(20):
+                async def send() -> None:
                     while dash.tasks.get(result.id) is None or dash.tasks[result.id].retries != 3:
                         await nc.publish("natask.events.dev.task-started", _events("task-started", rows))
                         await nc.publish("natask.events.dev.worker-online",
                                          _events("worker-online", [[1.0, None, None, {"queues": 5}]], "evil:1"))
                         await nc.flush()
                         await asyncio.sleep(0.1)
+
+                await asyncio.wait_for(send(), 20)
             assert "evil:1" not in dash.workers and dash.summary()["dropped"] >= 2
             json.dumps(dash.state(), allow_nan=False)
     finally:

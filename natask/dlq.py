@@ -101,10 +101,9 @@ class DeadLetter:
     @classmethod
     def from_msg(cls, seq: int, data: bytes, headers: Mapping[str, str] | None) -> DeadLetter:
         h = {k: v for k, v in (headers or {}).items() if isinstance(k, str) and isinstance(v, str)}
-        given = h.get(HDR_DLQ_ID, "")
+        given, subject = h.get(HDR_DLQ_ID, ""), h.get(HDR_DLQ_SUBJECT, "")
         # A worker's placeholder names the message's sequence in the task stream, which is gone:
         # the entry is known by its own sequence in NATASK_DLQ instead (unique, and read directly).
-        subject = h.get(HDR_DLQ_SUBJECT, "")
         entry_id = given if TASK_ID_RE.match(given) and not PLACEHOLDER_RE.match(given) else f"seq-{seq}"
         return cls(
             seq=seq,

@@ -37,8 +37,8 @@ MESSAGE_ROWS: Final = 500
 """Events per message at most: a row is ~100 bytes, ~1 kB with an exception message."""
 MAX_ROWS: Final = 10 * MESSAGE_ROWS
 """Rows of one received message beyond which the whole message is dropped."""
-MAX_IDENT: Final = 200
-"""Longest worker ident (``host:pid`` and a suffix) an event may carry."""
+MAX_IDENT: Final = 300
+"""Longest worker ident an event may carry (``host:pid``; a host name may have 253 characters)."""
 MAX_NAME: Final = 256
 """Longest task name an event may carry."""
 MAX_TEXT: Final = 2000

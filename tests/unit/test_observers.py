@@ -89,7 +89,7 @@ def test_a_malformed_task_event_is_dropped_and_counted(row: list[object]) -> Non
 @pytest.mark.parametrize("batch", [
     {"worker": 5, "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
     {"worker": "w\x1b[2J", "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
-    {"worker": "w" * 201, "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
+    {"worker": "w" * 301, "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
     {"worker": "w", "type": "Task Started", "events": [[1.0, "a", "t.x", None]]},
     {"worker": "w", "type": "x" * 41, "events": [[1.0, "a", "t.x", None]]},
 ])

@@ -27,14 +27,13 @@ from .message import (
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
-    TASK_ID_RE,
     Envelope,
     at_schedule,
     dumps,
     find_unencodable,
     loads,
 )
-from .naming import Names, check_task_name
+from .naming import TASK_ID_RE, Names, check_kv_key, check_task_id, check_task_name, invalid_task_id
 from .portal import Portal
 from .result import AsyncResult
 from .task import AsyncTask, Task, TaskOptions
@@ -324,8 +323,7 @@ class Natask:
         if task_id is None:
             task_id = os.urandom(16).hex()  # as unique as uuid4().hex, at a third of the cost
         elif not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
-            raise ConfigError(f"invalid task_id {task_id!r}: use letters, digits, '_', '-', '=' or '/' "
-                              "(it is a KV key and a subject token)")
+            raise invalid_task_id(task_id, "task_id")
         envelope = Envelope(
             id=task_id,
             task=name,
@@ -437,7 +435,9 @@ class Natask:
         return await self._apublish(call)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
-        """Rebuild the handle of any task by id (results are read from the KV bucket)."""
+        """Rebuild the handle of any task by id (results are read from the KV bucket).
+
+        An id that is not a task id (a wildcard such as ``>`` among others) raises ``ConfigError``."""
         return AsyncResult(self, task_id)
 
     async def _acall(self, call: Call, timeout: float) -> Any:
@@ -467,6 +467,7 @@ class Natask:
 
     async def aclaim(self, key: str) -> bool:
         """Async ``claim``."""
+        check_kv_key(key, "claim key")
         broker = await self._broker()
         kv = await broker.claims()
         try:
@@ -481,6 +482,7 @@ class Natask:
 
     async def _arevoke(self, task_id: str, terminate: bool) -> None:
         """Record a revoke durably; every worker keeps the set and skips (or cancels) the task."""
+        check_task_id(task_id)
         broker = await self._broker()
         kv = await broker.revoked()
         await kv.put(task_id, dumps({"terminate": terminate, "at": time.time()}))

@@ -420,6 +420,12 @@ class Broker:
         """Idempotency claims (``Natask.claim``), kept as long as results."""
         return await self._bucket(self.names.claims_bucket)
 
+    async def dlq_index(self) -> KeyValue:
+        """Dead-letter id -> ``NATASK_DLQ`` sequence (``natask.dlq``): kept until purged, no TTL."""
+        bucket = self.names.dlq_index_bucket
+        return await self._bucket(bucket, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
+                                                         replicas=self.config.stream_replicas, direct=True))
+
     async def _bucket(self, bucket: str, config: KeyValueConfig | None = None) -> KeyValue:
         """A bucket natask owns, created if missing (``config``: by default one revision per key,
         kept ``result_ttl``). Its handle heals: a call that finds the bucket deleted on the server

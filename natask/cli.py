@@ -7,9 +7,11 @@ import importlib
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -17,6 +19,33 @@ from .app import Natask
 from .errors import NataskError
 
 APP_HELP = "the app as 'package.module:attribute' (attribute defaults to 'app'); or $NATASK_APP"
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+"""Characters a terminal acts on instead of showing: C0/C1 controls (escape sequences, newlines,
+carriage returns), line separators, zero-width and bidirectional-override marks."""
+_CONTROL_IN_LINES: Final = re.compile(_CONTROL.pattern.replace("\x00-\x1f", "\x00-\x08\x0b-\x1f"))
+"""The same, newlines and tabs aside."""
+_NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: object, lines: bool = False) -> str:
+    """``text`` safe to print: control characters shown escaped (``\\x1b``, ``\\n``), so data read
+    from the wire can neither drive the terminal nor forge output lines. ``lines`` keeps newlines
+    and tabs (a task's multi-line result)."""
+    text = text if isinstance(text, str) else str(text)
+    return (_CONTROL_IN_LINES if lines else _CONTROL).sub(_escaped, text)
+
+
+def _number(value: object, spec: str = "") -> str:
+    """A number from the wire formatted with ``spec``; ``?`` if it is not one."""
+    from .events import is_number
+
+    return format(value, spec) if is_number(value) else "?"
 
 
 def load_app(spec: str | None) -> Natask:
@@ -177,16 +206,18 @@ def status(app_spec: str | None, as_json: bool) -> None:
         return
     click.echo("queues:")
     for q in info["queues"] or []:
-        click.echo(f"  {q['name']:<20} pending={q['pending']} in_flight={q['in_flight']} "
-                   f"redelivered={q['redelivered']}")
+        click.echo(printable(f"  {q['name']:<20} pending={q['pending']} in_flight={q['in_flight']} "
+                             f"redelivered={q['redelivered']}"))
     if not info["queues"]:
         click.echo("  (none: no worker has consumed yet)")
     click.echo(f"dead letters: {info['dlq']}")
     click.echo("workers:")
-    for w in info["workers"]:
-        click.echo(f"  {w['worker']:<24} queues={','.join(w.get('queues', []))} "
-                   f"concurrency={w.get('concurrency')} uptime={w.get('uptime', 0):.0f}s "
-                   f"processed={w.get('processed')} running={w.get('running')}")
+    for w in info["workers"]:  # replies of whoever answers on the control subject: checked as printed
+        queues = w.get("queues")
+        click.echo(printable(
+            f"  {w.get('worker')!s:<24} queues={','.join(map(str, queues)) if isinstance(queues, list) else '?'} "
+            f"concurrency={_number(w.get('concurrency'))} uptime={_number(w.get('uptime'), '.0f')}s "
+            f"processed={_number(w.get('processed'))} running={_number(w.get('running'))}"))
     if not info["workers"]:
         click.echo("  (none answered)")
     click.echo("periodic:")
@@ -210,14 +241,17 @@ def inspect(app_spec: str | None, command: str, timeout: float, as_json: bool) -
         click.echo(json.dumps(replies, default=str))
         return
     for r in replies:
+        worker = printable(r.get("worker", "?"))
         if command == "ping":
-            click.echo(f"{r['worker']}: pong")
+            click.echo(f"{worker}: pong")
         elif command == "stats":
-            click.echo(f"{r['worker']}: " + " ".join(f"{k}={v}" for k, v in r.items() if k != "worker"))
+            click.echo(f"{worker}: " + printable(" ".join(f"{k}={v}" for k, v in r.items() if k != "worker")))
         else:
-            click.echo(f"{r['worker']}: {len(r.get('active', []))} running")
-            for t in r.get("active", []):
-                click.echo(f"  {t['id']}  {t['name']}  {t['runtime']:.1f}s")
+            active = [t for t in r.get("active") or [] if isinstance(t, dict)] if isinstance(
+                r.get("active"), list) else []
+            click.echo(f"{worker}: {len(active)} running")
+            for t in active:
+                click.echo(printable(f"  {t.get('id')}  {t.get('name')}  {_number(t.get('runtime'), '.1f')}s"))
     if not replies:
         click.echo("no worker answered", err=True)
         sys.exit(1)
@@ -294,11 +328,13 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         click.echo(json.dumps(record, default=str))
     elif state == "SUCCESS":
         value = record.get("result")
-        click.echo(json.dumps(value, default=str) if not isinstance(value, str) else value)
+        click.echo(json.dumps(value, default=str) if not isinstance(value, str) else printable(value, lines=True))
     elif state == "FAILURE":
-        click.echo(str(TaskFailed(str(record.get("exc_type")), str(record.get("message", "")))), err=True)
+        failed = TaskFailed(str(record.get("exc_type")), str(record.get("message", "")))
+        click.echo(printable(failed, lines=True), err=True)
     else:
-        click.echo(f"{state} {json.dumps(record.get('info'), default=str) if record.get('info') else ''}".strip())
+        info = json.dumps(record.get("info"), default=str) if record.get("info") else ""
+        click.echo(printable(f"{state} {info}".strip()))
     if state == "FAILURE":
         sys.exit(1)
 
@@ -315,11 +351,13 @@ def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
     async def tail(app: Natask) -> None:
         seen = 0
         async for event in follow(app, kind):
+            # Events were checked on receipt (malformed ones dropped); their texts are still anyone's.
             if as_json:
                 click.echo(json.dumps(event, default=str))
             else:
                 fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker"))
-                click.echo(f"{event.get('ts', 0):.3f} {event.get('worker', '?')} {event['type']} {fields}")
+                click.echo(printable(f"{_number(event.get('ts'), '.3f')} {event.get('worker')} {event.get('type')} "
+                                     f"{fields}"))
             seen += 1
             if count and seen >= count:
                 return
@@ -376,17 +414,29 @@ def _run_app(app_spec: str | None, fn: Any) -> Any:
 
 @dlq.command("list")
 @app_option
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000),
+              help="dead letters per page")
+@click.option("--before", type=click.IntRange(1), default=None, metavar="SEQ",
+              help="the page of entries older than this stream sequence (the next page's is printed on stderr)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per entry")
-def dlq_list(app_spec: str | None, as_json: bool) -> None:
-    """One line per dead letter: task id (or seq-N placeholder), reason, task, attempts, error."""
+def dlq_list(app_spec: str | None, limit: int, before: int | None, as_json: bool) -> None:
+    """One line per dead letter, newest first: task id (or seq-N placeholder), reason, task,
+    attempts, error."""
     from .dlq import DeadLetters
 
-    entries = _run_app(app_spec, lambda app: DeadLetters(app).list())
+    entries, cursor = _run_app(app_spec, lambda app: DeadLetters(app).page(limit, before))
     for e in entries:
         if as_json:
             click.echo(json.dumps(e.as_dict()))
         else:
-            click.echo(f"{e.id}  {e.reason}  {e.task}  attempts={e.attempts}  {e.error[:120]}")
+            click.echo(printable(f"{e.id}  {e.reason}  {e.task}  attempts={e.attempts}  {e.error[:120]}"))
+    if not entries:
+        click.echo("no dead letters" + (f" before sequence {before}" if before else ""), err=True)
+    elif cursor is not None:
+        args = ["natask", "dlq", "list", *(["-A", app_spec] if app_spec else []),
+                *(["--limit", str(limit)] if limit != 50 else []), *(["--json"] if as_json else []),
+                "--before", str(cursor)]
+        click.echo(f"more: {printable(shlex.join(args))}", err=True)
 
 
 @dlq.command("show")
@@ -410,7 +460,7 @@ def dlq_show(app_spec: str | None, entry_id: str, as_json: bool) -> None:
         click.echo(json.dumps(info, default=repr))
     else:
         for key, value in info.items():
-            click.echo(f"{key}: {value!r}" if key in ("call", "headers", "raw") else f"{key}: {value}")
+            click.echo(printable(f"{key}: {value!r}" if key in ("call", "headers", "raw") else f"{key}: {value}"))
 
 
 @dlq.command("replay")
@@ -421,7 +471,7 @@ def dlq_replay(app_spec: str | None, entry_id: str) -> None:
     from .dlq import DeadLetters
 
     entry = _run_app(app_spec, lambda app: DeadLetters(app).replay(entry_id))
-    click.echo(f"replayed {entry.id} to {entry.subject}")
+    click.echo(printable(f"replayed {entry.id} to {entry.subject}"))
 
 
 @dlq.command("purge")

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from .dlq import DeadLetters
 from .message import dumps, loads
-from .naming import DLQ_STREAM, is_reply_subject
+from .naming import is_reply_subject
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -126,10 +127,7 @@ async def queues(app: Natask) -> list[QueueStatus]:
 
 async def dlq_size(app: Natask) -> int:
     """Dead letters of this app."""
-    broker = await app._broker()
-    await broker.ensure_dlq()
-    info = await broker.js.stream_info(DLQ_STREAM, subjects_filter=f"natask.dlq.{app.config.subject_prefix}.>")
-    return sum((info.state.subjects or {}).values())
+    return await DeadLetters(app).count()
 
 
 async def purge(app: Natask, queue: str) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import signal
 import time
@@ -21,11 +22,11 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from .control import inspect
-from .dlq import HDR_REPLAYS, DeadLetter, DeadLetters
+from .dlq import HDR_REPLAYS, DeadLetter, DeadLetterNotFound, DeadLetters, parse_count
 from .errors import NataskError
-from .events import follow
+from .events import MAX_NAME, EventStream, check_fields, follow, is_ident, is_number
 from .message import HDR_MSG_ID, HDR_RETRIES, HDR_TASK, Envelope, loads
-from .naming import DLQ_STREAM
+from .naming import TASK_ID_RE
 from .worker import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:
@@ -41,6 +42,12 @@ MAX_FAILED: Final = 100
 """Failed tasks kept apart, so a burst of successes does not push them out."""
 MAX_DEAD_LETTERS: Final = 100
 """Newest dead letters shown."""
+MAX_WORKERS: Final = 1000
+"""Workers tracked at most (idents come from events anyone allowed to publish them may send)."""
+MAX_QUEUES: Final = 1000
+"""Queues seen in publishes tracked at most."""
+MAX_STATE: Final = 40
+"""Longest task state shown (custom states of ``update_state`` included)."""
 PREVIEW_CHARS: Final = 200
 """Longest argument preview."""
 REFRESH: Final = 1.0
@@ -62,6 +69,8 @@ _SECRET_KEY: Final = re.compile(
     r"|^pass$|^pin$", re.IGNORECASE)
 _LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
 _REPLAY_PATH: Final = re.compile(r"^/api/dlq/([^/]+)/replay$")
+_QUEUE_RE: Final = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]{0,199}$")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _REASONS: Final = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
                    405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error"}
 
@@ -164,6 +173,8 @@ class Dashboard:
         self.dead_total = 0
         self.error = ""
         self.seen = 0
+        self.dropped = 0  # malformed events, result records and replies left out
+        self._events = EventStream(app)
         self._sent_by_queue: dict[str, int] = {}
         self._readings: dict[str, deque[_Reading]] = {}
         self._started = time.monotonic()
@@ -260,9 +271,11 @@ class Dashboard:
         headers = msg.headers or {}
         rest = msg.subject[len(self.prefix) + 1:]
         scheduled = rest.startswith("_sched.")
-        queue = rest.split(".", 2)[1] if scheduled else rest.split(".", 1)[0]
+        queue = ([*rest.split(".", 2), ""][1]) if scheduled else rest.split(".", 1)[0]
+        if not _QUEUE_RE.match(queue):
+            return  # not a task subject natask would publish
         msg_id = headers.get(HDR_MSG_ID, "")
-        task_id, name, args = msg_id.split(":", 1)[0], headers.get(HDR_TASK, ""), ""
+        task_id, name, args = msg_id.split(":", 1)[0], _task_name(headers.get(HDR_TASK)), ""
         if len(msg.data) <= MAX_DECODE:
             try:
                 env = Envelope.decode(msg.data, headers)
@@ -271,15 +284,16 @@ class Dashboard:
                 args = f"<undecodable, {len(msg.data)} bytes>"
         else:
             args = f"<{len(msg.data)} bytes>"
-        if not task_id:
+        if not TASK_ID_RE.match(task_id):
             return
-        self._sent_by_queue[queue] = self._sent_by_queue.get(queue, 0) + (not scheduled)
+        if queue in self._sent_by_queue or len(self._sent_by_queue) < MAX_QUEUES:
+            self._sent_by_queue[queue] = self._sent_by_queue.get(queue, 0) + (not scheduled)
         row = self._row(task_id, name)
         if msg_id and msg_id == row.msg_id:
             return  # a duplicate publish, which JetStream dropped
         row.msg_id = msg_id
         row.queue, row.args, row.sent = queue, args, time.time()
-        row.retries = max(row.retries, int(headers.get(HDR_RETRIES, "0") or 0))
+        row.retries = max(row.retries, parse_count(headers.get(HDR_RETRIES)))
         if row.state in FINAL_STATES or scheduled or HDR_REPLAYS in headers:
             row.started = row.finished = row.runtime = None
             row.error = row.error if scheduled else ""
@@ -287,30 +301,42 @@ class Dashboard:
         self._changed(row)
 
     def on_event(self, event: Mapping[str, Any]) -> None:
-        """Apply one lifecycle event (``natask.events.<prefix>.*``)."""
-        kind, ts = str(event.get("type", "")), float(event.get("ts") or time.time())
-        worker = str(event.get("worker", ""))
+        """Apply one lifecycle event (``natask.events.<prefix>.*``). ``decode_batch`` has dropped
+        malformed events already; values of unexpected types are ignored here too (an event is
+        dropped, never the subscription or the page)."""
+        kind, ts, worker = event.get("type"), event.get("ts"), event.get("worker")
+        if not isinstance(kind, str):
+            return
+        ts = float(ts) if is_number(ts) else time.time()
+        worker = worker if is_ident(worker) else ""
         if kind.startswith("worker-"):
+            fields = check_fields({k: v for k, v in event.items() if k not in ("type", "ts", "worker", "id", "name")})
+            if not worker or fields is None or (worker not in self.workers and len(self.workers) >= MAX_WORKERS):
+                self.dropped += 1
+                return
             info = self.workers.setdefault(worker, {"worker": worker})
-            info.update({k: v for k, v in event.items() if k not in ("type", "ts")})
+            info.update(fields)
             info["status"] = "offline" if kind == "worker-offline" else "online"
             info["last_seen"] = time.time()
             self._touch()
             return
-        task_id = str(event.get("id") or "")
-        if not kind.startswith("task-") or not task_id:
+        task_id = event.get("id")
+        if not kind.startswith("task-") or not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
             return
-        row = self._row(task_id, str(event.get("name") or ""))
+        row = self._row(task_id, _task_name(event.get("name")))
         row.worker = worker or row.worker
+        retries = event.get("retries")
+        if type(retries) is int and retries >= 0:
+            row.retries = retries
         if kind == "task-started":
-            row.started, row.retries = ts, int(event.get("retries") or row.retries)
+            row.started = ts
             if row.state not in FINAL_STATES:  # else the outcome's record came in first
                 row.state = "STARTED"
         elif kind == "task-retried":
-            row.state, row.retries = "RETRY", int(event.get("retries") or row.retries)
-            row.error = f"{event.get('exc_type', '')}: {event.get('message', '')}"
+            row.state = "RETRY"
+            row.error = _error_text(event.get("exc_type"), event.get("message"))
         elif kind in ("task-succeeded", "task-failed", "task-revoked", "task-finished"):
-            row.state = str(event.get("state") or _OUTCOME_STATES.get(kind, "FINISHED"))
+            row.state = _state(event.get("state")) or _OUTCOME_STATES.get(kind, "FINISHED")
             row.finished = ts
         else:
             return
@@ -319,8 +345,12 @@ class Dashboard:
     async def _follow_events(self) -> None:
         while True:
             try:
-                async for event in follow(self.app):
-                    self.on_event(event)
+                async for event in follow(self.app, stream=self._events):
+                    try:
+                        self.on_event(event)
+                    except Exception:  # one odd event must not end the subscription
+                        self.dropped += 1
+                        log.debug("dashboard: event %r not applied", event, exc_info=True)
                 log.warning("events: the subscription ended; resubscribing")
             except asyncio.CancelledError:
                 raise
@@ -336,22 +366,27 @@ class Dashboard:
             record = loads(msg.data)
         except NataskError:
             return
-        if not isinstance(record, dict) or not isinstance(record.get("state"), str):
+        state = _state(record.get("state")) if isinstance(record, dict) else ""
+        task_id = msg.subject.rsplit(".", 1)[-1]
+        if not state or not TASK_ID_RE.match(task_id):
+            self.dropped += 1
             return
-        task_id, state = msg.subject.rsplit(".", 1)[-1], record["state"]
-        if task_id not in self.tasks and task_id not in self.failed and not record.get("task"):
+        name = _task_name(record.get("task"))
+        if task_id not in self.tasks and task_id not in self.failed and not name:
             return
-        row = self._row(task_id, str(record.get("task") or ""))
+        row = self._row(task_id, name)
         if row.state in FINAL_STATES and state not in FINAL_STATES:
             return  # a progress record overtaken by the outcome
         info: dict[str, Any] = record["info"] if isinstance(record.get("info"), dict) else {}
         row.state = state
-        row.worker = str(record.get("worker") or info.get("worker") or row.worker)
+        worker = record.get("worker") if is_ident(record.get("worker")) else info.get("worker")
+        row.worker = worker if is_ident(worker) else row.worker
         if state in ("FAILURE", "RETRY"):
             source: dict[str, Any] = record if state == "FAILURE" else info
-            row.error = f"{source.get('exc_type', '')}: {source.get('message', '')}"[:500]
+            row.error = _error_text(source.get("exc_type"), source.get("message"))
         if state in FINAL_STATES and row.finished is None:
-            row.finished = float(record.get("date_done") or time.time())
+            done = record.get("date_done")
+            row.finished = float(done) if is_number(done) else time.time()
         self._changed(row)
 
     async def _on_dead_letter(self, msg: Msg) -> None:
@@ -426,9 +461,10 @@ class Dashboard:
 
     async def _read_dead_letters(self) -> None:
         self._dlq_dirty, self._dlq_checked = False, time.monotonic()
-        entries, self.dead_total = await newest_dead_letters(self.app, MAX_DEAD_LETTERS)
+        dlq = DeadLetters(self.app)
+        (entries, _), self.dead_total = await asyncio.gather(dlq.page(MAX_DEAD_LETTERS), dlq.count())
         dead = []
-        for e in reversed(entries):
+        for e in entries:  # newest first
             info = e.as_dict()
             try:
                 env = Envelope.decode(e.data)
@@ -442,8 +478,14 @@ class Dashboard:
         replies = await inspect(self.app, "stats", timeout=0.5)
         now = time.time()
         for reply in replies:
-            info = self.workers.setdefault(str(reply.get("worker")), {})
-            info.update(reply, status="online", last_seen=now)
+            ident = reply.get("worker")
+            fields = check_fields({k: v for k, v in reply.items() if k != "worker"})
+            if not is_ident(ident) or fields is None or (ident not in self.workers
+                                                         and len(self.workers) >= MAX_WORKERS):
+                self.dropped += 1
+                continue
+            info = self.workers.setdefault(ident, {"worker": ident})
+            info.update(fields, status="online", last_seen=now)
         for ident, info in list(self.workers.items()):
             silent = now - float(info.get("last_seen") or 0)
             if info.get("status") == "online" and silent > 3 * HEARTBEAT_INTERVAL:
@@ -455,7 +497,7 @@ class Dashboard:
     def summary(self) -> dict[str, Any]:
         workers = sorted(self.workers.values(), key=lambda w: str(w.get("worker")))
         return {"app": self.app.name, "prefix": self.prefix, "error": self.error, "queues": self.queues,
-                "workers": workers, "seen": self.seen,
+                "workers": workers, "seen": self.seen, "dropped": self.dropped + self._events.dropped,
                 "dead_letters": {"total": self.dead_total, "entries": self.dead_letters}}
 
     def tasks_since(self, version: int = 0) -> list[dict[str, Any]]:
@@ -525,8 +567,13 @@ class Dashboard:
         entry_id = unquote(replay.group(1))
         try:
             entry = await self.replay(entry_id)
+        except DeadLetterNotFound as e:
+            return 404, "application/json", _json({"error": str(e)})
         except NataskError as e:
-            return (404 if "no dead letter" in str(e) else 409), "application/json", _json({"error": str(e)})
+            return 409, "application/json", _json({"error": str(e)})
+        except Exception as e:  # an answer, not a closed connection: the page shows it
+            log.exception("dashboard: replay of %r failed", entry_id[:100])
+            return 500, "application/json", _json({"error": f"replay failed: {type(e).__name__}"})
         return 200, "application/json", _json({"replayed": entry.id, "subject": entry.subject})
 
     async def _stream(self, writer: asyncio.StreamWriter) -> None:
@@ -564,7 +611,34 @@ class Dashboard:
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, default=str, separators=(",", ":")).encode()
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN or infinity slipped in: JSON.parse would refuse the whole message
+        return json.dumps(_finite(value), default=str, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _task_name(value: object) -> str:
+    """A task name read from the wire, or "" if it is not one."""
+    return value if isinstance(value, str) and len(value) <= MAX_NAME and _NAME_RE.match(value) else ""
+
+
+def _state(value: object) -> str:
+    """A task state read from the wire (natask's or a custom one), or "" if it is not one."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_STATE and value.isprintable() else ""
+
+
+def _error_text(exc_type: object, message: object) -> str:
+    return f"{'' if exc_type is None else exc_type}: {'' if message is None else message}"[:500]
 
 
 def _not_allowed() -> tuple[int, str, bytes]:
@@ -577,35 +651,6 @@ async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: 
             "X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nConnection: close\r\n\r\n")
     writer.write(head.encode() + body)
     await writer.drain()
-
-
-async def newest_dead_letters(app: Natask, limit: int) -> tuple[list[DeadLetter], int]:
-    """The app's ``limit`` newest dead letters (oldest first) and how many it has, reading back
-    from the end of the shared stream in growing windows instead of from its start."""
-    broker = await app._broker()
-    await broker.ensure_dlq()
-    subject = f"natask.dlq.{app.config.subject_prefix}.>"
-    info = await broker.js.stream_info(DLQ_STREAM, subjects_filter=subject)
-    total = sum((info.state.subjects or {}).values())
-    out: list[DeadLetter] = []
-    high, step = info.state.last_seq + 1, 4 * limit
-    while total and high > info.state.first_seq and len(out) < limit:
-        low = max(info.state.first_seq, high - step)
-        window: list[DeadLetter] = []
-        seq = low - 1
-        while True:
-            try:
-                msg = await broker.js.get_msg(DLQ_STREAM, seq=seq + 1, subject=subject, next=True, direct=True)
-            except nats.js.errors.NotFoundError:
-                break
-            assert msg.seq is not None
-            if msg.seq >= high:
-                break
-            seq = msg.seq
-            window.append(DeadLetter.from_msg(seq, msg.data or b"", dict(msg.headers or {})))
-        out = window + out
-        high, step = low, step * 4
-    return out[-limit:], total
 
 
 async def serve(app: Natask, host: str, port: int, ready: Callable[[str], None]) -> None:

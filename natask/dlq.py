@@ -1,20 +1,34 @@
-"""Dead letters: read, replay and purge the entries an app's workers moved to ``NATASK_DLQ``."""
+"""Dead letters: read (newest first, paged, or by id), replay and purge the entries an app's workers
+moved to ``NATASK_DLQ``; the id index the worker writes beside each entry."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 
-from .errors import NataskError
+from .errors import BrokerError, NataskError
 from .message import HDR_MSG_ID, HDR_TASK
-from .naming import DLQ_STREAM
+from .naming import DLQ_STREAM, TASK_ID_RE
 
 if TYPE_CHECKING:
     from .app import Natask
     from .broker import Broker
+
+log = logging.getLogger("natask.dlq")
+T = TypeVar("T")
 
 HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
 """Why the message was dead-lettered (``unknown task``, ``undecodable``, ``max retries exceeded``...)."""
@@ -34,10 +48,47 @@ dead-letter headers)."""
 HDR_REPLAYS: Final = "Natask-Replays"
 """How many times this task was replayed from the DLQ (derives the replay's message id)."""
 
+PLACEHOLDER_RE: Final = re.compile(r"^seq-([0-9]{1,18})$")
+"""The id of a dead letter without a readable task id: ``seq-<its NATASK_DLQ sequence>``, read directly."""
+DEFAULT_PAGE: Final = 50
+"""Dead letters per page (``natask dlq list``)."""
+MAX_REASON: Final = 200
+"""Longest reason (and task name) kept from a header."""
+MAX_ERROR: Final = 1000
+"""Longest error text kept from a header (the worker writes at most this much)."""
+MAX_SUBJECT: Final = 4000
+"""Longest original subject a replay publishes to (a longer one could not be a subject)."""
+BATCH: Final = 256
+"""Messages one batched direct get asks for."""
+BATCH_BYTES: Final = 4 * 1024 * 1024
+"""Bytes one batched direct get may return (dead letters carry their original payload)."""
+MAX_WINDOW: Final = 4096
+"""Most stream sequences read into memory at once while reading back from the end."""
+SCAN_WINDOW: Final = 1024
+"""First window of a scan for an id that the index does not know."""
+INDEX_WAIT: Final = 2.0
+"""Seconds a worker spends at most noting a dead letter in the index."""
+_REPLY_WAIT: Final = 5.0
+"""Seconds to wait for each message of a direct get."""
+_DIRECT_HEADERS: Final = frozenset({"Nats-Stream", "Nats-Sequence", "Nats-Subject", "Nats-Time-Stamp",
+                                    "Nats-Num-Pending", "Nats-Last-Sequence"})
+"""Headers a direct get adds to the stored message's own."""
+_COUNT_RE: Final = re.compile(r"^[0-9]{1,18}$")
+
+
+class DeadLetterNotFound(NataskError):
+    """No dead letter of this app has the id asked for."""
+
 
 @dataclass
 class DeadLetter:
-    """One dead-letter entry: the original message plus why it is here."""
+    """One dead-letter entry: the original message plus why it is here.
+
+    Every field comes from headers anyone allowed to publish on ``natask.dlq.>`` may have written,
+    so each is checked: ``id`` is a task id (else the ``seq-N`` placeholder), numbers that do not
+    parse are 0, texts are cut to a bound (and may still hold control characters: escape them
+    before printing, see ``natask.cli.printable``).
+    """
 
     seq: int
     id: str
@@ -51,20 +102,29 @@ class DeadLetter:
     headers: dict[str, str] = field(repr=False)
 
     @classmethod
-    def from_msg(cls, seq: int, data: bytes, headers: dict[str, str] | None) -> DeadLetter:
-        h = dict(headers or {})
+    def from_msg(cls, seq: int, data: bytes, headers: Mapping[str, str] | None) -> DeadLetter:
+        h = {k: v for k, v in (headers or {}).items() if isinstance(k, str) and isinstance(v, str)}
+        given, subject = h.get(HDR_DLQ_ID, ""), h.get(HDR_DLQ_SUBJECT, "")
+        # A worker's placeholder names the message's sequence in the task stream, which is gone:
+        # the entry is known by its own sequence in NATASK_DLQ instead (unique, and read directly).
+        entry_id = given if TASK_ID_RE.match(given) and not PLACEHOLDER_RE.match(given) else f"seq-{seq}"
         return cls(
             seq=seq,
-            id=h.get(HDR_DLQ_ID, f"seq-{seq}"),
-            task=h.get(HDR_TASK, "?"),
-            reason=h.get(HDR_DLQ_REASON, "?"),
-            error=h.get(HDR_DLQ_ERROR, ""),
-            attempts=int(h.get(HDR_DLQ_ATTEMPTS, "0") or 0),
-            time=float(h.get(HDR_DLQ_TIME, "0") or 0),
-            subject=h.get(HDR_DLQ_SUBJECT, ""),
+            id=entry_id,
+            task=h.get(HDR_TASK, "?")[:MAX_REASON],
+            reason=h.get(HDR_DLQ_REASON, "?")[:MAX_REASON],
+            error=h.get(HDR_DLQ_ERROR, "")[:MAX_ERROR],
+            attempts=parse_count(h.get(HDR_DLQ_ATTEMPTS)),
+            time=_parse_time(h.get(HDR_DLQ_TIME)),
+            subject=subject if len(subject) <= MAX_SUBJECT else "",  # never cut: it is replayed to
             data=data,
             headers=h,
         )
+
+    @property
+    def replays(self) -> int:
+        """How many times this task was replayed before (0 for a malformed header)."""
+        return parse_count(self.headers.get(HDR_REPLAYS))
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (the payload as its length only)."""
@@ -72,63 +132,257 @@ class DeadLetter:
                 "attempts": self.attempts, "time": self.time, "subject": self.subject, "size": len(self.data)}
 
 
+def parse_count(value: object) -> int:
+    """A count from a header: a non-negative integer, else 0."""
+    return int(value) if isinstance(value, str) and _COUNT_RE.match(value) else 0
+
+
+def _parse_time(value: object) -> float:
+    if not isinstance(value, str) or len(value) > 40:
+        return 0.0
+    try:
+        t = float(value)
+    except ValueError:
+        return 0.0
+    return t if math.isfinite(t) and t >= 0 else 0.0
+
+
+async def index_dead_letter(broker: Broker, entry_id: str, seq: int) -> None:
+    """Note where the dead letter ``entry_id`` went (its ``NATASK_DLQ`` sequence), so ``show`` and
+    ``replay`` read it directly. Best effort: without the note ``DeadLetters.get`` scans for it."""
+    if seq <= 0 or not TASK_ID_RE.match(entry_id) or PLACEHOLDER_RE.match(entry_id):
+        return  # placeholders are read by sequence, no index needed
+
+    async def put() -> None:
+        kv = await broker.dlq_index()
+        await kv.put(entry_id, str(seq).encode())
+
+    # A worker holds a task slot meanwhile.
+    await _on_index(put, f"cannot index dead letter {entry_id}: `natask dlq show` will scan for it",
+                    logging.WARNING)
+
+
+async def _on_index(op: Callable[[], Awaitable[T]], failed: str, level: int = logging.DEBUG) -> T | None:
+    """Run an operation on the id index, bounded: the index is a shortcut, and a NATS user that may
+    not use its bucket sees a denied request only as a timeout."""
+    try:
+        return await asyncio.wait_for(op(), INDEX_WAIT)
+    except Exception as e:
+        log.log(level, "%s (%s)", failed, _describe(e))
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
 class DeadLetters:
-    """The dead letters of one app (subjects ``natask.dlq.<prefix>.>``)."""
+    """The dead letters of one app (subjects ``natask.dlq.<prefix>.>`` of the shared stream)."""
 
     def __init__(self, app: Natask) -> None:
         self.app = app
-        self.filter = f"natask.dlq.{app.config.subject_prefix}.>"
+        self.filter = app.names.dlq_filter
 
     async def _broker(self) -> Broker:
         broker = await self.app._broker()
         await broker.ensure_dlq()
         return broker
 
-    async def list(self, limit: int = 10_000) -> list[DeadLetter]:
-        """Entries oldest first."""
+    # -- reading ----------------------------------------------------------------------------
+    async def count(self) -> int:
+        """How many dead letters the app has (from the stream's per-subject counts, nothing read)."""
         broker = await self._broker()
-        out: list[DeadLetter] = []
-        seq = 0
-        while len(out) < limit:
-            try:
-                msg = await broker.js.get_msg(DLQ_STREAM, seq=seq + 1, subject=self.filter, next=True, direct=True)
-            except nats.js.errors.NotFoundError:
-                break
-            assert msg.seq is not None
-            seq = msg.seq
-            out.append(DeadLetter.from_msg(seq, msg.data or b"", dict(msg.headers or {})))
-        return out
+        info = await broker.api(lambda: broker.js.stream_info(DLQ_STREAM, subjects_filter=self.filter))
+        return sum((info.state.subjects or {}).values())
+
+    async def page(self, limit: int = DEFAULT_PAGE, before: int | None = None,
+                   ) -> tuple[list[DeadLetter], int | None]:
+        """Up to ``limit`` entries, newest first, and the cursor of the next page (or None).
+
+        ``before`` (a stream sequence, the previous page's cursor) starts the page below it; None
+        starts at the newest entry."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        broker = await self._broker()
+        found: list[DeadLetter] = []
+        async with aclosing(self._newest_first(broker, before, 4 * (limit + 1))) as entries:
+            async for entry in entries:
+                found.append(entry)
+                if len(found) > limit:
+                    break
+        if len(found) > limit:
+            return found[:limit], found[limit - 1].seq
+        return found, None
 
     async def get(self, entry_id: str) -> DeadLetter:
-        """The newest entry with this task id (or ``seq-N`` placeholder)."""
-        matches = [e for e in await self.list() if e.id == entry_id or f"seq-{e.seq}" == entry_id]
-        if not matches:
-            raise NataskError(f"no dead letter with id {entry_id!r}: `natask dlq list` shows the ids")
-        return matches[-1]
+        """The newest entry with this id (a task id, or a ``seq-N`` placeholder), without listing.
 
+        A placeholder is read by its sequence, a task id through the id index; a stale or missing
+        index entry falls back to a newest-first scan. ``DeadLetterNotFound`` if there is none."""
+        if not isinstance(entry_id, str) or not TASK_ID_RE.match(entry_id):
+            raise DeadLetterNotFound(f"no dead letter with id {str(entry_id)[:100]!r}: ids are task ids or "
+                                     "seq-N placeholders; `natask dlq list` shows them")
+        broker = await self._broker()
+        placeholder = PLACEHOLDER_RE.match(entry_id)
+        seq = int(placeholder.group(1)) if placeholder else await self._indexed(broker, entry_id)
+        if seq:
+            entry = await self._at(broker, seq)
+            if entry is not None and entry.id == entry_id:
+                return entry
+        if not placeholder:
+            async with aclosing(self._newest_first(broker, None, SCAN_WINDOW)) as entries:
+                async for entry in entries:
+                    if entry.id == entry_id:
+                        return entry
+        raise DeadLetterNotFound(f"no dead letter with id {entry_id!r}: `natask dlq list` shows the ids")
+
+    async def _indexed(self, broker: Broker, entry_id: str) -> int:
+        async def read() -> bytes:
+            kv = await broker.dlq_index()
+            try:
+                return (await kv.get(entry_id)).value or b""
+            except nats.js.errors.KeyNotFoundError:
+                return b""
+
+        value = await _on_index(read, f"dead-letter index unreadable: scanning for {entry_id}")
+        return parse_count(value.decode("ascii", "replace")) if value else 0
+
+    async def _newest_first(self, broker: Broker, before: int | None, window: int) -> AsyncGenerator[DeadLetter, None]:
+        """This app's entries below ``before``, newest first: windows read back from the end of the
+        shared stream (each read forward, in batches), growing while they find little."""
+        info = await broker.api(lambda: broker.js.stream_info(DLQ_STREAM))
+        first, high = info.state.first_seq, info.state.last_seq + 1
+        if before is not None:
+            high = min(high, before)
+        window = min(window, MAX_WINDOW)
+        while high > first:
+            low = max(first, high - window)
+            for entry in reversed(await self._forward(broker, low, high)):
+                yield entry
+            high, window = low, min(window * 4, MAX_WINDOW)
+
+    async def _forward(self, broker: Broker, low: int, high: int) -> list[DeadLetter]:
+        """This app's entries with a sequence in ``[low, high)``, oldest first.
+
+        Batched direct gets (nats-server >= 2.11): one request returns up to ``batch`` messages
+        matching the filter, then an end-of-batch status (204); 404 when nothing matches anymore.
+        A batch does not stop at ``high`` (the server has no such bound for it), so batches start
+        at one message and grow only while they stay inside the window: what is read past it is
+        at most about what the window held.
+        """
+        nc = broker.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        out: list[DeadLetter] = []
+        seq, batch = low, 1
+        try:
+            while seq < high:
+                request = {"seq": seq, "next_by_subj": self.filter, "batch": min(batch, high - seq),
+                           "max_bytes": BATCH_BYTES}
+                batch = min(batch * 8, BATCH)
+                await nc.publish(f"$JS.API.DIRECT.GET.{DLQ_STREAM}", json.dumps(request).encode(), reply=inbox)
+                while True:
+                    msg = await self._next(sub)
+                    entry_seq = _sequence(msg)
+                    if entry_seq is None:
+                        status = (msg.headers or {}).get("Status")
+                        if status == "204":
+                            break  # end of this batch: ask for the next from where it stopped
+                        if status == "404":
+                            return out
+                        raise BrokerError(f"reading {DLQ_STREAM} failed: status {status} "
+                                          f"{(msg.headers or {}).get('Description', '')}".rstrip())
+                    if entry_seq >= high:
+                        return out
+                    if entry_seq >= seq:  # sequences only grow within a read: anything else is not news
+                        out.append(_entry(entry_seq, msg))
+                        seq = entry_seq + 1
+        except nats.errors.Error as e:
+            raise BrokerError(f"reading {DLQ_STREAM} failed: {e}") from e
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return out
+
+    @staticmethod
+    async def _next(sub: Any) -> Msg:
+        try:
+            return await sub.next_msg(timeout=_REPLY_WAIT)  # type: ignore[no-any-return]
+        except nats.errors.TimeoutError:
+            raise BrokerError(f"no answer reading {DLQ_STREAM} within {_REPLY_WAIT:g}s") from None
+
+    async def _at(self, broker: Broker, seq: int) -> DeadLetter | None:
+        """The entry at ``seq``, if there is one and it is this app's."""
+        try:
+            msg = await broker.api(lambda: broker.nc.request(
+                f"$JS.API.DIRECT.GET.{DLQ_STREAM}", json.dumps({"seq": seq}).encode(), timeout=_REPLY_WAIT))
+        except nats.errors.Error as e:
+            raise BrokerError(f"reading {DLQ_STREAM} failed: {e}") from e
+        found = _sequence(msg)
+        subject = (msg.headers or {}).get("Nats-Subject", "")
+        if found != seq or not subject.startswith(self.filter[:-1]):
+            return None
+        return _entry(seq, msg)
+
+    # -- changing ---------------------------------------------------------------------------
     async def replay(self, entry_id: str) -> DeadLetter:
         """Publish the original message again (fresh retry count, derived message id), then
-        remove the entry."""
+        remove the entry and its index key."""
         entry = await self.get(entry_id)
-        if not entry.subject.startswith(f"{self.app.config.subject_prefix}."):
-            raise NataskError(f"dead letter {entry_id} has no original subject to replay to")
+        if not self.app.names.is_task_subject(entry.subject):
+            raise NataskError(f"dead letter {entry.id} has no original subject of this app to replay to "
+                              f"(it names {entry.subject[:200]!r})")
         broker = await self._broker()
-        replays = int(entry.headers.get(HDR_REPLAYS, "0") or 0) + 1
+        replays = entry.replays + 1
         headers = {k: v for k, v in entry.headers.items()
                    if not k.startswith(("Natask-Dlq-", "Nats-")) and k != "Natask-Retries"}
         headers[HDR_REPLAYS] = str(replays)
         headers[HDR_MSG_ID] = f"{entry.id}:replay{replays}:{int(time.time())}"
         await broker.ensure_stream()
-        if not entry.id.startswith("seq-"):
+        placeholder = PLACEHOLDER_RE.match(entry.id)
+        if not placeholder:
             # The stored FAILURE would answer get() before the replay ran: forget it first.
             await (await broker.results()).purge(entry.id)
         await broker.publish(entry.subject, entry.data, headers)
-        await broker.js.delete_msg(DLQ_STREAM, entry.seq)
+        await broker.api(lambda: broker.js.delete_msg(DLQ_STREAM, entry.seq))
+        if not placeholder:  # a stale key would only cost a later lookup its shortcut
+            await _on_index(lambda: _delete_key(broker, entry.id), f"dead-letter index: cannot remove {entry.id}")
         return entry
 
     async def purge(self) -> int:
-        """Delete every entry of this app; returns how many there were."""
+        """Delete every entry of this app (and the id index); returns how many there were."""
         broker = await self._broker()
-        count = len(await self.list())
-        await broker.js.purge_stream(DLQ_STREAM, subject=self.filter)
+        count = await self.count()
+        await broker.api(lambda: broker.js.purge_stream(DLQ_STREAM, subject=self.filter))
+        # Stale keys would only point at sequences that are gone (``get`` checks): best effort.
+        await _on_index(lambda: _purge_index(broker), "dead-letter index: cannot purge it", logging.WARNING)
         return count
+
+    # Last: from here on, ``list`` in an annotation would name this method.
+    async def list(self, limit: int = 10_000) -> list[DeadLetter]:
+        """The ``limit`` newest entries, newest first."""
+        return (await self.page(limit))[0]
+
+
+async def _delete_key(broker: Broker, key: str) -> None:
+    await (await broker.dlq_index()).delete(key)
+
+
+async def _purge_index(broker: Broker) -> None:
+    try:
+        await broker.js.purge_stream(f"KV_{broker.names.dlq_index_bucket}")
+    except nats.js.errors.NotFoundError:
+        pass  # no dead letter was ever indexed
+
+
+def _sequence(msg: Msg) -> int | None:
+    """The stream sequence a direct get answered with; None for a status (404, end of batch)."""
+    value = (msg.headers or {}).get("Nats-Sequence")
+    # The server sets Nats-Sequence itself; a status reply has none (even if the stored message's
+    # own headers said "Status: 404", which fools nats-py's get_msg).
+    return int(value) if value is not None and _COUNT_RE.match(value) else None
+
+
+def _entry(seq: int, msg: Msg) -> DeadLetter:
+    headers = {k: v for k, v in (msg.headers or {}).items() if k not in _DIRECT_HEADERS}
+    return DeadLetter.from_msg(seq, msg.data or b"", headers)

@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
-import re
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Final
 import msgpack
 
 from .errors import DecodeError, EncodeError
-from .naming import MAX_TASK_NAME, is_task_name
+from .naming import MAX_TASK_NAME, TASK_ID_RE, is_task_name
 
 WIRE_VERSION: Final = 1
 """Version of the envelope layout; a worker rejects (dead-letters) versions it does not know."""
@@ -42,8 +41,6 @@ HDR_UNKNOWN_SINCE: Final = "Natask-Unknown-Since"
 """When a worker first met this task's name without knowing it (Unix time): the rolling-deploy
 grace is counted from it."""
 
-TASK_ID_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
-"""What a task id may be: it becomes a KV key and a subject token."""
 MAX_TIMESTAMP: Final = 253402300799.0
 """9999-12-31T23:59:59Z: the latest eta or expiry a message may carry (later ones cannot be
 written as a schedule time, and inf or 1e300 would overflow date arithmetic)."""

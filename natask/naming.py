@@ -12,6 +12,9 @@ _TASK_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _QUEUE_RE: Final = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]*$")
 _INBOX_TOKEN_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]+$")
 
+TASK_ID_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]{1,200}$")
+"""What a task id may be: it becomes a KV key and a subject token."""
+
 MAX_TASK_NAME: Final = 200
 """Longest task name: names become subject tokens, and a subject built from a longer one (a dead
 letter's, say) could pass the server's ``max_control_line`` and cost the connection."""
@@ -21,6 +24,11 @@ MAX_REPLY_SUBJECT: Final = 300
 """Longest reply subject a worker answers on."""
 DEFAULT_INBOX_PREFIX: Final = "_INBOX"
 """nats-py's inbox prefix; workers answer only on inbox subjects (see ``is_reply_subject``)."""
+KV_KEY_RE: Final = re.compile(r"^[-/_=A-Za-z0-9]+(\.[-/_=A-Za-z0-9]+)*$")
+"""A KV key natask accepts from callers: nats-py's key characters, dot-separated, no empty token and no
+wildcard (a ``*`` or ``>`` key would read, or delete, many keys at once)."""
+MAX_KV_KEY: Final = 1024
+"""Longest claim key: it travels in a subject, which must fit the server's control line."""
 
 DLQ_STREAM: Final = "NATASK_DLQ"
 """The dead-letter stream, shared by every app on the account."""
@@ -98,6 +106,35 @@ def _cut(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:120] + "…"
 
+def _shown(value: object) -> str:
+    """A rejected value as an error message quotes it: repr'd, cut to 100 characters."""
+    return repr(value[:100]) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def invalid_task_id(task_id: object, what: str = "task id") -> ConfigError:
+    """The error for a task id that is not ``TASK_ID_RE``."""
+    return ConfigError(
+        f"invalid {what} {_shown(task_id)}: use 1 to 200 letters, digits, '_', '-', '=' or '/' "
+        "(it is a KV key and a subject token, so no '.', '*', '>' or spaces)"
+    )
+
+
+def check_task_id(task_id: object) -> str:
+    """Validate a task (or group) id before it becomes a KV key or a subject token."""
+    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+        raise invalid_task_id(task_id)
+    return task_id
+
+
+def check_kv_key(key: object, what: str = "key") -> str:
+    """Validate a caller's KV key (``claim``): no wildcard, no empty token, bounded."""
+    if not isinstance(key, str) or len(key) > MAX_KV_KEY or not KV_KEY_RE.match(key):
+        raise ConfigError(
+            f"invalid {what} {_shown(key)}: use up to {MAX_KV_KEY} letters, digits, '_', '-', '=', '/' "
+            "and '.' between them (no '*', '>', spaces or empty parts)"
+        )
+    return key
+
 
 @dataclass(frozen=True)
 class Names:
@@ -133,6 +170,16 @@ class Names:
     def claims_bucket(self) -> str:
         return f"natask_claims_{self.prefix}"
 
+    @property
+    def dlq_index_bucket(self) -> str:
+        """Dead-letter id -> its ``NATASK_DLQ`` sequence, so ``dlq show/replay ID`` need no scan."""
+        return f"natask_dlq_{self.prefix}"
+
+    @property
+    def dlq_filter(self) -> str:
+        """This app's part of the shared dead-letter stream."""
+        return f"natask.dlq.{self.prefix}.>"
+
     def task_subject(self, queue: str, task: str) -> str:
         return f"{self.prefix}.{queue}.{task}"
 
@@ -164,6 +211,11 @@ class Names:
                     routes.clear()
                 routes[subject] = route
         return route
+
+    def is_task_subject(self, subject: str) -> bool:
+        """Whether ``subject`` is a task subject of this prefix (``<prefix>.<queue>.<task name>``, no
+        wildcard, no schedule): where a dead letter read back from the wire may be replayed to."""
+        return self.task_from_subject(subject) is not None
 
     def task_from_rpc_subject(self, subject: str) -> tuple[str, str] | None:
         """(queue, task name) of an RPC subject ``natask.rpc.<prefix>.<queue>.<task name>``; None if

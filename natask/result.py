@@ -7,12 +7,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
 
 import nats.js.errors
 
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .message import loads
+from .naming import TASK_ID_RE, check_task_id
 from .portal import OWN_LOOPS
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ Record = Mapping[str, Any]
 
 
 class AsyncResult(Generic[R]):
-    """The handle of one task call; ``app.AsyncResult(id)`` rebuilds it in any process."""
+    """The handle of one task call; ``app.AsyncResult(id)`` rebuilds it in any process.
+
+    The id is checked against ``TASK_ID_RE`` (``ConfigError`` otherwise): it becomes a KV key, and a
+    wildcard key would read or delete every stored result.
+    """
 
     def __init__(
         self,
@@ -49,6 +54,8 @@ class AsyncResult(Generic[R]):
         ignore_result: bool = False,
         route: Broker | None = None,
     ) -> None:
+        if route is None:  # with a route, a call just published: its id was checked when prepared
+            check_task_id(task_id)
         self.app = app
         self.id = task_id
         self.task_name = task_name
@@ -143,13 +150,15 @@ class AsyncResult(Generic[R]):
         """The task whose success sent this one (a chain's previous step), once this one ran."""
         record = self._current()
         parent_id = record.get("parent_id") if record else None
-        return AsyncResult(self.app, parent_id) if parent_id else None
+        return AsyncResult(self.app, parent_id) if _is_task_id(parent_id) else None
 
     @property
     def children(self) -> list[AsyncResult[Any]]:
         """The tasks this one's success sent (next chain step, chord callback, links)."""
         record = self._current()
-        return [AsyncResult(self.app, child) for child in (record.get("children") or [] if record else [])]
+        children = record.get("children") if record else None
+        # A stored record is data from the wire: ids that are not task ids are left out.
+        return [AsyncResult(self.app, c) for c in children if _is_task_id(c)] if isinstance(children, list) else []
 
     async def astate(self) -> str:
         """Async ``state``: reads the KV bucket on the running loop instead of the I/O thread."""
@@ -292,6 +301,10 @@ class AsyncResult(Generic[R]):
 
     async def arevoke(self, terminate: bool = False) -> None:
         await self.app._arevoke(self.id, terminate)
+
+
+def _is_task_id(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and TASK_ID_RE.match(value) is not None
 
 
 def _wake_waiters(waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...]) -> None:

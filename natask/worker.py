@@ -44,13 +44,12 @@ from .message import (
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
     HDR_UNKNOWN_SINCE,
-    TASK_ID_RE,
     Envelope,
     at_schedule,
     dumps,
     loads,
 )
-from .naming import DEFAULT_INBOX_PREFIX, is_queue_name, is_reply_for, is_reply_subject
+from .naming import DEFAULT_INBOX_PREFIX, TASK_ID_RE, is_queue_name, is_reply_for, is_reply_subject
 from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
 from .runner import ThreadRunner

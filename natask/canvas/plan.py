@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import ConfigError, EncodeError
 from ..message import dumps, find_unencodable
+from ..naming import check_task_id
 from .signature import CALL_OPTIONS, CALLBACK_OPTIONS, Canvas, Signature, callbacks, chain, chord, from_dict, group
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class Freezer:
         errbacks = [*callbacks(own.pop("link_error", None)), *inherited.get("link_error", ())]
         task_id = inherited.get("task_id") or own.pop("task_id", None)
         own.pop("task_id", None)
+        if task_id:
+            check_task_id(task_id)  # before anything is published: it names a group's result too
         opts = {k: v for k, v in inherited.items() if k not in CALLBACK_OPTIONS and k != "task_id"}
         opts.update(own)
         later = {k: v for k, v in opts.items() if k not in _FIRST_ONLY}
@@ -97,6 +100,8 @@ class Freezer:
         links = [*callbacks(own.pop("link", None)), *inherited.get("link", ())]
         errbacks = [*callbacks(own.pop("link_error", None)), *inherited.get("link_error", ())]
         own_id = own.pop("task_id", None)
+        if own_id:
+            check_task_id(own_id)
         opts = {k: v for k, v in inherited.items() if k in CALL_OPTIONS and k != "task_id"}
         opts.update(own)
         unknown = sorted(set(opts) - CALL_OPTIONS)

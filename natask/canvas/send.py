@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
 from ..message import HDR_REPLY
+from ..naming import check_task_id
 from ..result import FAILURE, PENDING, READY_STATES, SUCCESS, AsyncResult
 from .plan import Freezer, Node, expand, leaves
 
@@ -81,6 +82,7 @@ class GroupResult:
     step's result)."""
 
     def __init__(self, app: Natask, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult]) -> None:
+        check_task_id(group_id)
         self.app = app
         self.id = group_id
         self.results: list[AsyncResult[Any] | GroupResult] = list(results)

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import nats
 import pytest
 
 from natask import Natask, TaskFailed
@@ -369,4 +371,61 @@ async def test_page_in_headless_chromium(nats_server: NatsServer, tmp_path: Path
         if dash.returncode is None:
             dash.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(dash.wait(), 20) == 0, (tmp_path / "dashboard.log").read_text()
+        await app.aclose()
+
+
+def _events(kind: str, rows: list[list[Any]], worker: str = "w:1") -> bytes:
+    return msgpack.packb({"worker": worker, "type": kind, "events": rows})  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason="needs headless Chromium at /usr/bin/chromium (apt-get install chromium; .ci/run does)")
+async def test_page_renders_through_malformed_events_and_odd_values(nats_server: NatsServer, tmp_path: Path) -> None:
+    app = Natask("itest", servers=[nats_server.url], subject_prefix="odd")
+    app.task(name="o.add")(lambda x, y: x + y)
+    nc = await nats.connect(nats_server.url)
+    odd_online = _events("worker-online", [[1.0, None, None, {"queues": 5, "uptime": "long"}]], "odd:1")
+    odd_started = _events("task-started", [[1.0, "t1", "o.add", {"retries": "abc"}]])
+
+    async def keep_sending_odd_events() -> None:
+        while True:  # whenever the dashboard subscribes, and while the page renders
+            await nc.publish("natask.events.odd.worker-online", odd_online)
+            await nc.publish("natask.events.odd.task-started", odd_started)
+            await asyncio.sleep(0.2)
+
+    sender = asyncio.create_task(keep_sending_odd_events())
+    try:
+        async with Dashboard(app, port=0, refresh=0.2) as dash, Browser(tmp_path / "chromium") as browser:
+            page = await browser.open(dash.url)
+            await page.wait_for("document.getElementById('live-text')?.textContent === 'live'",
+                                "the live event stream connected")
+            async with worker(app) as w:
+                added = await app.asend_task("o.add", [2, 3])
+                assert await added.aget(timeout=20) == 5
+                # A worker-online event whose queues was a number blanked the page (TypeError in render).
+                await page.wait_for(f"{state_of(added.id)} === 'SUCCESS'", f"task {added.id} as SUCCESS")
+                await page.wait_for(f"!!document.querySelector('#workers tr[data-worker=\"{w.ident}\"]')",
+                                    "the real worker's row")
+            assert await page.evaluate("document.querySelector('#workers tr[data-worker=\"odd:1\"]') === null")
+            assert dash.summary()["dropped"] > 0
+
+            # Whatever the server sends, the page renders what it can: values of unexpected types are shown
+            # as text (or a dash), never a TypeError that stops the rendering. Applied and rendered in one
+            # evaluation, so no message from the server replaces the odd summary in between.
+            shown = await page.evaluate("""apply({full: false, now: "x", tasks: [{id: 5}, null,
+                {id: "z1", state: 7, name: {}, args: 3, sent: "x", runtime: "y", worker: ["w"]}],
+                summary: {app: 1, prefix: null, queues: [{name: 5, pending: "x", in_rate: "a"}, null],
+                          workers: [{worker: "weird", status: "online", queues: 5, uptime: "u", running: "r"}],
+                          dead_letters: {total: "x", entries: [{id: 9, attempts: "n", time: "t"}, 4]}, seen: "s"}});
+                render();
+                ['#tasks tr[data-id="z1"]', '#workers tr[data-worker="weird"]', '#queues tr[data-queue="5"]',
+                 '#dlq tr[data-id="9"]'].map((q) => !!document.querySelector(q))""")
+            assert shown == [True, True, True, True]
+            assert await page.evaluate(f"!!document.querySelector('#tasks tr[data-id=\"{added.id}\"]')")
+            assert browser.errors == []
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        await nc.close()
         await app.aclose()

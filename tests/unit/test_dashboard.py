@@ -76,3 +76,25 @@ def test_worker_events() -> None:
     assert d.workers["h:1"]["status"] == "online" and d.workers["h:1"]["concurrency"] == 4
     d.on_event({"type": "worker-offline", "ts": 2.0, "worker": "h:1"})
     assert d.summary()["workers"][0]["status"] == "offline"
+
+
+def test_events_with_odd_values_never_raise_nor_reach_the_page() -> None:
+    d = _dashboard()
+    d.on_event({"type": "worker-online", "ts": 1.0, "worker": "h:1", "queues": 5, "concurrency": 4})
+    d.on_event({"type": "worker-online", "ts": "x", "worker": ["h"], "queues": ["q"]})
+    assert d.workers == {} and d.dropped == 2
+    d.on_event({"type": "task-started", "id": "a", "name": "t.add", "ts": "soon", "worker": "w1", "retries": "abc"})
+    d.on_event({"type": "task-retried", "id": "a", "name": 5, "ts": float("nan"), "retries": 2.5,
+                "exc_type": None, "message": None})
+    d.on_event({"type": "task-finished", "id": "a", "ts": 3.0, "state": {"not": "a state"}})
+    d.on_event({"type": "task-started", "id": ">", "ts": 1.0})
+    d.on_event({"type": 7, "id": "b"})
+    row = d.tasks["a"]
+    assert (row.name, row.retries, row.state, row.finished) == ("t.add", 0, "FINISHED", 3.0)
+    assert isinstance(row.started, float) and list(d.tasks) == ["a"]
+
+
+def test_state_json_never_carries_nan() -> None:
+    from natask.dashboard import _json
+
+    assert _json({"a": [float("nan"), 1.5, {"b": float("inf")}]}) == b'{"a":[null,1.5,{"b":null}]}'

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from prometheus_client import generate_latest
 
-from natask.events import Row, _pack, decode_events
+from natask.events import EventStream, Row, _pack, check_fields, decode_batch, decode_events
 from natask.metrics import WorkerMetrics
 
 
@@ -33,6 +33,85 @@ def test_event_rows_decode_to_maps() -> None:
 ])
 def test_malformed_event_messages_yield_nothing(data: bytes) -> None:
     assert list(decode_events(data)) == []
+    assert decode_batch(data)[1] >= 1
+
+
+def _batch(kind: str, *rows: object, worker: object = "h:1") -> bytes:
+    return _pack({"worker": worker, "type": kind, "events": list(rows)})
+
+
+GOOD_ONLINE = [1.0, None, None, {"queues": ["default"], "concurrency": 4, "pid": 7, "uptime": 0.5,
+                                 "hostname": "h", "app": "a", "processed": 0, "failed": 0, "running": 0}]
+
+
+@pytest.mark.parametrize("row", [
+    [1.0, None, None, {"queues": 5}],  # blanked the dashboard: `queues.join` on a number
+    [1.0, None, None, {"queues": ["a", 5]}],
+    [1.0, None, None, {"concurrency": "4"}],
+    [1.0, None, None, {"uptime": float("nan")}],  # JSON.parse refuses NaN: the whole page stalled
+    [1.0, None, None, {"pid": True}],
+    [1.0, None, None, {"hostname": "h" * 5000}],
+    [1.0, None, None, {"worker": "forged"}],  # fields may not overwrite the event's own keys
+    [1.0, None, None, {1: "x"}],
+    [1.0, None, None, "fields"],
+    ["1.0", None, None, None],  # crashed `natask events`
+    [float("inf"), None, None, None],
+    [True, None, None, None],
+])
+def test_a_malformed_worker_event_is_dropped_and_counted(row: list[object]) -> None:
+    events, dropped = decode_batch(_batch("worker-online", row, GOOD_ONLINE))
+    assert dropped == 1
+    assert events == [{"type": "worker-online", "ts": 1.0, "worker": "h:1", **GOOD_ONLINE[3]}]  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("row", [
+    [1.0, "a1", "t.add", {"retries": "abc"}],  # dropped the dashboard's event subscription
+    [1.0, "a1", "t.add", {"retries": -1}],
+    [1.0, "a1", "t.add", {"retries": 1.5}],
+    [1.0, ">", "t.add", None],
+    [1.0, "a.b", "t.add", None],
+    [1.0, 7, "t.add", None],
+    [1.0, "a1", "t..add", None],
+    [1.0, "a1", "t.add" * 100, None],
+    [1.0, "a1", "t.add", {"message": "m" * 3000}],
+    [1.0, "a1", "t.add", {"countdown": -2}],
+    [1.0, "a1", "t.add", {"exc_type": ["E"]}],
+    [1.0, "a1", "t.add"],
+])
+def test_a_malformed_task_event_is_dropped_and_counted(row: list[object]) -> None:
+    good = [2.0, "a2", "t.add", {"retries": 2, "message": "boom \x1b[31m", "exc_type": None}]
+    events, dropped = decode_batch(_batch("task-retried", row, good))
+    assert dropped == 1
+    assert events == [{"type": "task-retried", "ts": 2.0, "worker": "h:1", "id": "a2", "name": "t.add",
+                       "retries": 2, "message": "boom \x1b[31m", "exc_type": None}]
+
+
+@pytest.mark.parametrize("batch", [
+    {"worker": 5, "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
+    {"worker": "w\x1b[2J", "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
+    {"worker": "w" * 301, "type": "task-started", "events": [[1.0, "a", "t.x", None]]},
+    {"worker": "w", "type": "Task Started", "events": [[1.0, "a", "t.x", None]]},
+    {"worker": "w", "type": "x" * 41, "events": [[1.0, "a", "t.x", None]]},
+])
+def test_a_malformed_batch_drops_its_rows(batch: dict[str, object]) -> None:
+    assert decode_batch(_pack(batch)) == ([], 1)
+
+
+def test_unknown_fields_of_a_newer_worker_are_kept_when_plain() -> None:
+    assert check_fields({"zone": "eu", "load": 0.5, "tags": ["a"], "ok": True}) == {"zone": "eu", "load": 0.5,
+                                                                                   "ok": True}
+    assert check_fields({"queues": "default"}) is None
+    assert check_fields({f"k{i}": i for i in range(65)}) is None
+
+
+async def test_event_stream_counts_what_it_drops() -> None:
+    stream = EventStream(None)  # type: ignore[arg-type]
+    stream._queue.put_nowait(b"\xc1")
+    stream._queue.put_nowait(_batch("task-started", [1.0, "a", "t.x", None], ["x", "b", "t.x", None]))
+    events = aiter(stream)
+    assert (await anext(events))["id"] == "a"
+    await events.aclose()  # type: ignore[attr-defined]
+    assert stream.dropped == 2
 
 
 class _Worker:

@@ -58,8 +58,12 @@ REDACTED: Final = "***"
 FINAL_STATES: Final = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _OUTCOME_STATES: Final = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-revoked": "REVOKED"}
 _SECRET_KEY: Final = re.compile(
-    r"passw|passphrase|pwd|secret|token|key|auth|credential|cookie|session|signature|card|cvv|cvc|ssn|iban"
-    r"|^pass$|^pin$", re.IGNORECASE)
+    r"passw|passphrase|pwd|secret|token|key|auth|credential|creds|jwt|bearer|cookie|session|signature|card|cvv"
+    r"|cvc|ssn|iban|^pass$|^pin$", re.IGNORECASE)
+_SECRET_PART: Final = frozenset({"pw", "otp", "totp", "hotp"})
+"""Secret names too short to look for inside words: hidden only as a whole part of a key (``db_pw``,
+``user-otp``, ``otpCode``), so ``pwm``, ``upward`` or ``footprint`` stay visible."""
+_NAME_PART: Final = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 _LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
 _REPLAY_PATH: Final = re.compile(r"^/api/dlq/([^/]+)/replay$")
 _REASONS: Final = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -77,7 +81,9 @@ _CUT: Final = _Cut()
 
 def is_secret(key: object) -> bool:
     """Whether a mapping key or keyword names something to hide (password, api_key, card_number...)."""
-    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+    if not isinstance(key, str):
+        return False
+    return bool(_SECRET_KEY.search(key)) or any(part.lower() in _SECRET_PART for part in _NAME_PART.findall(key))
 
 
 def redact(value: Any, depth: int = 0) -> Any:

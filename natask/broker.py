@@ -172,7 +172,7 @@ class Broker:
         # the SUB: its PONG comes after any -ERR, which nats-py hands to error_cb as it reads it.
         await self.nc.flush(timeout=5)
         await self.nc.flush(timeout=5)
-        if subject in self._denied:
+        if subject.lower() in self._denied:
             await sub.unsubscribe()
             raise PermissionDenied(f"NATS permissions deny subscribing to {subject}: grant it to this user",
                                    subject)
@@ -238,7 +238,7 @@ class Broker:
             self._auth_error = e
         match = _PERM_RE.search(text)
         if match:
-            self._denied[match.group(2)] = text
+            self._denied[match.group(2).lower()] = text  # nats-py lowercases the server's -ERR line
         # Before the first connect succeeds, errors are summed up in the BrokerError instead.
         log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", _describe(e))
 
@@ -261,7 +261,7 @@ class Broker:
             try:
                 return await call()
             except _TRANSIENT_API:
-                if time.monotonic() >= deadline or any(s.startswith("$JS.API") for s in self._denied):
+                if time.monotonic() >= deadline or any(s.startswith("$js.api") for s in self._denied):
                     raise
                 await asyncio.sleep(_RETRY_PAUSE)
 
@@ -435,7 +435,7 @@ class Broker:
                 error = e  # no stream answers: its leader is moving (or it is gone); keep trying
             except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
                 error = e
-                if subject in self._denied:
+                if subject.lower() in self._denied:
                     raise PermissionDenied(
                         f"NATS permissions deny publishing to {subject}: grant it to this user", subject
                     ) from None
@@ -540,7 +540,7 @@ class Broker:
     def _translate(self, e: BaseException, subject: str) -> BrokerError:
         if isinstance(e, BrokerError):
             return e
-        if subject in self._denied or any(s.startswith("$JS.API") for s in self._denied):
+        if subject.lower() in self._denied or any(s.startswith("$js.api") for s in self._denied):
             return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
         return BrokerError(f"NATS request on {subject} failed: {_describe(e)}")
 

@@ -67,12 +67,15 @@ def main() -> None:
 @click.option("-B", "--beat", "with_beat", is_flag=True, help="also run the periodic-task beat in this process")
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics at :PORT/metrics")
 @click.option("--health-port", type=int, default=None, help="serve :PORT/health (200 healthy, 503 not)")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="address of the metrics and health endpoints; 0.0.0.0 exposes them on every interface "
+                   "(Kubernetes probes: the pod IP)")
 @click.option("--without-events", is_flag=True, help="do not publish lifecycle events")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
-           without_events: bool, loglevel: str, log_format: str) -> None:
+           http_host: str, without_events: bool, loglevel: str, log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -89,13 +92,13 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events)
-        asyncio.run(_serve(w, with_beat, metrics_port, health_port))
+        asyncio.run(_serve(w, with_beat, metrics_port, health_port, http_host))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
 
 
 async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,
-                 health_port: int | None = None) -> None:
+                 health_port: int | None = None, http_host: str = "127.0.0.1") -> None:
     """Run a worker (and beat, HTTP endpoints) until SIGTERM/SIGINT, then drain; a second signal
     exits at once."""
     from .metrics import serve
@@ -122,7 +125,7 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    servers = await serve(w, metrics_port, health_port)  # listening before the first task arrives
+    servers = await serve(w, metrics_port, health_port, http_host)  # listening before the first task arrives
     await w.start()
     if beat is not None:
         await beat.start()

@@ -24,6 +24,7 @@ from .control import inspect
 from .dlq import HDR_REPLAYS, DeadLetter, DeadLetters
 from .errors import NataskError
 from .events import follow
+from .http import MAX_CONNECTIONS
 from .message import HDR_MSG_ID, HDR_TASK, Envelope, loads
 from .naming import DLQ_STREAM
 from .worker import HDR_RETRIES, HEARTBEAT_INTERVAL
@@ -481,6 +482,9 @@ class Dashboard:
 
     # -- HTTP --------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            writer.transport.abort()  # idle or slow clients must not take every file descriptor
+            return
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)

@@ -61,6 +61,18 @@ class WorkerProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    def wait_for_line(self, text: str, timeout: float = 20) -> str:
+        """Block until the process logged a line containing ``text`` and return it."""
+        def seen() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() is not None or self._consuming == -1, timeout)
+            line = seen()
+        if line is None:
+            raise RuntimeError(f"the worker did not log {text!r}:\n" + "".join(self.lines))
+        return line
+
     async def wait(self, timeout: float = 60) -> int:
         code = await asyncio.to_thread(self.proc.wait, timeout)
         await asyncio.to_thread(self._reader.join, 5)

@@ -7,7 +7,9 @@ import errno
 import os
 import resource
 import selectors
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from natask import Natask
+from natask import ConfigError, Natask, Reject, TaskFailed
+from natask.dashboard import Dashboard
 from natask.http import MAX_REQUEST, HttpServer
+from natask.message import dumps
 from natask.server import NatsServer, free_port
+from natask.testing import worker
 
-from .helpers import WorkerProcess
+from .helpers import ROOT, KVEvents, WorkerProcess
 from .test_ops import http_get
 
 FLOOD: int = 1100
@@ -182,3 +187,190 @@ async def test_http_endpoints_default_to_loopback_and_refuse_large_requests() ->
         assert (await http_get(server.port, "/health"))[0] == 200
     finally:
         await server.stop()
+
+
+# -- the dashboard beyond loopback ---------------------------------------------------------------
+APP = "tests.integration.workerapp:app"
+
+
+class Cli:
+    """``python -m natask ...`` as a child process, its output read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stderr: list[str] = []
+
+    @classmethod
+    async def start(cls, url: str, *args: str, prefix: str = "ops") -> Cli:
+        env = {**os.environ, "NATS_URL": url, "NATASK_TEST_PREFIX": prefix, "PYTHONPATH": str(ROOT),
+               "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "natask", *args, env=env, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def stdout_line(self, timeout: float = 20) -> str:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        assert line, f"no output; stderr: {await self._rest()}"
+        return line.decode().strip()
+
+    async def stderr_until(self, text: str, timeout: float = 20) -> None:
+        assert self.proc.stderr is not None
+
+        async def read() -> None:
+            while True:
+                line = (await self.proc.stderr.readline()).decode()  # type: ignore[union-attr]
+                assert line, f"ended before logging {text!r}: {''.join(self.stderr)}"
+                self.stderr.append(line)
+                if text in line:
+                    return
+
+        await asyncio.wait_for(read(), timeout)
+
+    async def _rest(self) -> str:
+        assert self.proc.stderr is not None
+        return "".join(self.stderr) + (await self.proc.stderr.read()).decode()
+
+    async def finish(self, timeout: float = 20) -> tuple[int, str]:
+        """Wait for the exit (killing it past ``timeout``); (exit code, the rest of stderr)."""
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"still running after {timeout}s: {await self._rest()}") from None
+        return self.proc.returncode or 0, await self._rest()
+
+
+async def test_dashboard_refuses_to_serve_beyond_loopback_without_the_opt_out(nats_server: NatsServer) -> None:
+    cli = await Cli.start(nats_server.url, "dashboard", "-A", APP, "--host", "0.0.0.0", "-p", "0")
+    code, err = await cli.finish()
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith("Error: refusing to serve the dashboard on 0.0.0.0") and "--insecure-no-auth" in line
+
+    app = Natask("dash", servers=[nats_server.url])
+    try:
+        for host in ("0.0.0.0", "::", "192.0.2.10", "dash.example"):
+            with pytest.raises(ConfigError, match=r"allow_insecure=True"):
+                Dashboard(app, host, 0)
+        for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+            Dashboard(app, host, 0)  # loopback needs no opt-out
+    finally:
+        await app.aclose()
+
+
+async def raw_request(port: int, host_header: str, method: str = "GET", path: str = "/api/state",
+                      headers: str = "") -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Length: 0\r\n{headers}\r\n".encode())
+    await writer.drain()
+    status = int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
+    writer.close()
+    return status
+
+
+async def test_dashboard_on_every_interface_still_checks_the_host_header(nats_server: NatsServer) -> None:
+    app = Natask("dash", servers=[nats_server.url], subject_prefix="dashhost")
+
+    @app.task(name="d.refuse")
+    def refuse() -> None:
+        raise Reject("no")
+
+    try:
+        async with worker(app):
+            lost = await refuse.adelay()
+            with pytest.raises(TaskFailed):
+                await lost.aget(timeout=10)
+        dash = Dashboard(app, "0.0.0.0", 0, allow_insecure=True, allowed_hosts=["dash.example"])
+        async with dash:
+            port, replay = dash.port, f"/api/dlq/{lost.id}/replay"
+            for evil in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+                assert await raw_request(port, evil) == 403
+                assert await raw_request(port, evil, "POST", replay, "X-Natask-Dashboard: 1\r\n") == 403
+            assert await raw_request(port, f"127.0.0.1:{port}") == 200
+            assert await raw_request(port, f"localhost:{port}") == 200
+            assert await raw_request(port, f"{socket.gethostname()}:{port}") == 200
+            assert await raw_request(port, "dash.example") == 200  # an --allowed-host name, any port
+            assert await raw_request(port, "DASH.example:8443") == 200
+            assert await raw_request(port, f"127.0.0.1:{port + 1}") == 403  # another port: another origin
+            assert await raw_request(port, f"127.0.0.1:{port}", "POST", replay, "X-Natask-Dashboard: 1\r\n") == 200
+    finally:
+        await app.aclose()
+
+
+async def test_dashboard_cli_with_the_opt_out_checks_hosts_and_stops_on_sigterm(nats_server: NatsServer) -> None:
+    cli = await Cli.start(nats_server.url, "dashboard", "-A", APP, "--host", "0.0.0.0", "-p", "0",
+                          "--insecure-no-auth", "--allowed-host", "dash.example")
+    url = await cli.stdout_line()
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert await raw_request(port, "evil.example") == 403
+    assert await raw_request(port, "dash.example") == 200
+    cli.proc.send_signal(signal.SIGTERM)
+    code, err = await cli.finish()
+    assert code == 0, err
+
+
+# -- signals -------------------------------------------------------------------------------------
+async def test_dashboard_on_a_busy_port_exits_at_once_with_one_line(nats_server: NatsServer) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for _ in range(4):  # it hung in 2 of 4 tries
+            cli = await Cli.start(nats_server.url, "dashboard", "-A", APP, "-p", str(busy.getsockname()[1]))
+            code, err = await cli.finish()
+            assert code == 1
+            assert err.splitlines() == [f"Error: cannot listen on 127.0.0.1:{busy.getsockname()[1]}: "
+                                        "address already in use"], err
+
+
+async def test_a_second_sigterm_ends_a_draining_worker_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
+    app = Natask("sig", servers=[nats_server.url], subject_prefix="sig")
+    proc = await WorkerProcess(nats_server.url, "sig", tmp_path / "log", concurrency=2).ready()
+    try:
+        async with KVEvents(nats_server.url, "sig") as kv:
+            long = await app.asend_task("it.sleep", [120, "long"])  # a sync task: its thread cannot be stopped
+            await kv.reached(long.id, "STARTED")
+        proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait_for_line, "draining 1 in-flight")
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=20) == 128 + signal.SIGTERM  # not after the 30 s grace
+        assert "second signal (SIGTERM): exiting at once" in proc.output()
+    finally:
+        proc.kill()
+        await app.aclose()
+
+
+async def test_events_beat_and_server_stop_on_sigterm(nats_server: NatsServer) -> None:
+    events = await Cli.start(nats_server.url, "events", "-A", APP, prefix="ev")
+    app = Natask("ev", servers=[nats_server.url], subject_prefix="ev")
+    try:
+        broker = await app._broker()
+        batch = dumps({"worker": "w1", "type": "worker-heartbeat", "events": [[1.0, None, None, {}]]})
+
+        async def first_line() -> str:
+            while True:  # until `natask events` has subscribed and prints what it receives
+                await broker.publish_core("natask.events.ev.worker-heartbeat", batch)
+                try:
+                    return await events.stdout_line(timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+
+        assert "worker-heartbeat" in await asyncio.wait_for(first_line(), 20)
+    finally:
+        await app.aclose()
+    events.proc.send_signal(signal.SIGTERM)
+    assert (await events.finish())[0] == 0
+
+    beat = await Cli.start(nats_server.url, "beat", "-A", APP, prefix="ev")
+    await beat.stderr_until(" started with ")
+    beat.proc.send_signal(signal.SIGTERM)
+    code, err = await beat.finish()
+    assert code == 0, err
+
+    server = await Cli.start(nats_server.url, "server", "-p", "0")
+    assert (await server.stdout_line()).startswith("nats://127.0.0.1:")
+    server.proc.send_signal(signal.SIGTERM)
+    code, err = await server.finish()
+    assert code == 0, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from .server import _die_with_parent
 from .shutdown import Interrupts
 
 log = logging.getLogger("natask.supervisor")
@@ -52,7 +54,7 @@ class Supervisor:
         self.stopping = False
 
     def _spawn(self, child: _Child) -> None:
-        child.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        child.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
         child.started = time.monotonic()
         log.info("child %d started (pid %d)", child.slot, child.proc.pid)
 
@@ -106,6 +108,16 @@ class Supervisor:
                         if child.proc is not None and child.proc.poll() is None:
                             child.proc.kill()
             time.sleep(0.1)
+
+
+def _child_setup() -> None:
+    """In a child before exec: a process group of its own, so a terminal's Ctrl-C (SIGINT to the
+    foreground group) reaches only the supervisor, which forwards one SIGTERM (a child given both
+    would take the second as "exit at once"); and SIGTERM when the supervisor dies, so no child
+    outlives it."""
+    os.setpgid(0, 0)
+    if sys.platform == "linux":
+        _die_with_parent()
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:

@@ -21,13 +21,15 @@ class WorkerProcess:
     """``python -m natask worker`` in a child process; ready once it logs that it is consuming."""
 
     def __init__(self, url: str, prefix: str, log: Path, queues: Sequence[str] = ("default",),
-                 concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = ()) -> None:
+                 concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = (),
+                 new_session: bool = False) -> None:
         env = {**os.environ, "NATS_URL": url, "NATASK_TEST_PREFIX": prefix, "NATASK_TEST_LOG": str(log),
                "NATASK_TEST_ACK_WAIT": str(ack_wait), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "natask", "worker", "-A", "tests.integration.workerapp:app",
              "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", "info", *extra],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=new_session,  # its own process group, for a signal to the whole group
         )
         self.lines: list[str] = []
         self._consuming = 0  # "consuming" lines seen: one per worker process (children of --processes too)

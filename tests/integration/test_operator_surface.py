@@ -374,3 +374,57 @@ async def test_events_beat_and_server_stop_on_sigterm(nats_server: NatsServer) -
     server.proc.send_signal(signal.SIGTERM)
     code, err = await server.finish()
     assert code == 0, err
+
+
+async def test_ctrl_c_drains_every_worker_process_of_a_supervisor(nats_server: NatsServer, tmp_path: Path) -> None:
+    app = Natask("cc", servers=[nats_server.url], subject_prefix="cc")
+    proc = WorkerProcess(nats_server.url, "cc", tmp_path / "log", extra=["--processes", "2"], new_session=True)
+    try:
+        await proc.ready(processes=2)
+        async with KVEvents(nats_server.url, "cc") as kv:
+            running = await app.asend_task("it.sleep", [1, "in-flight"])
+            await kv.reached(running.id, "STARTED")
+        os.killpg(proc.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: every process of the foreground group
+        assert await proc.wait(timeout=60) == 0
+        assert await running.aget(timeout=10) == "in-flight"  # drained, not cut off
+    finally:
+        proc.kill()
+        await app.aclose()
+
+
+async def exited(pid: int) -> None:
+    """Return once process ``pid`` (not our child) has exited: its pidfd becomes readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_a_second_sigterm_ends_a_supervisor_and_its_children_at_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    app = Natask("sup", servers=[nats_server.url], subject_prefix="sup")
+    proc = WorkerProcess(nats_server.url, "sup", tmp_path / "log", extra=["--processes", "2"])
+    try:
+        await proc.ready(processes=2)
+        children = [int(line.rsplit("pid ", 1)[1].rstrip(")\n")) for line in proc.lines if "started (pid" in line]
+        assert len(children) == 2
+        async with KVEvents(nats_server.url, "sup") as kv:
+            long = await app.asend_task("it.sleep", [120, "long"])
+            await kv.reached(long.id, "STARTED")
+        proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait_for_line, "draining 1 in-flight")
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=20) == 128 + signal.SIGTERM
+        await asyncio.wait_for(asyncio.gather(*map(exited, children)), 20)  # not after the 30 s grace
+    finally:
+        proc.kill()
+        await app.aclose()

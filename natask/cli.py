@@ -458,17 +458,26 @@ def server(port: int, host: str, store_dir: str | None) -> None:
     from .server import NatsServer
 
     srv = NatsServer(port=port, host=host, store_dir=store_dir)
+    stopping: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopping.append(signum)
+        if srv.proc is not None:
+            srv.proc.terminate()
+
+    interrupts = Interrupts(stop).install()  # before the server starts: a signal never finds the default action
     try:
-        srv.start()
-    except (RuntimeError, NataskError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(srv.url, nl=True)
-    click.echo(f"nats-server with JetStream, data in {srv.store_dir}; Ctrl-C to stop", err=True)
-    proc = srv.proc
-    assert proc is not None
-    interrupts = Interrupts(lambda signum: proc.terminate()).install()  # a second signal exits at once
-    try:
-        proc.wait()
+        try:
+            srv.start()
+        except (RuntimeError, NataskError) as e:
+            if stopping:
+                return
+            raise click.ClickException(str(e)) from None
+        click.echo(srv.url, nl=True)
+        click.echo(f"nats-server with JetStream, data in {srv.store_dir}; Ctrl-C to stop", err=True)
+        proc = srv.proc
+        if proc is not None and not stopping:
+            proc.wait()
     finally:
         srv.close()
         interrupts.restore()

@@ -361,19 +361,20 @@ async def test_events_beat_and_server_stop_on_sigterm(nats_server: NatsServer) -
     finally:
         await app.aclose()
     events.proc.send_signal(signal.SIGTERM)
-    assert (await events.finish())[0] == 0
+    code, err = await events.finish()
+    assert code == 0, ("events", err)
 
     beat = await Cli.start(nats_server.url, "beat", "-A", APP, prefix="ev")
     await beat.stderr_until(" started with ")
     beat.proc.send_signal(signal.SIGTERM)
     code, err = await beat.finish()
-    assert code == 0, err
+    assert code == 0, ("beat", err)
 
     server = await Cli.start(nats_server.url, "server", "-p", "0")
     assert (await server.stdout_line()).startswith("nats://127.0.0.1:")
     server.proc.send_signal(signal.SIGTERM)
     code, err = await server.finish()
-    assert code == 0, err
+    assert code == 0, ("server", err)
 
 
 async def test_ctrl_c_drains_every_worker_process_of_a_supervisor(nats_server: NatsServer, tmp_path: Path) -> None:

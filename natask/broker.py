@@ -170,8 +170,10 @@ class Broker:
         # nats-py writes a flush's PING straight to the socket but queues the SUB for its flusher
         # task, so the first PONG can overtake the server's -ERR. The second PING leaves after
         # the SUB: its PONG comes after any -ERR, which nats-py hands to error_cb as it reads it.
-        await self.nc.flush(timeout=5)
-        await self.nc.flush(timeout=5)
+        # Shielded: a flush cancelled half-way leaves its cancelled future queued in nats-py, and the
+        # PONG that arrives for it then kills nats-py's read loop (InvalidStateError).
+        await asyncio.shield(self.nc.flush(timeout=5))
+        await asyncio.shield(self.nc.flush(timeout=5))
         if subject.lower() in self._denied:
             await sub.unsubscribe()
             raise PermissionDenied(f"NATS permissions deny subscribing to {subject}: grant it to this user",

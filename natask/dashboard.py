@@ -290,11 +290,13 @@ class Dashboard:
 
     async def stop(self) -> None:
         self._closing = True  # the jobs' loops end on this even if a cancellation gets lost
-        for job in self._jobs:
-            job.cancel()
-        if self._jobs:
-            # Before Python 3.12, asyncio.wait_for (inside nats-py) can drop a cancellation.
-            await asyncio.wait(self._jobs, timeout=STOP_TIMEOUT)
+        pending, deadline = set(self._jobs), time.monotonic() + STOP_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            # Before Python 3.12, asyncio.wait_for (inside nats-py's flush) can drop a cancellation
+            # that arrives as its result does: cancel again until the job is gone.
+            for job in pending:
+                job.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), STOP_TIMEOUT)
@@ -597,7 +599,8 @@ class Dashboard:
         """Only names of this machine (and ``allowed_hosts``) may be used in the Host header: a
         DNS-rebinding page reaches the dashboard under a name of its own."""
         if is_loopback(self.host):
-            return host in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+            bound = f"[{self.host}]" if ":" in self.host else self.host
+            return host in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", bound)}
         name, port = _split_host(host)
         if name in self.allowed_hosts:
             return True  # e.g. a reverse proxy's name, on its own port

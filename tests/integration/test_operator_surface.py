@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -300,6 +301,18 @@ async def test_dashboard_on_every_interface_still_checks_the_host_header(nats_se
         await app.aclose()
 
 
+async def test_dashboard_on_another_loopback_address_accepts_its_own_name(nats_server: NatsServer) -> None:
+    app = Natask("dash", servers=[nats_server.url], subject_prefix="dashlo")
+    try:
+        async with Dashboard(app, "127.0.0.2", 0) as dash:
+            reader, writer = await asyncio.open_connection("127.0.0.2", dash.port)
+            writer.write(f"GET /api/state HTTP/1.1\r\nHost: 127.0.0.2:{dash.port}\r\n\r\n".encode())
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+            writer.close()
+    finally:
+        await app.aclose()
+
+
 async def test_dashboard_cli_with_the_opt_out_checks_hosts_and_stops_on_sigterm(nats_server: NatsServer) -> None:
     cli = await Cli.start(nats_server.url, "dashboard", "-A", APP, "--host", "0.0.0.0", "-p", "0",
                           "--insecure-no-auth", "--allowed-host", "dash.example")
@@ -429,3 +442,21 @@ async def test_a_second_sigterm_ends_a_supervisor_and_its_children_at_once(
     finally:
         proc.kill()
         await app.aclose()
+
+
+async def test_a_subscribe_cancelled_mid_flush_leaves_the_connection_working(app: Natask) -> None:
+    """Stopping on a signal cancels whatever runs, e.g. a subscribe waiting for its PONG: the
+    connection must survive it (nats-py's read loop dies if a PONG meets a cancelled flush)."""
+    broker = await app._broker()
+
+    async def on_msg(msg: Any) -> None:
+        pass
+
+    for _ in range(3):
+        subscribing = asyncio.ensure_future(broker.subscribe("ops.cancelled", cb=on_msg))
+        await asyncio.sleep(0)  # the SUB and the PING are on their way
+        subscribing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await subscribing
+        await broker.nc.flush(timeout=5)  # PONGs still arrive: the read loop is alive
+    assert not broker.nc._reading_task.done()

@@ -114,8 +114,10 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
         if beat is not None:
             await beat.start()
         await w.run()
-    except asyncio.CancelledError:
-        pass  # the first signal: drain below
+    except asyncio.CancelledError:  # the first signal: drain below
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11
+            task.uncancel()  # handled here: timeouts inside the drain must not see it
     finally:
         if beat is not None:
             await beat.stop()

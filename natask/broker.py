@@ -200,9 +200,11 @@ class Broker:
         # nats-py writes a flush's PING straight to the socket but queues the SUB for its flusher
         # task, so the first PONG can overtake the server's -ERR. The second PING leaves after
         # the SUB: its PONG comes after any -ERR, which nats-py hands to error_cb as it reads it.
-        await self.nc.flush(timeout=5)
-        await self.nc.flush(timeout=5)
-        if subject in self._denied:
+        # Shielded: a flush cancelled half-way leaves its cancelled future queued in nats-py, and the
+        # PONG that arrives for it then kills nats-py's read loop (InvalidStateError).
+        await asyncio.shield(self.nc.flush(timeout=5))
+        await asyncio.shield(self.nc.flush(timeout=5))
+        if subject.lower() in self._denied:
             await sub.unsubscribe()
             raise PermissionDenied(f"NATS permissions deny subscribing to {subject}: grant it to this user",
                                    subject)
@@ -268,7 +270,7 @@ class Broker:
             self._auth_error = e
         match = _PERM_RE.search(text)
         if match:
-            self._denied[match.group(2)] = text
+            self._denied[match.group(2).lower()] = text  # nats-py lowercases the server's -ERR line
         # Before the first connect succeeds, errors are summed up in the BrokerError instead.
         log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", _describe(e))
 
@@ -306,7 +308,7 @@ class Broker:
             except _TRANSIENT_API as e:
                 if _storage_full(e):  # a 503 too, but no election ends it
                     raise _full(e, "a JetStream request") from e
-                if time.monotonic() >= deadline or any(s.startswith("$JS.API") for s in self._denied):
+                if time.monotonic() >= deadline or any(s.startswith("$js.api") for s in self._denied):
                     raise
                 await asyncio.sleep(_RETRY_PAUSE)
 
@@ -618,7 +620,7 @@ class Broker:
                     continue
             except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
                 error = e
-                if subject in self._denied:
+                if subject.lower() in self._denied:
                     raise PermissionDenied(
                         f"NATS permissions deny publishing to {subject}: grant it to this user", subject
                     ) from None
@@ -728,7 +730,7 @@ class Broker:
             return e
         if _storage_full(e):
             return _full(e, f"the request on {subject}")
-        if subject in self._denied or any(s.startswith("$JS.API") for s in self._denied):
+        if subject.lower() in self._denied or any(s.startswith("$js.api") for s in self._denied):
             return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
         return BrokerError(f"NATS request on {subject} failed: {_describe(e)}")
 

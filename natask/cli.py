@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import os
 import re
 import shlex
-import signal
 import sys
 from typing import Any, Final
 
 import click
 
 from .app import Natask
-from .errors import NataskError
+from .errors import ConfigError, NataskError
+from .shutdown import Interrupts, exit_code, run_until_signalled
 
 APP_HELP = "the app as 'package.module:attribute' (attribute defaults to 'app'); or $NATASK_APP"
 
@@ -96,6 +95,9 @@ def main() -> None:
 @click.option("-B", "--beat", "with_beat", is_flag=True, help="also run the periodic-task beat in this process")
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics at :PORT/metrics")
 @click.option("--health-port", type=int, default=None, help="serve :PORT/health (200 healthy, 503 not)")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="address of the metrics and health endpoints; 0.0.0.0 exposes them on every interface "
+                   "(Kubernetes probes: the pod IP)")
 @click.option("--without-events", is_flag=True, help="do not publish lifecycle events")
 @click.option("--unknown-grace", type=click.FloatRange(0, 25), default=20.0, show_default=True,
               help="seconds a task name this worker does not know keeps coming back (for a worker with newer "
@@ -104,7 +106,7 @@ def main() -> None:
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
-           without_events: bool, unknown_grace: float, loglevel: str, log_format: str) -> None:
+           http_host: str, without_events: bool, unknown_grace: float, loglevel: str, log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -121,46 +123,39 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace)
-        asyncio.run(_serve(w, with_beat, metrics_port, health_port))
+        run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
 
 
 async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,
-                 health_port: int | None = None) -> None:
-    """Run a worker (and beat, HTTP endpoints) until SIGTERM/SIGINT, then drain; a second signal
-    exits at once."""
+                 health_port: int | None = None, http_host: str = "127.0.0.1") -> None:
+    """Run a worker (and beat, HTTP endpoints) until cancelled (``run_until_signalled``: the first
+    SIGTERM/SIGINT), then drain."""
     from .metrics import serve
 
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
     beat = None
     if with_beat:
         from .beat import Beat
 
         beat = Beat(w.app)
-
-    async def stop() -> None:
+    servers = []
+    try:
+        servers = await serve(w, metrics_port, health_port, http_host)  # listening before the first task arrives
+        await w.start()
+        if beat is not None:
+            await beat.start()
+        await w.run()
+    except asyncio.CancelledError:  # the first signal: drain below
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11
+            task.uncancel()  # handled here: timeouts inside the drain must not see it
+    finally:
         if beat is not None:
             await beat.stop()
         await w.stop()
-
-    def on_signal(signum: int) -> None:
-        if stopping:
-            logging.getLogger("natask.worker").warning("second signal: exiting without draining")
-            os._exit(1)
-        logging.getLogger("natask.worker").info("%s received: draining", signal.Signals(signum).name)
-        stopping.append(loop.create_task(stop()))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    servers = await serve(w, metrics_port, health_port)  # listening before the first task arrives
-    await w.start()
-    if beat is not None:
-        await beat.start()
-    await w.run()
-    for server in servers:
-        await server.stop()
+        for server in servers:
+            await server.stop()
 
 
 @main.command()
@@ -180,15 +175,8 @@ def beat(app_spec: str | None, list_only: bool, loglevel: str, log_format: str) 
         return
     setup_logging(loglevel, log_format)
 
-    async def run() -> None:
-        b = Beat(app)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: loop.create_task(b.stop()))
-        await b.run()
-
     try:
-        asyncio.run(run())
+        run_until_signalled(Beat(app).run())  # a cancelled run hands the lease over
     except NataskError as e:
         raise click.ClickException(str(e)) from None
 
@@ -362,22 +350,34 @@ def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
             if count and seen >= count:
                 return
 
-    try:
-        _run_app(app_spec, tail)
-    except KeyboardInterrupt:
-        pass
+    _run_app(app_spec, tail, service=True)
 
 
 @main.command()
 @app_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every one)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but loopback needs --insecure-no-auth")
 @click.option("-p", "--port", default=5555, show_default=True, help="HTTP port (0: any free port)")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="serve a non-loopback --host although the dashboard has no authentication yet "
+                   "(--basic-auth/--auth-token/--auth-header are coming): anyone who reaches it can read "
+                   "tasks and replay dead letters")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="with a non-loopback --host: one more name (e.g. a proxy's) the page may be reached by; "
+                   "other Host headers than this machine's names and addresses get 403 (DNS rebinding). "
+                   "Repeatable")
 @loglevel_option
-def dashboard(app_spec: str | None, host: str, port: int, loglevel: str) -> None:
+def dashboard(app_spec: str | None, host: str, port: int, insecure_no_auth: bool, allowed_hosts: tuple[str, ...],
+              loglevel: str) -> None:
     """A web page: queues, workers, recent and failed tasks, dead letters to replay; live."""
-    from .dashboard import serve
+    from .dashboard import check_binding, serve
     from .logs import setup_logging
 
+    try:
+        check_binding(host, insecure_no_auth, "--insecure-no-auth")
+    except ConfigError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
     setup_logging(loglevel)
     app = load_app(app_spec)
 
@@ -386,11 +386,13 @@ def dashboard(app_spec: str | None, host: str, port: int, loglevel: str) -> None
         click.echo(f"natask dashboard of {app.name!r}; Ctrl-C to stop", err=True)
 
     try:
-        asyncio.run(serve(app, host, port, ready))
+        run_until_signalled(serve(app, host, port, ready, allow_insecure=insecure_no_auth,
+                                  allowed_hosts=allowed_hosts))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        reason = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 @main.group()
@@ -398,8 +400,10 @@ def dlq() -> None:
     """Dead letters: list, show, replay, purge."""
 
 
-def _run_app(app_spec: str | None, fn: Any) -> Any:
-    """Run ``fn(app)`` (a coroutine function) on a fresh loop and close the app afterwards."""
+def _run_app(app_spec: str | None, fn: Any, service: bool = False) -> Any:
+    """Run ``fn(app)`` (a coroutine function) on a fresh loop and close the app afterwards. A first
+    SIGTERM/SIGINT stops it: a ``service`` (that runs until told to stop) then exits 0, anything
+    else with 128 + the signal number."""
     app = load_app(app_spec)
 
     async def go() -> Any:
@@ -407,9 +411,12 @@ def _run_app(app_spec: str | None, fn: Any) -> Any:
             return await fn(app)
 
     try:
-        return asyncio.run(go())
+        result, signum = run_until_signalled(go())
     except NataskError as e:
         raise click.ClickException(str(e)) from None
+    if signum is not None:
+        sys.exit(0 if service else exit_code(signum))
+    return result
 
 
 @dlq.command("list")
@@ -506,19 +513,29 @@ def server(port: int, host: str, store_dir: str | None) -> None:
     from .server import NatsServer
 
     srv = NatsServer(port=port, host=host, store_dir=store_dir)
+    stopping: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopping.append(signum)
+        if srv.proc is not None:
+            srv.proc.terminate()
+
+    interrupts = Interrupts(stop).install()  # before the server starts: a signal never finds the default action
     try:
-        srv.start()
-    except (RuntimeError, NataskError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(srv.url, nl=True)
-    click.echo(f"nats-server with JetStream, data in {srv.store_dir}; Ctrl-C to stop", err=True)
-    try:
-        assert srv.proc is not None
-        srv.proc.wait()
-    except KeyboardInterrupt:
-        pass
+        try:
+            srv.start()
+        except (RuntimeError, NataskError) as e:
+            if stopping:
+                return
+            raise click.ClickException(str(e)) from None
+        click.echo(srv.url, nl=True)
+        click.echo(f"nats-server with JetStream, data in {srv.store_dir}; Ctrl-C to stop", err=True)
+        proc = srv.proc
+        if proc is not None and not stopping:
+            proc.wait()
     finally:
         srv.close()
+        interrupts.restore()
 
 
 @main.command()

@@ -6,7 +6,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +16,8 @@ from .naming import MAX_QUEUE_NAME, is_queue_name
 
 DEFAULT_SERVER: Final = "nats://127.0.0.1:4222"
 """Where an app connects when neither ``servers=`` nor ``$NATS_URL`` says otherwise."""
+REDACTED: Final = "***"
+"""What a hidden secret is shown as."""
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -42,6 +44,8 @@ def check_queue_name(queue: str) -> str:
 
 def redact_url(url: str) -> str:
     """Hide the credentials of a NATS URL (``nats://user:***@host``) for logs and errors."""
+    if "://" not in url:  # nats-py also takes "user:pass@host:4222" and adds the scheme itself
+        return f"{REDACTED}@{url.rsplit('@', 1)[1]}" if "@" in url else url
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -49,7 +53,7 @@ def redact_url(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def _env_float(name: str, default: float) -> float:
@@ -65,19 +69,23 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
-# Environment variables that feed connect options; values are secrets and never logged.
+# Environment variables that feed connect options; their values are never logged.
 _ENV_CONNECT: Final = {
     "NATS_USER": "user",
     "NATS_PASSWORD": "password",
     "NATS_TOKEN": "token",
     "NATS_CREDS": "user_credentials",
     "NATS_NKEY_SEED": "nkeys_seed",
+    "NATS_INBOX_PREFIX": "inbox_prefix",  # not a secret: one prefix per NATS user (see README Deployment)
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Config:
-    """Everything an app needs to talk to NATS; built once by ``Natask`` and never mutated."""
+    """Everything an app needs to talk to NATS; built once by ``Natask`` and never mutated.
+
+    Its ``repr`` (which error reporters capture) hides URL credentials and every connect option value.
+    """
 
     name: str
     servers: tuple[str, ...]
@@ -156,6 +164,17 @@ class Config:
             connect_timeout=dur(connect_timeout, "NATASK_CONNECT_TIMEOUT", 5.0, "connect_timeout", 0.1),
             connect_options=opts,
         )
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if f.name == "servers":
+                value = tuple(redact_url(s) for s in value)
+            elif f.name == "connect_options":
+                value = dict.fromkeys(value, REDACTED)
+            shown.append(f"{f.name}={value!r}")
+        return f"Config({', '.join(shown)})"
 
     @property
     def safe_servers(self) -> str:

@@ -93,7 +93,7 @@ async def inspect(app: Natask, command: str, timeout: float = 1.0) -> list[dict[
     sub = await broker.subscribe(inbox, cb=on_reply)
     try:
         await broker.nc.publish(control_subject(app.config.subject_prefix, command), b"", reply=inbox)
-        await broker.nc.flush()
+        await asyncio.shield(broker.nc.flush())  # never cancel a flush half-way (see Broker.subscribe)
         await asyncio.sleep(timeout)  # scatter-gather: nobody knows how many workers will answer
     finally:
         await sub.unsubscribe()

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
 import re
-import signal
+import socket
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -23,8 +25,9 @@ from nats.aio.msg import Msg
 
 from .control import inspect
 from .dlq import HDR_REPLAYS, DeadLetter, DeadLetterNotFound, DeadLetters, parse_count
-from .errors import NataskError
+from .errors import ConfigError, NataskError
 from .events import MAX_NAME, EventStream, check_fields, follow, is_ident, is_number
+from .http import MAX_CONNECTIONS
 from .message import HDR_MSG_ID, HDR_RETRIES, HDR_TASK, Envelope, loads
 from .naming import TASK_ID_RE
 from .worker import HEARTBEAT_INTERVAL
@@ -60,14 +63,23 @@ MAX_DECODE: Final = 1024 * 1024
 """Larger task messages and result records are not decoded (their id and name come from headers)."""
 KEEPALIVE: Final = 15.0
 """Seconds between comment lines on an idle event stream (proxies close silent connections)."""
+STOP_TIMEOUT: Final = 5.0
+"""Seconds ``stop()`` waits for each background job and unsubscribe before going on without it."""
 REDACTED: Final = "***"
 
 FINAL_STATES: Final = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _OUTCOME_STATES: Final = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-revoked": "REVOKED"}
 _SECRET_KEY: Final = re.compile(
-    r"passw|passphrase|pwd|secret|token|key|auth|credential|cookie|session|signature|card|cvv|cvc|ssn|iban"
-    r"|^pass$|^pin$", re.IGNORECASE)
+    r"passw|passphrase|pwd|secret|token|key|auth|credential|creds|jwt|bearer|cookie|session|signature|card|cvv"
+    r"|cvc|ssn|iban|^pass$|^pin$", re.IGNORECASE)
+_SECRET_PART: Final = frozenset({"pw", "otp", "totp", "hotp"})
+"""Secret names too short to look for inside words: hidden only as a whole part of a key (``db_pw``,
+``user-otp``, ``otpCode``), so ``pwm``, ``upward`` or ``footprint`` stay visible."""
+_NAME_PART: Final = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 _LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
+_ANY_ADDRESS: Final = ("0.0.0.0", "::", "")
+_SIOCGIFADDR: Final = 0x8915
+"""Linux ioctl: an interface's IPv4 address."""
 _REPLAY_PATH: Final = re.compile(r"^/api/dlq/([^/]+)/replay$")
 _QUEUE_RE: Final = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]{0,199}$")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -86,7 +98,9 @@ _CUT: Final = _Cut()
 
 def is_secret(key: object) -> bool:
     """Whether a mapping key or keyword names something to hide (password, api_key, card_number...)."""
-    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+    if not isinstance(key, str):
+        return False
+    return bool(_SECRET_KEY.search(key)) or any(part.lower() in _SECRET_PART for part in _NAME_PART.findall(key))
 
 
 def redact(value: Any, depth: int = 0) -> Any:
@@ -118,6 +132,73 @@ def _short_repr(value: Any, limit: int) -> str:
         return f"<{len(value)} bytes>"
     text = repr(value)
     return text if len(text) <= limit else text[:limit]
+
+
+# -- binding -----------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only accepts connections from this machine."""
+    if host in _LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, allow_insecure: bool, opt_out: str = "allow_insecure=True") -> None:
+    """Refuse to serve the dashboard, which has no authentication yet, beyond loopback unless the
+    caller opted out (``opt_out`` names how, for the message)."""
+    if not allow_insecure and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve the dashboard on {host} without authentication: anyone who reaches it can read "
+            f"tasks and replay dead letters. Bind 127.0.0.1 (tunnel or proxy to it), or pass {opt_out}"
+        )
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    """A Host header as (lower-cased name or address, port or None): ``[::1]:80`` -> ``('::1', 80)``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:
+        name, port = value, ""
+    try:
+        return name.rstrip("."), int(port) if port else None
+    except ValueError:
+        return name, -1  # never matches
+
+
+def local_names(host: str) -> frozenset[str]:
+    """The names a browser may use to reach a dashboard bound to ``host``: that address, this
+    machine's host names and their addresses, and (bound to every interface) every interface's
+    address."""
+    names = {host.strip("[]").lower(), *_LOOPBACK, socket.gethostname().lower(), socket.getfqdn().lower()}
+    with contextlib.suppress(OSError):
+        names.update(str(info[4][0]).lower() for info in socket.getaddrinfo(socket.gethostname(), None))
+    if host in _ANY_ADDRESS:
+        names.update(_interface_addresses())
+    return frozenset(names)
+
+
+def _interface_addresses() -> set[str]:
+    addresses: set[str] = set()
+    if not sys.platform.startswith("linux"):
+        return addresses
+    import fcntl
+    import struct
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                addresses.add(socket.inet_ntoa(packed[20:24]))
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+        for line in f:
+            addresses.add(str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
+    return addresses
 
 
 # -- what the page shows -----------------------------------------------------------------------
@@ -158,9 +239,13 @@ class Dashboard:
     record), lifecycle events and periodic readings; plus the HTTP server that serves it."""
 
     def __init__(self, app: Natask, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 refresh: float = REFRESH) -> None:
+                 refresh: float = REFRESH, *, allow_insecure: bool = False, allowed_hosts: Iterable[str] = ()) -> None:
+        check_binding(host, allow_insecure)
         self.app = app
         self.host = host
+        self.allowed_hosts = frozenset(_split_host(h)[0] for h in allowed_hosts)
+        """Extra names (``--allowed-host``) a non-loopback dashboard may be reached by, on any port."""
+        self._local_names: frozenset[str] = frozenset()
         self.port = port
         self.refresh = refresh
         self.prefix = app.config.subject_prefix
@@ -197,27 +282,35 @@ class Dashboard:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        broker = await self.app._broker()
+        if not is_loopback(self.host):
+            self._local_names = local_names(self.host)
+        # Listen first: a busy port fails at once, before a connection or a background job exists
+        # (cancelling a subscribe's flush half-way can leave nats-py's connection unusable).
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
         try:
+            broker = await self.app._broker()
             for subject, cb in ((f"{self.prefix}.>", self._on_publish),
                                 (f"$KV.{self.app.names.results_bucket}.>", self._on_result),
                                 (f"natask.dlq.{self.prefix}.>", self._on_dead_letter)):
                 self._subs.append(await broker.subscribe(subject, cb=cb))
             self._jobs = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._poll())]
-            self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except BaseException:
             await self.stop()
             raise
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        for job in self._jobs:
-            job.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
+        self._closing = True  # the jobs' loops end on this even if a cancellation gets lost
+        pending, deadline = set(self._jobs), time.monotonic() + STOP_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            # Before Python 3.12, asyncio.wait_for (inside nats-py's flush) can drop a cancellation
+            # that arrives as its result does: cancel again until the job is gone.
+            for job in pending:
+                job.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         for sub in self._subs:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._closing = True
+                await asyncio.wait_for(sub.unsubscribe(), STOP_TIMEOUT)
         if self._server is not None:
             self._server.close()
         for listener in self._listeners:
@@ -343,7 +436,7 @@ class Dashboard:
         self._changed(row)
 
     async def _follow_events(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async for event in follow(self.app, stream=self._events):
                     try:
@@ -395,7 +488,7 @@ class Dashboard:
 
     # -- readings ----------------------------------------------------------------------------
     async def _poll(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.read()
                 self.error = ""
@@ -518,6 +611,9 @@ class Dashboard:
 
     # -- HTTP --------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            writer.transport.abort()  # idle or slow clients must not take every file descriptor
+            return
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
@@ -543,10 +639,15 @@ class Dashboard:
             writer.close()
 
     def _host_allowed(self, host: str) -> bool:
-        """Bound to loopback, only loopback names may be used (no DNS rebinding to reach it)."""
-        if self.host not in _LOOPBACK:
-            return True
-        return host in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+        """Only names of this machine (and ``allowed_hosts``) may be used in the Host header: a
+        DNS-rebinding page reaches the dashboard under a name of its own."""
+        if is_loopback(self.host):
+            bound = f"[{self.host}]" if ":" in self.host else self.host
+            return host in {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", bound)}
+        name, port = _split_host(host)
+        if name in self.allowed_hosts:
+            return True  # e.g. a reverse proxy's name, on its own port
+        return name in self._local_names and (port or 80) == self.port
 
     async def _route(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         if path == "/":
@@ -653,12 +754,14 @@ async def _respond(writer: asyncio.StreamWriter, status: int, ctype: str, body: 
     await writer.drain()
 
 
-async def serve(app: Natask, host: str, port: int, ready: Callable[[str], None]) -> None:
-    """Run the dashboard until SIGTERM/SIGINT (``natask dashboard``)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with app, Dashboard(app, host, port) as dashboard:
-        ready(dashboard.url)
-        await stop.wait()
+async def serve(app: Natask, host: str, port: int, ready: Callable[[str], None], *, allow_insecure: bool = False,
+                allowed_hosts: Iterable[str] = ()) -> None:
+    """Run the dashboard until cancelled (``natask dashboard``: by its first SIGTERM/SIGINT), then
+    close the app."""
+    dashboard = Dashboard(app, host, port, allow_insecure=allow_insecure, allowed_hosts=allowed_hosts)
+    try:
+        async with dashboard:
+            ready(dashboard.url)
+            await asyncio.Event().wait()
+    finally:
+        await app.aclose()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final
 
-from .http import Handler, HttpServer
+from .http import DEFAULT_HOST, Handler, HttpServer
 
 if TYPE_CHECKING:
     from .events import Batch
@@ -139,8 +139,9 @@ def health(worker: Worker) -> dict[str, Any]:
 
 
 async def serve(worker: Worker, metrics_port: int | None, health_port: int | None,
-                host: str = "0.0.0.0") -> list[HttpServer]:
-    """Start the HTTP endpoints asked for (one server when both use the same port)."""
+                host: str = DEFAULT_HOST) -> list[HttpServer]:
+    """Start the HTTP endpoints asked for (one server when both use the same port), on loopback
+    unless ``host`` says otherwise."""
     routes: dict[int, dict[str, Handler]] = {}
     if metrics_port is not None:
         metrics = WorkerMetrics(worker)

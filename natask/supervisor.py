@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Final
+
+from .server import _die_with_parent
+from .shutdown import Interrupts
 
 log = logging.getLogger("natask.supervisor")
 
@@ -36,7 +39,8 @@ class Supervisor:
     """Runs ``argv`` (a single-process worker command) N times and keeps N alive.
 
     SIGTERM/SIGINT are forwarded to every child, which drains (finishes in-flight tasks within
-    its grace period) and exits; the supervisor exits 0 once all have. A child that exits on its
+    its grace period) and exits; the supervisor exits 0 once all have. A second signal is
+    forwarded too, which ends every child and the supervisor at once. A child that exits on its
     own (a crash, or ``--max-tasks-per-child`` reached) is restarted, with exponential backoff
     while it keeps failing fast.
     """
@@ -50,22 +54,23 @@ class Supervisor:
         self.stopping = False
 
     def _spawn(self, child: _Child) -> None:
-        child.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        child.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
         child.started = time.monotonic()
         log.info("child %d started (pid %d)", child.slot, child.proc.pid)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            return
+    def _on_signal(self, signum: int) -> None:
         self.stopping = True
         log.info("%s: draining %d child(ren)", signal.Signals(signum).name, len(self.children))
+        self._forward(signal.SIGTERM)
+
+    def _forward(self, signum: int) -> None:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+                child.proc.send_signal(signum)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        # A second signal reaches the children too (each exits at once), then ends the supervisor.
+        Interrupts(self._on_signal, on_second=lambda signum: self._forward(signal.SIGTERM)).install()
         for child in self.children:
             self._spawn(child)
         deadline: float | None = None
@@ -103,6 +108,16 @@ class Supervisor:
                         if child.proc is not None and child.proc.poll() is None:
                             child.proc.kill()
             time.sleep(0.1)
+
+
+def _child_setup() -> None:
+    """In a child before exec: a process group of its own, so a terminal's Ctrl-C (SIGINT to the
+    foreground group) reaches only the supervisor, which forwards one SIGTERM (a child given both
+    would take the second as "exit at once"); and SIGTERM when the supervisor dies, so no child
+    outlives it."""
+    os.setpgid(0, 0)
+    if sys.platform == "linux":
+        _die_with_parent()
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:

@@ -21,13 +21,15 @@ class WorkerProcess:
     """``python -m natask worker`` in a child process; ready once it logs that it is consuming."""
 
     def __init__(self, url: str, prefix: str, log: Path, queues: Sequence[str] = ("default",),
-                 concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = ()) -> None:
+                 concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = (),
+                 new_session: bool = False) -> None:
         env = {**os.environ, "NATS_URL": url, "NATASK_TEST_PREFIX": prefix, "NATASK_TEST_LOG": str(log),
                "NATASK_TEST_ACK_WAIT": str(ack_wait), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "natask", "worker", "-A", "tests.integration.workerapp:app",
              "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", "info", *extra],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=new_session,  # its own process group, for a signal to the whole group
         )
         self.lines: list[str] = []
         self._consuming = 0  # "consuming" lines seen: one per worker process (children of --processes too)
@@ -60,6 +62,18 @@ class WorkerProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def wait_for_line(self, text: str, timeout: float = 20) -> str:
+        """Block until the process logged a line containing ``text`` and return it."""
+        def seen() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() is not None or self._consuming == -1, timeout)
+            line = seen()
+        if line is None:
+            raise RuntimeError(f"the worker did not log {text!r}:\n" + "".join(self.lines))
+        return line
 
     async def wait(self, timeout: float = 60) -> int:
         code = await asyncio.to_thread(self.proc.wait, timeout)

@@ -17,6 +17,7 @@ ENV_VARS = [
     "NATS_TOKEN",
     "NATS_CREDS",
     "NATS_NKEY_SEED",
+    "NATS_INBOX_PREFIX",
     *[k for k in os.environ if k.startswith("NATASK_")],
 ]
 
@@ -240,6 +241,8 @@ def test_check_queue_name_rejects(name: object) -> None:
         ("nats://h:4222", "nats://h:4222"),
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
         ("nats://u:p@h", "nats://***@h"),
+        ("alice:s3cret@h:4222", "***@h:4222"),  # nats-py adds the scheme itself
+        ("h:4222", "h:4222"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
@@ -269,6 +272,35 @@ def test_app_repr_hides_credentials() -> None:
         assert "127.0.0.1:1" in repr(app)
     finally:
         app.close()
+
+
+def test_config_repr_hides_url_credentials_and_connect_option_values() -> None:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    cfg = Config.build("shop", ["nats://alice:pw-in-url@a:4222", "nats://tok-in-url@b:4222"],
+                       connect_options={"user": "bob", "password": "opt-pass", "token": "opt-token",
+                                        "user_credentials": "/secret/path.creds", "nkeys_seed": "SUAEXAMPLESEED",
+                                        "signature_cb": lambda nonce: b"sig", "tls": ctx})
+    app = Natask("shop", servers=list(cfg.servers))
+    try:
+        for text in (repr(cfg), str(cfg), repr(app.config), str(app.config), repr(app)):
+            for secret in ("alice", "pw-in-url", "tok-in-url"):
+                assert secret not in text
+    finally:
+        app.close()
+    text = repr(cfg)
+    for secret in ("bob", "opt-pass", "opt-token", "/secret/path", "SUAEXAMPLESEED", "lambda", "SSLContext"):
+        assert secret not in text
+    assert "servers=('nats://***@a:4222', 'nats://***@b:4222')" in text
+    assert ("connect_options={'user': '***', 'password': '***', 'token': '***', 'user_credentials': '***', "
+            "'nkeys_seed': '***', 'signature_cb': '***', 'tls': '***'}") in text
+    assert text.startswith("Config(name='shop', ") and "subject_prefix='tasks'" in text
+
+
+def test_inbox_prefix_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_INBOX_PREFIX", "_INBOX.web")
+    assert Config.build("shop").connect_options["inbox_prefix"] == "_INBOX.web"
 
 
 def test_config_is_frozen() -> None:

@@ -17,6 +17,14 @@ def test_secret_looking_keys() -> None:
         assert not is_secret(key), key
 
 
+def test_short_secret_names_are_hidden_as_name_parts_only() -> None:
+    for key in ("pw", "PW", "db_pw", "db-pw", "dbPw", "pw2", "jwt", "user-jwt", "userJWT", "creds", "aws_creds",
+                "otp", "otp_code", "otpCode", "user-otp", "totp", "bearer", "bearer_header"):
+        assert is_secret(key), key
+    for key in ("pwm", "pwm_duty", "upward", "footprint", "hotpot", "spotprice", "potpourri"):
+        assert not is_secret(key), key
+
+
 def test_redact_replaces_secret_values_at_any_depth() -> None:
     value = {"user": "bob", "password": "hunter2",
              "nested": {"items": [{"token": "t0k3n", "ok": 1}, ("x", {"Authorization": "Bearer abc"})]},

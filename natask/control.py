@@ -73,6 +73,8 @@ class ControlResponder:
             "processed": w.processed,
             "failed": w.failed,
             "running": len(w.active()),
+            "results_not_stored": w.results_not_stored,
+            "storage_full_since": w.storage_full_since,
         }
 
 

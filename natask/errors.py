@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,3 +141,26 @@ class Reject(TaskControl):
 
 class TimeLimitExceeded(TaskControl):
     """The task ran longer than its ``time_limit``."""
+
+
+class Forged(NataskError):
+    """A message whose body or headers disagree with the subject it arrived on (a caller sees it as
+    ``natask.Forged``; not raised in user code)."""
+
+
+def type_name(cls: type) -> str:
+    """An exception class as results name it: builtins bare, natask's by their public name
+    (``natask.TaskFailed``), anything else ``module.QualName``."""
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    if module == __name__:
+        return f"natask.{cls.__qualname__}"
+    return f"{module}.{cls.__qualname__}"
+
+
+def failure_record(exc: BaseException, traceback_text: bool = True) -> dict[str, Any]:
+    """The FAILURE result record of an exception: its type name, message and traceback text (the
+    class itself is never sent: a caller rebuilds ``TaskFailed`` from text only)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if traceback_text else ""
+    return {"state": "FAILURE", "exc_type": type_name(type(exc)), "message": str(exc), "traceback": text}

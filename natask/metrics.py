@@ -86,6 +86,8 @@ class WorkerMetrics:
         yield duration
         yield GaugeMetricFamily("natask_tasks_in_flight", "Tasks running in this worker",
                                 value=len(self.worker.active()))
+        yield CounterMetricFamily("natask_results_not_stored", "Outcomes not stored: JetStream storage was full",
+                                  value=self.worker.results_not_stored)
         pending = GaugeMetricFamily("natask_queue_pending", "Tasks waiting in a queue", labels=["queue"])
         unacked = GaugeMetricFamily("natask_queue_in_flight", "Tasks delivered and not yet acked, all workers",
                                     labels=["queue"])
@@ -131,6 +133,8 @@ def health(worker: Worker) -> dict[str, Any]:
         "healthy": bool(connected and consuming),
         "connected": connected,
         "consuming": consuming,
+        "storage_full_since": worker.storage_full_since,  # results cannot be stored (tasks still drain)
+        "results_not_stored": worker.results_not_stored,
         "last_heartbeat": worker.last_heartbeat or None,
         "heartbeat_age": age,
         "worker": worker.ident,

@@ -11,13 +11,10 @@ import os
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from nats.aio.msg import Msg
-
-import natask
 
 from .broker import Broker
 from .config import check_queue_name
@@ -32,8 +29,19 @@ from .dlq import (
     HDR_DLQ_TIME,
     HDR_DLQ_TRUNCATED,
     HDR_REPLAYS,
+    index_dead_letter,
 )
-from .errors import BrokerError, DecodeError, EncodeError, PayloadTooLarge, TimeLimitExceeded
+from .errors import (
+    BrokerError,
+    DecodeError,
+    EncodeError,
+    Forged,
+    PayloadTooLarge,
+    StorageFull,
+    TimeLimitExceeded,
+    failure_record,
+    type_name,
+)
 from .events import Batch, EventPublisher
 from .message import (
     HDR_CHECK_STORED,
@@ -42,6 +50,7 @@ from .message import (
     HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_SCHEDULER,
     HDR_TASK,
     HDR_UNKNOWN_SINCE,
     Envelope,
@@ -171,6 +180,10 @@ class Worker:
         self.last_heartbeat = 0.0
         self._revoke_watch: asyncio.Task[None] | None = None
         self._store: ResultStore | None = None
+        self.results_not_stored = 0
+        """Outcomes this worker could not store because JetStream's storage was full (see README)."""
+        self.storage_full_since: float | None = None
+        """When result writes started failing for lack of storage (None: they succeed)."""
         self._failure: BrokerError | None = None  # why the worker stopped on its own
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -417,7 +430,7 @@ class Worker:
             try:
                 record = await self._call(msg)
             except Exception as exc:
-                record = _failure(exc)
+                record = failure_record(exc)
             await self.broker_.publish_core(msg.reply, self._encode(record, "the RPC call")[0])
         finally:
             self._done(delivery)
@@ -483,6 +496,13 @@ class Worker:
         if env.task != route[1]:
             await self._dead_letter(delivery, "forged", f"the message names task {_cut(env.task)} but was "
                                     f"published on {msg.subject}, the subject permissions are checked on", env=env)
+            return
+        scheduler = headers.get(HDR_SCHEDULER)
+        if scheduler is not None and scheduler != self.app.names.schedule_subject(route[0], env.id):
+            # NATS checks a schedule's own subject, not its target: a sender allowed to delay tasks of
+            # one queue could otherwise enqueue, through a schedule, on any subject of the stream.
+            await self._dead_letter(delivery, "forged", f"fired by the schedule {_cut(scheduler)}, not by this "
+                                    f"queue's schedule for task {env.id}", env=env)
             return
         retried = _header_int(headers, HDR_RETRIES)
         if retried is None:
@@ -614,7 +634,7 @@ class Worker:
         headers[HDR_SCHEDULE_TARGET] = msg.subject
         try:
             await self.broker_.publish(self.app.names.schedule_subject(queue, env.id), msg.data, headers)
-        except PayloadTooLarge:  # no room for the schedule headers: wait in the consumer instead
+        except (PayloadTooLarge, StorageFull):  # no room for the schedule: wait in the consumer instead
             await msg.nak(delay=min(MAX_NAK_DELAY, max(0.0, when - time.time())))
             return
         await msg.ack()
@@ -651,7 +671,7 @@ class Worker:
             await self._retry(delivery, env, task, cause, retries, decision.countdown)
             return
         self.failed += 1
-        record = _failure(cause)
+        record = failure_record(cause)
         if decision.action == "reject":
             await self._dead_letter(delivery, "rejected", decision.reason, env=env, record=record)
             return
@@ -676,19 +696,21 @@ class Worker:
         headers[HDR_SCHEDULE_TARGET] = msg.subject
         try:
             await self.broker_.publish(self.app.names.schedule_subject(queue, env.id), msg.data, headers)
-        except PayloadTooLarge:
-            # No room for the retry headers next to this payload: let JetStream redeliver it instead
-            # (the delivery count carries the attempt; the wait counts against max_ack_pending).
+        except (PayloadTooLarge, StorageFull) as e:
+            # No room for the retry headers next to this payload, or none in the store: let
+            # JetStream redeliver it instead (the delivery count carries the attempt; the wait counts
+            # against max_ack_pending).
+            log.warning("task %s[%s]: retry %d waits in the queue (%s)", env.task, env.id, n, e)
             await msg.nak(delay=countdown)
             return
         if not task.options.ignore_result:
-            info = {"retries": n, "countdown": countdown, "exc_type": _qualname(type(exc)), "message": str(exc)}
+            info = {"retries": n, "countdown": countdown, "exc_type": type_name(type(exc)), "message": str(exc)}
             self._write_state(delivery, dumps({"state": RETRY, "info": info}))
             await self._writes_of(delivery)
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.listeners:
             self.event("task-retried", env.id, env.task, retries=n, countdown=countdown,
-                       exc_type=_qualname(type(exc)), message=str(exc)[:EVENT_TEXT])
+                       exc_type=type_name(type(exc)), message=str(exc)[:EVENT_TEXT])
         await msg.ack()
 
     def _report(self, delivery: _Delivery, state: str, meta: Any) -> None:
@@ -789,7 +811,7 @@ class Worker:
         try:
             data = dumps(record)
         except EncodeError as e:
-            record = _failure(EncodeError(f"the result of {what} cannot be encoded: {e}")) | _meta(record)
+            record = failure_record(EncodeError(f"the result of {what} cannot be encoded: {e}")) | _meta(record)
             return dumps(record), record
         limit = self.broker_.nc.max_payload - RECORD_HEADROOM
         if len(data) <= limit:
@@ -797,7 +819,7 @@ class Worker:
         error = PayloadTooLarge(f"the result of {what} is {len(data)} bytes encoded, over the {limit} bytes the "
                                 "server's max_payload leaves for it: return a reference (a URL, an object key) "
                                 "instead of the data", len(data), limit)
-        record = _failure(error) | _meta(record)
+        record = failure_record(error) | _meta(record)
         return dumps(record), record
 
     async def _finish(self, delivery: _Delivery, env: Envelope, task: Task[Any, Any] | None,
@@ -832,8 +854,22 @@ class Worker:
         await msg.ack()
 
     async def _store_final(self, delivery: _Delivery, env: Envelope, data: bytes) -> dict[str, Any] | None:
-        """Store the outcome unless one is stored already; that one, if so."""
-        seq, final = await self.store.write(env.id, data, delivery.result_seq)
+        """Store the outcome unless one is stored already; that one, if so.
+
+        With JetStream's storage full the outcome is not stored, and the task is acked anyway (the
+        caller still gets the reply): running it again would not make room, and acking frees the
+        task's own message. The condition shows in health, stats and metrics until a write succeeds.
+        """
+        try:
+            seq, final = await self.store.write(env.id, data, delivery.result_seq)
+        except StorageFull as e:
+            self.results_not_stored += 1
+            if self.storage_full_since is None:
+                self.storage_full_since = time.time()
+            log.error("task %s[%s]: outcome not stored (%s); acking it anyway, it will not run again",
+                      env.task, env.id, e)
+            return None
+        self.storage_full_since = None
         delivery.result_seq = seq if final is None else None
         if final is not None:
             self._superseded(delivery, final)
@@ -889,7 +925,14 @@ class Worker:
             except PayloadTooLarge:
                 headers[HDR_DLQ_TRUNCATED] = str(len(data))  # the body cannot travel with its reasons
                 data = b""
-        await broker.publish(subject, data, headers)
+        try:
+            published = await broker.publish(subject, data, headers)
+        except StorageFull as e:
+            # Nowhere to keep it: it stays in its queue and is looked at again later (not run).
+            log.error("cannot dead-letter %s (%s): %s; it waits in the queue", task_id or "a message", reason, e)
+            await msg.nak(delay=MAX_NAK_DELAY)
+            return
+        await index_dead_letter(broker, ours[HDR_DLQ_ID], published.seq)
         log.error("dead-lettered %s (%s): %s", task_id or f"message #{meta.sequence.stream}", reason,
                   ours[HDR_DLQ_ERROR])
         self.failed += 1
@@ -919,10 +962,6 @@ _DLQ_EXC_TYPES: Final = {
 _UNTRUSTED: Final = frozenset({"forged", "malformed header", "invalid subject"})
 """Dead-letter reasons that make the message's own claims (its id, its reply subject) untrusted:
 no outcome is stored or sent for them, or the sender could write another task's result."""
-
-
-class Forged(Exception):
-    """A message whose body disagrees with the subject it was published on."""
 
 
 def delivered(msg: Msg) -> int:
@@ -964,26 +1003,6 @@ def _meta(record: dict[str, Any]) -> dict[str, Any]:
 
 
 _META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children"})
-
-
-def _failure(exc: BaseException) -> dict[str, Any]:
-    return {
-        "state": FAILURE,
-        "exc_type": _qualname(type(exc)),
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    }
-
-
-def _qualname(cls: type) -> str:
-    module = cls.__module__
-    if module == "builtins":
-        return cls.__qualname__
-    if module.startswith("natask.") and getattr(natask, cls.__name__, None) is cls:
-        return f"natask.{cls.__name__}"  # the public name, not the defining module
-    if cls is Forged:
-        return "natask.Forged"
-    return f"{module}.{cls.__qualname__}"
 
 
 def _one_line(text: str) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ..errors import ConfigError, EncodeError, PayloadTooLarge
+from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
 from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, at_schedule, dumps, loads
 from ..naming import TASK_ID_RE, is_reply_for
 from ..result import FAILURE, REVOKED, SUCCESS
@@ -73,9 +73,10 @@ class _Flow:
                 children = await self.advance(value, rest, member)
                 for k, link in enumerate(env.links):
                     children += await self.call(link, value, f"{env.id}/link/{k}")
-            except (EncodeError, PayloadTooLarge) as e:
+            except (EncodeError, PayloadTooLarge, PermissionDenied) as e:
+                # None of these gets better on a redelivery: fail what will now never run.
                 log.error("task %s[%s]: cannot send the next step: %s", env.task, env.id, e)
-                await self.fail(_error_record(e), rest, member)
+                await self.fail(failure_record(e, traceback_text=False), rest, member)
                 return
             if children:
                 record["children"] = children
@@ -271,9 +272,3 @@ async def _exists(kv: KeyValue, key: str) -> bool:
     except nats.js.errors.KeyNotFoundError:
         return False
     return True
-
-
-def _error_record(exc: BaseException) -> dict[str, Any]:
-    cls = type(exc)
-    return {"state": FAILURE, "exc_type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc),
-            "traceback": ""}

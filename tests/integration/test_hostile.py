@@ -245,3 +245,35 @@ async def test_a_result_too_large_fails_after_one_run(app: Natask) -> None:
         with pytest.raises(TaskFailed, match="max_payload"):
             await big.acall()
     assert len(runs) == 2 and await DeadLetters(app).list() == []
+
+
+async def test_a_schedule_may_only_fire_into_its_own_queue(app: Natask, raw: Client) -> None:
+    """NATS checks a schedule message's subject, not its target: the worker checks that a fired
+    message came from its own queue's schedule for that task id (``Nats-Scheduler``, set by the
+    server)."""
+    ran: list[str] = []
+
+    @app.task(name="t.secret", queue="admin")
+    def secret() -> None:
+        ran.append("secret")
+
+    @app.task(name="t.later")
+    def later() -> str:
+        return "later"
+
+    async with worker(app, queues=["default", "admin"]):
+        await app.asend_task("t.later")  # the stream exists
+        at = "@at 2000-01-01T00:00:00Z"  # due at once
+        js = raw.jetstream()
+        forged = envelope("t.secret", task_id="e" * 32)
+        await js.publish(f"tasks._sched.default.{'e' * 32}", forged,
+                         headers={"Nats-Schedule": at, "Nats-Schedule-Target": "tasks.admin.t.secret"})
+        [entry] = await dead_letters(app, 1)
+        assert entry.reason == "forged" and "tasks._sched.default" in entry.error
+        # A schedule of the task's own queue and id fires as usual.
+        own = envelope("t.later", task_id="f" * 32)
+        await js.publish(f"tasks._sched.default.{'f' * 32}", own,
+                         headers={"Nats-Schedule": at, "Nats-Schedule-Target": "tasks.default.t.later",
+                                  "Natask-Reply": f"{(await app._broker()).reply_prefix}.{'f' * 32}"})
+        assert await app.AsyncResult("f" * 32).aget(timeout=10) == "later"
+    assert ran == []

@@ -292,6 +292,24 @@ async def test_readme_canvas_lines_let_a_worker_send_follow_ups(
     assert violations(caplog) == []
 
 
+async def test_a_follow_up_the_worker_may_not_publish_fails_the_workflow(deployed: NatsServer) -> None:
+    """Without the canvas lines the worker cannot send a chain's next step: the chain fails with
+    PermissionDenied (once, not a redelivery loop), instead of its get() waiting forever."""
+    web = Natask("web", servers=[deployed.url], connect_options=WEB, publish_timeout=5)
+    orders = Natask("orders", servers=[deployed.url], publish_timeout=5, connect_options=ORDERS_WORKER)
+    orders.task(name="orders.process", queue="orders")(lambda x: x * 10)
+    process = web.task(name="orders.process", queue="orders")(lambda x: x)
+    merge = web.task(name="orders.merge", queue="orders")(lambda xs: xs)
+    try:
+        async with worker(orders, queues=["orders"]):
+            with pytest.raises(TaskFailed) as failed:
+                await (await chain(process.s(1), merge.s()).adelay()).aget(timeout=20)
+        assert failed.value.exc_type == "natask.PermissionDenied" and "orders.merge" in failed.value.message
+    finally:
+        await web.aclose()
+        await orders.aclose()
+
+
 async def _denied(url: str, user: dict[str, str], publish: Sequence[str] = (),
                   subscribe: Sequence[str] = ()) -> set[str]:
     """The subjects of ``publish`` and ``subscribe`` the server refused to ``user`` (raw nats-py,

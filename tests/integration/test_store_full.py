@@ -114,3 +114,39 @@ def test_storage_full_is_a_public_broker_error() -> None:
     assert "StorageFull" in natask.__all__ and issubclass(natask.StorageFull, natask.BrokerError)
     error = StorageFull("full", 10023)
     assert error.err_code == 10023 and str(error) == "full"
+
+
+async def test_a_queue_drains_when_results_cannot_be_stored(nats_server: NatsServer) -> None:
+    """The policy: an outcome that cannot be stored for lack of storage is dropped (the caller still
+    gets the reply), the task is acked and never reruns, and the worker shows the condition."""
+    from natask.dlq import DeadLetters
+    from natask.metrics import health
+    from natask.testing import worker
+
+    app = Natask("drain", servers=[nats_server.url], publish_timeout=30)
+    runs: list[int] = []
+
+    @app.task(name="t.count")
+    def count(i: int) -> int:
+        runs.append(i)
+        return i
+
+    try:
+        async with worker(app) as w:
+            assert await (await count.adelay(-1)).aget(timeout=10) == -1  # stored: the bucket is at its cap
+            broker = await app._broker()
+            info = await broker.js.stream_info(f"KV_{app.names.results_bucket}")
+            info.config.max_msgs = 1
+            await broker.js.update_stream(info.config)
+            results = [await count.adelay(i) for i in range(20)]
+            assert [await r.aget(timeout=10) for r in results] == list(range(20))  # over the caller's inbox
+        # (leaving the block drained the worker: every task was settled)
+        report = health(w)
+        consumer = await broker.js.consumer_info(app.names.stream, "default")
+        assert sorted(runs) == list(range(-1, 20))  # each ran once: no rerun loop
+        assert w.results_not_stored == 20 and report["results_not_stored"] == 20
+        assert report["storage_full_since"] is not None
+        assert consumer.num_redelivered == 0 and consumer.num_pending == 0 and consumer.num_ack_pending == 0
+        assert await DeadLetters(app).list() == []
+    finally:
+        await app.aclose()

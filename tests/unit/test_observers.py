@@ -116,6 +116,7 @@ async def test_event_stream_counts_what_it_drops() -> None:
 
 class _Worker:
     queues = ("q",)
+    results_not_stored = 3
 
     def active(self) -> list[Any]:
         return [object()]
@@ -139,6 +140,7 @@ def test_metrics_count_outcomes_and_bucket_durations() -> None:
         'natask_task_duration_seconds_bucket{le="+Inf",task="t.x"} 2.0',
         'natask_task_duration_seconds_count{task="t.x"} 2.0',
         "natask_tasks_in_flight 1.0",
+        "natask_results_not_stored_total 3.0",
         'natask_queue_pending{queue="q"} 5.0',
         'natask_queue_in_flight{queue="q"} 2.0',
     ):

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import itertools
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,7 +51,8 @@ written as a schedule time, and inf or 1e300 would overflow date arithmetic)."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Decode refuses larger bodies outright (nats-server's max_payload cannot exceed 64 MiB)."""
 MAX_EXT_DEPTH: Final = 32
-"""How deep tuples/sets may nest inside each other; msgpack itself bounds plain array/map depth."""
+"""How deep first-format tuples/sets (nested ext values) may nest; msgpack itself bounds the depth of
+arrays and maps, and so of today's tuples and sets."""
 
 # msgpack extension codes; never reuse a number for another type.
 _EXT_DATETIME: Final = 1
@@ -59,12 +61,34 @@ _EXT_TIME: Final = 3
 _EXT_TIMEDELTA: Final = 4
 _EXT_UUID: Final = 5
 _EXT_DECIMAL: Final = 6
-_EXT_SET: Final = 7
-_EXT_TUPLE: Final = 8
-_EXT_FROZENSET: Final = 9
+_EXT_SET: Final = 7  # the first encoding of sets, tuples and frozensets (a nested packed array);
+_EXT_TUPLE: Final = 8  # still decoded, no longer written: re-packing each level cost O(depth x size)
+_EXT_FROZENSET: Final = 9  # and a packer per tuple
+_EXT_MARK_TUPLE: Final = 10
+_EXT_MARK_SET: Final = 11
+_EXT_MARK_FROZENSET: Final = 12
+
+
+class _Mark:
+    """An empty ext value heading an array: ``[mark, *items]`` is a tuple, set or frozenset. The
+    packer streams such an array like any list (no nested packing), so encoding stays linear."""
+
+    __slots__ = ("ext", "kind")
+
+    def __init__(self, code: int, kind: type) -> None:
+        self.ext = msgpack.ExtType(code, b"")
+        self.kind = kind
+
+
+_TUPLE_MARK: Final = _Mark(_EXT_MARK_TUPLE, tuple)
+_SET_MARK: Final = _Mark(_EXT_MARK_SET, set)
+_FROZENSET_MARK: Final = _Mark(_EXT_MARK_FROZENSET, frozenset)
+_MARKS: Final = {m.ext.code: m for m in (_TUPLE_MARK, _SET_MARK, _FROZENSET_MARK)}
 
 
 def _default(obj: Any) -> Any:
+    if type(obj) is tuple:  # the common case first: a tuple costs this one call, nothing nested
+        return [_TUPLE_MARK.ext, *obj]
     # Order matters: datetime is a subclass of date.
     if isinstance(obj, dt.datetime):
         return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
@@ -79,11 +103,11 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, decimal.Decimal):
         return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
     if isinstance(obj, tuple):
-        return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+        return [_TUPLE_MARK.ext, *obj]
     if isinstance(obj, frozenset):
-        return msgpack.ExtType(_EXT_FROZENSET, _pack(list(obj)))
+        return [_FROZENSET_MARK.ext, *obj]
     if isinstance(obj, set):
-        return msgpack.ExtType(_EXT_SET, _pack(list(obj)))
+        return [_SET_MARK.ext, *obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     # strict_types sends subclasses here: carry them as their base type.
@@ -124,6 +148,7 @@ class _Decoder:
             raw=False,
             strict_map_key=False,
             ext_hook=self.ext_hook,
+            list_hook=_from_list,
             max_str_len=self.limit,
             max_bin_len=self.limit,
             max_array_len=self.limit,
@@ -132,6 +157,11 @@ class _Decoder:
         )
 
     def ext_hook(self, code: int, data: bytes) -> Any:
+        mark = _MARKS.get(code)
+        if mark is not None:
+            if data:
+                raise ValueError(f"msgpack extension {code} must be empty")
+            return mark
         if code == _EXT_DATETIME:
             return dt.datetime.fromisoformat(data.decode())
         if code == _EXT_DATE:
@@ -159,6 +189,14 @@ class _Decoder:
         if code == _EXT_FROZENSET:
             return frozenset(items)
         raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def _from_list(items: list[Any]) -> Any:
+    """msgpack's hook for every decoded array: ``[mark, *items]`` becomes its tuple, set or frozenset
+    (a set of unhashable items raises, and the message is undecodable)."""
+    if items and type(items[0]) is _Mark:
+        return items[0].kind(itertools.islice(items, 1, None))
+    return items
 
 
 _packers = threading.local()

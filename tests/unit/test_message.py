@@ -178,6 +178,15 @@ def _nested_tuple(depth: int) -> Any:
     return value
 
 
+def _first_format_tuple(depth: int) -> bytes:
+    """A tuple nested ``depth`` deep in the first encoding (ext 8 wrapping a packed array), which
+    decoders still read."""
+    data = msgpack.packb(0)
+    for _ in range(depth):
+        data = msgpack.packb(msgpack.ExtType(8, msgpack.packb([msgpack.unpackb(data, ext_hook=msgpack.ExtType)])))
+    return data
+
+
 BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ("garbage", b"\xc1\xc1\xc1 not msgpack", "undecodable"),
     ("empty", b"", "undecodable"),
@@ -208,7 +217,10 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ("huge-bin32", b"\xc6\xff\xff\xff\xff", "undecodable"),
     ("deep-arrays", b"\x91" * 5000, "undecodable"),
     ("deep-maps", b"\x81\xa1k" * 5000 + b"\xc0", "undecodable"),
-    ("deep-tuples", dumps(good_body(args=[_nested_tuple(MAX_EXT_DEPTH + 5)])), "undecodable"),
+    ("deep-first-format-tuples", _first_format_tuple(MAX_EXT_DEPTH + 5), "undecodable"),
+    ("deep-tuples", b"\x92\xd4\x0a\x00" * 5000 + b"\xc0", "undecodable"),
+    ("marked-set-of-lists", msgpack.packb([msgpack.ExtType(11, b""), [1]]), "undecodable"),
+    ("non-empty-mark", msgpack.packb([msgpack.ExtType(10, b"x"), 1]), "undecodable"),
     ("bad-datetime-ext", msgpack.packb(msgpack.ExtType(1, b"not a date")), "undecodable"),
     ("bad-uuid-ext", msgpack.packb(msgpack.ExtType(5, b"short")), "undecodable"),
     ("bad-decimal-ext", msgpack.packb(msgpack.ExtType(6, b"1.2.3")), "undecodable"),
@@ -236,19 +248,26 @@ def test_unknown_wire_version_says_so() -> None:
     assert str(WIRE_VERSION) in message  # names the version this side reads
 
 
-def test_ext_nesting_up_to_the_limit_is_fine() -> None:
-    value = _nested_tuple(MAX_EXT_DEPTH)
-    assert loads(dumps(value)) == value
+def test_first_format_nesting_up_to_the_limit_is_fine() -> None:
+    assert loads(_first_format_tuple(MAX_EXT_DEPTH)) == _nested_tuple(MAX_EXT_DEPTH)
     with pytest.raises(DecodeError, match="deeper"):
-        loads(dumps(_nested_tuple(MAX_EXT_DEPTH + 1)))
+        loads(_first_format_tuple(MAX_EXT_DEPTH + 1))
 
 
-def test_ext_nesting_counts_sets_and_tuples_together() -> None:
-    value: Any = 0
-    for i in range(MAX_EXT_DEPTH + 1):
-        value = (value,) if i % 2 else frozenset({value})
-    with pytest.raises(DecodeError):
-        loads(dumps(value))
+def test_tuples_and_sets_stream_as_one_array_each() -> None:
+    """``[mark, *items]``: no nested packing, so encoding is linear in the size at any depth."""
+    assert dumps((1, 2)) == msgpack.packb([msgpack.ExtType(10, b""), 1, 2])
+    assert dumps(frozenset({3})) == msgpack.packb([msgpack.ExtType(12, b""), 3])
+    nested = _nested_tuple(200)  # deeper than the first format allowed
+    assert loads(dumps(nested)) == nested
+    value = [(1, {2}), frozenset({(3, 4)}), [(5,)]]
+    assert loads(dumps(value)) == value and type(loads(dumps(value))[0]) is tuple
+
+
+def test_first_format_tuples_and_sets_still_decode() -> None:
+    first = msgpack.packb([msgpack.ExtType(8, msgpack.packb([1, 2])), msgpack.ExtType(7, msgpack.packb([3])),
+                           msgpack.ExtType(9, msgpack.packb([4]))])
+    assert loads(first) == [(1, 2), {3}, frozenset({4})]
 
 
 def test_loads_refuses_bodies_over_the_limit() -> None:

@@ -64,7 +64,8 @@ async def main() -> None:
         audited.append(msg.subject)
         if len(audited) == 5:
             all_seen.set()
-        print(f"[AUDIT] {msg.subject}  task={headers.get('Natask-Task')}  id={headers.get('Nats-Msg-Id')}  "
+        task = msg.subject.split(".", 2)[-1]  # <prefix>.<queue>.<task name>
+        print(f"[AUDIT] {msg.subject}  task={task}  id={headers.get('Nats-Msg-Id')}  "
               f"args={args}")
 
     await nc.subscribe(f"{PREFIX}.>", cb=audit)

@@ -26,7 +26,6 @@ from .message import (
     HDR_REPLY,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
-    HDR_TASK,
     Envelope,
     at_schedule,
     dumps,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 
 _NO_LINKS: list[Any] = []  # shared defaults: the envelope is encoded and dropped, never mutated
 _NO_META: dict[str, Any] = {}
+_RESERVED_HEADERS = ("natask-", "nats-")
 _FAILURE_MEMORY = 2.0
 """Seconds a failed connect is remembered, so a burst of calls fails fast instead of each waiting."""
 
@@ -99,6 +99,7 @@ class Natask:
         publish_timeout: Seconds | None = None,
         connect_timeout: Seconds | None = None,
         connect_options: Mapping[str, Any] | None = None,
+        duplicate_window: Seconds | None = None,
     ) -> None:
         self.config = Config.build(
             name,
@@ -112,6 +113,7 @@ class Natask:
             publish_timeout=publish_timeout,
             connect_options=connect_options,
             connect_timeout=connect_timeout,
+            duplicate_window=duplicate_window,
         )
         self.name = name
         self.names = Names(self.config.subject_prefix)
@@ -343,14 +345,17 @@ class Natask:
                 f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
                 "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
             ) from None
-        hdrs = {HDR_MSG_ID: task_id, HDR_TASK: name}
+        hdrs = {HDR_MSG_ID: task_id}  # the task's name is in the subject (a header would cost ~40 B a task)
         if explicit_id:
             hdrs[HDR_CHECK_STORED] = "1"  # this id may have run before: the worker looks first
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
                     raise TypeError("headers must map str to str")
-                hdrs.setdefault(key, value)
+                if key.lower().startswith(_RESERVED_HEADERS):
+                    raise ConfigError(f"header {key!r} is reserved: natask and NATS own the 'Natask-' and "
+                                      "'Nats-' headers (use task_id= for the message id)")
+                hdrs[key] = value
         return Call(task_id, name, queue, payload, hdrs, when, ignore_result)
 
     async def _apublish(self, call: Call) -> AsyncResult[Any]:

@@ -326,6 +326,7 @@ class Broker:
             num_replicas=self.config.stream_replicas,
             allow_msg_schedules=True,
             allow_direct=True,
+            duplicate_window=self.config.duplicate_window,
         )
         await self._ensure(config)
         self._stream_ready = True
@@ -368,6 +369,11 @@ class Broker:
                 f"natask needs retention={config.retention} subjects={config.subjects}: "
                 "delete it or use another subject_prefix"
             )
+        wanted, kept = config.duplicate_window, have.duplicate_window
+        if wanted and kept and abs(kept - wanted) > 0.5:
+            log.warning("stream %s keeps message ids for %gs, not the duplicate_window of %gs this app asks for: "
+                        "natask does not change an existing stream (nats stream edit %s --dupe-window %gs)",
+                        config.name, kept, wanted, config.name, wanted)
 
     async def ensure_consumer(self, queue: str) -> str:
         """Create or update the durable pull consumer of a queue (workers only)."""

@@ -98,6 +98,9 @@ class Config:
     publish_timeout: float = 30.0
     connect_timeout: float = 5.0
     connect_options: Mapping[str, Any] = field(default_factory=dict)
+    duplicate_window: float = 120.0
+    """Seconds the task stream remembers message ids (dedupe). The server keeps ~200 bytes of memory
+    per task published within the window: shorten it for high rates, not below ``publish_timeout``."""
 
     @classmethod
     def build(
@@ -113,6 +116,7 @@ class Config:
         publish_timeout: Seconds | None = None,
         connect_options: Mapping[str, Any] | None = None,
         connect_timeout: Seconds | None = None,
+        duplicate_window: Seconds | None = None,
     ) -> Config:
         """Merge explicit arguments over the environment and validate the result."""
         if not isinstance(name, str) or not name:
@@ -151,6 +155,11 @@ class Config:
                 raise ConfigError(f"{what} must be >= {minimum} seconds, got {s}")
             return s
 
+        timeout = dur(publish_timeout, "NATASK_PUBLISH_TIMEOUT", 30.0, "publish_timeout", 0.1)
+        window = dur(duplicate_window, "NATASK_DUPLICATE_WINDOW", 120.0, "duplicate_window", 1.0)
+        if window < timeout:
+            raise ConfigError(f"duplicate_window ({window:g}s) must be at least publish_timeout ({timeout:g}s): "
+                              "a publish retried after a reconnect must still be recognised as a duplicate")
         return cls(
             name=name,
             servers=server_list,
@@ -160,7 +169,8 @@ class Config:
             ack_wait=dur(ack_wait, "NATASK_ACK_WAIT", 30.0, "ack_wait", 1.0),
             max_ack_pending=pending,
             stream_replicas=replicas,
-            publish_timeout=dur(publish_timeout, "NATASK_PUBLISH_TIMEOUT", 30.0, "publish_timeout", 0.1),
+            publish_timeout=timeout,
+            duplicate_window=window,
             connect_timeout=dur(connect_timeout, "NATASK_CONNECT_TIMEOUT", 5.0, "connect_timeout", 0.1),
             connect_options=opts,
         )

@@ -28,7 +28,7 @@ from .dlq import HDR_REPLAYS, DeadLetter, DeadLetterNotFound, DeadLetters, parse
 from .errors import ConfigError, NataskError
 from .events import MAX_NAME, EventStream, check_fields, follow, is_ident, is_number
 from .http import MAX_CONNECTIONS
-from .message import HDR_MSG_ID, HDR_RETRIES, HDR_TASK, Envelope, loads
+from .message import HDR_MSG_ID, HDR_RETRIES, HDR_SCHEDULE_TARGET, Envelope, loads
 from .naming import TASK_ID_RE
 from .worker import HEARTBEAT_INTERVAL
 
@@ -368,7 +368,9 @@ class Dashboard:
         if not _QUEUE_RE.match(queue):
             return  # not a task subject natask would publish
         msg_id = headers.get(HDR_MSG_ID, "")
-        task_id, name, args = msg_id.split(":", 1)[0], _task_name(headers.get(HDR_TASK)), ""
+        target = headers.get(HDR_SCHEDULE_TARGET, "") if scheduled else msg.subject
+        route = self.app.names.task_from_subject(target) if isinstance(target, str) else None
+        task_id, name, args = msg_id.split(":", 1)[0], route[1] if route else "", ""
         if len(msg.data) <= MAX_DECODE:
             try:
                 env = Envelope.decode(msg.data, headers)

@@ -212,12 +212,11 @@ class _Flow:
         for step in steps:
             sig = step.sig
             opts = dict(sig["options"])
-            headers = dict(opts.pop("headers", None) or {})
+            call = self.app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"],
+                                     headers=opts.pop("headers", None), parent_id=env.id,
+                                     root_id=env.root_id or env.id, links=sig.get("link"), meta=step.meta, **opts)
             if sig.get("reply"):
-                headers[HDR_REPLY] = sig["reply"]
-            call = self.app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"], headers=headers,
-                                     parent_id=env.id, root_id=env.root_id or env.id, links=sig.get("link"),
-                                     meta=step.meta, **opts)
+                call.headers[HDR_REPLY] = sig["reply"]
             subject = names.task_subject(call.queue, call.task)
             if call.eta is not None and call.eta > time.time():
                 call.headers[HDR_SCHEDULE] = at_schedule(call.eta)

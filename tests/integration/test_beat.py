@@ -54,7 +54,7 @@ class Ticks:
 
     async def on_msg(self, msg: Msg) -> None:
         assert msg.subject == f"{PREFIX}.default.jobs.tick"
-        assert msg.headers is not None and msg.headers["Natask-Task"] == "jobs.tick"
+        assert msg.headers is not None
         self.ids.append(msg.headers["Nats-Msg-Id"])
         self.arrived.append(time.monotonic())
         self._changed.set()

@@ -49,3 +49,13 @@ async def test_a_refused_message_is_published_again_alone_and_its_error_surfaces
         assert await _stored(broker) == [b"1", b"3"]  # the others are stored, once
     finally:
         await app.aclose()
+
+
+async def test_the_task_stream_keeps_message_ids_for_the_duplicate_window(nats_server: NatsServer) -> None:
+    app = Natask("w", servers=[nats_server.url], duplicate_window=45)
+    try:
+        await app.asend_task("t.x")
+        info = await (await app._broker()).js.stream_info(app.names.stream)
+        assert info.config.duplicate_window == 45
+    finally:
+        await app.aclose()

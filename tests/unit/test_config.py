@@ -307,3 +307,12 @@ def test_config_is_frozen() -> None:
     cfg = Config.build("shop")
     with pytest.raises(AttributeError):
         cfg.subject_prefix = "other"  # type: ignore[misc]
+
+
+def test_duplicate_window_defaults_to_two_minutes_and_covers_publish_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Config.build("a").duplicate_window == 120.0
+    monkeypatch.setenv("NATASK_DUPLICATE_WINDOW", "45")
+    assert Config.build("a").duplicate_window == 45.0
+    with pytest.raises(ConfigError, match="at least publish_timeout"):
+        Config.build("a", duplicate_window=10)
+    assert Config.build("a", duplicate_window=10, publish_timeout=5).duplicate_window == 10.0

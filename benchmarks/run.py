@@ -539,7 +539,8 @@ class Bench:
 
         return asyncio.run(measure())
 
-    def raw_drain(self) -> dict[str, Any]:
+    def raw_drain(self, procs: str = "1") -> dict[str, Any]:
+        """``procs`` raw workers (bound to the same durable consumer) drain ``sizes.drain`` messages."""
         n = self.sizes.drain
         rid = fresh_id("r")
         stream, subject = f"RAW_{rid.upper()}", f"raw{rid}.>"
@@ -555,13 +556,15 @@ class Bench:
                     if queued != n:
                         raise BenchError(f"{stream} holds {queued} messages, expected {n}")
                     spawned = time.perf_counter()
-                    proc = self.spawn_raw_worker(stream, subject, "drain")
+                    procs_ = [self.spawn_raw_worker(stream, subject, "drain") for _ in range(int(procs))]
+                    proc = procs_[0]
                     meter = CpuMeter(proc.pid, n)
                     try:
                         t0, t1 = await self.watch_drain(js, stream, "raw", n, proc, on_poll=meter)
                         rss = vm_hwm_mb(proc.pid)
                     finally:
-                        self.stop(proc)
+                        for p in procs_:
+                            self.stop(p)
                 finally:
                     await delete_streams(js, stream)
                 return {"rate": n / (t1 - t0), "seconds": t1 - t0, "rate_incl_startup": n / (t1 - spawned),

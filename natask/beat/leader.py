@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from ..config import Seconds, seconds
 from ..errors import BrokerError, ConfigError
 from .enqueue import Enqueuer, Message
-from .records import RECORD_PREFIX, Records, loads
+from .records import RECORD_PREFIX, Record, Records, loads
 from .schedule import UTC, PeriodicEntry
 from .timetable import Tick, Timetable
 
@@ -388,7 +388,7 @@ class Beat:
         cursors = await self._records.load([entry.name for entry in self._entries])
         return Timetable(self._entries, cursors, self.catch_up)
 
-    async def _send(self, table: Timetable, ticks: Sequence[Tick], term: int) -> list[tuple[str, datetime, str]] | None:
+    async def _send(self, table: Timetable, ticks: Sequence[Tick], term: int) -> list[Record] | None:
         """Publish a batch of ticks pipelined; returns the records to write (each entry's latest tick of
         the batch), or None if the lease lapsed first (nothing of the batch is recorded then: a new
         leader sends it again, deduplicated by the stream)."""
@@ -432,7 +432,7 @@ class Beat:
                     await asyncio.wait({task})
                     if not task.cancelled():
                         task.exception()  # retrieved: the batch is abandoned either way
-                    log.warning("beat %s: its lease lapsed while ticks were being published; "
+                    log.warning("beat %s: its lease lapsed (or was taken) while ticks were being published; "
                                 "the batch is left unrecorded", self.id)
                     return False
                 await asyncio.wait({task}, timeout=left)

@@ -29,6 +29,9 @@ WRITE_ACK_WAIT: Final = 5.0
 """Seconds a pipelined batch of record writes waits for its acks; the rest is written one by one."""
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
 
+Record = tuple[str, datetime, str]
+"""An entry's name, its last enqueued fire time and that tick's id."""
+
 
 class Records:
     """The records of one leader: what it read or wrote, with each key's revision for the next CAS."""
@@ -61,7 +64,7 @@ class Records:
         except nats.js.errors.KeyNotFoundError:
             return None
 
-    async def write(self, latest: Iterable[tuple[str, datetime, str]]) -> None:
+    async def write(self, latest: Iterable[Record]) -> None:
         """Record each entry's last enqueued fire time and tick id, never moving it backwards: one
         pipelined batch of compare-and-set writes; a conflict, a refusal or a missing ack is then
         written alone."""

@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from ..config import Seconds, seconds
 from ..errors import BrokerError, ConfigError
 from .enqueue import Enqueuer, Message
-from .records import RECORD_PREFIX, Record, Records, loads
+from .records import RECORD_PREFIX, Records, loads
 from .schedule import UTC, PeriodicEntry
 from .timetable import Tick, Timetable
 
@@ -342,45 +342,50 @@ class Beat:
             await self._pause(self._wake, delay)
 
     async def _fire(self, kv: KeyValue) -> float | None:
-        """One pass: every due tick, in batches; returns how long to wait for the next (``None``:
-        until woken)."""
+        """One pass: every due tick, in batches, then their records; returns how long to wait for the
+        next pass (``None``: until woken)."""
         term = self._term
         if not self._leading(term):
-            self._timetable = None
+            await self._forget()
             return None
         table = self._timetable
         if table is None or self._timetable_term != term:
-            self._timetable = None
+            await self._forget()
             table = await self._load(kv)
             self._timetable, self._timetable_term = table, term
         now_ts = self._clock()
         now = datetime.fromtimestamp(now_ts, UTC)
         horizon = datetime.fromtimestamp(max(self._started, now_ts - self._late_window), UTC)
-        ticks = table.due(now, horizon)
-        if not await self._send_all(table, ticks, term):
+        complete = await self._send_all(table, table.due(now, horizon), term)
+        # Once per pass: a pass behind schedule (several fire times per entry) writes one record per entry.
+        await self._record(table)
+        if not complete:
             return 0.0
         table.finish(now)
         upcoming = table.next_at()
         return None if upcoming is None else upcoming.timestamp() - self._clock()
 
     async def _send_all(self, table: Timetable, ticks: Sequence[Tick], term: int) -> bool:
-        """Send the ticks batch by batch, each batch's records right after its PubAcks; False (and
-        the pass abandoned) if stopped or no longer leading."""
-        records = self._records
-        assert records is not None
+        """Publish the ticks batch by batch; False (the pass abandoned) if stopped or no longer leading."""
         try:
             for start in range(0, len(ticks), TICK_BATCH):
-                latest = None
-                if not self._stopping.is_set() and self._leading(term):
-                    latest = await self._send(table, ticks[start:start + TICK_BATCH], term)
-                if latest is None:
+                if self._stopping.is_set() or not self._leading(term) \
+                        or not await self._send(table, ticks[start:start + TICK_BATCH], term):
                     table.abandon()
                     return False
-                await records.write(latest)
         except BaseException:
-            table.abandon()
+            table.abandon()  # what was acknowledged stays in table.unrecorded: recorded in a later pass
             raise
         return True
+
+    async def _record(self, table: Timetable) -> None:
+        """Write each entry's latest acknowledged (or skipped) tick not recorded yet, pipelined."""
+        ticks = table.unrecorded()
+        if ticks:
+            assert self._records is not None
+            entries = table.entries
+            await self._records.write([(entries[t.slot].name, t.fire, table.tick_id(t)) for t in ticks])
+            table.recorded(ticks)
 
     async def _load(self, kv: KeyValue) -> Timetable:
         """On becoming leader: the last fire time each entry's previous leader recorded."""
@@ -388,15 +393,26 @@ class Beat:
         cursors = await self._records.load([entry.name for entry in self._entries])
         return Timetable(self._entries, cursors, self.catch_up)
 
-    async def _send(self, table: Timetable, ticks: Sequence[Tick], term: int) -> list[Record] | None:
-        """Publish a batch of ticks pipelined; returns the records to write (each entry's latest tick of
-        the batch), or None if the lease lapsed first (nothing of the batch is recorded then: a new
-        leader sends it again, deduplicated by the stream)."""
+    async def _forget(self) -> None:
+        """Drop the timetable (no longer leading, or leading again after another may have), writing
+        the records it still owes first: they are facts, and the CAS keeps a later one."""
+        table, self._timetable = self._timetable, None
+        if table is None:
+            return
+        try:
+            await self._record(table)
+        except Exception as e:
+            log.warning("beat %s: could not record the last ticks it sent: %s", self.id, e or type(e).__name__)
+
+    async def _send(self, table: Timetable, ticks: Sequence[Tick], term: int) -> bool:
+        """Publish a batch of ticks pipelined and mark them handled; False if the lease lapsed first
+        (nothing of the batch is handled or recorded then: a new leader sends it again, deduplicated
+        by the stream)."""
         broker = await self.app._broker()
         entries = table.entries
         messages: list[Message] = []
         sent: list[tuple[Tick, str]] = []
-        handled: list[tuple[Tick, str]] = []  # published, or skipped for good (as apply_async fails)
+        skipped: list[Tick] = []  # handled as enqueued, as when apply_async fails
         for tick in ticks:
             entry = entries[tick.slot]
             task_id = table.tick_id(tick)
@@ -404,21 +420,19 @@ class Beat:
                 messages.append(self._enqueuer.message(broker, entry, task_id))
             except Exception:
                 log.exception("periodic entry %r cannot be enqueued; skipping its tick %s", entry.name, task_id)
-                handled.append((tick, task_id))
+                skipped.append(tick)
                 continue
             sent.append((tick, task_id))
         if messages and not await self._while_leading(self._enqueuer.publish(broker, messages), term):
-            return None
-        if log.isEnabledFor(logging.DEBUG):
-            for tick, task_id in sent:
-                log.debug("enqueued %s (%s)", task_id, entries[tick.slot].signature)
-        latest: dict[int, tuple[datetime, str]] = {}
-        for tick, task_id in (*handled, *sent):
+            return False
+        debug = log.isEnabledFor(logging.DEBUG)
+        for tick, task_id in sent:
             table.handled(tick)
-            last = latest.get(tick.slot)
-            if last is None or last[0] < tick.fire:
-                latest[tick.slot] = (tick.fire, task_id)
-        return [(entries[i].name, fire, task_id) for i, (fire, task_id) in latest.items()]
+            if debug:
+                log.debug("enqueued %s (%s)", task_id, entries[tick.slot].signature)
+        for tick in skipped:
+            table.handled(tick)
+        return True
 
     async def _while_leading(self, publish: Awaitable[None], term: int) -> bool:
         """Await ``publish`` while our lease lasts; cancel it (False) once it lapses, so no tick is sent

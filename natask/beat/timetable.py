@@ -38,7 +38,8 @@ class Timetable:
     ``due(now, horizon)`` returns the ticks to enqueue (the same as ``due_ticks`` per entry); the
     caller then reports each acknowledged tick with ``handled`` and ends the pass with ``finish``
     (every tick handled) or ``abandon`` (interrupted: the entries of the pass are looked at again,
-    from their cursors, in the next pass).
+    from their cursors, in the next pass). Handled ticks wait in ``unrecorded`` (the latest per entry)
+    until ``recorded`` says they were written to the bucket.
     """
 
     def __init__(self, entries: Sequence[PeriodicEntry], cursors: Mapping[str, datetime | None],
@@ -48,6 +49,7 @@ class Timetable:
         self._slots = [_Slot(e, cursors.get(e.name)) for e in self.entries]
         self._heap: list[tuple[datetime, int]] = [(_UNKNOWN, i) for i in range(len(self._slots))]  # a heap already
         self._pass: list[tuple[int, datetime]] = []  # (slot, its next fire time after the pass)
+        self._unrecorded: dict[int, datetime] = {}  # slot -> its latest handled fire time not yet recorded
         self._stamps: dict[datetime, str] = {}
 
     def __len__(self) -> int:
@@ -89,6 +91,19 @@ class Timetable:
         slot = self._slots[tick.slot]
         if slot.cursor is None or slot.cursor < tick.fire:
             slot.cursor = tick.fire
+        last = self._unrecorded.get(tick.slot)
+        if last is None or last < tick.fire:
+            self._unrecorded[tick.slot] = tick.fire
+
+    def unrecorded(self) -> list[Tick]:
+        """Each entry's latest handled tick whose record was not written yet."""
+        return [Tick(fire, i) for i, fire in self._unrecorded.items()]
+
+    def recorded(self, ticks: Sequence[Tick]) -> None:
+        """``ticks`` (from ``unrecorded``) are in the bucket now."""
+        for tick in ticks:
+            if self._unrecorded.get(tick.slot) == tick.fire:
+                del self._unrecorded[tick.slot]
 
     def finish(self, now: datetime) -> None:
         """Every tick of the pass was handled: each entry's cursor moves to ``now``."""

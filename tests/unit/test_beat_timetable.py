@@ -139,3 +139,19 @@ def test_a_pass_must_end_before_the_next(sig: Signature[Any]) -> None:
     table.due(START, START)
     with pytest.raises(RuntimeError, match="neither finished nor abandoned"):
         table.due(START, START)
+
+
+def test_handled_ticks_wait_to_be_recorded_latest_per_entry(sig: Signature[Any]) -> None:
+    items = [make_entry(timedelta(seconds=1), sig, name=name, tz=None) for name in ("a", "b")]
+    table = Timetable(items, {"a": START, "b": START}, 1)
+    now = START + timedelta(seconds=3)
+    ticks = table.due(now, START)
+    assert [t.fire - START for t in ticks if t.slot == 0] == [timedelta(seconds=s) for s in (1, 2, 3)]
+    for tick in ticks[:4]:  # a's and b's first two: the pass stops there
+        table.handled(tick)
+    table.abandon()
+    pending = table.unrecorded()
+    assert sorted(pending) == [Tick(START + timedelta(seconds=2), 0), Tick(START + timedelta(seconds=2), 1)]
+    table.recorded(pending[:1])
+    assert table.unrecorded() == pending[1:]
+    assert [t.fire - START for t in table.due(now, START)] == [timedelta(seconds=3)] * 2  # the rest, then

@@ -40,7 +40,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 
 from natask import Natask  # noqa: E402
 from natask.beat import TICK_SEP, TICK_TIME_FORMAT, Beat, tick_id  # noqa: E402
-from natask.beat.leader import RECORD_PREFIX, bucket_name  # noqa: E402
+from natask.beat.leader import bucket_name  # noqa: E402
+from natask.beat.records import RECORD_PREFIX  # noqa: E402
 from natask.server import NatsServer  # noqa: E402
 
 SIZES = (1_000, 10_000)

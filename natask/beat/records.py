@@ -25,6 +25,8 @@ RECORD_PREFIX: Final = "last."
 """KV key prefix of the last fire time enqueued per entry: ``last.<entry>`` -> ``{"fire": unix, "id": tick}``."""
 READ_CONCURRENCY: Final = 256
 """Record reads in flight at a time when a new leader loads them."""
+WRITE_BATCH: Final = 4096
+"""Record writes in flight at a time (as ``Broker.publish_many`` pipelines publishes)."""
 WRITE_ACK_WAIT: Final = 5.0
 """Seconds a pipelined batch of record writes waits for its acks; the rest is written one by one."""
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
@@ -65,12 +67,14 @@ class Records:
             return None
 
     async def write(self, latest: Iterable[Record]) -> None:
-        """Record each entry's last enqueued fire time and tick id, never moving it backwards: one
-        pipelined batch of compare-and-set writes; a conflict, a refusal or a missing ack is then
+        """Record each entry's last enqueued fire time and tick id, never moving it backwards:
+        pipelined batches of compare-and-set writes; a conflict, a refusal or a missing ack is then
         written alone."""
         items = list(latest)
-        if not items:
-            return
+        for start in range(0, len(items), WRITE_BATCH):
+            await self._write(items[start:start + WRITE_BATCH])
+
+    async def _write(self, items: Sequence[Record]) -> None:
         nc = self.broker.nc
         inbox = nc.new_inbox()
         cut = len(inbox) + 1

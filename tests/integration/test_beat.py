@@ -17,9 +17,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from natask import Natask
-from natask.beat import TICK_SEP, TICK_TIME_FORMAT, Beat, bucket_name, read_state
+from natask.beat import TICK_SEP, TICK_TIME_FORMAT, Beat, bucket_name, read_state, tick_id
 from natask.beat import leader as beat_leader
 from natask.beat.leader import LEASE_KEY
+from natask.beat.records import RECORD_PREFIX, Records, record_time
 from natask.broker import Broker, Published
 from natask.server import NatsServer
 
@@ -444,3 +445,35 @@ async def test_a_leader_dying_between_a_batch_and_its_records_skips_and_doubles_
         # batches) was sent again, and deduplicated by the stream.
         assert 0 < sum(c - 1 for c in Counter(ticks.ids).values()) <= 2 * batch
         assert await recorded(nats_server.url, n) == {name: entry_fires[-1] for name, entry_fires in fires.items()}
+
+
+async def test_pipelined_records_keep_the_later_time_and_survive_a_deleted_bucket(nats_server: NatsServer) -> None:
+    app = make_app(nats_server.url, 1)
+    nc = await nats.connect(nats_server.url)
+    t = [datetime(2026, 1, 1, 0, 0, s, tzinfo=UTC) for s in range(10)]
+
+    def rec(name: str, fire: datetime) -> tuple[str, datetime, str]:
+        return name, fire, tick_id(name, fire)
+
+    async def stored(name: str) -> datetime | None:
+        return record_time((await raw.get(RECORD_PREFIX + name)).value)
+
+    try:
+        records = Records(await app._broker(), await Beat(app)._open())
+        raw = await nc.jetstream().key_value(bucket_name(app))
+        await records.write([rec("a", t[2]), rec("b", t[4])])
+        assert (await stored("a"), await stored("b")) == (t[2], t[4])
+        # Another beat (it led meanwhile) wrote both keys: a later time is kept, an earlier one replaced.
+        await raw.put(RECORD_PREFIX + "a", json.dumps({"fire": int(t[5].timestamp())}).encode())
+        await raw.put(RECORD_PREFIX + "b", json.dumps({"fire": int(t[1].timestamp())}).encode())
+        await records.write([rec("a", t[3]), rec("b", t[6])])
+        assert (await stored("a"), await stored("b")) == (t[5], t[6])
+        await records.write([rec("a", t[7])])  # the revision adopted from the conflict is current
+        assert await stored("a") == t[7]
+        await nc.jetstream().delete_key_value(bucket_name(app))
+        await records.write([rec("c", t[8])])  # no stream answers: written alone, the bucket recreated
+        raw = await nc.jetstream().key_value(bucket_name(app))
+        assert await stored("c") == t[8]
+    finally:
+        await app.aclose()
+        await nc.close()

@@ -477,3 +477,43 @@ async def test_pipelined_records_keep_the_later_time_and_survive_a_deleted_bucke
     finally:
         await app.aclose()
         await nc.close()
+
+
+async def test_a_leader_whose_lease_lapsed_fires_again_once_it_renews_it(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(nats_server.url, 1)
+    beat = Beat(app, lease_ttl=1.0)
+    renew = beat._lease
+    stalled, hung, resume = False, asyncio.Event(), asyncio.Event()
+
+    async def lease(kv: object) -> None:  # a renewal that hangs (a server that does not answer)
+        if stalled:
+            hung.set()
+            await resume.wait()
+        await renew(kv)  # type: ignore[arg-type]
+
+    forget, dropped = beat._forget, asyncio.Event()
+
+    async def forgetting() -> None:  # the firing loop saw the lease run out and dropped its timetable
+        if beat._timetable is not None:
+            dropped.set()
+        await forget()
+
+    monkeypatch.setattr(beat, "_lease", lease)
+    monkeypatch.setattr(beat, "_forget", forgetting)
+    async with observer(nats_server.url) as (_, ticks):
+        try:
+            await beat.start()
+            await ticks.wait_for(lambda: min(len(ticks.fires(e)) for e in ENTRIES) >= 2)
+            stalled = True
+            await asyncio.wait_for(hung.wait(), 10)
+            await asyncio.wait_for(dropped.wait(), 10)  # by the leader's own clock: it stopped firing
+            assert not beat.is_leader
+            stalled = False
+            resume.set()  # the renewal goes through (no other beat took the lease): firing resumes
+            resumed = time.time()
+            await ticks.wait_for(lambda: min(len(ticks.fires(e, after=resumed + 1)) for e in ENTRIES) >= 2)
+        finally:
+            resume.set()
+            await stop_all([beat], [app])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 import msgpack  # noqa: E402
 import nats  # noqa: E402
+import nats.js.errors  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig  # noqa: E402
 
 from natask import Natask  # noqa: E402
@@ -126,7 +128,6 @@ async def natask_side(url: str, n: int, seconds: int) -> dict[str, Any]:
         app.add_periodic_task(timedelta(seconds=1), tick.s(), name=entry_name(i))
     beat = Beat(app)
     broker = await app._broker()
-    kv = None
     try:
         await beat.start()
         start = math.ceil(time.time() + WARMUP)
@@ -139,12 +140,9 @@ async def natask_side(url: str, n: int, seconds: int) -> dict[str, Any]:
         kv = await broker.js.key_value(bucket_name(app))
         deadline = time.monotonic() + DRAIN_LIMIT
         while time.monotonic() < deadline:
-            try:
-                entry = await kv.get(RECORD_PREFIX + entry_name(n - 1))
-                if _later(entry.value, end - 1):
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                if _later((await kv.get(RECORD_PREFIX + entry_name(n - 1))).value, end - 1):
                     break
-            except Exception:
-                pass
             await asyncio.sleep(0.2)
         await beat.stop()
         stream = broker.names.stream
@@ -223,11 +221,12 @@ def rows_for(n: int, nat: dict[str, Any], raw: dict[str, Any]) -> list[dict[str,
     for key, label, unit in (("p50_ms", "tick lag p50", "ms"), ("p99_ms", "tick lag p99", "ms"),
                              ("cpu_pct", "beat process CPU", "%")):
         a, b = nat[key], raw[key]
-        rows.append({"name": f"{n:,} one-second entries: {label}", "natask": a, "reference": b,
+        rows.append({"name": f"beat, {n:,} one-second entries: {label}", "natask": a, "reference": b,
                      "ratio": a / b if b else math.nan, "unit": unit})
     for side in (nat, raw):
         if side["missing"] or side["twice"]:
-            rows.append({"name": f"{n:,} entries, {side['side']}: ticks missing / stored twice",
+            rows.append({"name": f"beat, {n:,} entries, {side['side']}: ticks missing (stored twice: "
+                                 f"{side['twice']})",
                          "natask": side["missing"] if side is nat else math.nan,
                          "reference": side["missing"] if side is raw else math.nan,
                          "ratio": math.nan, "unit": "ticks"})

@@ -11,10 +11,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import nats.errors
 import nats.js.errors
@@ -23,7 +23,10 @@ from nats.js.kv import KeyValue
 
 from ..config import Seconds, seconds
 from ..errors import BrokerError, ConfigError
-from .schedule import UTC, PeriodicEntry, due_ticks, next_fire, tick_id
+from .enqueue import Enqueuer, Message
+from .records import RECORD_PREFIX, Records, loads
+from .schedule import UTC, PeriodicEntry
+from .timetable import Tick, Timetable
 
 if TYPE_CHECKING:
     from ..app import Natask
@@ -31,15 +34,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("natask.beat")
 LEASE_KEY: Final = "leader"
 """KV key of the leader lease: JSON ``{"holder": id, "expires": unix time}`` (``holder`` empty: released)."""
-RECORD_PREFIX: Final = "last."
-"""KV key prefix of the last fire time enqueued per entry: ``last.<entry>`` -> ``{"fire": unix, "id": tick}``."""
 LEASE_SAFETY: Final = 0.8
 """A leader fires only within this fraction of ``lease_ttl`` after sending its last successful renewal."""
 LATE_WINDOW_MIN: Final = 10.0
 """Ticks at most ``max(3 * lease_ttl, this)`` seconds late (a failover, a short outage) are all enqueued."""
+TICK_BATCH: Final = 1000
+"""Ticks published together (pipelined), then recorded together; the lease is checked between batches."""
 _TRANSIENT: Final = (BrokerError, nats.errors.Error, asyncio.TimeoutError, OSError)
 
-
+__all__ = ["LATE_WINDOW_MIN", "LEASE_KEY", "LEASE_SAFETY", "RECORD_PREFIX", "TICK_BATCH", "Beat", "BeatState",
+           "bucket_name", "read_state"]
 
 
 # -- the beat ----------------------------------------------------------------------------------
@@ -69,27 +73,24 @@ async def read_state(app: Natask) -> BeatState:
         return BeatState(None, None, {})
     leader, expires = None, None
     with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-        data = _loads((await kv.get(LEASE_KEY)).value)
+        data = loads((await kv.get(LEASE_KEY)).value)
         leader = str(data.get("holder") or "") or None
         if leader and isinstance(data.get("expires"), (int, float)):
             expires = datetime.fromtimestamp(data["expires"], UTC)
-    last: dict[str, datetime] = {}
-    for name in app.periodic_entries:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            fire = _record_time((await kv.get(RECORD_PREFIX + name)).value)
-            if fire is not None:
-                last[name] = fire
-    return BeatState(leader, expires, last)
+    recorded = await Records(broker, kv).load(list(app.periodic_entries))
+    return BeatState(leader, expires, {name: fire for name, fire in recorded.items() if fire is not None})
 
 
 class Beat:
     """Enqueues an app's periodic entries; run any number of them (``natask beat``, ``worker -B``).
 
     One beat leads at a time, elected through a lease in the KV bucket ``natask_beat_<prefix>``; the
-    others watch it and take over within about ``1.25 * lease_ttl`` of the leader's death. The leader
-    records each enqueued fire time per entry in the same bucket, so a new leader neither replays nor
-    skips: fire times that fell due while some beat was watching are all enqueued (late, after a
-    failover); fire times missed while no beat ran are dropped except the latest ``catch_up`` per entry.
+    others watch it and take over within about ``1.25 * lease_ttl`` of the leader's death. The lease
+    is renewed by a task of its own, so a long pass never lets it lapse. The leader publishes the
+    ticks of a pass pipelined and records each entry's last enqueued fire time in the same bucket once
+    the server acknowledged it, so a new leader neither replays nor skips: fire times that fell due
+    while some beat was watching are all enqueued (late, after a failover); fire times missed while
+    no beat ran are dropped except the latest ``catch_up`` per entry.
     ``clock`` (unix seconds) decides fire times; lease timing uses the monotonic clock.
     """
 
@@ -116,6 +117,7 @@ class Beat:
         self._entries: list[PeriodicEntry] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # the firing loop: leadership gained, or stop
         self._done = asyncio.Event()
         self._started = 0.0
         self._release_on_exit = True
@@ -124,10 +126,12 @@ class Beat:
         self._leader_until = 0.0
         self._lease_due = 0.0
         self._seen: tuple[int, float] | None = None  # (lease revision, when we first saw it)
-        # while leading: every fire time up to the cursor is handled; record revisions for CAS
-        self._cursors: dict[str, datetime | None] | None = None
-        self._records: dict[str, int] = {}
-        self._upcoming: dict[str, datetime] = {}  # next fire time after each cursor (a cache)
+        self._term = 0  # bumped whenever this beat becomes leader after another may have led
+        # while leading: cursors and next fire times, and the records' revisions for CAS
+        self._timetable: Timetable | None = None
+        self._timetable_term = 0
+        self._records: Records | None = None
+        self._enqueuer = Enqueuer(app)
 
     def __repr__(self) -> str:
         return f"<Beat {self.id} {'leader' if self.is_leader else 'follower'} entries={len(self._entries)}>"
@@ -146,6 +150,7 @@ class Beat:
         if not self._entries:
             log.warning("app %r has no periodic entries: this beat has nothing to enqueue", self.app.name)
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._release_on_exit = True
         self._started = self._clock()
@@ -154,26 +159,28 @@ class Beat:
         log.info("beat %s started with %d entries", self.id, len(self._entries))
 
     async def stop(self, *, release: bool = True) -> None:
-        """Stop: finish a tick being enqueued, then hand the lease over at once (``release=False`` drops
-        everything mid-flight and leaves the lease to expire, as a crash would: for tests)."""
+        """Stop: finish the batch of ticks being enqueued, then hand the lease over at once
+        (``release=False`` drops everything mid-flight and leaves the lease to expire, as a crash
+        would: for tests)."""
         task, self._task = self._task, None
         if task is None:
             return
         self._release_on_exit = release
-        self._stopping.set()  # the loop exits on this even if a cancellation gets lost (see below)
+        self._stopping.set()  # the loops exit on this even if a cancellation gets lost (see below)
+        self._wake.set()
         if release and not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.app.config.publish_timeout + self.lease_ttl)
             except asyncio.TimeoutError:
                 log.warning("beat %s did not stop in time; cancelling it", self.id)
         # Before Python 3.12, asyncio.wait_for (inside nats-py requests) drops a cancellation that
-        # arrives as its result does; the loop then stops at its next check of _stopping instead.
+        # arrives as its result does; the loops then stop at their next check of _stopping instead.
         task.cancel()
         await asyncio.wait({task})  # unlike `await task`, a cancellation of our caller still propagates
         if not task.cancelled() and task.exception() is not None:
             log.error("beat %s failed", self.id, exc_info=task.exception())
         self._lease_rev = None
-        self._cursors = None
+        self._timetable = None
         self._done.set()
 
     async def run(self) -> None:
@@ -205,49 +212,46 @@ class Beat:
         return await broker._bucket(bucket, config)
 
     async def _run(self, kv: KeyValue) -> None:
+        lease = asyncio.get_running_loop().create_task(self._keep_lease(kv), name=f"natask-beat-lease-{self.id}")
         try:
-            while not self._stopping.is_set():
-                try:
-                    delay = await self._step(kv)
-                except _TRANSIENT as e:
-                    log.warning("beat %s: %s; retrying", self.id, e or type(e).__name__)
-                    delay = min(1.0, self._poll)
-                except Exception:
-                    log.exception("beat %s: unexpected error; retrying", self.id)
-                    delay = min(1.0, self._poll)
-                await self._sleep(delay)
+            await self._fire_loop(kv)
+            await asyncio.wait({lease})  # it ends on _stopping, after a request in flight
             if self._release_on_exit:
                 await self._release(kv)
         finally:
+            lease.cancel()
+            await asyncio.wait({lease})
             self._lease_rev = None
-            self._cursors = None
+            self._timetable = None
             self._done.set()
 
-    async def _sleep(self, delay: float) -> None:
-        if delay <= 0:
+    async def _pause(self, event: asyncio.Event, delay: float | None) -> None:
+        """Wait ``delay`` seconds (``None``: without end) or until ``event`` is set."""
+        if delay is not None and delay <= 0:
             await asyncio.sleep(0)
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+            await asyncio.wait_for(event.wait(), delay)
 
-    async def _step(self, kv: KeyValue) -> float:
-        """One round: lease work if due, then the due ticks; returns how long to sleep."""
-        if time.monotonic() >= self._lease_due:
-            await self._lease(kv)
-        if self._stopping.is_set():
-            return 0.0
-        wake = self._lease_due - time.monotonic()
-        if not self.is_leader:
-            self._cursors = None
-            return max(wake, 0.0)
-        if self._cursors is None:
-            await self._load(kv)
-        next_at = await self._fire(kv)
-        if next_at is not None:
-            wake = min(wake, next_at - self._clock())
-        return max(wake, 0.0)
+    def _failed(self, error: Exception) -> float:
+        """Log a failed step of a loop; returns how long to wait before trying again."""
+        if isinstance(error, _TRANSIENT):
+            log.warning("beat %s: %s; retrying", self.id, error or type(error).__name__)
+        else:
+            log.error("beat %s: unexpected error; retrying", self.id, exc_info=error)
+        return min(1.0, self._poll)
 
     # -- the lease ------------------------------------------------------------------------------
+    async def _keep_lease(self, kv: KeyValue) -> None:
+        """Renew the lease (or watch the holder's) on its own schedule, whatever a pass is doing."""
+        while not self._stopping.is_set():
+            if time.monotonic() >= self._lease_due:
+                try:
+                    await self._lease(kv)
+                except Exception as e:
+                    self._lease_due = time.monotonic() + self._failed(e)
+            await self._pause(self._stopping, self._lease_due - time.monotonic())
+
     async def _lease(self, kv: KeyValue) -> None:
         """Renew our lease, or watch the holder's and take it over once it went unrenewed for a whole
         ``lease_ttl`` by our own monotonic clock (no wall clocks compared across hosts)."""
@@ -276,7 +280,7 @@ class Beat:
             self._won(rev, seen)
             return
         rev = current.revision or 0
-        holder = str(_loads(current.value).get("holder", "?"))
+        holder = str(loads(current.value).get("holder", "?"))
         if self._seen is None or self._seen[0] != rev:
             self._seen = (rev, seen)
         if (holder in ("", self.id) or seen - self._seen[1] >= self.lease_ttl) and not self._stopping.is_set():
@@ -300,17 +304,20 @@ class Beat:
     def _won(self, rev: int, sent: float) -> None:
         # Followers count our lease from when they first read it (>= when it was written >= sent),
         # so we stop firing before any of them can take over.
+        was_leader = self.is_leader
         if self._lease_rev is None:
             log.info("beat %s is now the leader", self.id)
+            self._term += 1  # another beat may have led meanwhile: records are read again
         self._lease_rev = rev
         self._leader_until = sent + self.lease_ttl * LEASE_SAFETY
         self._lease_due = sent + self.lease_ttl / 3
         self._seen = None
+        if not was_leader:
+            self._wake.set()
 
     def _lose(self, why: str) -> None:
         log.warning("beat %s is no longer the leader: %s", self.id, why)
         self._lease_rev = None
-        self._cursors = None
 
     async def _release(self, kv: KeyValue) -> None:
         if self._lease_rev is None:
@@ -321,94 +328,130 @@ class Beat:
         except Exception as e:  # the lease expires on its own
             log.warning("beat %s could not release the lease: %s", self.id, e)
 
+    def _leading(self, term: int) -> bool:
+        return self.is_leader and self._term == term
+
     # -- ticks ----------------------------------------------------------------------------------
-    async def _load(self, kv: KeyValue) -> None:
-        """On becoming leader: the last fire time each entry's previous leader recorded."""
-        cursors: dict[str, datetime | None] = {}
-        self._records = {}
-        self._upcoming = {}
-        for entry in self._entries:
+    async def _fire_loop(self, kv: KeyValue) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # before looking at the lease: a leadership won from here on wakes us
             try:
-                item = await kv.get(RECORD_PREFIX + entry.name)
-            except nats.js.errors.KeyNotFoundError:
-                cursors[entry.name] = None
-                continue
-            self._records[entry.name] = item.revision or 0
-            cursors[entry.name] = _record_time(item.value)
-        self._cursors = cursors
+                delay = await self._fire(kv)
+            except Exception as e:
+                delay = self._failed(e)
+            await self._pause(self._wake, delay)
 
     async def _fire(self, kv: KeyValue) -> float | None:
-        """Enqueue every due tick; returns the next fire time (unix seconds), ``None`` if interrupted."""
-        cursors = self._cursors
-        assert cursors is not None
+        """One pass: every due tick, in batches, then their records; returns how long to wait for the
+        next pass (``None``: until woken)."""
+        term = self._term
+        if not self._leading(term):
+            await self._forget()
+            return None
+        table = self._timetable
+        if table is None or self._timetable_term != term:
+            await self._forget()
+            table = await self._load(kv)
+            self._timetable, self._timetable_term = table, term
         now_ts = self._clock()
         now = datetime.fromtimestamp(now_ts, UTC)
         horizon = datetime.fromtimestamp(max(self._started, now_ts - self._late_window), UTC)
-        soonest: datetime | None = None
-        for entry in self._entries:
-            cursor = cursors.get(entry.name)
-            upcoming = self._upcoming.get(entry.name)
-            if upcoming is None or upcoming <= now or cursor is None or cursor < horizon:
-                for fire in due_ticks(entry, cursor, horizon, now, self.catch_up):
-                    if not self.is_leader or self._stopping.is_set():
-                        self._upcoming.clear()
-                        return None
-                    await self._publish(entry, fire)
-                    cursors[entry.name] = fire
-                    await self._record(kv, entry, fire)
-                cursor = cursors[entry.name] = now if cursor is None else max(cursor, now)
-                upcoming = self._upcoming[entry.name] = next_fire(entry, cursor)
-            soonest = upcoming if soonest is None else min(soonest, upcoming)
-        return None if soonest is None else soonest.timestamp()
+        complete = await self._send_all(table, table.due(now, horizon), term)
+        # Once per pass: a pass behind schedule (several fire times per entry) writes one record per entry.
+        await self._record(table)
+        if not complete:
+            return 0.0
+        table.finish(now)
+        upcoming = table.next_at()
+        return None if upcoming is None else upcoming.timestamp() - self._clock()
 
-    async def _publish(self, entry: PeriodicEntry, fire: datetime) -> None:
-        task_id = tick_id(entry.name, fire)
+    async def _send_all(self, table: Timetable, ticks: Sequence[Tick], term: int) -> bool:
+        """Publish the ticks batch by batch; False (the pass abandoned) if stopped or no longer leading."""
         try:
-            await entry.signature.aapply_async(task_id=task_id)
-        except BrokerError:
-            raise  # retried on the next round, with the same id
-        except Exception:
-            log.exception("periodic entry %r cannot be enqueued; skipping its tick %s", entry.name, task_id)
-            return
-        log.debug("enqueued %s (%s)", task_id, entry.signature)
+            for start in range(0, len(ticks), TICK_BATCH):
+                if self._stopping.is_set() or not self._leading(term) \
+                        or not await self._send(table, ticks[start:start + TICK_BATCH], term):
+                    table.abandon()
+                    return False
+        except BaseException:
+            table.abandon()  # what was acknowledged stays in table.unrecorded: recorded in a later pass
+            raise
+        return True
 
-    async def _record(self, kv: KeyValue, entry: PeriodicEntry, fire: datetime) -> None:
-        """Store the last enqueued fire time, never moving it backwards (compare-and-set)."""
-        key = RECORD_PREFIX + entry.name
-        value = json.dumps({"fire": int(fire.timestamp()), "id": tick_id(entry.name, fire)}).encode()
-        rev = self._records.get(entry.name)
+    async def _record(self, table: Timetable) -> None:
+        """Write each entry's latest acknowledged (or skipped) tick not recorded yet, pipelined."""
+        ticks = table.unrecorded()
+        if ticks:
+            assert self._records is not None
+            entries = table.entries
+            await self._records.write([(entries[t.slot].name, t.fire, table.tick_id(t)) for t in ticks])
+            table.recorded(ticks)
+
+    async def _load(self, kv: KeyValue) -> Timetable:
+        """On becoming leader: the last fire time each entry's previous leader recorded."""
+        self._records = Records(await self.app._broker(), kv)
+        cursors = await self._records.load([entry.name for entry in self._entries])
+        return Timetable(self._entries, cursors, self.catch_up)
+
+    async def _forget(self) -> None:
+        """Drop the timetable (no longer leading, or leading again after another may have), writing
+        the records it still owes first: they are facts, and the CAS keeps a later one."""
+        table, self._timetable = self._timetable, None
+        if table is None:
+            return
         try:
-            if rev is None:
-                self._records[entry.name] = await kv.create(key, value)
-            else:
-                self._records[entry.name] = await kv.update(key, value, last=rev)
-            return
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        # Another beat wrote it meanwhile (it led while we thought we did): keep the later time.
+            await self._record(table)
+        except Exception as e:
+            log.warning("beat %s: could not record the last ticks it sent: %s", self.id, e or type(e).__name__)
+
+    async def _send(self, table: Timetable, ticks: Sequence[Tick], term: int) -> bool:
+        """Publish a batch of ticks pipelined and mark them handled; False if the lease lapsed first
+        (nothing of the batch is handled or recorded then: a new leader sends it again, deduplicated
+        by the stream)."""
+        broker = await self.app._broker()
+        entries = table.entries
+        messages: list[Message] = []
+        sent: list[tuple[Tick, str]] = []
+        skipped: list[Tick] = []  # handled as enqueued, as when apply_async fails
+        for tick in ticks:
+            entry = entries[tick.slot]
+            task_id = table.tick_id(tick)
+            try:
+                messages.append(self._enqueuer.message(broker, entry, task_id))
+            except Exception:
+                log.exception("periodic entry %r cannot be enqueued; skipping its tick %s", entry.name, task_id)
+                skipped.append(tick)
+                continue
+            sent.append((tick, task_id))
+        if messages and not await self._while_leading(self._enqueuer.publish(broker, messages), term):
+            return False
+        debug = log.isEnabledFor(logging.DEBUG)
+        for tick, task_id in sent:
+            table.handled(tick)
+            if debug:
+                log.debug("enqueued %s (%s)", task_id, entries[tick.slot].signature)
+        for tick in skipped:
+            table.handled(tick)
+        return True
+
+    async def _while_leading(self, publish: Awaitable[None], term: int) -> bool:
+        """Await ``publish`` while our lease lasts; cancel it (False) once it lapses, so no tick is sent
+        later than ``LEASE_SAFETY * lease_ttl`` after our last renewal, however slow the server is."""
+        task = asyncio.ensure_future(publish)
         try:
-            item = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:  # the bucket was deleted and recreated: start over
-            self._records[entry.name] = await kv.create(key, value)
-            return
-        theirs = _record_time(item.value)
-        if theirs is not None and theirs >= fire:
-            self._records[entry.name] = item.revision or 0
-        else:
-            self._records[entry.name] = await kv.update(key, value, last=item.revision)
-
-
-def _loads(data: bytes | None) -> dict[str, Any]:
-    try:
-        value = json.loads(data or b"{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _record_time(data: bytes | None) -> datetime | None:
-    fire = _loads(data).get("fire")
-    if isinstance(fire, bool) or not isinstance(fire, int):
-        return None
-    return datetime.fromtimestamp(fire, UTC)
-
+            while not task.done():
+                left = self._leader_until - time.monotonic()
+                if left <= 0 or not self._leading(term):
+                    task.cancel()
+                    await asyncio.wait({task})
+                    if not task.cancelled():
+                        task.exception()  # retrieved: the batch is abandoned either way
+                    log.warning("beat %s: its lease lapsed (or was taken) while ticks were being published; "
+                                "the batch is left unrecorded", self.id)
+                    return False
+                await asyncio.wait({task}, timeout=left)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        task.result()
+        return True

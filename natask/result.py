@@ -39,6 +39,9 @@ READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
 Record = Mapping[str, Any]
 """A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
 
+_LOCK = threading.Lock()
+"""Guards every handle's record and waiters (held for a few bytecodes: one lock, not one per handle)."""
+
 
 class AsyncResult(Generic[R]):
     """The handle of one task call; ``app.AsyncResult(id)`` rebuilds it in any process.
@@ -46,6 +49,9 @@ class AsyncResult(Generic[R]):
     The id is checked against ``TASK_ID_RE`` (``ConfigError`` otherwise): it becomes a KV key, and a
     wildcard key would read or delete every stored result.
     """
+
+    # A producer may hold 100,000 handles waiting: no __dict__, no lock of their own.
+    __slots__ = ("__weakref__", "_ignore_result", "_record", "_route", "_waiters", "app", "id", "task_name")
 
     def __init__(
         self,
@@ -64,9 +70,8 @@ class AsyncResult(Generic[R]):
         self._ignore_result = ignore_result
         self._record: Record | None = None
         self._route = route
-        self._lock = threading.Lock()
         # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
-        self._waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...] = ()
+        self._waiters: tuple[asyncio.Future[None], ...] = ()
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self._record['state'] if self._record else '?'}>"
@@ -74,7 +79,7 @@ class AsyncResult(Generic[R]):
     # -- known outcome, no I/O --------------------------------------------------------------
     def _deliver(self, record: Record) -> None:
         """Take a new record (any thread) and wake every waiter."""
-        with self._lock:
+        with _LOCK:
             if self._record is not None and self._record.get("state") in READY_STATES:
                 return
             self._record = record
@@ -82,23 +87,22 @@ class AsyncResult(Generic[R]):
         _wake_waiters(waiters)
 
     def _wake_all(self) -> None:
-        with self._lock:
+        with _LOCK:
             waiters, self._waiters = self._waiters, ()
         _wake_waiters(waiters)
 
-    def _add_waiter(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None],
-                    route: Broker | None = None) -> bool:
+    def _add_waiter(self, fut: asyncio.Future[None], route: Broker | None = None) -> bool:
         """Register a waiter (any thread); False if the outcome is known or the route (when given)
         was lost meanwhile."""
-        with self._lock:
+        with _LOCK:
             if self._final or (route is not None and self._route is not route):
                 return False
-            self._waiters = (*self._waiters, (loop, fut))
+            self._waiters = (*self._waiters, fut)
             return True
 
     def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
-        with self._lock:
-            self._waiters = tuple(w for w in self._waiters if w[1] is not fut)
+        with _LOCK:
+            self._waiters = tuple(w for w in self._waiters if w is not fut)
 
     def _unroute(self) -> None:
         """The reply route is gone (connection closed) or may have lost the reply: wait through
@@ -242,7 +246,7 @@ class AsyncResult(Generic[R]):
         """Async ``get``."""
         if not self._final:
             self._check_waitable()
-            await self._wait(timeout)
+            await (self._wait_final() if timeout is None else self._wait(timeout))  # one frame less
         return self._unwrap(propagate)  # type: ignore[no-any-return]
 
     def _check_waitable(self) -> None:
@@ -275,7 +279,7 @@ class AsyncResult(Generic[R]):
             # until the app closes, and then unroutes its results). Other loops may stop at any time.
             if route is not None and not route.closed and (route.loop is loop or route.loop is self.app._portal.loop):
                 fut: asyncio.Future[None] = loop.create_future()
-                if self._add_waiter(loop, fut, route):
+                if self._add_waiter(fut, route):
                     try:
                         await fut
                     finally:
@@ -300,7 +304,7 @@ class AsyncResult(Generic[R]):
         broker = await self.app._broker()
         kv = await broker.results()
         await kv.purge(self.id)
-        with self._lock:
+        with _LOCK:
             self._record = None
 
     def revoke(self, terminate: bool = False) -> None:
@@ -316,9 +320,10 @@ def _is_task_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and TASK_ID_RE.match(value) is not None
 
 
-def _wake_waiters(waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...]) -> None:
+def _wake_waiters(waiters: tuple[asyncio.Future[None], ...]) -> None:
     here = asyncio._get_running_loop()
-    for loop, fut in waiters:
+    for fut in waiters:
+        loop = fut.get_loop()
         if loop is here:
             _wake(fut)  # the reply came in on the waiter's own loop: no self-pipe round
         elif not loop.is_closed():

@@ -165,7 +165,7 @@ class KeyWatch:
         closed: wait again on the app's next one). A watch that cannot start raises its error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        if self.closed or not result._add_waiter(loop, fut):
+        if self.closed or not result._add_waiter(fut):
             return
         self._join(result)
         try:

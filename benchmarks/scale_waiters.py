@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Many outstanding results in one producer: natask's ``aget()`` vs a raw nats-py producer, same run.
 
-    python benchmarks/scale_waiters.py            # 30,000 and 100,000 outstanding results (~5 minutes)
-    python benchmarks/scale_waiters.py --quick    # 3,000 and 10,000 (~30 s)
+    python benchmarks/scale_waiters.py                 # 30,000 and 100,000 outstanding results (~9 minutes)
+    python benchmarks/scale_waiters.py --quick         # 3,000 and 10,000 (~1 minute)
+    python benchmarks/scale_waiters.py --sizes 30000   # any sizes
 
 For each size and each side, one producer process (a subprocess, so its CPU and memory are its own)
 publishes N calls of a task that naps 1 ms, then waits for all N results while a single worker
@@ -229,16 +230,19 @@ async def _one(url: str, side: str, n: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def _row(name: str, natask: float, raw: float, unit: str) -> dict[str, Any]:
-    return {"name": name, "natask": natask, "reference": raw, "ratio": natask / raw if raw else None, "unit": unit}
+def _row(name: str, natask: float, raw: float, unit: str, floor: float = 0.0) -> dict[str, Any]:
+    """A table row; no ratio when both values are below ``floor`` (noise, e.g. RSS under 1 MB)."""
+    ratio = natask / raw if raw and max(natask, raw) >= floor else None
+    return {"name": name, "natask": natask, "reference": raw, "ratio": ratio, "unit": unit}
 
 
-async def measure(server_url: str, quick: bool) -> list[dict[str, Any]]:
-    """Rows (name, natask, reference, ratio, unit) for ``SIZES`` (``QUICK_SIZES`` if quick)
-    outstanding results in one producer, natask beside the raw producer, against ``server_url``."""
+async def measure(server_url: str, quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Rows (name, natask, reference, ratio, unit) for ``SIZES`` (``QUICK_SIZES`` if quick, or
+    ``sizes``) outstanding results in one producer, natask beside the raw producer, against
+    ``server_url``."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="natask-waiters-") as tmp:
-        for n in QUICK_SIZES if quick else SIZES:
+        for n in sizes or (QUICK_SIZES if quick else SIZES):
             ours = await _one(server_url, "natask", n, Path(tmp))
             raw = await _one(server_url, "raw", n, Path(tmp))
             label = f"{n:,} outstanding `aget()`, worker `-c 2`"
@@ -247,7 +251,7 @@ async def measure(server_url: str, quick: bool) -> list[dict[str, Any]]:
                 _row(f"{label}: producer RSS growth (peak less before publishing)", ours["rss_growth_mb"],
                      raw["rss_growth_mb"], "MB"),
                 _row(f"{label}: producer RSS growth while waiting (peak less all waits registered)",
-                     ours["rss_growth_waiting_mb"], raw["rss_growth_waiting_mb"], "MB"),
+                     ours["rss_growth_waiting_mb"], raw["rss_growth_waiting_mb"], "MB", floor=1.0),
             ]
     return rows
 
@@ -263,6 +267,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} instead of {SIZES}")
+    parser.add_argument("--sizes", default=None, help="comma-separated numbers of outstanding results")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--producer", choices=["natask", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         log(f"nats-server {server.url}; load average {os.getloadavg()[0]:.2f}")
-        rows = asyncio.run(measure(server.url, args.quick))
+        sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else None
+        rows = asyncio.run(measure(server.url, args.quick, sizes))
     finally:
         with contextlib.suppress(Exception):
             server.close()

@@ -155,8 +155,8 @@ class KeyWatch:
             return
         self._reading += 1
         try:
-            with contextlib.suppress(BrokerError):  # the watch waits for the server to come back
-                await result._fetch()
+            with contextlib.suppress(BrokerError, nats.errors.Error, asyncio.TimeoutError):
+                await result._fetch()  # failing, it leaves the wait to the watch, which outlasts outages
         finally:
             self._reading -= 1
 

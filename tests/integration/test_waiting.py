@@ -201,3 +201,26 @@ async def test_waits_without_a_reply_route_share_a_few_watch_consumers(app: Nata
     finally:
         await api.close()
         await other.aclose()
+
+
+async def test_a_wait_goes_on_through_the_bucket_when_its_connection_is_closed_for_good(
+    nats_server: NatsServer,
+) -> None:
+    gates = {"open": asyncio.Event()}
+    async with FaultProxy(nats_server.port) as proxy:
+        producer = Natask("producer", servers=[proxy.url])
+        runner = Natask("runner", servers=[nats_server.url])
+        for app in (producer, runner):
+            define_gated(app, gates)
+        try:
+            result = await producer.tasks["t.gated"].adelay("open", 5)
+            waiting = asyncio.create_task(result.aget(timeout=30))
+            # nats-py reads this before anything the server sends later (the reply), and gives up.
+            proxy.inject_to_clients(b"-ERR 'Unknown Protocol Operation'\r\n")
+            async with worker(runner):
+                gates["open"].set()
+                assert await waiting == 5
+            assert result._route is None
+        finally:
+            await producer.aclose()
+            await runner.aclose()

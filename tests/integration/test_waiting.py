@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 
 import nats
+import pytest
 from nats.aio.msg import Msg
 
 from natask import Natask
@@ -27,7 +28,7 @@ class ApiLog:
     def __init__(self, bucket: str) -> None:
         self.reads: Counter[str] = Counter()  # direct gets of a results key, by key
         self.watches = 0  # consumers created on the results bucket
-        self.read_seen = asyncio.Condition()
+        self.seen = asyncio.Condition()
         self._get = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}."
         self._create = f"$JS.API.CONSUMER.CREATE.KV_{bucket}"
         self.nc: nats.NATS | None = None
@@ -45,14 +46,18 @@ class ApiLog:
     async def _on_request(self, msg: Msg) -> None:
         if msg.subject.startswith(self._get):
             self.reads[msg.subject[len(self._get):]] += 1
-            async with self.read_seen:
-                self.read_seen.notify_all()
         elif msg.subject.startswith(self._create):
             self.watches += 1
+        async with self.seen:
+            self.seen.notify_all()
 
     async def wait_read(self, key: str, count: int) -> None:
-        async with self.read_seen:
-            await asyncio.wait_for(self.read_seen.wait_for(lambda: self.reads[key] >= count), 20)
+        async with self.seen:
+            await asyncio.wait_for(self.seen.wait_for(lambda: self.reads[key] >= count), 20)
+
+    async def wait_watches(self, count: int) -> None:
+        async with self.seen:
+            await asyncio.wait_for(self.seen.wait_for(lambda: self.watches >= count), 20)
 
 
 def define_gated(app: Natask, gates: dict[str, asyncio.Event]) -> None:
@@ -224,3 +229,32 @@ async def test_a_wait_goes_on_through_the_bucket_when_its_connection_is_closed_f
         finally:
             await producer.aclose()
             await runner.aclose()
+
+
+async def test_the_watch_merges_consumers_past_its_limit_and_loses_no_key(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("natask.waiting.MAX_SHARDS", 2)
+    monkeypatch.setattr("natask.waiting.SHARD_KEYS", 4)
+    app = Natask("reader", servers=[nats_server.url])
+    api = await ApiLog(app.names.results_bucket).start(nats_server.url)
+    try:
+        broker = await app._broker()
+        kv = await broker.results()
+        watch = app._key_watch(broker)
+        ids = [f"id-{i}" for i in range(9)]
+        waits = []
+        for i, task_id in enumerate(ids):  # one at a time: each arrival starts a consumer
+            waits.append(asyncio.create_task(app.AsyncResult(task_id).aget(timeout=30)))
+            await api.wait_watches(i + 1)
+            assert watch.consumers <= 3
+        # 1 and 2 got a consumer each; from 3 on each joined the least used one, restarting it,
+        # until both held 4 keys; 9 got a third.
+        assert watch.keys == 9 and watch.consumers == 3
+        for i, task_id in enumerate(ids):
+            await kv.put(task_id, dumps({"state": "SUCCESS", "result": i}))
+        assert await asyncio.wait_for(asyncio.gather(*waits), 30) == list(range(9))
+        assert watch.keys == 0 and watch.consumers == 0
+    finally:
+        await api.close()
+        await app.aclose()

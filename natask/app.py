@@ -546,7 +546,9 @@ class Natask:
 
     def _on_reconnect(self, broker: Broker) -> None:
         # Replies published while we were away are lost: read the outstanding keys (a few shared
-        # passes), not a timer or a watch per waiter.
+        # passes), not a timer or a watch per waiter. The first connect has no such window: the
+        # inbox is subscribed (and flushed) before any call goes out, so its interest leaves our
+        # server, towards the cluster's other servers, ahead of anything that could answer.
         loop = broker.loop
         running = self._rechecks.get(loop)
         if running is not None:

@@ -35,7 +35,9 @@ from .message import (
 from .naming import TASK_ID_RE, Names, check_kv_key, check_task_id, check_task_name, invalid_task_id
 from .portal import Portal
 from .result import AsyncResult
+from .result import AsyncResult as _AsyncResult  # the name AsyncResult is also a method of Natask
 from .task import AsyncTask, Task, TaskOptions
+from .waiting import KeyWatch, recheck
 
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
@@ -127,6 +129,8 @@ class Natask:
         self._checked: set[str] = set()
         self._checked_queues: set[str] = set()
         self._pending: weakref.WeakValueDictionary[str, AsyncResult[Any]] = weakref.WeakValueDictionary()
+        self._watches: dict[asyncio.AbstractEventLoop, KeyWatch] = {}  # per loop, of its broker
+        self._rechecks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         _APPS.add(self)
 
     def __repr__(self) -> str:
@@ -512,6 +516,8 @@ class Natask:
             for other in [lp for lp in self._brokers if lp.is_closed()]:
                 del self._brokers[other]
                 self._ready.pop(other, None)
+                self._watches.pop(other, None)
+                self._rechecks.pop(other, None)
             entry = self._brokers.get(loop)
             if entry is None or (entry.done() and (entry.cancelled() or entry.exception() is not None
                                                    or entry.result().closed)):
@@ -522,7 +528,8 @@ class Natask:
         return broker
 
     async def _connect(self) -> Broker:
-        broker = Broker(self.config, on_result=self._on_result, on_reconnect=self._on_reconnect)
+        broker = Broker(self.config, on_result=self._on_result, on_reconnect=lambda: self._on_reconnect(broker),
+                        on_closed=lambda _: self._routes_lost(broker))
         try:
             await broker.connect()
         except BrokerError as e:
@@ -542,10 +549,46 @@ class Natask:
         if isinstance(record, dict) and isinstance(record.get("state"), str):
             result._deliver(record)
 
-    def _on_reconnect(self) -> None:
-        # Replies published while we were away are lost: waiters fall back to the KV bucket.
-        for result in list(self._pending.values()):
-            result._wake_all()
+    def _on_reconnect(self, broker: Broker) -> None:
+        # Replies published while we were away are lost: read the outstanding keys (a few shared
+        # passes), not a timer or a watch per waiter. The first connect has no such window: the
+        # inbox is subscribed (and flushed) before any call goes out, so its interest leaves our
+        # server, towards the cluster's other servers, ahead of anything that could answer.
+        loop = broker.loop
+        running = self._rechecks.get(loop)
+        if running is not None:
+            running.cancel()
+        task = self._rechecks[loop] = loop.create_task(recheck(self, broker))
+        task.add_done_callback(lambda t: self._rechecks.pop(loop) if self._rechecks.get(loop) is t else None)
+
+    def _routed(self, broker: Broker) -> list[_AsyncResult[Any]]:
+        """The results still outstanding whose replies come over ``broker``."""
+        # valuerefs() copies in one step: another thread's loop may be adding results meanwhile.
+        results = (ref() for ref in self._pending.valuerefs())
+        return [r for r in results if r is not None and r._route is broker and not r._final]
+
+    def _routes_lost(self, broker: Broker) -> None:
+        """``broker`` closed: the waiters of its results wait through the KV bucket instead."""
+        for result in self._routed(broker):
+            result._unroute()
+
+    def _key_watch(self, broker: Broker) -> KeyWatch:
+        """The shared watch of the keys waited on without a reply route, on ``broker``'s loop."""
+        watch = self._watches.get(broker.loop)
+        if watch is None or watch.broker is not broker or watch.closed:
+            if watch is not None:
+                watch.close()
+            watch = self._watches[broker.loop] = KeyWatch(broker)
+        return watch
+
+    def _stop_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop the read passes and the key watch of ``loop`` (on that loop)."""
+        running = self._rechecks.pop(loop, None)
+        if running is not None:
+            running.cancel()
+        watch = self._watches.pop(loop, None)
+        if watch is not None:
+            watch.close()
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -564,8 +607,10 @@ class Natask:
         with self._lock:
             entry = self._brokers.pop(loop, None)
             self._ready.pop(loop, None)
+        self._stop_waiting(loop)
         if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
             await entry.result().close()
+            self._routes_lost(entry.result())
         elif entry is not None:
             entry.cancel()
 
@@ -578,9 +623,11 @@ class Natask:
                 continue
             broker = entry.result()
             if loop.is_running():
+                loop.call_soon_threadsafe(self._stop_waiting, loop)
                 asyncio.run_coroutine_threadsafe(broker.close(), loop)
             else:
                 broker.abandon()
+            self._routes_lost(broker)
 
     def __enter__(self) -> Natask:
         return self
@@ -604,6 +651,7 @@ def _after_fork() -> None:
     for app in _APPS:
         app._lock = threading.Lock()
         app._brokers, app._ready = {}, {}
+        app._watches, app._rechecks = {}, {}
 
 
 os.register_at_fork(after_in_child=_after_fork)

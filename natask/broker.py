@@ -565,12 +565,13 @@ class Broker:
                     raise
         raise AssertionError("unreachable")
 
-    def watch(self, bucket: str, keys: str = ">") -> AsyncGenerator[KeyValue.Entry | None, None]:
+    def watch(self, bucket: str, keys: str | Sequence[str] = ">") -> AsyncGenerator[KeyValue.Entry | None, None]:
         """The entries of a bucket natask owns, as they are stored: the latest of each key first,
         then every change; ``None`` each time the watch has caught up (after its start and after
         each restart). Creates the bucket if missing; when the server-side consumer ends or goes
         silent (bucket deleted, server restarted) it recreates what is gone and carries on from
-        the last entry seen, logging why. Runs until the caller stops iterating."""
+        the last entry seen, logging why. Runs until the caller stops iterating. ``keys``: a key, a
+        wildcard, or several keys (one consumer filtering them all)."""
         return _Watch(self, bucket, keys).entries()
 
     # -- publishing -------------------------------------------------------------------------
@@ -780,11 +781,14 @@ class _Watch:
     replies would need publish rights on ``$JS.FC.>``; a slow reader that loses entries notices
     the gap in the consumer sequence and restarts instead."""
 
-    def __init__(self, broker: Broker, bucket: str, keys: str) -> None:
+    def __init__(self, broker: Broker, bucket: str, keys: str | Sequence[str]) -> None:
         self.broker = broker
         self.bucket = bucket
         self.stream = f"KV_{bucket}"
-        self.subject = f"$KV.{bucket}.{keys}"
+        if not isinstance(keys, str) and len(keys) == 1:
+            keys = keys[0]
+        self.subject = f"$KV.{bucket}.{keys}" if isinstance(keys, str) else f"$KV.{bucket}.>"
+        self.subjects = None if isinstance(keys, str) else [f"$KV.{bucket}.{key}" for key in keys]
         self.after = 0  # stream sequence of the last entry seen
         self.created = ""  # the stream's creation time: another one means the bucket was recreated
         self.cseq = 0  # consumer sequence of the last entry: a jump means entries were lost
@@ -868,7 +872,8 @@ class _Watch:
         self.sub = await broker.nc.subscribe(inbox, cb=put)
         config = ConsumerConfig(
             deliver_subject=inbox,
-            filter_subject=self.subject,
+            filter_subject=None if self.subjects else self.subject,
+            filter_subjects=self.subjects,
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self.after else DeliverPolicy.LAST_PER_SUBJECT,
             opt_start_seq=self.after + 1 if self.after else None,

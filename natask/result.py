@@ -1,10 +1,15 @@
-"""AsyncResult: a task's outcome, from the caller's reply inbox or the results KV bucket."""
+"""AsyncResult: a task's outcome, from the caller's reply inbox or the results KV bucket.
+
+Waiting costs nothing while nothing happens: a waiter is one future. Replies come over the app's
+one inbox subscription per connection; after a reconnect, shared read passes find the replies it
+lost (``waiting.recheck``); a wait without a reply route reads the key once, then joins the
+connection's shared watch of such keys (``waiting.KeyWatch``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
@@ -12,9 +17,8 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
 import nats.js.errors
 
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
-from .message import loads
 from .naming import TASK_ID_RE, check_task_id
-from .portal import OWN_LOOPS
+from .waiting import parse_record
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -29,13 +33,14 @@ RETRY: Final = "RETRY"
 SUCCESS: Final = "SUCCESS"
 FAILURE: Final = "FAILURE"
 REVOKED: Final = "REVOKED"
-_REPLY_CHECK: Final = 5.0
-"""Seconds between KV checks while waiting for a reply."""
 READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
 """States after which a task's outcome never changes."""
 
 Record = Mapping[str, Any]
 """A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
+
+_LOCK = threading.Lock()
+"""Guards every handle's record and waiters (held for a few bytecodes: one lock, not one per handle)."""
 
 
 class AsyncResult(Generic[R]):
@@ -44,6 +49,9 @@ class AsyncResult(Generic[R]):
     The id is checked against ``TASK_ID_RE`` (``ConfigError`` otherwise): it becomes a KV key, and a
     wildcard key would read or delete every stored result.
     """
+
+    # A producer may hold 100,000 handles waiting: no __dict__, no lock of their own.
+    __slots__ = ("__weakref__", "_ignore_result", "_record", "_route", "_waiters", "app", "id", "task_name")
 
     def __init__(
         self,
@@ -62,10 +70,8 @@ class AsyncResult(Generic[R]):
         self._ignore_result = ignore_result
         self._record: Record | None = None
         self._route = route
-        self._generation = route.generation if route is not None else 0
-        self._lock = threading.Lock()
         # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
-        self._waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...] = ()
+        self._waiters: tuple[asyncio.Future[None], ...] = ()
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self._record['state'] if self._record else '?'}>"
@@ -73,7 +79,7 @@ class AsyncResult(Generic[R]):
     # -- known outcome, no I/O --------------------------------------------------------------
     def _deliver(self, record: Record) -> None:
         """Take a new record (any thread) and wake every waiter."""
-        with self._lock:
+        with _LOCK:
             if self._record is not None and self._record.get("state") in READY_STATES:
                 return
             self._record = record
@@ -81,9 +87,28 @@ class AsyncResult(Generic[R]):
         _wake_waiters(waiters)
 
     def _wake_all(self) -> None:
-        with self._lock:
+        with _LOCK:
             waiters, self._waiters = self._waiters, ()
         _wake_waiters(waiters)
+
+    def _add_waiter(self, fut: asyncio.Future[None], route: Broker | None = None) -> bool:
+        """Register a waiter (any thread); False if the outcome is known or the route (when given)
+        was lost meanwhile."""
+        with _LOCK:
+            if self._final or (route is not None and self._route is not route):
+                return False
+            self._waiters = (*self._waiters, fut)
+            return True
+
+    def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
+        with _LOCK:
+            self._waiters = tuple(w for w in self._waiters if w is not fut)
+
+    def _unroute(self) -> None:
+        """The reply route is gone (connection closed) or may have lost the reply: wait through
+        the KV bucket from now on."""
+        self._route = None
+        self._wake_all()
 
     @property
     def _final(self) -> bool:
@@ -201,7 +226,7 @@ class AsyncResult(Generic[R]):
             return None
         if not entry.value:
             return None
-        record = _parse(entry.value)
+        record = parse_record(entry.value)
         if record is not None:
             self._deliver(record)
         return record
@@ -221,7 +246,7 @@ class AsyncResult(Generic[R]):
         """Async ``get``."""
         if not self._final:
             self._check_waitable()
-            await self._wait(timeout)
+            await (self._wait_final() if timeout is None else self._wait(timeout))  # one frame less
         return self._unwrap(propagate)  # type: ignore[no-any-return]
 
     def _check_waitable(self) -> None:
@@ -233,7 +258,13 @@ class AsyncResult(Generic[R]):
 
     async def _wait(self, timeout: float | None) -> None:
         try:
-            await asyncio.wait_for(self._wait_final(), timeout)
+            if timeout is None:
+                await self._wait_final()
+            elif sys.version_info >= (3, 11):
+                async with asyncio.timeout(timeout):  # no task per waiter, unlike wait_for
+                    await self._wait_final()
+            else:
+                await asyncio.wait_for(self._wait_final(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             if self._final:
                 return
@@ -241,46 +272,28 @@ class AsyncResult(Generic[R]):
 
     async def _wait_final(self) -> None:
         loop = asyncio.get_running_loop()
+        read = False
         while not self._final:
             route = self._route
-            if (route is not None and not route.closed and route.generation == self._generation
-                    and (route.loop is loop or route.loop not in OWN_LOOPS)):
+            # A reply is read by its connection's loop: this one, or the I/O thread's (which runs
+            # until the app closes, and then unroutes its results). Other loops may stop at any time.
+            if route is not None and not route.closed and (route.loop is loop or route.loop is self.app._portal.loop):
                 fut: asyncio.Future[None] = loop.create_future()
-                with self._lock:
-                    if self._final:
-                        return
-                    self._waiters = (*self._waiters, (loop, fut))
-                # The reply is the fast path, not the only one: look at the KV record now and then
-                # (a reply can be lost, e.g. published before a cluster route knew our inbox).
-                timer = loop.call_later(_REPLY_CHECK, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    timer.cancel()
-                    with self._lock:
-                        self._waiters = tuple(w for w in self._waiters if w[1] is not fut)
-                if not self._final and timer.when() <= loop.time():
+                if self._add_waiter(fut, route):
                     try:
-                        await self._fetch()
-                    except BrokerError:
-                        pass  # the broker is away: keep waiting for whichever path comes back first
+                        await fut
+                    finally:
+                        self._drop_waiter(fut)
+                continue
+            # No reply route (another process, a duplicate call, a lost connection, a loop that
+            # runs only during another thread's sync calls): read the key, then watch it.
+            broker = await self.app._broker()
+            watch = self.app._key_watch(broker)
+            if read:
+                await watch.wait(self)
             else:
-                # No live reply route (other process, closed loop, a reconnect, or a loop that runs
-                # only while another thread makes a call): watch the KV key.
-                await self._watch()
-
-    async def _watch(self) -> None:
-        # The broker's watch outlives a deleted bucket (recreated) and a silent consumer (restarted).
-        broker = await self.app._broker()
-        async with contextlib.aclosing(broker.watch(broker.names.results_bucket, self.id)) as entries:
-            async for entry in entries:
-                if entry is None or not entry.value:
-                    continue
-                record = _parse(entry.value)
-                if record is not None:
-                    self._deliver(record)
-                    if self._final:
-                        return
+                read = True
+                await watch.read_first(self)
 
     # -- management -------------------------------------------------------------------------
     def forget(self) -> None:
@@ -291,7 +304,7 @@ class AsyncResult(Generic[R]):
         broker = await self.app._broker()
         kv = await broker.results()
         await kv.purge(self.id)
-        with self._lock:
+        with _LOCK:
             self._record = None
 
     def revoke(self, terminate: bool = False) -> None:
@@ -307,9 +320,10 @@ def _is_task_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and TASK_ID_RE.match(value) is not None
 
 
-def _wake_waiters(waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]], ...]) -> None:
+def _wake_waiters(waiters: tuple[asyncio.Future[None], ...]) -> None:
     here = asyncio._get_running_loop()
-    for loop, fut in waiters:
+    for fut in waiters:
+        loop = fut.get_loop()
         if loop is here:
             _wake(fut)  # the reply came in on the waiter's own loop: no self-pipe round
         elif not loop.is_closed():
@@ -319,12 +333,3 @@ def _wake_waiters(waiters: tuple[tuple[asyncio.AbstractEventLoop, asyncio.Future
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _parse(data: bytes) -> Record | None:
-    try:
-        record = loads(data)
-    except Exception:
-        log.warning("ignoring an undecodable result record (%d bytes)", len(data))
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("state"), str) else None

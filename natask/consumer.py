@@ -14,8 +14,7 @@ The policy (the README's "Workers" section says the same for users):
   last token of the ack subject) says more messages wait, *idle* otherwise. Idle queues without a
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
   quarter of the capacity, after looks that found work at once). Looks may take every free slot
-  while no queue is busy; while one is, they take at most an eighth of the slots and of the byte
-  budget. When every idle queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing
+  while no queue is busy; while one is, they take at most an eighth of the slots. When every idle queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing
   nothing while idle); otherwise looks are shortened so that each idle queue is looked at within
   ``ROTATION`` seconds (``n / LOOK_RATE`` past ``LOOK_RATE * ROTATION`` idle queues), so no queue
   starves however many there are. Busy queues share the rest round robin, least recently served
@@ -65,7 +64,7 @@ LOOK_RATE: Final = 100.0
 LOOK_MIN: Final = 0.1
 """Shortest look, in seconds."""
 LOOK_SHARE: Final = 8
-"""While a queue is busy, looks use at most 1/LOOK_SHARE of the slots and of the byte budget."""
+"""While a queue is busy, looks use at most 1/LOOK_SHARE of the slots."""
 MSG_OVERHEAD: Final = 256
 """Bytes counted for a delivered message beside its payload (subject, ack subject, headers: the
 server counts them against ``max_bytes`` too)."""
@@ -403,7 +402,8 @@ class Fetcher:
         unit = self.unit
         busy = self.busy_count > 0
         share = LOOK_SHARE if busy else 1
-        look_cap = min(max(1, self.capacity // share), max(1, self.budget // unit // share))
+        # Slots bound looks; bytes too, as each may deliver a message of max_payload.
+        look_cap = min(max(1, self.capacity // share), max(1, self.budget // unit))
         n_idle = len(self.queues) - self.busy_count
         if n_idle <= look_cap:
             expires = PULL_EXPIRES

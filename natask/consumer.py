@@ -14,12 +14,13 @@ The policy (the README's "Workers" section says the same for users):
   last token of the ack subject) says more messages wait, *idle* otherwise. Idle queues without a
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
   quarter of the capacity, after looks that found work at once). Looks may take every free slot
-  while no queue is busy; while one is, they take at most an eighth of the slots. When every idle queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing
-  nothing while idle); otherwise looks are shortened so that each idle queue is looked at within
-  ``ROTATION`` seconds (``n / LOOK_RATE`` past ``LOOK_RATE * ROTATION`` idle queues), so no queue
-  starves however many there are. Busy queues share the rest round robin, least recently served
-  first, each a batch of its backlog or at least a quarter of the capacity, lasting
-  ``BUSY_EXPIRES`` (a batch on a busy queue fills at once; its unused rest must come back soon).
+  while no queue is busy; while one is, they take at most an eighth of the slots. When every idle
+  queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing nothing while idle);
+  otherwise looks are shortened so that each idle queue is looked at within ``ROTATION`` seconds
+  (``n / LOOK_RATE`` past ``LOOK_RATE * ROTATION`` idle queues), so no queue starves however many
+  there are. Busy queues share the rest round robin, least recently served first, each a batch of
+  its backlog or at least a quarter of the capacity, lasting ``BUSY_EXPIRES`` (a batch on a busy
+  queue fills at once; its unused rest must come back soon).
 - A finished task releases its slot and bytes and wakes the fetcher's one pump.
 - Stopping unsubscribes the inboxes: the server skips requests nobody listens to, so messages are
   not handed to a worker that would only return them.

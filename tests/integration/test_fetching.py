@@ -18,82 +18,87 @@ from natask.worker import Worker
 QUEUES = [f"q{i}" for i in range(100)]
 
 
-def per_queue_tasks(app: Natask, queues: list[str], started: list[str]) -> dict[str, Task[Any, Any]]:
+class Started:
+    """The queues of the tasks started so far, in order; ``reach(n)`` waits for ``n`` of them."""
+
+    def __init__(self) -> None:
+        self.queues: list[str] = []
+        self._changed = asyncio.Event()
+
+    def add(self, queue: str) -> None:
+        self.queues.append(queue)
+        self._changed.set()
+
+    async def reach(self, n: int) -> None:
+        while len(self.queues) < n:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def per_queue_tasks(app: Natask, queues: list[str], started: Started) -> dict[str, Task[Any, Any]]:
     """One no-op task per queue, noting its queue when it starts."""
     tasks: dict[str, Task[Any, Any]] = {}
     for queue in queues:
-        def run(i: int, queue: str = queue) -> None:
-            started.append(queue)
+        async def run(i: int, queue: str = queue) -> None:
+            started.add(queue)
 
         tasks[queue] = app.task(name=f"t.{queue}", queue=queue, ignore_result=True)(run)
     return tasks
 
 
-async def until(predicate: Any, what: str, timeout: float = 60) -> None:
-    """Wait for a state (polled: it has no event to await)."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 @pytest.mark.timeout(120)
 async def test_a_hundred_queues_with_work_spread_evenly_are_all_served(app: Natask) -> None:
-    started: list[str] = []
+    started = Started()
     tasks = per_queue_tasks(app, QUEUES, started)
     per_queue = 20
     for task in tasks.values():
         await task.adelay_many([(i,) for i in range(per_queue)])
     total = per_queue * len(QUEUES)
     async with worker(app, queues=QUEUES, concurrency=64):
-        await until(lambda: len(started) >= total, f"{total} tasks")
-    assert len(started) == total
-    assert all(started.count(q) == per_queue for q in QUEUES)
+        await started.reach(total)
+    assert len(started.queues) == total
+    assert all(started.queues.count(q) == per_queue for q in QUEUES)
     # No queue waited for the others: each had started a task before half of all tasks had started.
-    first = {q: started.index(q) for q in QUEUES}
+    first = {q: started.queues.index(q) for q in QUEUES}
     late = {q: i for q, i in first.items() if i >= total // 2}
     assert not late, f"queues first served after half of all tasks: {late}"
 
 
 @pytest.mark.timeout(120)
 async def test_work_in_the_last_of_a_hundred_queues_drains(app: Natask) -> None:
-    started: list[str] = []
+    started = Started()
     tasks = per_queue_tasks(app, QUEUES, started)
     await tasks["q99"].adelay_many([(i,) for i in range(1000)])
     async with worker(app, queues=QUEUES, concurrency=64):
-        await until(lambda: len(started) >= 1000, "the queued tasks of q99")
+        await started.reach(1000)
         # and work that arrives while the worker watches a hundred idle queues
         await tasks["q99"].adelay_many([(i,) for i in range(500)])
-        await until(lambda: len(started) >= 1500, "the tasks published to q99 later")
-    assert started == ["q99"] * 1500
+        await started.reach(1500)
+    assert started.queues == ["q99"] * 1500
 
 
 @pytest.mark.timeout(60)
 async def test_more_queues_than_slots_are_all_served(app: Natask) -> None:
     queues = [f"s{i}" for i in range(5)]
-    started: list[str] = []
+    started = Started()
     tasks = per_queue_tasks(app, queues, started)
     for task in tasks.values():
         await task.adelay_many([(i,) for i in range(10)])
     async with worker(app, queues=queues, concurrency=2):
-        await until(lambda: len(started) >= 50, "50 tasks")
-    assert sorted(started) == sorted(q for q in queues for _ in range(10))
+        await started.reach(50)
+    assert sorted(started.queues) == sorted(q for q in queues for _ in range(10))
 
 
 @pytest.mark.timeout(120)
 async def test_large_arguments_drain_without_the_server_cutting_the_worker_off(app: Natask) -> None:
-    done: list[int] = []
+    done = Started()
     retried: list[int] = []
 
     @app.task(name="t.big", bind=True, ignore_result=True)
-    def big(self: Any, i: int, blob: bytes) -> None:
+    async def big(self: Any, i: int, blob: bytes) -> None:
         if self.request.retries:
             retried.append(i)
-        done.append(len(blob))
+        done.add(str(len(blob)))
 
     blob = b"x" * 900_000
     n = 150
@@ -103,12 +108,12 @@ async def test_large_arguments_drain_without_the_server_cutting_the_worker_off(a
     await w.start()
     try:
         broker = w.broker_
-        await until(lambda: len(done) >= n, f"{n} tasks of 900 KB")
+        await done.reach(n)
         assert broker.nc.stats["reconnects"] == 0, "the server cut the worker off (slow consumer)"
         assert broker.generation == 0
     finally:
         await w.stop()
-    assert done == [len(blob)] * n
+    assert done.queues == [str(len(blob))] * n
     assert not retried
     async with app:
         pass
@@ -117,9 +122,18 @@ async def test_large_arguments_drain_without_the_server_cutting_the_worker_off(a
 
 
 @pytest.mark.timeout(60)
-async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natask,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="natask.worker")
+async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natask) -> None:
+    draining = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "draining" in record.getMessage():
+                draining.set()
+
+    logger = logging.getLogger("natask.worker")
+    watch, level = Watch(logging.INFO), logger.level
+    logger.addHandler(watch)
+    logger.setLevel(logging.INFO)
     gate, holding = asyncio.Event(), asyncio.Event()
     attempts: list[int] = []
 
@@ -138,7 +152,11 @@ async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natas
     await hold.adelay()
     await holding.wait()
     stopping = asyncio.create_task(first.stop(grace=30))  # waits for `hold`, its requests still open
-    await until(lambda: any("draining 1 in-flight" in m for m in caplog.messages), "the drain to start")
+    try:
+        await draining.wait()
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level)
     result = await quick.adelay()
     async with worker(app):
         assert await result.aget(timeout=20) == 1

@@ -218,48 +218,60 @@ def _row(name: str, natask: float, reference: float, reference_name: str, unit: 
             "ratio": natask / reference if reference else None, "unit": unit, "bar": bar}
 
 
-async def measure(server_url: str, quick: bool) -> list[dict[str, Any]]:
+CURVES = ("lone", "spread", "last", "big", "medium")
+"""The measurements, for ``--only``: a lone queue (and the raw loop), 100 queues spread evenly, 100
+queues with work in the last, 900 KB arguments, 100 KB arguments."""
+
+
+async def measure(server_url: str, quick: bool, only: frozenset[str] = frozenset(CURVES)) -> list[dict[str, Any]]:
     """Every curve once; one row each: name, natask, reference (and what it is), ratio, unit, bar."""
     s = QUICK if quick else FULL
     logdir = Path(tempfile.mkdtemp(prefix="natask-scale-"))
-    even = {q: s.even // len(QUEUES) for q in QUEUES}
-    log(f"lone queue: {s.even:,} tasks")
-    lone = await natask_drain(server_url, logdir, {QUEUES[0]: s.even}, [QUEUES[0]])
-    log(f"  {lone['rate']:,.0f}/s")
-    raw_lone = await raw_drain(server_url, logdir, s.even, payload_size(0), RAW_BATCH)
-    log(f"  raw {raw_lone['rate']:,.0f}/s")
-    log(f"100 queues, {s.even:,} tasks spread evenly")
-    spread = await natask_drain(server_url, logdir, even, QUEUES)
-    log(f"  {spread['rate']:,.0f}/s")
-    log(f"100 queues, {s.last:,} tasks in the last")
-    last = await natask_drain(server_url, logdir, {QUEUES[-1]: s.last}, QUEUES)
-    log(f"  {last['rate']:,.0f}/s")
-    log(f"{s.big} tasks with {BIG_ARG:,}-byte arguments")
-    big = await natask_drain(server_url, logdir, {BIG_QUEUE: s.big}, [BIG_QUEUE], BIG_ARG)
-    raw_big = await raw_drain(server_url, logdir, s.big, payload_size(BIG_ARG), RAW_SAFE_BATCH)
-    log(f"  {big['rate']:,.0f}/s, raw {raw_big['rate']:,.0f}/s")
-    log(f"{s.medium} tasks with {MEDIUM_ARG:,}-byte arguments")
-    medium = await natask_drain(server_url, logdir, {BIG_QUEUE: s.medium}, [BIG_QUEUE], MEDIUM_ARG)
-    raw_medium = await raw_drain(server_url, logdir, s.medium, payload_size(MEDIUM_ARG), RAW_BATCH)
-    log(f"  {medium['rate']:,.0f}/s ({medium['rss_mb']:.0f} MB), raw {raw_medium['rate']:,.0f}/s "
-        f"({raw_medium['rss_mb']:.0f} MB)")
+    rows: list[dict[str, Any]] = []
+    lone_name = f"a lone queue ({s.even:,} tasks)"
+    lone: dict[str, Any] = {}
+    if only & {"lone", "spread", "last"}:
+        log(f"lone queue: {s.even:,} tasks")
+        lone = await natask_drain(server_url, logdir, {QUEUES[0]: s.even}, [QUEUES[0]])
+        log(f"  {lone['rate']:,.0f}/s")
+    if "spread" in only:
+        log(f"100 queues, {s.even:,} tasks spread evenly")
+        spread = await natask_drain(server_url, logdir, {q: s.even // len(QUEUES) for q in QUEUES}, QUEUES)
+        log(f"  {spread['rate']:,.0f}/s")
+        rows.append(_row(f"100 queues, {s.even:,} tasks spread evenly, 1 worker -c {CONCURRENCY}", spread["rate"],
+                         lone["rate"], lone_name, "/s", ">= 0.8"))
+    if "last" in only:
+        log(f"100 queues, {s.last:,} tasks in the last")
+        last = await natask_drain(server_url, logdir, {QUEUES[-1]: s.last}, QUEUES)
+        log(f"  {last['rate']:,.0f}/s")
+        rows.append(_row(f"100 queues, all {s.last:,} tasks in the last", last["rate"], lone["rate"], lone_name,
+                         "/s", ">= 0.5"))
+    if "lone" in only:
+        raw_lone = await raw_drain(server_url, logdir, s.even, payload_size(0), RAW_BATCH)
+        log(f"  raw {raw_lone['rate']:,.0f}/s")
+        rows.append(_row(f"a lone queue, {s.even:,} tasks", lone["rate"], raw_lone["rate"],
+                         f"raw loop, fetch({RAW_BATCH})", "/s", ""))
+    if "big" in only:
+        log(f"{s.big} tasks with {BIG_ARG:,}-byte arguments")
+        big = await natask_drain(server_url, logdir, {BIG_QUEUE: s.big}, [BIG_QUEUE], BIG_ARG)
+        raw_big = await raw_drain(server_url, logdir, s.big, payload_size(BIG_ARG), RAW_SAFE_BATCH)
+        log(f"  {big['rate']:,.0f}/s, raw {raw_big['rate']:,.0f}/s")
+        rows.append(_row(f"{BIG_ARG // 1000} KB arguments, {s.big} tasks (default byte budget)", big["rate"],
+                         raw_big["rate"], f"raw loop, fetch({RAW_SAFE_BATCH})", "/s", ">= 0.8"))
+    if "medium" in only:
+        log(f"{s.medium} tasks with {MEDIUM_ARG:,}-byte arguments")
+        medium = await natask_drain(server_url, logdir, {BIG_QUEUE: s.medium}, [BIG_QUEUE], MEDIUM_ARG)
+        raw_medium = await raw_drain(server_url, logdir, s.medium, payload_size(MEDIUM_ARG), RAW_BATCH)
+        log(f"  {medium['rate']:,.0f}/s ({medium['rss_mb']:.0f} MB), raw {raw_medium['rate']:,.0f}/s "
+            f"({raw_medium['rss_mb']:.0f} MB)")
+        rows.append(_row(f"{MEDIUM_ARG // 1000} KB arguments, {s.medium:,} tasks", medium["rate"],
+                         raw_medium["rate"], f"raw loop, fetch({RAW_BATCH})", "/s", ">= 0.8"))
+        rows.append(_row(f"{MEDIUM_ARG // 1000} KB arguments: worker peak RSS", medium["rss_mb"],
+                         raw_medium["rss_mb"], f"raw loop, fetch({RAW_BATCH})", "MB", ""))
     import shutil
 
     shutil.rmtree(logdir, ignore_errors=True)
-    lone_name = f"a lone queue ({s.even:,} tasks)"
-    return [
-        _row(f"100 queues, {s.even:,} tasks spread evenly, 1 worker -c {CONCURRENCY}", spread["rate"], lone["rate"],
-             lone_name, "/s", ">= 0.8"),
-        _row(f"100 queues, all {s.last:,} tasks in the last", last["rate"], lone["rate"], lone_name, "/s", ">= 0.5"),
-        _row(f"a lone queue, {s.even:,} tasks", lone["rate"], raw_lone["rate"], f"raw loop, fetch({RAW_BATCH})",
-             "/s", ""),
-        _row(f"{BIG_ARG // 1000} KB arguments, {s.big} tasks (default byte budget)", big["rate"], raw_big["rate"],
-             f"raw loop, fetch({RAW_SAFE_BATCH})", "/s", ">= 0.8"),
-        _row(f"{MEDIUM_ARG // 1000} KB arguments, {s.medium:,} tasks", medium["rate"], raw_medium["rate"],
-             f"raw loop, fetch({RAW_BATCH})", "/s", ">= 0.8"),
-        _row(f"{MEDIUM_ARG // 1000} KB arguments: worker peak RSS", medium["rss_mb"], raw_medium["rss_mb"],
-             f"raw loop, fetch({RAW_BATCH})", "MB", ""),
-    ]
+    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -294,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller drains")
     parser.add_argument("--runs", type=int, default=1, help="runs to take the medians of")
+    parser.add_argument("--only", default=",".join(CURVES), help="comma-separated subset of: " + ", ".join(CURVES))
     args = parser.parse_args(argv)
+    only = frozenset(c.strip() for c in args.only.split(",") if c.strip())
+    if only - set(CURVES):
+        parser.error(f"--only: unknown curve(s) {', '.join(sorted(only - set(CURVES)))}")
     workdir = Path(tempfile.mkdtemp(prefix="natask-scale-server-"))
     server = NatsServer(log_file=str(workdir / "nats-server.log"))
     runs: list[list[dict[str, Any]]] = []
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"nats-server {server.url}; load average {os.getloadavg()[0]:.2f}")
         for i in range(max(1, args.runs)):
             log(f"run {i + 1}")
-            runs.append(asyncio.run(measure(server.url, args.quick)))
+            runs.append(asyncio.run(measure(server.url, args.quick, only)))
     finally:
         server.close()
         with contextlib.suppress(Exception):

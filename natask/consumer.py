@@ -318,10 +318,11 @@ class Fetcher:
         status = headers["Status"]
         if status == "100":  # idle heartbeat
             return
-        batch, max_bytes = q.requests.pop(token, (0, 0))
-        pending, pending_bytes = headers.get("Nats-Pending-Messages"), headers.get("Nats-Pending-Bytes")
-        self._take(q, int(pending) if pending and pending.isdigit() else batch,
-                   int(pending_bytes) if pending_bytes and pending_bytes.isdigit() else max_bytes)
+        request = q.requests.pop(token, None)
+        if request is not None:  # else written off, or settled already (409 "Batch Completed" comes last)
+            pending, pending_bytes = headers.get("Nats-Pending-Messages"), headers.get("Nats-Pending-Bytes")
+            self._take(q, int(pending) if pending and pending.isdigit() else request[0],
+                       int(pending_bytes) if pending_bytes and pending_bytes.isdigit() else request[1])
         description = headers.get("Description", "")
         if status == "503":
             # No responders: the consumer's leader is moving (asking again at once would spin),
@@ -338,7 +339,7 @@ class Fetcher:
                 q.suspect = True
             elif status not in ("404", "409"):
                 log.warning("pull request on %s ended with %s %s", q.durable, status, description)
-        if q.credit <= 0:
+        if request is not None and q.credit <= 0:
             self.settle(q)
         self.wake()
 

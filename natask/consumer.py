@@ -438,7 +438,8 @@ class Fetcher:
             q = ready[0]
             want = q.backlog if q.backlog > 0 else self.min_batch
             fit = max(1, free_bytes // q.size)  # large messages: bytes, not slots, bound the batch
-            size = min(free, want, fit, max(self.min_batch, free // len(ready)))
+            # The head of the round gets all it can use: the server's cost is mostly per request.
+            size = min(free, want, fit)
             if size < min(self.min_batch, want, fit) and self.requested:
                 break  # collect a sizeable batch first
             ready.popleft()

@@ -50,6 +50,8 @@ POLL = 0.01
 """Seconds between two looks at the stream's message count."""
 CONCURRENCY = 64
 """``natask worker -c`` of every measurement (the default of ``benchmarks/run.py``)."""
+WORKER_ARGS: list[str] = []
+"""More ``natask worker`` arguments for every natask measurement (``--worker-args``)."""
 STALL = 30.0
 """A drain fails when nothing is acknowledged for this long."""
 
@@ -161,7 +163,7 @@ async def natask_drain(url: str, logdir: Path, work: dict[str, int], queues: lis
             if queued != total:
                 raise BenchError(f"{stream} holds {queued} messages, expected {total}")
             args = [sys.executable, "-m", "natask", "worker", "-A", "scale_app:app", "-Q", ",".join(queues),
-                    "-c", str(CONCURRENCY), "--loglevel", "warning"]
+                    "-c", str(CONCURRENCY), "--loglevel", "warning", *WORKER_ARGS]
             proc = _spawn(args, _env(prefix, url), logdir, f"natask-{prefix}")
             try:
                 t0, t1 = await _drain(js, stream, total, proc)
@@ -307,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller drains")
     parser.add_argument("--runs", type=int, default=1, help="runs to take the medians of")
     parser.add_argument("--only", default=",".join(CURVES), help="comma-separated subset of: " + ", ".join(CURVES))
+    parser.add_argument("--worker-args", default="",
+                        help="more `natask worker` arguments, e.g. '--prefetch-bytes 8MiB'")
     args = parser.parse_args(argv)
+    WORKER_ARGS[:] = args.worker_args.split()
     only = frozenset(c.strip() for c in args.only.split(",") if c.strip())
     if only - set(CURVES):
         parser.error(f"--only: unknown curve(s) {', '.join(sorted(only - set(CURVES)))}")

@@ -245,6 +245,9 @@ class Fetcher:
 
     def reset(self) -> None:
         """After a reconnect the server forgot our requests: write them off and ask again."""
+        if self.broker is not None:  # another server of the cluster may allow larger messages
+            self.unit = self.broker.nc.max_payload + MAX_LINE
+            self.budget = max(self.prefetch_bytes, self.unit)
         for q in self.queues:
             self._write_off(q)
         self.wake()
@@ -319,11 +322,16 @@ class Fetcher:
         if status == "100":  # idle heartbeat
             return
         request = q.requests.pop(token, None)
+        description = headers.get("Description", "")
         if request is not None:  # else written off, or settled already (409 "Batch Completed" comes last)
             pending, pending_bytes = headers.get("Nats-Pending-Messages"), headers.get("Nats-Pending-Bytes")
-            self._take(q, int(pending) if pending and pending.isdigit() else request[0],
-                       int(pending_bytes) if pending_bytes and pending_bytes.isdigit() else request[1])
-        description = headers.get("Description", "")
+            returned = int(pending) if pending and pending.isdigit() else request[0]
+            self._take(q, returned, int(pending_bytes) if pending_bytes and pending_bytes.isdigit() else request[1])
+            if returned == request[0] and "MaxBytes" in description:
+                # Not one message fit a request sized for max_payload: asking again at once would spin.
+                log.warning("a message of %s is larger than max_payload allows (%s): asking again shortly",
+                            q.durable, description)
+                q.retry_at = time.monotonic() + _HEAL_PAUSE
         if status == "503":
             # No responders: the consumer's leader is moving (asking again at once would spin),
             # or the consumer is gone: look it up after a few in a row.

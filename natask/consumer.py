@@ -13,14 +13,16 @@ The policy (the README's "Workers" section says the same for users):
 - **Several queues:** a queue is *busy* when the pending count its last delivery carried (the
   last token of the ack subject) says more messages wait, *idle* otherwise. Idle queues without a
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
-  quarter of the capacity, after looks that found work at once). Looks may take every free slot
-  while no queue is busy; while one is, they take at most an eighth of the slots. When every idle
+  quarter of the capacity, after looks that found work at once). Looks take at most half the byte
+  budget (each may deliver a message of ``max_payload``), and every free slot while no queue is
+  busy, an eighth of them while one is. When every idle
   queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing nothing while idle);
   otherwise looks are shortened so that each idle queue is looked at within ``ROTATION`` seconds
   (``n / LOOK_RATE`` past ``LOOK_RATE * ROTATION`` idle queues), so no queue starves however many
-  there are. Busy queues share the rest round robin, least recently served first, each a batch of
-  its backlog or at least a quarter of the capacity, lasting ``BUSY_EXPIRES`` (a batch on a busy
-  queue fills at once; its unused rest must come back soon).
+  there are. Busy queues share the rest round robin, least recently served first: the first in
+  line gets all it can use (its backlog, within the free slots and bytes: the server's cost is
+  mostly per request), a batch of at least a quarter of the capacity unless nothing else is
+  requested, lasting ``BUSY_EXPIRES`` (it fills at once; an unused rest must come back soon).
 - A finished task releases its slot and bytes and wakes the fetcher's one pump.
 - Stopping unsubscribes the inboxes: the server skips requests nobody listens to, so messages are
   not handed to a worker that would only return them.
@@ -65,7 +67,8 @@ LOOK_RATE: Final = 100.0
 LOOK_MIN: Final = 0.1
 """Shortest look, in seconds."""
 LOOK_SHARE: Final = 8
-"""While a queue is busy, looks use at most 1/LOOK_SHARE of the slots."""
+"""While a queue is busy, looks use at most 1/LOOK_SHARE of the slots (and always at most half
+the byte budget)."""
 MSG_OVERHEAD: Final = 256
 """Bytes counted for a delivered message beside its payload (subject, ack subject, headers: the
 server counts them against ``max_bytes`` too)."""
@@ -411,9 +414,9 @@ class Fetcher:
         now = time.monotonic()
         unit = self.unit
         busy = self.busy_count > 0
-        share = LOOK_SHARE if busy else 1
-        # Slots bound looks; bytes too, as each may deliver a message of max_payload.
-        look_cap = min(max(1, self.capacity // share), max(1, self.budget // unit))
+        # Slots bound looks; bytes too, as each may deliver a message of max_payload. Some of the
+        # budget stays free, so a queue found busy gets batches at once, not when the looks expire.
+        look_cap = min(max(1, self.capacity // (LOOK_SHARE if busy else 1)), max(1, self.budget // unit // 2))
         n_idle = len(self.queues) - self.busy_count
         if n_idle <= look_cap:
             expires = PULL_EXPIRES

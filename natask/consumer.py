@@ -15,14 +15,14 @@ The policy (the README's "Workers" section says the same for users):
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
   quarter of the capacity, after looks that found work at once). Looks take at most half the byte
   budget (each may deliver a message of ``max_payload``), and every free slot while no queue is
-  busy, an eighth of them while one is. When every idle
-  queue can hold a look at once, a look lasts ``PULL_EXPIRES`` (costing nothing while idle);
-  otherwise looks are shortened so that each idle queue is looked at within ``ROTATION`` seconds
-  (``n / LOOK_RATE`` past ``LOOK_RATE * ROTATION`` idle queues), so no queue starves however many
-  there are. Busy queues share the rest round robin, least recently served first: the first in
-  line gets all it can use (its backlog, within the free slots and bytes: the server's cost is
-  mostly per request), a batch of at least a quarter of the capacity unless nothing else is
-  requested, lasting ``BUSY_EXPIRES`` (it fills at once; an unused rest must come back soon).
+  busy, an eighth of them while one is. When every idle queue can hold a look at once, a look
+  lasts ``PULL_EXPIRES`` (costing nothing while idle); otherwise looks are shortened so that each
+  idle queue is looked at within ``ROTATION`` seconds (``n / LOOK_RATE`` past ``LOOK_RATE *
+  ROTATION`` idle queues), so no queue starves however many there are. Busy queues share the rest
+  round robin, least recently served first: the first in line gets all it can use (its backlog,
+  within the free slots and bytes: the server's cost is mostly per request), a batch of at least a
+  quarter of the capacity unless nothing else is requested, lasting ``BUSY_EXPIRES`` (it fills at
+  once; an unused rest must come back soon).
 - A finished task releases its slot and bytes and wakes the fetcher's one pump.
 - Stopping unsubscribes the inboxes: the server skips requests nobody listens to, so messages are
   not handed to a worker that would only return them.

@@ -4,25 +4,28 @@ the worker's free slots and byte budget, and decides which queue gets them.
 The policy (the README's "Workers" section says the same for users):
 
 - **Credit.** ``running + requested <= concurrency``, and the bytes of running tasks' messages plus
-  the bytes open requests may still deliver stay within ``prefetch_bytes``. Every request carries
-  ``max_bytes`` of at least one message of the server's ``max_payload`` (plus its subject and ack
-  subject): the server ends a request whose next message does not fit with 409 "Message Size
-  Exceeds MaxBytes" and keeps that message, so a smaller request could never deliver it.
+  the bytes open requests may still deliver (their ``max_bytes``) stay within ``prefetch_bytes``.
+  The server ends a request whose next message does not fit its ``max_bytes`` with 409 "Message
+  Size Exceeds MaxBytes" and keeps that message, so batches always carry room for one message of
+  the server's ``max_payload`` (plus subject and ack subject). A look (below) at a queue of small
+  messages carries ``LOOK_BYTES``; a larger message ends it with that 409, marks the queue busy
+  with large messages, and a batch sized for ``max_payload`` fetches it: nothing waits on a look.
 - **One queue:** every free slot is requested on it, topped up once a quarter of the capacity is
   free (one request per task would cost the drain).
 - **Several queues:** a queue is *busy* when the pending count its last delivery carried (the
   last token of the ack subject) says more messages wait, *idle* otherwise. Idle queues without a
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
-  quarter of the capacity, after looks that found work at once). Looks take at most half the byte
-  budget (each may deliver a message of ``max_payload``), and every free slot while no queue is
-  busy, an eighth of them while one is. When every idle queue can hold a look at once, a look
-  lasts ``PULL_EXPIRES`` (costing nothing while idle); otherwise looks are shortened so that each
-  idle queue is looked at within ``ROTATION`` seconds (``n / LOOK_RATE`` past ``LOOK_RATE *
-  ROTATION`` idle queues), so no queue starves however many there are. Busy queues share the rest
-  round robin, least recently served first: the first in line gets all it can use (its backlog,
-  within the free slots and bytes: the server's cost is mostly per request), a batch of at least a
-  quarter of the capacity unless nothing else is requested, lasting ``BUSY_EXPIRES`` (it fills at
-  once; an unused rest must come back soon).
+  quarter of the capacity, after looks that found work at once). Looks may take every free slot
+  while no queue is busy; while one is, all idle queues keep a look if they are at most a quarter
+  of the capacity, else looks share an eighth of the slots. Looks never take the last half of the
+  byte budget, so a queue found busy gets batches at once. When every idle queue can hold a look
+  at once, a look lasts ``PULL_EXPIRES`` (costing nothing while idle); otherwise looks are
+  shortened so that each idle queue is looked at within ``ROTATION`` seconds (``n / LOOK_RATE``
+  past ``LOOK_RATE * ROTATION`` idle queues), so no queue starves however many there are. Busy
+  queues share the rest round robin, least recently served first: the first in line gets all it
+  can use (its backlog, within the free slots and bytes: the server's cost is mostly per request),
+  a batch of at least a quarter of the capacity unless nothing else is requested, lasting
+  ``BUSY_EXPIRES`` (it fills at once; an unused rest must come back soon).
 - A finished task releases its slot and bytes and wakes the fetcher's one pump.
 - Stopping unsubscribes the inboxes: the server skips requests nobody listens to, so messages are
   not handed to a worker that would only return them.
@@ -64,11 +67,13 @@ ROTATION: Final = 2.0
 """Seconds within which every idle queue is looked at when they cannot all hold a look at once."""
 LOOK_RATE: Final = 100.0
 """Looks per second at most while rotating (each costs a request and a 408 on an idle queue)."""
-LOOK_MIN: Final = 0.1
+LOOK_MIN: Final = 0.05
 """Shortest look, in seconds."""
 LOOK_SHARE: Final = 8
-"""While a queue is busy, looks use at most 1/LOOK_SHARE of the slots (and always at most half
-the byte budget)."""
+"""While a queue is busy and idle queues are more than a quarter of the slots, looks share
+1/LOOK_SHARE of the slots."""
+LOOK_BYTES: Final = 64 * 1024
+"""``max_bytes`` of a look at a queue of small messages (larger ones: sized for ``max_payload``)."""
 MSG_OVERHEAD: Final = 256
 """Bytes counted for a delivered message beside its payload (subject, ack subject, headers: the
 server counts them against ``max_bytes`` too)."""
@@ -331,10 +336,13 @@ class Fetcher:
             returned = int(pending) if pending and pending.isdigit() else request[0]
             self._take(q, returned, int(pending_bytes) if pending_bytes and pending_bytes.isdigit() else request[1])
             if returned == request[0] and "MaxBytes" in description:
-                # Not one message fit a request sized for max_payload: asking again at once would spin.
-                log.warning("a message of %s is larger than max_payload allows (%s): asking again shortly",
-                            q.durable, description)
-                q.retry_at = time.monotonic() + _HEAL_PAUSE
+                if request[1] < self.unit:  # a look too small for the message: a batch fetches it
+                    q.size = max(q.size, self.unit - MAX_LINE)
+                    q.backlog = max(q.backlog, 1)
+                else:  # not one message fit a request sized for max_payload: asking again at once would spin
+                    log.warning("a message of %s is larger than max_payload allows (%s): asking again shortly",
+                                q.durable, description)
+                    q.retry_at = time.monotonic() + _HEAL_PAUSE
         if status == "503":
             # No responders: the consumer's leader is moving (asking again at once would spin),
             # or the consumer is gone: look it up after a few in a row.
@@ -413,11 +421,15 @@ class Fetcher:
         ones, round robin (see the module docstring)."""
         now = time.monotonic()
         unit = self.unit
-        busy = self.busy_count > 0
-        # Slots bound looks; bytes too, as each may deliver a message of max_payload. Some of the
-        # budget stays free, so a queue found busy gets batches at once, not when the looks expire.
-        look_cap = min(max(1, self.capacity // (LOOK_SHARE if busy else 1)), max(1, self.budget // unit // 2))
         n_idle = len(self.queues) - self.busy_count
+        capacity = self.capacity
+        if not self.busy_count:
+            look_cap = capacity
+        else:  # a few idle queues are all watched; more share an eighth of the slots
+            look_cap = n_idle if n_idle <= capacity // 4 else max(1, capacity // LOOK_SHARE)
+        # Looks never take the last half of the byte budget: a queue found busy gets batches at once.
+        half = self.budget // 2
+        look_cap = min(look_cap, max(1, half // LOOK_BYTES))
         if n_idle <= look_cap:
             expires = PULL_EXPIRES
         else:
@@ -427,19 +439,25 @@ class Fetcher:
         while idle:
             free = self.capacity - self.running - self.requested
             room = min(free, look_cap - self.looking)
-            if room <= 0 or self.budget - self.used < unit:
+            if room <= 0:
                 break
-            q = idle.popleft()
+            q = idle[0]
+            size = min(room, 1 << min(q.streak, 8), self.min_batch) if q.streak else 1
+            # A look expects the queue's usual messages; one too large for it ends the look with
+            # 409 "Message Size Exceeds MaxBytes" and is fetched by a batch sized for max_payload.
+            max_bytes = LOOK_BYTES if size * q.size <= LOOK_BYTES else max(unit, size * q.size)
+            if self.budget - self.used - max_bytes < half:
+                break
+            idle.popleft()
             q.where = None
             if q.busy or q.credit:
                 self._ready(q)
                 continue
             if not self._available(q, now):
                 continue
-            size = min(room, 1 << min(q.streak, 8), self.min_batch) if q.streak else 1
             q.look = size
             self.looking += size
-            await self._request(q, size, unit, expires)
+            await self._request(q, size, max_bytes, expires)
         ready = self.ready
         while ready:
             free = self.capacity - self.running - self.requested

@@ -172,3 +172,29 @@ async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natas
     assert attempts == [0], f"the worker answers seen: {acks}"
     gate.set()
     await stopping
+
+
+@pytest.mark.timeout(120)
+async def test_large_arguments_reach_a_worker_watching_several_queues(app: Natask) -> None:
+    # Looks at idle queues expect small messages: a large one ends the look (409) and is fetched by
+    # a request sized for the server's max_payload.
+    done = Started()
+
+    @app.task(name="t.big2", queue="bulk", ignore_result=True)
+    async def big(i: int, blob: bytes) -> None:
+        done.add(str(len(blob)))
+
+    blob = b"y" * 900_000
+    queues = ["default", "bulk", "other"]
+    w = Worker(app, queues=queues, concurrency=16)
+    await w.start()
+    try:
+        await big.adelay(0, blob)  # into an idle queue a look is waiting on
+        await done.reach(1)
+        for lo in range(1, 41, 10):
+            await big.adelay_many([(i, blob) for i in range(lo, lo + 10)])
+        await done.reach(41)
+        assert w.broker_.nc.stats["reconnects"] == 0
+    finally:
+        await w.stop()
+    assert done.queues == [str(len(blob))] * 41

@@ -15,10 +15,10 @@ The policy (the README's "Workers" section says the same for users):
 - **Several queues:** a queue is *busy* when the pending count its last delivery carried (the
   last token of the ack subject) says more messages wait, *idle* otherwise. Idle queues without a
   request get *looks*, least recently looked first: a long poll for one message (more, up to a
-  quarter of the capacity, after looks that found work at once). Looks may take every free slot
+  quarter of the capacity, after looks that found work at once). Looks may take half the slots
   while no queue is busy; while one is, all idle queues keep a look if they are at most a quarter
   of the capacity, else looks share an eighth of the slots. Looks never take the last half of the
-  byte budget, so a queue found busy gets batches at once. When every idle queue can hold a look
+  byte budget either, so a queue found busy gets batches at once. When every idle queue can hold a look
   at once, a look lasts ``PULL_EXPIRES`` (costing nothing while idle); otherwise looks are
   shortened so that each idle queue is looked at within ``ROTATION`` seconds (``n / LOOK_RATE``
   past ``LOOK_RATE * ROTATION`` idle queues), so no queue starves however many there are. Busy
@@ -423,8 +423,8 @@ class Fetcher:
         unit = self.unit
         n_idle = len(self.queues) - self.busy_count
         capacity = self.capacity
-        if not self.busy_count:
-            look_cap = capacity
+        if not self.busy_count:  # half the slots stay for the first queue found busy
+            look_cap = max(1, capacity // 2)
         else:  # a few idle queues are all watched; more share an eighth of the slots
             look_cap = n_idle if n_idle <= capacity // 4 else max(1, capacity // LOOK_SHARE)
         # Looks never take the last half of the byte budget: a queue found busy gets batches at once.

@@ -131,7 +131,8 @@ class Worker:
     """Runs an app's tasks from one or more queues in this process.
 
     ``await worker.start()`` then ``await worker.stop()`` (or ``async with``); ``run()`` blocks
-    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it).
+    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it). ``prefetch_bytes``: the bytes
+    of task messages it holds and has asked for at most (see ``natask.consumer``).
     """
 
     def __init__(

@@ -198,3 +198,18 @@ async def test_large_arguments_reach_a_worker_watching_several_queues(app: Natas
     finally:
         await w.stop()
     assert done.queues == [str(len(blob))] * 41
+
+
+@pytest.mark.timeout(60)
+async def test_a_deleted_consumer_among_several_queues_is_recreated(app: Natask) -> None:
+    @app.task(name="t.add", queue="b")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async with worker(app, queues=["a", "b", "c"]):
+        assert await (await add.adelay(1, 2)).aget(timeout=10) == 3
+        broker = await app._broker()
+        await broker.js.delete_consumer(app.names.stream, "b")
+        assert await (await add.adelay(2, 3)).aget(timeout=30) == 5
+        await broker.js.delete_stream(app.names.stream)  # the producer recreates it, the worker its consumers
+        assert await (await add.adelay(3, 4)).aget(timeout=30) == 7

@@ -132,7 +132,7 @@ class Worker:
 
     ``await worker.start()`` then ``await worker.stop()`` (or ``async with``); ``run()`` blocks
     until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it). ``prefetch_bytes``: the bytes
-    of task messages it holds and has asked for at most (see ``natask.consumer``).
+    of task messages it holds and has asked for at most (README, "Workers": fetching).
     """
 
     def __init__(

@@ -68,6 +68,24 @@ def load_app(spec: str | None) -> Natask:
     return app
 
 
+class ByteSize(click.ParamType[int]):
+    """A size in bytes: ``16777216``, ``16MiB``, ``16MB``, ``512KiB``, ``1G`` (K/M/G: powers of 1024)."""
+
+    name = "size"
+    _UNITS: Final = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+                     "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in self._UNITS or int(match.group(1)) < 1:
+            self.fail(f"{value!r} is not a size: give bytes (16777216) or a number with KiB, MiB, GiB (16MiB)",
+                      param, ctx)
+        return int(match.group(1)) * self._UNITS[unit]
+
+
 app_option = click.option("-A", "--app", "app_spec", metavar="MODULE:APP", help=APP_HELP)
 loglevel_option = click.option(
     "--loglevel", "-l", default="info", show_default=True,
@@ -102,11 +120,15 @@ def main() -> None:
 @click.option("--unknown-grace", type=click.FloatRange(0, 25), default=20.0, show_default=True,
               help="seconds a task name this worker does not know keeps coming back (for a worker with newer "
                    "code during a rolling deploy) before it is dead-lettered")
+@click.option("--prefetch-bytes", type=ByteSize(), default="16MiB", show_default=True,
+              help="bytes of task messages this process holds and has asked for at most (large arguments); keep "
+                   "it well under the server's max_pending (64MB by default), at least its max_payload")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
-           http_host: str, without_events: bool, unknown_grace: float, loglevel: str, log_format: str) -> None:
+           http_host: str, without_events: bool, unknown_grace: float, prefetch_bytes: int, loglevel: str,
+           log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -122,7 +144,8 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
-                   max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace)
+                   max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace,
+                   prefetch_bytes=prefetch_bytes)
         run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host))
     except NataskError as e:
         raise click.ClickException(str(e)) from None

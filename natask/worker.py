@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from .broker import Broker
 from .config import check_queue_name
-from .consumer import PullConsumer, Slots
+from .consumer import DEFAULT_PREFETCH_BYTES, Fetcher
 from .control import ControlResponder
 from .dlq import (
     HDR_DLQ_ATTEMPTS,
@@ -131,7 +131,8 @@ class Worker:
     """Runs an app's tasks from one or more queues in this process.
 
     ``await worker.start()`` then ``await worker.stop()`` (or ``async with``); ``run()`` blocks
-    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it).
+    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it). ``prefetch_bytes``: the bytes
+    of task messages it holds and has asked for at most (README, "Workers": fetching).
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class Worker:
         max_tasks: int | None = None,
         events: bool = True,
         unknown_grace: float = UNKNOWN_GRACE,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     ) -> None:
         self.app = app
         self.unknown_grace = unknown_grace
@@ -158,8 +160,7 @@ class Worker:
         self.failed = 0
         self.started_at = 0.0
         self.broker: Broker | None = None
-        self._slots = Slots(concurrency)
-        self._consumers: list[PullConsumer] = []
+        self._slots = Fetcher(concurrency, self._on_message, prefetch_bytes)
         self._inflight: set[_Delivery] = set()
         self._runner: ThreadRunner | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -212,14 +213,11 @@ class Worker:
         self.event("worker-online", **self._control.stats())
         for queue in self.queues:
             await broker.ensure_consumer(queue)
-            consumer = PullConsumer(broker, queue, self._slots, self._on_message)
-            await consumer.start()
-            self._consumers.append(consumer)
+            await self._slots.add(broker, queue)
             # RPC: core request-reply beside the stream, same queue group name, same slots.
             self._rpc_subs.append(await broker.subscribe(
                 f"natask.rpc.{broker.names.prefix}.{queue}.>", queue=queue, cb=self._on_rpc))
-        for consumer in self._consumers:
-            consumer.wake()
+        self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
         log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
                  self.concurrency, self.app.config.safe_servers)
@@ -242,8 +240,7 @@ class Worker:
         grace = self.grace if grace is None else grace
         for sub in self._rpc_subs:
             await _quietly(sub.unsubscribe())
-        for consumer in self._consumers:
-            await consumer.stop()
+        await self._slots.stop()  # also ends the open pull requests: nothing comes back to us
         if self._inflight:
             log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
             try:
@@ -263,8 +260,7 @@ class Worker:
             self._flush_events()
         if self._events is not None:
             await self._events.drain()
-        for consumer in self._consumers:
-            await consumer.close()
+        await self._slots.close()
         if self._runner is not None:
             self._runner.shutdown()
         if self.broker is not None:
@@ -280,8 +276,7 @@ class Worker:
         await self.stop()
 
     def _on_reconnect(self) -> None:
-        for consumer in self._consumers:
-            consumer.reset()
+        self._slots.reset()
 
     def _on_closed(self, error: BrokerError) -> None:
         # A connection nats-py closed for good never comes back, and nothing can be acked on it:
@@ -346,7 +341,7 @@ class Worker:
     @property
     def consuming(self) -> bool:
         """True while the worker asks for and runs tasks (started, not stopping)."""
-        return bool(self._consumers) and not self._stopping
+        return self._slots.started and not self._stopping
 
     def active(self) -> list[dict[str, Any]]:
         """The tasks running now: id, name, start time, seconds running."""
@@ -376,7 +371,7 @@ class Worker:
         if self._stopping:
             # Still-open pull requests deliver after stop(): hand those straight back.
             self._background(_quietly(msg.nak()))
-            self._slots.release()
+            self._slots.release(msg)
             return
         delivery = _Delivery(msg)
         self._inflight.add(delivery)
@@ -385,7 +380,7 @@ class Worker:
 
     def _done(self, delivery: _Delivery) -> None:
         self._inflight.discard(delivery)
-        self._slots.release()
+        self._slots.release(delivery.msg)
         self._slot_freed.set()
         if self.max_tasks and self.processed + self.failed >= self.max_tasks and not self._stopping:
             log.info("processed %d task(s), the --max-tasks-per-child limit: exiting", self.max_tasks)
@@ -413,7 +408,7 @@ class Worker:
         while self._slots.running >= self._slots.capacity:
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        self._slots.running += 1
+        self._slots.hold(msg)
         delivery = _Delivery(msg)
         self._inflight.add(delivery)
         self._idle.clear()

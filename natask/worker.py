@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -162,6 +163,8 @@ class Worker:
         self.broker: Broker | None = None
         self._slots = Fetcher(concurrency, self._on_message, prefetch_bytes)
         self._inflight: set[_Delivery] = set()
+        self._waiting: collections.deque[_Delivery] = collections.deque()
+        """Deliveries that arrived while RPC calls held every slot: they start as slots free up."""
         self._runner: ThreadRunner | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._revoked: set[str] = set()
@@ -241,6 +244,10 @@ class Worker:
         for sub in self._rpc_subs:
             await _quietly(sub.unsubscribe())
         await self._slots.stop()  # also ends the open pull requests: nothing comes back to us
+        while self._waiting:  # never started: straight back to the queue
+            waiting = self._waiting.popleft()
+            self._slots.release(waiting.msg)
+            await _quietly(waiting.msg.nak())
         if self._inflight:
             log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
             try:
@@ -358,7 +365,7 @@ class Worker:
                 self.last_heartbeat = time.time()
                 self.event("worker-heartbeat", **self._control.stats())
             now = time.monotonic()
-            for delivery in list(self._inflight):
+            for delivery in [*self._inflight, *self._waiting]:
                 if now - delivery.touched >= interval:
                     delivery.touched = now
                     try:
@@ -374,18 +381,27 @@ class Worker:
             self._slots.release(msg)
             return
         delivery = _Delivery(msg)
-        self._inflight.add(delivery)
         self._idle.clear()
-        delivery.handler = asyncio.get_running_loop().create_task(self._handle(delivery))
+        if len(self._inflight) >= self.concurrency:
+            # RPC calls (pushed, not pulled) took the slots this message was requested for.
+            self._waiting.append(delivery)
+            return
+        self._start(delivery)
+
+    def _start(self, delivery: _Delivery) -> None:
+        self._inflight.add(delivery)
+        delivery.handler = self._loop.create_task(self._handle(delivery))
 
     def _done(self, delivery: _Delivery) -> None:
         self._inflight.discard(delivery)
         self._slots.release(delivery.msg)
         self._slot_freed.set()
+        if self._waiting and not self._stopping:
+            self._start(self._waiting.popleft())
         if self.max_tasks and self.processed + self.failed >= self.max_tasks and not self._stopping:
             log.info("processed %d task(s), the --max-tasks-per-child limit: exiting", self.max_tasks)
             self._background(self.stop())
-        if not self._inflight:
+        if not self._inflight and not self._waiting:
             self._idle.set()
 
     @property
@@ -405,7 +421,7 @@ class Worker:
 
     async def _on_rpc(self, msg: Msg) -> None:
         # Pushed by core NATS: wait for a slot so RPCs share the worker's concurrency limit.
-        while self._slots.running >= self._slots.capacity:
+        while len(self._inflight) >= self.concurrency or self._waiting:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         self._slots.hold(msg)

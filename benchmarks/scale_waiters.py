@@ -44,7 +44,7 @@ import msgpack  # noqa: E402
 import nats  # noqa: E402
 
 from natask import Natask  # noqa: E402
-from natask.message import HDR_MSG_ID, HDR_REPLY, HDR_TASK  # noqa: E402
+from natask.naming import HDR_MSG_ID, HDR_REPLY  # noqa: E402
 from natask.server import NatsServer  # noqa: E402
 
 QUEUE: Final = "waiters"
@@ -157,7 +157,7 @@ async def raw_producer(url: str, prefix: str, n: int) -> dict[str, Any]:
         task_id = os.urandom(16).hex()
         body = msgpack.packb({"v": 1, "id": task_id, "task": NAP_TASK, "args": [i], "kwargs": {}})
         replies[task_id] = fut = loop.create_future()
-        headers = {HDR_MSG_ID: task_id, HDR_TASK: NAP_TASK, HDR_REPLY: f"{inbox}.{task_id}"}
+        headers = {HDR_MSG_ID: task_id, HDR_REPLY: f"{inbox}.{task_id}"}
         acks.append(await js.publish_async(subject, body, headers=headers))
         return fut
 

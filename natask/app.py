@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import nats.errors
 import nats.js.errors
@@ -20,19 +20,20 @@ from .broker import Broker
 from .canvas import Signature
 from .config import Config, Seconds, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
-from .message import (
+from .message import Call, Envelope, at_schedule, dumps, find_unencodable, loads
+from .naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
     HDR_REPLY,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
-    Envelope,
-    at_schedule,
-    dumps,
-    find_unencodable,
-    loads,
+    TASK_ID_RE,
+    Names,
+    check_kv_key,
+    check_task_id,
+    check_task_name,
+    invalid_task_id,
 )
-from .naming import TASK_ID_RE, Names, check_kv_key, check_task_id, check_task_name, invalid_task_id
 from .portal import Portal
 from .result import AsyncResult
 from .result import AsyncResult as _AsyncResult  # the name AsyncResult is also a method of Natask
@@ -51,19 +52,6 @@ _FAILURE_MEMORY = 2.0
 P = ParamSpec("P")
 R = TypeVar("R")
 
-
-
-class Call(NamedTuple):
-    """One encoded call, ready to publish (a tuple: the garbage collector stops tracking it, which
-    matters when ``delay_many`` holds thousands)."""
-
-    task_id: str
-    task: str
-    queue: str
-    payload: bytes
-    headers: dict[str, str]
-    eta: float | None
-    ignore_result: bool
 
 
 class _Decorator(Protocol):
@@ -681,4 +669,4 @@ def _expires(start: float, expires: float | timedelta | datetime | None) -> floa
     return start + seconds(expires, "expires")
 
 
-__all__ = ["Natask", "Call"]
+__all__ = ["Natask"]

@@ -29,8 +29,8 @@ from nats.js.kv import KeyValue
 
 from .config import Config, redact_url
 from .errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied, StorageFull
-from .message import HDR_CHECK_STORED, headers_size
-from .naming import DLQ_STREAM, Names
+from .message import headers_size
+from .naming import DLQ_STREAM, HDR_CHECK_STORED, Names
 
 log = logging.getLogger("natask.broker")
 
@@ -60,9 +60,6 @@ class Published(NamedTuple):
 
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
 
-HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-"""Compare-and-set: the server stores the message only if the subject's last sequence is this
-(``0``: the subject holds no message). A KV key is a subject, so this is the KV revision check."""
 _WRONG_LAST_SEQUENCE: Final = 10071
 
 

@@ -24,12 +24,12 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from .control import inspect
-from .dlq import HDR_REPLAYS, DeadLetter, DeadLetterNotFound, DeadLetters, parse_count
+from .dlq import DeadLetter, DeadLetterNotFound, DeadLetters, parse_count
 from .errors import ConfigError, NataskError
 from .events import MAX_NAME, EventStream, check_fields, follow, is_ident, is_number
 from .http import MAX_CONNECTIONS
-from .message import HDR_MSG_ID, HDR_RETRIES, HDR_SCHEDULE_TARGET, Envelope, loads
-from .naming import TASK_ID_RE
+from .message import Envelope, loads
+from .naming import HDR_MSG_ID, HDR_REPLAYS, HDR_RETRIES, HDR_SCHEDULE_TARGET, TASK_ID_RE
 from .worker import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:

@@ -20,8 +20,19 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from .errors import BrokerError, NataskError
-from .message import HDR_MSG_ID, HDR_TASK
-from .naming import DLQ_STREAM, TASK_ID_RE
+from .naming import (
+    DLQ_STREAM,
+    HDR_DLQ_ATTEMPTS,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_ID,
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_DLQ_TIME,
+    HDR_MSG_ID,
+    HDR_REPLAYS,
+    HDR_TASK,
+    TASK_ID_RE,
+)
 
 if TYPE_CHECKING:
     from .app import Natask
@@ -30,23 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("natask.dlq")
 T = TypeVar("T")
 
-HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
-"""Why the message was dead-lettered (``unknown task``, ``undecodable``, ``max retries exceeded``...)."""
-HDR_DLQ_ERROR: Final = "Natask-Dlq-Error"
-"""The exception text, on one line."""
-HDR_DLQ_ATTEMPTS: Final = "Natask-Dlq-Attempts"
-"""How many times the task was delivered in all."""
-HDR_DLQ_TIME: Final = "Natask-Dlq-Time"
-"""When it was dead-lettered (Unix time)."""
-HDR_DLQ_SUBJECT: Final = "Natask-Dlq-Subject"
-"""The subject it was consumed from, where a replay publishes it again."""
-HDR_DLQ_ID: Final = "Natask-Dlq-Id"
-"""The task id, or ``seq-<stream sequence>`` for a message with no readable id."""
-HDR_DLQ_TRUNCATED: Final = "Natask-Dlq-Truncated"
-"""The original body's size when it had to be left out (it did not fit ``max_payload`` beside the
-dead-letter headers)."""
-HDR_REPLAYS: Final = "Natask-Replays"
-"""How many times this task was replayed from the DLQ (derives the replay's message id)."""
 
 PLACEHOLDER_RE: Final = re.compile(r"^seq-([0-9]{1,18})$")
 """The id of a dead letter without a readable task id: ``seq-<its NATASK_DLQ sequence>``, read directly."""

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, Final
 
-from .task import current_request
+from .options import current_request
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s%(task)s: %(message)s"
 

@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -21,29 +21,6 @@ from .naming import MAX_TASK_NAME, TASK_ID_RE, is_task_name
 WIRE_VERSION: Final = 1
 """Version of the envelope layout; a worker rejects (dead-letters) versions it does not know."""
 
-HDR_MSG_ID: Final = "Nats-Msg-Id"
-"""JetStream dedupe id: the task id on the first publish, ``<task id>:<n>`` on republishes."""
-HDR_TASK: Final = "Natask-Task"
-"""The task name, readable with the ``nats`` CLI without decoding the body."""
-HDR_REPLY: Final = "Natask-Reply"
-"""The caller's inbox subject for the result fast path."""
-HDR_SCHEDULE: Final = "Nats-Schedule"
-"""Server-held delay (nats-server >= 2.12): ``@at <RFC 3339 time>``."""
-HDR_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
-"""The subject a schedule message publishes to when it fires."""
-HDR_SCHEDULER: Final = "Nats-Scheduler"
-"""Set by the server (and only by it: a client's is refused) on a message a schedule fired: the
-schedule's subject."""
-HDR_RETRIES: Final = "Natask-Retries"
-"""How many times the task was retried before this message (republishes carry it)."""
-HDR_CHECK_STORED: Final = "Natask-Check-Stored"
-"""``1``: this task id may have been published before (an id the caller chose, a workflow step, a
-beat tick, a publish retried across a reconnect), so a worker first looks for a stored final
-outcome and skips the run if there is one. JetStream's own dedupe forgets acknowledged ids when the
-server restarts; this check does not. Absent on first publishes of generated ids (no read needed)."""
-HDR_UNKNOWN_SINCE: Final = "Natask-Unknown-Since"
-"""When a worker first met this task's name without knowing it (Unix time): the rolling-deploy
-grace is counted from it."""
 
 MAX_TIMESTAMP: Final = 253402300799.0
 """9999-12-31T23:59:59Z: the latest eta or expiry a message may carry (later ones cannot be
@@ -228,6 +205,19 @@ def loads(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
         return _Decoder(max(len(data), 1)).unpack(data)
     except Exception as e:  # msgpack raises outside its own hierarchy too (ValueError, RecursionError...)
         raise DecodeError(f"undecodable msgpack: {type(e).__name__}: {e}", data) from None
+
+
+class Call(NamedTuple):
+    """One encoded call, ready to publish (a tuple: the garbage collector stops tracking it, which
+    matters when ``delay_many`` holds thousands)."""
+
+    task_id: str
+    task: str
+    queue: str
+    payload: bytes
+    headers: dict[str, str]
+    eta: float | None
+    ignore_result: bool
 
 
 @dataclass(slots=True)

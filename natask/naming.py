@@ -30,6 +30,53 @@ wildcard (a ``*`` or ``>`` key would read, or delete, many keys at once)."""
 MAX_KV_KEY: Final = 1024
 """Longest claim key: it travels in a subject, which must fit the server's control line."""
 
+# -- headers: natask's own (Natask-*) and the NATS ones natask sets or reads for their meaning --
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+"""JetStream dedupe id: the task id on the first publish, ``<task id>:<n>`` on republishes."""
+HDR_TASK: Final = "Natask-Task"
+"""The task name, readable with the ``nats`` CLI without decoding the body."""
+HDR_REPLY: Final = "Natask-Reply"
+"""The caller's inbox subject for the result fast path."""
+HDR_SCHEDULE: Final = "Nats-Schedule"
+"""Server-held delay (nats-server >= 2.12): ``@at <RFC 3339 time>``."""
+HDR_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
+"""The subject a schedule message publishes to when it fires."""
+HDR_SCHEDULER: Final = "Nats-Scheduler"
+"""Set by the server (and only by it: a client's is refused) on a message a schedule fired: the
+schedule's subject."""
+HDR_RETRIES: Final = "Natask-Retries"
+"""How many times the task was retried before this message (republishes carry it)."""
+HDR_CHECK_STORED: Final = "Natask-Check-Stored"
+"""``1``: this task id may have been published before (an id the caller chose, a workflow step, a
+beat tick, a publish retried across a reconnect), so a worker first looks for a stored final
+outcome and skips the run if there is one. JetStream's own dedupe forgets acknowledged ids when the
+server restarts; this check does not. Absent on first publishes of generated ids (no read needed)."""
+HDR_UNKNOWN_SINCE: Final = "Natask-Unknown-Since"
+"""When a worker first met this task's name without knowing it (Unix time): the rolling-deploy
+grace is counted from it."""
+HDR_DLQ_REASON: Final = "Natask-Dlq-Reason"
+"""Why the message was dead-lettered (``unknown task``, ``undecodable``, ``max retries exceeded``...)."""
+HDR_DLQ_ERROR: Final = "Natask-Dlq-Error"
+"""The exception text, on one line."""
+HDR_DLQ_ATTEMPTS: Final = "Natask-Dlq-Attempts"
+"""How many times the task was delivered in all."""
+HDR_DLQ_TIME: Final = "Natask-Dlq-Time"
+"""When it was dead-lettered (Unix time)."""
+HDR_DLQ_SUBJECT: Final = "Natask-Dlq-Subject"
+"""The subject it was consumed from, where a replay publishes it again."""
+HDR_DLQ_ID: Final = "Natask-Dlq-Id"
+"""The task id, or ``seq-<stream sequence>`` for a message with no readable id."""
+HDR_DLQ_TRUNCATED: Final = "Natask-Dlq-Truncated"
+"""The original body's size when it had to be left out (it did not fit ``max_payload`` beside the
+dead-letter headers)."""
+HDR_REPLAYS: Final = "Natask-Replays"
+"""How many times this task was replayed from the DLQ (derives the replay's message id)."""
+HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+"""Compare-and-set: the server stores the message only if the subject's last sequence is this
+(``0``: the subject holds no message). A KV key is a subject, so this is the KV revision check."""
+HDR_KV_OPERATION: Final = "KV-Operation"
+"""Header of a KV delete/purge marker (``DEL``/``PURGE``): no record, but a revision."""
+
 DLQ_STREAM: Final = "NATASK_DLQ"
 """The dead-letter stream, shared by every app on the account."""
 

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from .errors import Reject, Retry, TimeLimitExceeded
-from .task import TaskOptions
+from .options import TaskOptions
 
 
 def backoff(retries: int, base: float, maximum: float, jitter: bool, rng: random.Random | None = None) -> float:

@@ -13,17 +13,16 @@ from typing import Any, Final
 
 import nats.js.errors
 
-from .broker import HDR_EXPECTED_LAST_SUBJECT_SEQ, Broker, SequenceConflict
+from .broker import Broker, SequenceConflict
 from .errors import BrokerError
 from .message import loads
+from .naming import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_KV_OPERATION
 from .result import READY_STATES
 
 log = logging.getLogger("natask.worker")
 
 _ATTEMPTS: Final = 5
 """Compare-and-set rounds before giving up on a key that keeps changing under us."""
-KV_OPERATION: Final = "KV-Operation"
-"""Header of a KV delete/purge marker (``DEL``/``PURGE``): no record, but a revision."""
 
 Record = dict[str, Any]
 
@@ -55,7 +54,7 @@ class ResultStore:
         except nats.js.errors.NotFoundError:
             return 0, None
         seq = msg.seq or 0
-        if not msg.data or (msg.headers or {}).get(KV_OPERATION):
+        if not msg.data or (msg.headers or {}).get(HDR_KV_OPERATION):
             return seq, None
         try:
             record = loads(msg.data)

@@ -21,17 +21,7 @@ from .broker import Broker
 from .config import check_queue_name
 from .consumer import DEFAULT_PREFETCH_BYTES, Fetcher
 from .control import ControlResponder
-from .dlq import (
-    HDR_DLQ_ATTEMPTS,
-    HDR_DLQ_ERROR,
-    HDR_DLQ_ID,
-    HDR_DLQ_REASON,
-    HDR_DLQ_SUBJECT,
-    HDR_DLQ_TIME,
-    HDR_DLQ_TRUNCATED,
-    HDR_REPLAYS,
-    index_dead_letter,
-)
+from .dlq import index_dead_letter
 from .errors import (
     BrokerError,
     DecodeError,
@@ -44,9 +34,19 @@ from .errors import (
     type_name,
 )
 from .events import Batch, EventPublisher
-from .message import (
+from .message import Envelope, at_schedule, dumps, loads
+from .naming import (
+    DEFAULT_INBOX_PREFIX,
     HDR_CHECK_STORED,
+    HDR_DLQ_ATTEMPTS,
+    HDR_DLQ_ERROR,
+    HDR_DLQ_ID,
+    HDR_DLQ_REASON,
+    HDR_DLQ_SUBJECT,
+    HDR_DLQ_TIME,
+    HDR_DLQ_TRUNCATED,
     HDR_MSG_ID,
+    HDR_REPLAYS,
     HDR_REPLY,
     HDR_RETRIES,
     HDR_SCHEDULE,
@@ -54,12 +54,11 @@ from .message import (
     HDR_SCHEDULER,
     HDR_TASK,
     HDR_UNKNOWN_SINCE,
-    Envelope,
-    at_schedule,
-    dumps,
-    loads,
+    TASK_ID_RE,
+    is_queue_name,
+    is_reply_for,
+    is_reply_subject,
 )
-from .naming import DEFAULT_INBOX_PREFIX, TASK_ID_RE, is_queue_name, is_reply_for, is_reply_subject
 from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
 from .runner import ThreadRunner

@@ -16,7 +16,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from ..broker import HDR_EXPECTED_LAST_SUBJECT_SEQ, Broker
+from ..broker import Broker
+from ..naming import HDR_EXPECTED_LAST_SUBJECT_SEQ
 from .schedule import UTC
 
 log = logging.getLogger("natask.beat")

@@ -13,8 +13,8 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
-from ..message import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, at_schedule, dumps, loads
-from ..naming import TASK_ID_RE, is_reply_for
+from ..message import at_schedule, dumps, loads
+from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
 from ..result import FAILURE, REVOKED, SUCCESS
 from .plan import Freezer, Node, Step, expand, seeded_ids, walk
 from .signature import from_dict

@@ -7,8 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
-from ..message import HDR_REPLY
-from ..naming import check_task_id
+from ..naming import HDR_REPLY, check_task_id
 from ..result import FAILURE, PENDING, READY_STATES, SUCCESS, AsyncResult
 from .plan import Freezer, Node, expand, leaves
 
@@ -53,7 +52,7 @@ async def launch(app: Natask, obj: Canvas, args: Sequence[Any] = (),
 
 
 def _register(app: Natask, broker: Broker, leaf: Node) -> AsyncResult[Any]:
-    from ..app import Call  # app imports canvas: not at module level
+    from ..message import Call
 
     opts = leaf["options"]
     call = Call(leaf["id"], leaf["task"], opts["queue"], b"", {}, None, bool(opts.get("ignore_result")))

@@ -13,7 +13,8 @@ import nats.aio.msg
 import pytest
 
 from natask import AsyncResult, GroupResult, Natask, TaskFailed, TaskRevoked, chain, chord, group
-from natask.message import HDR_CHECK_STORED, HDR_MSG_ID, HDR_REPLY, loads
+from natask.message import loads
+from natask.naming import HDR_CHECK_STORED, HDR_MSG_ID, HDR_REPLY
 from natask.server import NatsServer
 from natask.testing import worker
 

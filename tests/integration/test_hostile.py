@@ -18,7 +18,8 @@ from nats.aio.client import Client
 
 from natask import Natask, TaskFailed
 from natask.dlq import DeadLetter, DeadLetters
-from natask.message import HDR_CHECK_STORED, dumps, loads
+from natask.message import dumps, loads
+from natask.naming import HDR_CHECK_STORED
 from natask.server import NatsServer
 from natask.testing import worker
 

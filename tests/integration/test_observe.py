@@ -20,7 +20,8 @@ from nats.aio.msg import Msg
 
 from natask import ConfigError, Natask, Reject, TaskFailed
 from natask.dashboard import MAX_DEAD_LETTERS, Dashboard
-from natask.dlq import (
+from natask.dlq import DeadLetterNotFound, DeadLetters
+from natask.naming import (
     HDR_DLQ_ATTEMPTS,
     HDR_DLQ_ERROR,
     HDR_DLQ_ID,
@@ -28,10 +29,8 @@ from natask.dlq import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TIME,
     HDR_REPLAYS,
-    DeadLetterNotFound,
-    DeadLetters,
+    HDR_TASK,
 )
-from natask.message import HDR_TASK
 from natask.server import NatsServer
 from natask.testing import worker
 

@@ -7,7 +7,7 @@ import pytest
 
 from natask import BrokerError, Natask
 from natask.broker import PIPELINE, Broker
-from natask.message import HDR_MSG_ID
+from natask.naming import HDR_MSG_ID
 from natask.server import NatsServer
 
 

@@ -16,8 +16,8 @@ import pytest
 
 import natask
 from natask import AsyncResult, BrokerError, Natask
-from natask.app import Call
 from natask.broker import Broker
+from natask.message import Call
 
 CHECK_API = Path("/work/shared/check_api.py")
 NOT_BUILT_YET = {"natask.chain", "natask.group", "natask.chord"}

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from natask import AsyncResult, ConfigError, EncodeError, Natask
-from natask.app import Call
-from natask.message import HDR_MSG_ID, HDR_TASK, Envelope
+from natask.message import Call, Envelope
+from natask.naming import HDR_MSG_ID, HDR_TASK
 
 
 @dataclass

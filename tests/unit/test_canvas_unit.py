@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from natask import EncodeError, GroupResult, Natask, chain, chord, group
-from natask.app import Call
 from natask.canvas import Freezer, Signature, derived_id, expand, from_dict, leaves, result_of
-from natask.message import Envelope, dumps, loads
+from natask.message import Call, Envelope, dumps, loads
 from natask.result import AsyncResult
 
 

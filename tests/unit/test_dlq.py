@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from natask.cli import printable
-from natask.dlq import (
+from natask.dlq import DeadLetter
+from natask.naming import (
     HDR_DLQ_ATTEMPTS,
     HDR_DLQ_ERROR,
     HDR_DLQ_ID,
@@ -13,9 +14,8 @@ from natask.dlq import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TIME,
     HDR_REPLAYS,
-    DeadLetter,
+    HDR_TASK,
 )
-from natask.message import HDR_TASK
 
 
 def entry(**headers: str) -> DeadLetter:

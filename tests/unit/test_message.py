@@ -11,17 +11,8 @@ import msgpack
 import pytest
 
 from natask import DecodeError, EncodeError
-from natask.message import (
-    HDR_MSG_ID,
-    HDR_TASK,
-    MAX_EXT_DEPTH,
-    WIRE_VERSION,
-    Envelope,
-    at_schedule,
-    dumps,
-    headers_size,
-    loads,
-)
+from natask.message import MAX_EXT_DEPTH, WIRE_VERSION, Envelope, at_schedule, dumps, headers_size, loads
+from natask.naming import HDR_MSG_ID, HDR_TASK
 
 UTC = dt.timezone.utc
 PLUS_5_30 = dt.timezone(dt.timedelta(hours=5, minutes=30))

@@ -45,7 +45,7 @@ Row = dict[str, Any]
 
 
 def row(curve: str, natask: float, reference: float | None, unit: str, bar: str = "", note: str = "") -> Row:
-    ratio = natask / reference if reference else None
+    ratio = natask / reference if reference and reference == reference else None  # (not for NaN)
     return {"curve": curve, "natask": natask, "reference": reference, "ratio": ratio, "unit": unit, "bar": bar,
             "note": note}
 
@@ -153,7 +153,9 @@ def _external(module: str) -> Callable[[bool], list[Row]]:
     def run(quick: bool) -> list[Row]:
         measure: Callable[[str, bool], Awaitable[list[Row]]] = __import__(module).measure
         with tempfile.TemporaryDirectory() as tmp, NatsServer(store_dir=f"{tmp}/js") as server:
-            return [dict(r) for r in asyncio.run(measure(server.url, quick))]
+            got = asyncio.run(measure(server.url, quick))
+        return [row(str(r["name"]), r["natask"], r.get("reference"), str(r.get("unit", "")), str(r.get("bar", "")),
+                    f"reference: {r['reference_name']}" if r.get("reference_name") else "") for r in got]
 
     return run
 

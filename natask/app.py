@@ -37,6 +37,7 @@ from .naming import (
 from .portal import Portal
 from .result import AsyncResult
 from .result import AsyncResult as _AsyncResult  # the name AsyncResult is also a method of Natask
+from .states import State
 from .task import AsyncTask, Task, TaskOptions
 from .waiting import KeyWatch, recheck
 
@@ -452,7 +453,7 @@ class Natask:
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             raise ResultTimeout(f"no reply from {call.task} within {timeout:g}s") from None
         record = loads(msg.data)
-        if record.get("state") == "SUCCESS":
+        if record.get("state") == State.SUCCESS:
             return record.get("result")
         raise TaskFailed(str(record.get("exc_type", "Exception")), str(record.get("message", "")),
                          str(record.get("traceback", "")), call.task_id)

@@ -16,6 +16,7 @@ import click
 from .app import Natask
 from .errors import ConfigError, NataskError
 from .shutdown import Interrupts, exit_code, run_until_signalled
+from .states import State
 
 APP_HELP = "the app as 'package.module:attribute' (attribute defaults to 'app'); or $NATASK_APP"
 
@@ -325,7 +326,7 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
             await waiting
         else:
             await res._fetch()
-        record = res._record or {"state": "PENDING"}
+        record = res._record or {"state": State.PENDING.value}
         return dict(record)
 
     try:
@@ -337,16 +338,16 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
     state = record.get("state")
     if as_json:
         click.echo(json.dumps(record, default=str))
-    elif state == "SUCCESS":
+    elif state == State.SUCCESS:
         value = record.get("result")
         click.echo(json.dumps(value, default=str) if not isinstance(value, str) else printable(value, lines=True))
-    elif state == "FAILURE":
+    elif state == State.FAILURE:
         failed = TaskFailed(str(record.get("exc_type")), str(record.get("message", "")))
         click.echo(printable(failed, lines=True), err=True)
     else:
         info = json.dumps(record.get("info"), default=str) if record.get("info") else ""
         click.echo(printable(f"{state} {info}".strip()))
-    if state == "FAILURE":
+    if state == State.FAILURE:
         sys.exit(1)
 
 

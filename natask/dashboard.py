@@ -30,6 +30,7 @@ from .events import MAX_NAME, EventStream, check_fields, follow, is_ident, is_nu
 from .http import MAX_CONNECTIONS
 from .message import Envelope, loads
 from .naming import HDR_MSG_ID, HDR_REPLAYS, HDR_RETRIES, HDR_SCHEDULE_TARGET, TASK_ID_RE
+from .states import FINAL_STATES, State
 from .worker import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:
@@ -67,8 +68,8 @@ STOP_TIMEOUT: Final = 5.0
 """Seconds ``stop()`` waits for each background job and unsubscribe before going on without it."""
 REDACTED: Final = "***"
 
-FINAL_STATES: Final = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-_OUTCOME_STATES: Final = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-revoked": "REVOKED"}
+_OUTCOME_STATES: Final = {"task-succeeded": State.SUCCESS.value, "task-failed": State.FAILURE.value,
+                           "task-revoked": State.REVOKED.value}
 _SECRET_KEY: Final = re.compile(
     r"passw|passphrase|pwd|secret|token|key|auth|credential|creds|jwt|bearer|cookie|session|signature|card|cvv"
     r"|cvc|ssn|iban|^pass$|^pin$", re.IGNORECASE)
@@ -209,7 +210,7 @@ class TaskRow:
     id: str
     name: str
     queue: str = ""
-    state: str = "PENDING"
+    state: str = State.PENDING.value
     args: str = ""
     sent: float | None = None
     started: float | None = None
@@ -350,10 +351,10 @@ class Dashboard:
     def _changed(self, row: TaskRow) -> None:
         if row.state in FINAL_STATES and row.started is not None and row.finished is not None:
             row.runtime = max(0.0, row.finished - row.started)
-        if row.state == "SUCCESS":
+        if row.state == State.SUCCESS:
             row.error = ""  # an earlier attempt's exception
         row.version = self._touch()
-        if row.state == "FAILURE":
+        if row.state == State.FAILURE:
             self.failed[row.id] = row
             self.failed.move_to_end(row.id)
             while len(self.failed) > MAX_FAILED:
@@ -392,7 +393,7 @@ class Dashboard:
         if row.state in FINAL_STATES or scheduled or HDR_REPLAYS in headers:
             row.started = row.finished = row.runtime = None
             row.error = row.error if scheduled else ""
-        row.state = "SCHEDULED" if scheduled else "PENDING"
+        row.state = "SCHEDULED" if scheduled else State.PENDING.value
         self._changed(row)
 
     def on_event(self, event: Mapping[str, Any]) -> None:
@@ -426,9 +427,9 @@ class Dashboard:
         if kind == "task-started":
             row.started = ts
             if row.state not in FINAL_STATES:  # else the outcome's record came in first
-                row.state = "STARTED"
+                row.state = State.STARTED.value
         elif kind == "task-retried":
-            row.state = "RETRY"
+            row.state = State.RETRY.value
             row.error = _error_text(event.get("exc_type"), event.get("message"))
         elif kind in ("task-succeeded", "task-failed", "task-revoked", "task-finished"):
             row.state = _state(event.get("state")) or _OUTCOME_STATES.get(kind, "FINISHED")
@@ -476,8 +477,8 @@ class Dashboard:
         row.state = state
         worker = record.get("worker") if is_ident(record.get("worker")) else info.get("worker")
         row.worker = worker if is_ident(worker) else row.worker
-        if state in ("FAILURE", "RETRY"):
-            source: dict[str, Any] = record if state == "FAILURE" else info
+        if state in (State.FAILURE, State.RETRY):
+            source: dict[str, Any] = record if state == State.FAILURE else info
             row.error = _error_text(source.get("exc_type"), source.get("message"))
         if state in FINAL_STATES and row.finished is None:
             done = record.get("date_done")

@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
+from .states import State
+
 
 class NataskError(Exception):
     """Base class of every error natask raises."""
@@ -163,4 +165,4 @@ def failure_record(exc: BaseException, traceback_text: bool = True) -> dict[str,
     """The FAILURE result record of an exception: its type name, message and traceback text (the
     class itself is never sent: a caller rebuilds ``TaskFailed`` from text only)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if traceback_text else ""
-    return {"state": "FAILURE", "exc_type": type_name(type(exc)), "message": str(exc), "traceback": text}
+    return {"state": State.FAILURE.value, "exc_type": type_name(type(exc)), "message": str(exc), "traceback": text}

@@ -12,12 +12,13 @@ import logging
 import sys
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
 
 import nats.js.errors
 
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .naming import TASK_ID_RE, check_task_id
+from .states import FINAL_STATES, State
 from .waiting import parse_record
 
 if TYPE_CHECKING:
@@ -27,14 +28,6 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 log = logging.getLogger("natask.result")
 
-PENDING: Final = "PENDING"
-STARTED: Final = "STARTED"
-RETRY: Final = "RETRY"
-SUCCESS: Final = "SUCCESS"
-FAILURE: Final = "FAILURE"
-REVOKED: Final = "REVOKED"
-READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
-"""States after which a task's outcome never changes."""
 
 Record = Mapping[str, Any]
 """A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
@@ -80,7 +73,7 @@ class AsyncResult(Generic[R]):
     def _deliver(self, record: Record) -> None:
         """Take a new record (any thread) and wake every waiter."""
         with _LOCK:
-            if self._record is not None and self._record.get("state") in READY_STATES:
+            if self._record is not None and self._record.get("state") in FINAL_STATES:
                 return
             self._record = record
             waiters, self._waiters = self._waiters, ()
@@ -113,13 +106,13 @@ class AsyncResult(Generic[R]):
     @property
     def _final(self) -> bool:
         record = self._record
-        return record is not None and record.get("state") in READY_STATES
+        return record is not None and record.get("state") in FINAL_STATES
 
     def _unwrap(self, propagate: bool) -> Any:
         record = self._record
         assert record is not None
         state = record["state"]
-        if state == SUCCESS:
+        if state == State.SUCCESS:
             return record.get("result")
         error = self._error(record)
         if propagate:
@@ -127,7 +120,7 @@ class AsyncResult(Generic[R]):
         return error
 
     def _error(self, record: Record) -> ResultError:
-        if record["state"] == REVOKED:
+        if record["state"] == State.REVOKED:
             info = record.get("info") or {}
             reason = info.get("reason", "revoked") if isinstance(info, dict) else "revoked"
             return TaskRevoked(f"task {self.id} was revoked ({reason})")
@@ -143,7 +136,7 @@ class AsyncResult(Generic[R]):
     def state(self) -> str:
         """PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED or a custom state."""
         record = self._current()
-        return str(record["state"]) if record else PENDING
+        return str(record["state"]) if record else State.PENDING.value
 
     @property
     def info(self) -> Any:
@@ -153,9 +146,9 @@ class AsyncResult(Generic[R]):
     def _info(self, record: Record | None) -> Any:
         if record is None:
             return None
-        if record["state"] == SUCCESS:
+        if record["state"] == State.SUCCESS:
             return record.get("result")
-        if record["state"] == FAILURE:
+        if record["state"] == State.FAILURE:
             return self._error(record)
         return record.get("info")
 
@@ -189,7 +182,7 @@ class AsyncResult(Generic[R]):
         """Async ``state``: reads the KV bucket on the running loop instead of the I/O thread."""
         if not self._final:
             await self._fetch()
-        return str(self._record["state"]) if self._record else PENDING
+        return str(self._record["state"]) if self._record else State.PENDING.value
 
     async def ainfo(self) -> Any:
         """Async ``info``."""
@@ -198,13 +191,13 @@ class AsyncResult(Generic[R]):
 
     def ready(self) -> bool:
         """True once the task succeeded, failed or was revoked."""
-        return self.state in READY_STATES
+        return self.state in FINAL_STATES
 
     def successful(self) -> bool:
-        return self.state == SUCCESS
+        return bool(self.state == State.SUCCESS)
 
     def failed(self) -> bool:
-        return self.state == FAILURE
+        return bool(self.state == State.FAILURE)
 
     def _current(self) -> Record | None:
         if self._final:

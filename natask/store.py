@@ -17,7 +17,7 @@ from .broker import Broker, SequenceConflict
 from .errors import BrokerError
 from .message import loads
 from .naming import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_KV_OPERATION
-from .result import READY_STATES
+from .states import FINAL_STATES
 
 log = logging.getLogger("natask.worker")
 
@@ -29,7 +29,7 @@ Record = dict[str, Any]
 
 def is_final(record: Record | None) -> bool:
     """Whether a stored record is a final outcome (it never changes afterwards)."""
-    return record is not None and record.get("state") in READY_STATES
+    return record is not None and record.get("state") in FINAL_STATES
 
 
 class ResultStore:

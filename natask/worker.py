@@ -59,9 +59,9 @@ from .naming import (
     is_reply_for,
     is_reply_subject,
 )
-from .result import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from .retry import decide
 from .runner import ThreadRunner
+from .states import State
 from .store import ResultStore, is_final
 from .task import Request, Task, current_request
 
@@ -458,7 +458,7 @@ class Worker:
                           headers=msg.headers or {})
         value = await self._run(task, args, kwargs, request)
         self.processed += 1
-        return {"state": SUCCESS, "result": value}
+        return {"state": State.SUCCESS.value, "result": value}
 
     async def _handle(self, delivery: _Delivery) -> None:
         msg = delivery.msg
@@ -532,10 +532,10 @@ class Worker:
         retries = retried + attempt - 1
         now = time.time()
         if env.id in self._revoked:
-            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "revoked"}})
+            await self._finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": "revoked"}})
             return
         if env.expires is not None and now > env.expires:
-            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "expired"}})
+            await self._finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": "expired"}})
             return
         if env.eta is not None and env.eta > now + 0.001:
             await self._early(delivery, env, now)
@@ -569,14 +569,14 @@ class Worker:
             if self._event_timer is None:
                 self._arm_events()
         if task.options.track_started and not task.options.ignore_result:
-            self._write_state(delivery, dumps({"state": STARTED, "info": {"worker": self.ident}}))
+            self._write_state(delivery, dumps({"state": State.STARTED.value, "info": {"worker": self.ident}}))
         try:
             value = await self._run(task, args, kwargs, request)
         except asyncio.CancelledError:
             delivery.finished = True
             if not delivery.revoked:
                 raise
-            await self._finish(delivery, env, task, {"state": REVOKED, "info": {"reason": "terminated"}})
+            await self._finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": "terminated"}})
             return
         except Exception as exc:
             delivery.finished = True
@@ -584,7 +584,7 @@ class Worker:
             return
         delivery.finished = True
         self.processed += 1
-        await self._finish(delivery, env, task, {"state": SUCCESS, "result": value}, retries)
+        await self._finish(delivery, env, task, {"state": State.SUCCESS.value, "result": value}, retries)
 
     async def _done_before(self, delivery: _Delivery, env: Envelope, reply: str | None) -> bool:
         """For a delivery that may repeat a finished run (a redelivery, a retry, an id published
@@ -715,7 +715,7 @@ class Worker:
             return
         if not task.options.ignore_result:
             info = {"retries": n, "countdown": countdown, "exc_type": type_name(type(exc)), "message": str(exc)}
-            self._write_state(delivery, dumps({"state": RETRY, "info": info}))
+            self._write_state(delivery, dumps({"state": State.RETRY.value, "info": info}))
             await self._writes_of(delivery)
         log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.listeners:
@@ -841,7 +841,7 @@ class Worker:
         if env.links or env.meta:
             from .canvas import on_outcome
 
-            if record["state"] == SUCCESS:
+            if record["state"] == State.SUCCESS:
                 record = self._encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
             await on_outcome(self, env, record)
         if self.listeners:
@@ -887,14 +887,14 @@ class Worker:
 
     def _note_outcome(self, env: Envelope, record: dict[str, Any]) -> None:
         state = record["state"]
-        if state == SUCCESS:
+        if state == State.SUCCESS:
             self._succeeded.append((time.time(), env.id, env.task))
             if self._event_timer is None:
                 self._arm_events()
-        elif state == FAILURE:
+        elif state == State.FAILURE:
             self.event("task-failed", env.id, env.task, exc_type=record.get("exc_type"),
                        message=str(record.get("message", ""))[:EVENT_TEXT])
-        elif state == REVOKED:
+        elif state == State.REVOKED:
             self.event("task-revoked", env.id, env.task, reason=(record.get("info") or {}).get("reason"))
         else:
             self.event("task-finished", env.id, env.task, state=state)
@@ -948,7 +948,7 @@ class Worker:
         self.failed += 1
         if task_id and reason not in _UNTRUSTED:
             if record is None:
-                record = {"state": FAILURE, "exc_type": _DLQ_EXC_TYPES.get(reason, "natask.DeadLettered"),
+                record = {"state": State.FAILURE.value, "exc_type": _DLQ_EXC_TYPES.get(reason, "natask.DeadLettered"),
                           "message": error, "traceback": ""}
             task = self.app.tasks.get(name)
             await self._finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record))

@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
 from ..message import at_schedule, dumps, loads
 from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
-from ..result import FAILURE, REVOKED, SUCCESS
+from ..states import State
 from .plan import Freezer, Node, Step, expand, seeded_ids, walk
 from .signature import from_dict
 
@@ -67,7 +67,7 @@ class _Flow:
         rest: list[Node] = list(meta.get("chain") or [])
         member: dict[str, Any] | None = meta.get("chord")
         state = record.get("state")
-        if state == SUCCESS:
+        if state == State.SUCCESS:
             value = record.get("result")
             try:
                 children = await self.advance(value, rest, member)
@@ -80,8 +80,8 @@ class _Flow:
                 return
             if children:
                 record["children"] = children
-        elif state in (FAILURE, REVOKED):
-            if state == FAILURE:
+        elif state in (State.FAILURE, State.REVOKED):
+            if state == State.FAILURE:
                 for k, errback in enumerate(meta.get("errbacks") or []):
                     await self.call(errback, env.id, f"{env.id}/errback/{k}")
             await self.fail(record, rest, member)
@@ -122,7 +122,7 @@ class _Flow:
         results = await asyncio.wait_for(self._collect(kv, chord_id, size), _COLLECT_TIMEOUT)
         missing = [i for i in range(size) if i not in results]
         if missing:
-            error = {"state": FAILURE, "exc_type": "natask.ChordError", "traceback": "",
+            error = {"state": State.FAILURE.value, "exc_type": "natask.ChordError", "traceback": "",
                      "message": f"chord {chord_id} lost the results of member(s) {missing[:10]} "
                                 "(expired: is result_ttl shorter than the chord takes?)"}
             await self.fail(error, [], member)
@@ -175,7 +175,7 @@ class _Flow:
             return  # another member failed it first (errbacks ran then)
         body = member.get("body")
         if body is not None:
-            if record.get("state") == FAILURE:
+            if record.get("state") == State.FAILURE:
                 seen: list[Any] = []
                 for sig in (step.sig for step in expand(body)):
                     for errback in sig.get("link_error") or []:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
 from ..naming import HDR_REPLY, check_task_id
-from ..result import FAILURE, PENDING, READY_STATES, SUCCESS, AsyncResult
+from ..result import AsyncResult
+from ..states import FINAL_STATES, State
 from .plan import Freezer, Node, expand, leaves
 
 if TYPE_CHECKING:
@@ -128,34 +129,34 @@ class GroupResult:
         pending = [r for r in flat if not r._final]
         if pending:
             await asyncio.gather(*(r._fetch() for r in pending))
-        return [str(r._record["state"]) if r._record else PENDING for r in flat]
+        return [str(r._record["state"]) if r._record else State.PENDING.value for r in flat]
 
     def completed_count(self) -> int:
         """How many member tasks succeeded."""
         return self.app._portal.run(self.acompleted_count())
 
     async def acompleted_count(self) -> int:
-        return sum(state == SUCCESS for state in await self._states())
+        return sum(state == State.SUCCESS for state in await self._states())
 
     def ready(self) -> bool:
         """True once every member succeeded, failed or was revoked."""
         return self.app._portal.run(self.aready())
 
     async def aready(self) -> bool:
-        return all(state in READY_STATES for state in await self._states())
+        return all(state in FINAL_STATES for state in await self._states())
 
     def successful(self) -> bool:
         return self.app._portal.run(self.asuccessful())
 
     async def asuccessful(self) -> bool:
-        return all(state == SUCCESS for state in await self._states())
+        return all(state == State.SUCCESS for state in await self._states())
 
     def failed(self) -> bool:
         """True if any member failed."""
         return self.app._portal.run(self.afailed())
 
     async def afailed(self) -> bool:
-        return any(state == FAILURE for state in await self._states())
+        return any(state == State.FAILURE for state in await self._states())
 
     def waiting(self) -> bool:
         return not self.ready()

@@ -62,7 +62,27 @@ def render() -> str:
                         label = name if attr == "__init__" else f".{attr}"
                         out += [f"- `{label}{_sig(member)}` — {_doc(member).splitlines()[0]}"]
                 out.append("")
+        if module_name == "natask.app":
+            out += _options()
     return "\n".join(out).rstrip() + "\n"
+
+
+def _options() -> list[str]:
+    """The option table of ``natask.config.Config``: what ``Natask(name, servers, **options)`` takes."""
+    from dataclasses import MISSING, fields
+
+    from natask.config import Config
+
+    out = ["### Options: `Natask(name, servers=None, **options)`", "",
+           "| option | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Config):
+        if "env" not in f.metadata:
+            continue
+        default = "{}" if f.default is MISSING else repr(f.default)
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        bounds = f" (between {low:g} and {high:g})" if high is not None else f" (>= {low:g})" if low is not None else ""
+        out.append(f"| `{f.name}` | `{f.metadata['env']}` | `{default}` | {f.metadata['doc']}{bounds} |")
+    return [*out, ""]
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import nats.js.errors
 
 from .broker import Broker
 from .canvas import Signature
-from .config import Config, Seconds, check_queue_name, seconds
+from .config import Config, Options, Seconds, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
 from .message import Call, Envelope, at_schedule, dumps, find_unencodable, loads
 from .naming import (
@@ -42,6 +42,8 @@ from .task import AsyncTask, Task, TaskOptions
 from .waiting import KeyWatch, recheck
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .beat import PeriodicEntry
 
 _NO_LINKS: list[Any] = []  # shared defaults: the envelope is encoded and dropped, never mutated
@@ -76,36 +78,11 @@ class Natask:
     through a private I/O thread; async calls use a connection bound to the running loop.
     """
 
-    def __init__(
-        self,
-        name: str,
-        servers: str | Sequence[str] | None = None,
-        *,
-        subject_prefix: str | None = None,
-        default_queue: str | None = None,
-        result_ttl: Seconds | None = None,
-        ack_wait: Seconds | None = None,
-        max_ack_pending: int | None = None,
-        stream_replicas: int | None = None,
-        publish_timeout: Seconds | None = None,
-        connect_timeout: Seconds | None = None,
-        connect_options: Mapping[str, Any] | None = None,
-        duplicate_window: Seconds | None = None,
-    ) -> None:
-        self.config = Config.build(
-            name,
-            servers,
-            subject_prefix=subject_prefix,
-            default_queue=default_queue,
-            result_ttl=result_ttl,
-            ack_wait=ack_wait,
-            max_ack_pending=max_ack_pending,
-            stream_replicas=stream_replicas,
-            publish_timeout=publish_timeout,
-            connect_options=connect_options,
-            connect_timeout=connect_timeout,
-            duplicate_window=duplicate_window,
-        )
+    def __init__(self, name: str, servers: str | Sequence[str] | None = None, **options: Unpack[Options]) -> None:
+        """``servers``: a comma-separated string or a sequence of NATS URLs (default ``$NATS_URL``,
+        else ``nats://127.0.0.1:4222``); ``options``: see ``natask.config.Config`` (each with its
+        ``NATASK_*`` environment variable and default)."""
+        self.config = Config.build(name, servers, **options)
         self.name = name
         self.names = Names(self.config.subject_prefix)
         self.tasks: dict[str, Task[Any, Any]] = {}

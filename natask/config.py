@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
@@ -56,19 +56,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"${name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"${name} ({name.removeprefix('NATASK_').lower()}) must be a finite number, got {raw!r}")
-    return value
-
-
 # Environment variables that feed connect options; their values are never logged.
 _ENV_CONNECT: Final = {
     "NATS_USER": "user",
@@ -80,6 +67,21 @@ _ENV_CONNECT: Final = {
 }
 
 
+def _prefix(value: str) -> str:
+    if not _NAME_RE.match(value) or value.startswith("_"):
+        raise ConfigError(f"invalid subject_prefix {value!r}: use letters, digits, '_' and '-'")
+    if value.lower() == "natask":
+        raise ConfigError("subject_prefix 'natask' is reserved (natask.rpc, natask.dlq, natask.events)")
+    return value
+
+
+def option(default: Any, env: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
+           check: Callable[[Any], Any] | None = None) -> Any:
+    """A ``Config`` field that is an app option: its default, environment variable, bounds and
+    meaning, described once (``Natask(name, **options)``, the environment and the docs read it)."""
+    return field(default=default, metadata={"env": env, "doc": doc, "min": minimum, "max": maximum, "check": check})
+
+
 @dataclass(frozen=True, repr=False)
 class Config:
     """Everything an app needs to talk to NATS; built once by ``Natask`` and never mutated.
@@ -89,36 +91,33 @@ class Config:
 
     name: str
     servers: tuple[str, ...]
-    subject_prefix: str = "tasks"
-    default_queue: str = "default"
-    result_ttl: float = 86400.0
-    ack_wait: float = 30.0
-    max_ack_pending: int = 1000
-    stream_replicas: int = 1
-    publish_timeout: float = 30.0
-    connect_timeout: float = 5.0
-    connect_options: Mapping[str, Any] = field(default_factory=dict)
-    duplicate_window: float = 120.0
-    """Seconds the task stream remembers message ids (dedupe). The server keeps ~200 bytes of memory
-    per task published within the window: shorten it for high rates, not below ``publish_timeout``."""
+    subject_prefix: str = option("tasks", "NATASK_SUBJECT_PREFIX", "First token of every task subject; names the "
+                                 "task stream (NATASK_<PREFIX>) and buckets. Apps on one account need distinct ones.",
+                                 check=_prefix)
+    default_queue: str = option("default", "NATASK_DEFAULT_QUEUE", "Queue of tasks that do not name one.",
+                                check=lambda q: check_queue_name(q))
+    result_ttl: float = option(86400.0, "NATASK_RESULT_TTL", "Seconds results (and revokes, claims) are kept.",
+                               minimum=1.0)
+    ack_wait: float = option(30.0, "NATASK_ACK_WAIT", "Seconds a worker may hold a task without a lease "
+                             "heartbeat before the server redelivers it.", minimum=1.0)
+    max_ack_pending: int = option(1000, "NATASK_MAX_ACK_PENDING", "Tasks of one queue delivered and not yet "
+                                  "acked, across all its workers.", minimum=1)
+    stream_replicas: int = option(1, "NATASK_STREAM_REPLICAS", "Replicas of every stream and bucket natask creates "
+                                  "(3 or 5 in a cluster).", minimum=1, maximum=5)
+    publish_timeout: float = option(30.0, "NATASK_PUBLISH_TIMEOUT", "Seconds a publish is retried (same message "
+                                    "id) across reconnects and elections before BrokerError.", minimum=0.1)
+    connect_timeout: float = option(5.0, "NATASK_CONNECT_TIMEOUT", "Seconds the first connect is tried.",
+                                    minimum=0.1)
+    duplicate_window: float = option(120.0, "NATASK_DUPLICATE_WINDOW", "Seconds the task stream remembers message "
+                                     "ids (dedupe); the server keeps ~200 bytes per task published within it. "
+                                     "At least publish_timeout.", minimum=1.0)
+    connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
+        "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
+        "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
 
     @classmethod
-    def build(
-        cls,
-        name: str,
-        servers: str | Sequence[str] | None = None,
-        subject_prefix: str | None = None,
-        default_queue: str | None = None,
-        result_ttl: Seconds | None = None,
-        ack_wait: Seconds | None = None,
-        max_ack_pending: int | None = None,
-        stream_replicas: int | None = None,
-        publish_timeout: Seconds | None = None,
-        connect_options: Mapping[str, Any] | None = None,
-        connect_timeout: Seconds | None = None,
-        duplicate_window: Seconds | None = None,
-    ) -> Config:
-        """Merge explicit arguments over the environment and validate the result."""
+    def build(cls, name: str, servers: str | Sequence[str] | None = None, **options: Any) -> Config:
+        """Merge explicit options over the environment and validate each against the table."""
         if not isinstance(name, str) or not name:
             raise ConfigError("the app needs a non-empty name, e.g. Natask('shop')")
         if servers is None:
@@ -128,52 +127,18 @@ class Config:
         server_list = tuple(servers)
         if not server_list:
             raise ConfigError("servers= is empty: give at least one nats:// URL")
-        prefix = subject_prefix or os.environ.get("NATASK_SUBJECT_PREFIX") or "tasks"
-        if not _NAME_RE.match(prefix) or prefix.startswith("_"):
-            raise ConfigError(f"invalid subject_prefix {prefix!r}: use letters, digits, '_' and '-'")
-        if prefix.lower() == "natask":
-            raise ConfigError("subject_prefix 'natask' is reserved (natask.rpc, natask.dlq, natask.events)")
-        queue = check_queue_name(default_queue or os.environ.get("NATASK_DEFAULT_QUEUE") or "default")
-        opts: dict[str, Any] = {
-            key: os.environ[var] for var, key in _ENV_CONNECT.items() if os.environ.get(var)
-        }
-        opts.update(connect_options or {})
-        replicas = stream_replicas if stream_replicas is not None else int(
-            _env_float("NATASK_STREAM_REPLICAS", 1)
-        )
-        if replicas not in (1, 2, 3, 4, 5):
-            raise ConfigError(f"stream_replicas must be between 1 and 5, got {replicas}")
-        pending = max_ack_pending if max_ack_pending is not None else int(
-            _env_float("NATASK_MAX_ACK_PENDING", 1000)
-        )
-        if pending < 1:
-            raise ConfigError(f"max_ack_pending must be >= 1, got {pending}")
-
-        def dur(value: Seconds | None, env: str, default: float, what: str, minimum: float) -> float:
-            s = seconds(value, what) if value is not None else _env_float(env, default)
-            if s < minimum:
-                raise ConfigError(f"{what} must be >= {minimum} seconds, got {s}")
-            return s
-
-        timeout = dur(publish_timeout, "NATASK_PUBLISH_TIMEOUT", 30.0, "publish_timeout", 0.1)
-        window = dur(duplicate_window, "NATASK_DUPLICATE_WINDOW", 120.0, "duplicate_window", 1.0)
-        if window < timeout:
-            raise ConfigError(f"duplicate_window ({window:g}s) must be at least publish_timeout ({timeout:g}s): "
-                              "a publish retried after a reconnect must still be recognised as a duplicate")
-        return cls(
-            name=name,
-            servers=server_list,
-            subject_prefix=prefix,
-            default_queue=queue,
-            result_ttl=dur(result_ttl, "NATASK_RESULT_TTL", 86400.0, "result_ttl", 1.0),
-            ack_wait=dur(ack_wait, "NATASK_ACK_WAIT", 30.0, "ack_wait", 1.0),
-            max_ack_pending=pending,
-            stream_replicas=replicas,
-            publish_timeout=timeout,
-            duplicate_window=window,
-            connect_timeout=dur(connect_timeout, "NATASK_CONNECT_TIMEOUT", 5.0, "connect_timeout", 0.1),
-            connect_options=opts,
-        )
+        unknown = set(options) - {f.name for f in OPTIONS} - {"connect_options"}
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: natask takes "
+                              f"{', '.join(f.name for f in OPTIONS)} and connect_options")
+        values = {f.name: _value(f, options.get(f.name)) for f in OPTIONS}
+        if values["duplicate_window"] < values["publish_timeout"]:
+            raise ConfigError(f"duplicate_window ({values['duplicate_window']:g}s) must be at least publish_timeout "
+                              f"({values['publish_timeout']:g}s): a publish retried after a reconnect must still be "
+                              "recognised as a duplicate")
+        connect: dict[str, Any] = {key: os.environ[var] for var, key in _ENV_CONNECT.items() if os.environ.get(var)}
+        connect.update(options.get("connect_options") or {})
+        return cls(name=name, servers=server_list, connect_options=connect, **values)
 
     def __repr__(self) -> str:
         shown = []
@@ -190,3 +155,50 @@ class Config:
     def safe_servers(self) -> str:
         """The server list with credentials redacted, for logs and error messages."""
         return ", ".join(redact_url(s) for s in self.servers)
+
+
+OPTIONS: Final = tuple(f for f in fields(Config) if "min" in f.metadata)
+"""The app options of the table above (every ``Config`` field but name, servers, connect_options)."""
+
+
+class Options(TypedDict, total=False):
+    """``Natask(name, servers, **options)``: the keyword arguments, typed (described in ``Config``)."""
+
+    subject_prefix: str
+    default_queue: str
+    result_ttl: Seconds
+    ack_wait: Seconds
+    max_ack_pending: int
+    stream_replicas: int
+    publish_timeout: Seconds
+    connect_timeout: Seconds
+    duplicate_window: Seconds
+    connect_options: Mapping[str, Any]
+
+
+def _value(spec: Field[Any], given: Any) -> Any:
+    """An option's value: given, else from its environment variable, else its default; checked."""
+    kind, env, what = type(spec.default), spec.metadata["env"], spec.name
+    if given is None:
+        raw = os.environ.get(env, "")
+        if raw == "":
+            return spec.default
+        try:
+            given = kind(raw) if kind is str else float(raw)
+        except ValueError:
+            raise ConfigError(f"${env} ({what}) must be a number, got {raw!r}") from None
+        if kind is not str and not math.isfinite(given):
+            raise ConfigError(f"${env} ({what}) must be a finite number, got {raw!r}")
+        if kind is int:
+            given = int(given)
+    elif kind is float:
+        given = seconds(given, what)
+    elif kind is int and (isinstance(given, bool) or not isinstance(given, int)):
+        raise ConfigError(f"{what} must be an int, got {given!r}")
+    low, high = spec.metadata["min"], spec.metadata["max"]
+    if (low is not None and given < low) or (high is not None and given > high):
+        bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+        unit = " seconds" if kind is float else ""
+        raise ConfigError(f"{what} must be {bounds}{unit}, got {given!r}")
+    check = spec.metadata["check"]
+    return check(given) if check is not None else given

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +317,21 @@ def test_duplicate_window_defaults_to_two_minutes_and_covers_publish_retries(mon
     with pytest.raises(ConfigError, match="at least publish_timeout"):
         Config.build("a", duplicate_window=10)
     assert Config.build("a", duplicate_window=10, publish_timeout=5).duplicate_window == 10.0
+
+
+def test_every_option_is_typed_and_documented_once() -> None:
+    """The option table is the one description: ``Options`` types the same names, and the README's
+    configuration table names each option and its environment variable."""
+    from natask.config import OPTIONS, Options
+
+    names = {f.name for f in OPTIONS}
+    assert set(Options.__annotations__) == names | {"connect_options"}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Development")]
+    for f in OPTIONS:
+        assert f"`{f.name}`" in table and f"`{f.metadata['env']}`" in table, f.name
+
+
+def test_unknown_options_are_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option.*ack_wiat"):
+        Config.build("shop", ack_wiat=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 from dataclasses import dataclass
 
@@ -18,11 +19,22 @@ def backoff(retries: int, base: float, maximum: float, jitter: bool, rng: random
     return delay
 
 
+class Action(str, enum.Enum):
+    """What the worker does with a task that raised."""
+
+    RETRY = "retry"
+    """Publish it again, held by the server for the countdown."""
+    FAIL = "fail"
+    """Store its FAILURE (and dead-letter it when ``Decision.reason`` says its retries ran out)."""
+    REJECT = "reject"
+    """Dead-letter it now, without retrying (``raise natask.Reject(...)``)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """What to do with a task that raised."""
 
-    action: str  # "retry", "fail" or "reject"
+    action: Action
     countdown: float = 0.0
     reason: str = ""
 
@@ -30,7 +42,7 @@ class Decision:
 def decide(exc: BaseException, options: TaskOptions, retries: int) -> Decision:
     """Retry, fail (FAILURE result, dead-lettered when retries are exhausted) or reject."""
     if isinstance(exc, Reject):
-        return Decision("reject", reason=exc.reason)
+        return Decision(Action.REJECT, reason=exc.reason)
     limit = options.max_retries
     if isinstance(exc, Retry):
         override = getattr(exc, "max_retries", None)
@@ -39,9 +51,9 @@ def decide(exc: BaseException, options: TaskOptions, retries: int) -> Decision:
     elif options.autoretry_for and isinstance(exc, options.autoretry_for) and not isinstance(exc, TimeLimitExceeded):
         countdown = None
     else:
-        return Decision("fail")
+        return Decision(Action.FAIL)
     if limit is not None and retries >= limit:
-        return Decision("fail", reason=f"max retries ({limit}) exceeded")
+        return Decision(Action.FAIL, reason=f"max retries ({limit}) exceeded")
     if countdown is None:
         countdown = backoff(retries, options.retry_backoff, options.retry_backoff_max, options.retry_jitter)
-    return Decision("retry", countdown=max(0.0, countdown))
+    return Decision(Action.RETRY, countdown=max(0.0, countdown))

@@ -59,7 +59,7 @@ from .naming import (
     is_reply_for,
     is_reply_subject,
 )
-from .retry import decide
+from .retry import Action, decide
 from .runner import ThreadRunner
 from .states import State
 from .store import ResultStore, is_final
@@ -677,12 +677,12 @@ class Worker:
                       retries: int) -> None:
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
-        if decision.action == "retry":
+        if decision.action is Action.RETRY:
             await self._retry(delivery, env, task, cause, retries, decision.countdown)
             return
         self.failed += 1
         record = failure_record(cause)
-        if decision.action == "reject":
+        if decision.action is Action.REJECT:
             await self._dead_letter(delivery, "rejected", decision.reason, env=env, record=record)
             return
         if decision.reason:  # retries exhausted

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Final
 from nats.aio.msg import Msg
 
 from .broker import Broker
+from .broker.fetch import DEFAULT_PREFETCH_BYTES, Fetcher
 from .config import check_queue_name
-from .consumer import DEFAULT_PREFETCH_BYTES, Fetcher
 from .control import ControlResponder
 from .dlq import index_dead_letter
 from .errors import (

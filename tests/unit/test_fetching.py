@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import pytest
 
+from natask.broker.fetch import Fetcher, pending_of
 from natask.cli import ByteSize
-from natask.consumer import Fetcher, pending_of
 
 
 @pytest.mark.parametrize(("reply", "pending"), [

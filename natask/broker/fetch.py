@@ -46,12 +46,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .broker import Broker
+if TYPE_CHECKING:
+    from . import Broker
 
 log = logging.getLogger("natask.worker")
 

@@ -1,0 +1,261 @@
+"""One NATS connection bound to the event loop that made it: connect, subscribe, core publish and
+request, the PubAck inbox, JetStream API calls retried through elections, close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from ..config import Config, redact_url
+from ..errors import BrokerError, ConfigError, PermissionDenied
+from ..naming import Names
+from .translate import TRANSIENT_API, describe, full_error, storage_full
+
+log = logging.getLogger("natask.broker")
+
+MIN_SERVER: Final = (2, 12, 0)
+"""Server-held delays (message schedules) need nats-server 2.12."""
+RETRY_PAUSE: Final = 0.25
+"""Pause between attempts while the server is unreachable or electing a leader."""
+
+_PERM_RE: Final = re.compile(r'permissions violation for (publish|subscription) to "?([^"\s]+)"?', re.I)
+
+ResultCallback = Callable[[str, bytes], None]
+T = TypeVar("T")
+
+
+class Connection:
+    """One NATS connection bound to the event loop that created it.
+
+    natask keeps one broker per event loop (the app's I/O thread has its own), because nats-py
+    connections cannot cross loops.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        on_result: ResultCallback | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+        on_closed: Callable[[BrokerError], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.names = Names(config.subject_prefix)
+        self._task_subjects = self.names.prefix + "."
+        self.loop = asyncio.get_running_loop()
+        self.nc = Client()
+        self.js: JetStreamContext = self.nc.jetstream()
+        self.reply_prefix = ""
+        self._ack_prefix = ""
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
+        self._ack_count = 0
+        self.generation = 0  # bumped on every reconnect: replies in flight may be lost
+        self._on_result = on_result
+        self._on_reconnect = on_reconnect
+        self._denied: dict[str, str] = {}
+        self._last_error: BaseException | None = None
+        self._auth_error: BaseException | None = None
+        self._closed = False
+        self._guard: asyncio.Task[None] | None = None
+        self._on_closed = on_closed
+
+    # -- connection -------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect (retrying until ``connect_timeout``), check the server, open the reply inbox."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        options: dict[str, Any] = {
+            "name": self.config.name,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "error_cb": self._error_cb,
+            "disconnected_cb": self._disconnected_cb,
+            "reconnected_cb": self._reconnected_cb,
+            "closed_cb": self._closed_cb,
+        }
+        options.update(self.config.connect_options)
+        last: BaseException | None = None
+        # nats-py retries the first connect itself (max_reconnect_attempts=-1): bound it here.
+        try:
+            await asyncio.wait_for(
+                self.nc.connect(servers=list(self.config.servers), allow_reconnect=True, **options),
+                max(0.1, deadline - time.monotonic()),
+            )
+        except Exception as e:  # nats raises several unrelated types here
+            last = e
+        if not self.nc.is_connected:
+            await self._abandon_client()
+            # A refused login explains the failure better than the reset that may follow it.
+            last = self._auth_error or self._last_error or last
+            raise BrokerError(
+                f"cannot connect to NATS at {self.config.safe_servers}: {describe(last)}. "
+                "Is nats-server running? For development start one with `natask server`."
+            )
+        version = self.nc.connected_server_version
+        if (version.major, version.minor, version.patch) < MIN_SERVER:
+            await self.nc.close()
+            raise ConfigError(
+                f"nats-server {version.major}.{version.minor}.{version.patch} is too old: natask needs "
+                f">= {'.'.join(map(str, MIN_SERVER))} (message schedules). Upgrade nats-server."
+            )
+        if not self.nc._server_info.get("jetstream"):
+            await self.nc.close()
+            raise ConfigError("JetStream is not enabled on this NATS server: start nats-server with -js")
+        self._guard = self.loop.create_task(self._close_with_loop())
+        self._ack_prefix = self.nc.new_inbox()
+        await self.subscribe(f"{self._ack_prefix}.*", cb=self._ack_cb)
+        if self._on_result is not None:
+            self.reply_prefix = self.nc.new_inbox()
+            await self.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> Any:
+        """Subscribe and confirm with the server, so a permissions violation surfaces here as
+        ``PermissionDenied`` instead of as a subscription that silently never receives."""
+        sub = await self.nc.subscribe(subject, **kwargs)
+        # nats-py writes a flush's PING straight to the socket but queues the SUB for its flusher
+        # task, so the first PONG can overtake the server's -ERR. The second PING leaves after
+        # the SUB: its PONG comes after any -ERR, which nats-py hands to error_cb as it reads it.
+        # Shielded: a flush cancelled half-way leaves its cancelled future queued in nats-py, and the
+        # PONG that arrives for it then kills nats-py's read loop (InvalidStateError).
+        await asyncio.shield(self.nc.flush(timeout=5))
+        await asyncio.shield(self.nc.flush(timeout=5))
+        if subject.lower() in self._denied:
+            await sub.unsubscribe()
+            raise PermissionDenied(f"NATS permissions deny subscribing to {subject}: grant it to this user",
+                                   subject)
+        return sub
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.nc.is_closed or self.loop.is_closed()
+
+    async def close(self) -> None:
+        """Flush what is buffered and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._guard is not None and self._guard is not asyncio.current_task():
+            self._guard.cancel()
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except Exception:
+                await self.nc.close()
+
+    async def _close_with_loop(self) -> None:
+        # asyncio.run() cancels every task when its main coroutine returns: that is our cue to
+        # drop the socket, so an app used without `async with` leaves nothing open behind it.
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self._closed:
+                self.abandon()
+            raise
+
+    async def _abandon_client(self) -> None:
+        self._closed = True
+        try:
+            await asyncio.wait_for(self.nc.close(), 2)
+        except Exception:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Drop the connection without awaiting anything (its event loop is shutting down)."""
+        self._closed = True
+        transport = getattr(self.nc, "_transport", None)
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # the loop may already be half torn down
+                pass
+
+    async def _ack_cb(self, msg: Msg) -> None:
+        fut = self._acks.get(msg.subject[len(self._ack_prefix) + 1:])
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def _reply_cb(self, msg: Msg) -> None:
+        assert self._on_result is not None
+        self._on_result(msg.subject.rsplit(".", 1)[-1], msg.data)
+
+    async def _error_cb(self, e: Exception) -> None:
+        self._last_error = e
+        text = str(e)
+        if isinstance(e, nats.errors.AuthorizationError) or "authorization" in text.lower():
+            self._auth_error = e
+        match = _PERM_RE.search(text)
+        if match:
+            self._denied[match.group(2).lower()] = text  # nats-py lowercases the server's -ERR line
+        # Before the first connect succeeds, errors are summed up in the BrokerError instead.
+        log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", describe(e))
+
+    async def _disconnected_cb(self) -> None:
+        if not self._closed and not self.nc.is_closed:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _closed_cb(self) -> None:
+        # nats-py gives up on a connection for good on most -ERRs from the server (e.g. a control
+        # line over max_control_line) or when reconnect attempts run out: nothing comes back.
+        if self._closed or self._guard is None:
+            return  # asked for (close, drain), or the first connect failed (connect() reports it)
+        error = BrokerError(
+            f"the NATS connection was closed for good ({describe(self.nc.last_error or self._last_error)}); "
+            "nats-py does not reconnect after this"
+        )
+        log.error("%s", error)
+        if self._on_closed is not None:
+            self._on_closed(error)
+
+    async def _reconnected_cb(self) -> None:
+        self.generation += 1
+        url = self.nc.connected_url
+        log.info("reconnected to NATS at %s", redact_url(url.geturl()) if url else "?")
+        if self._on_reconnect is not None:
+            self._on_reconnect()
+
+    async def api(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A JetStream API request, asked again while a leader election or reconnect makes it
+        time out (up to ``publish_timeout``); a denied subject or a full store fails at once."""
+        deadline = time.monotonic() + self.config.publish_timeout
+        while True:
+            try:
+                return await call()
+            except TRANSIENT_API as e:
+                if storage_full(e):  # a 503 too, but no election ends it
+                    raise full_error(e, "a JetStream request") from e
+                if time.monotonic() >= deadline or any(s.startswith("$js.api") for s in self._denied):
+                    raise
+                await asyncio.sleep(RETRY_PAUSE)
+
+    async def heal(self, stream: str) -> bool:
+        """Recreate a stream natask owns that the server lost (see ``Provisioning.heal``)."""
+        return False
+
+    def _owner(self, subject: str) -> str | None:
+        """The stream natask owns that captures ``subject``, if any (see ``Provisioning``)."""
+        return None
+
+    def _translate(self, e: BaseException, subject: str) -> BrokerError:
+        if isinstance(e, BrokerError):
+            return e
+        if storage_full(e):
+            return full_error(e, f"the request on {subject}")
+        if subject.lower() in self._denied or any(s.startswith("$js.api") for s in self._denied):
+            return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
+        return BrokerError(f"NATS request on {subject} failed: {describe(e)}")
+
+
+
+def _expire(fut: asyncio.Future[Msg]) -> None:
+    if not fut.done():
+        fut.set_exception(nats.errors.TimeoutError())

@@ -1,0 +1,320 @@
+"""What natask owns on the server: the task and dead-letter streams, queue consumers and buckets,
+created when missing and recreated when an operator deleted them (``heal``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from ..config import Config
+from ..errors import BrokerError, ConfigError
+from ..naming import DLQ_STREAM
+from .connection import ResultCallback
+from .kv import _Bucket, _Watch
+from .publish import Publishing
+from .translate import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, describe, full_error, gone, storage_full
+
+log = logging.getLogger("natask.broker")
+
+_CHECK_TIMEOUT: Final = 2.0
+"""Seconds a check whether a stream or consumer exists may take (an election answers slowly or not)."""
+_PRESENT_FOR: Final = 1.0
+"""Seconds a stream seen to exist is not asked about again (no-responders during an election repeat)."""
+T = TypeVar("T")
+
+
+class Provisioning(Publishing):
+    """Streams, consumers and buckets natask owns: created when missing, recreated when gone."""
+
+    def __init__(self, config: Config, on_result: ResultCallback | None = None,
+                 on_reconnect: Callable[[], None] | None = None,
+                 on_closed: Callable[[BrokerError], None] | None = None) -> None:
+        super().__init__(config, on_result, on_reconnect, on_closed)
+        self._stream_ready = False
+        self._dlq_ready = False
+        self._kv: KeyValue | None = None
+        self._revoked: KeyValue | None = None
+        # What natask owns on the server, by stream name, and how to recreate it when it is gone.
+        self._owned: dict[str, Callable[[], Awaitable[Any]]] = {
+            self.names.stream: self.ensure_stream, DLQ_STREAM: self.ensure_dlq}
+        self._healing: dict[str, asyncio.Task[bool]] = {}
+        self._present: dict[str, float] = {}  # stream -> when it was last seen to exist (monotonic)
+
+    async def ensure_stream(self) -> None:
+        """Create the task stream if missing (producers and workers both call this)."""
+        if self._stream_ready:
+            return
+        names = self.names
+        config = StreamConfig(
+            name=names.stream,
+            subjects=names.stream_subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=self.config.stream_replicas,
+            allow_msg_schedules=True,
+            allow_direct=True,
+            duplicate_window=self.config.duplicate_window,
+        )
+        await self._ensure(config)
+        self._stream_ready = True
+
+    async def ensure_dlq(self) -> None:
+        """Create the dead-letter stream if missing (workers and the dlq CLI call this)."""
+        if self._dlq_ready:
+            return
+        config = StreamConfig(
+            name=DLQ_STREAM,
+            subjects=["natask.dlq.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=self.config.stream_replicas,
+            allow_direct=True,
+        )
+        await self._ensure(config)
+        self._dlq_ready = True
+
+    async def _ensure(self, config: StreamConfig) -> None:
+        assert config.name is not None
+        try:
+            info = await self.api(lambda: self.js.stream_info(config.name))  # type: ignore[arg-type]
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.api(lambda: self.js.add_stream(config))
+                return
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code != 10058:  # created concurrently by another process: fine
+                    raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
+                return
+            except Exception as e:
+                raise self._translate(e, f"$JS.API.STREAM.CREATE.{config.name}") from e
+        except Exception as e:
+            raise self._translate(e, f"$JS.API.STREAM.INFO.{config.name}") from e
+        have = info.config
+        if have.retention != config.retention or list(have.subjects or []) != list(config.subjects or []):
+            raise ConfigError(
+                f"stream {config.name} exists with retention={have.retention} subjects={have.subjects}, "
+                f"natask needs retention={config.retention} subjects={config.subjects}: "
+                "delete it or use another subject_prefix"
+            )
+        wanted, kept = config.duplicate_window, have.duplicate_window
+        if wanted and kept and abs(kept - wanted) > 0.5:
+            log.warning("stream %s keeps message ids for %gs, not the duplicate_window of %gs this app asks for: "
+                        "natask does not change an existing stream (nats stream edit %s --dupe-window %gs)",
+                        config.name, kept, wanted, config.name, wanted)
+
+    async def ensure_consumer(self, queue: str) -> str:
+        """Create or update the durable pull consumer of a queue (workers only)."""
+        await self.ensure_stream()
+        names = self.names
+        durable = names.consumer(queue)
+        config = ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            filter_subject=names.queue_filter(queue),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.config.ack_wait,
+            max_ack_pending=self.config.max_ack_pending,
+            max_deliver=-1,  # retry limits are per task, enforced by the worker
+            max_waiting=512,
+            num_replicas=self.config.stream_replicas,
+        )
+        try:
+            await self.api(lambda: self.js.add_consumer(names.stream, config))
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code not in (10148, 10013):  # 10148: exists with another config
+                raise BrokerError(f"cannot create consumer {durable}: {e.description}") from e
+            await self.api(lambda: self._update_consumer(config))
+        except Exception as e:
+            raise self._translate(e, f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}") from e
+        return durable
+
+    async def _update_consumer(self, config: ConsumerConfig) -> None:
+        import json
+
+        req = {"stream_name": self.names.stream, "config": config.as_dict(), "action": "update"}
+        subject = f"$JS.API.CONSUMER.CREATE.{self.names.stream}.{config.name}.{config.filter_subject}"
+        msg = await self.nc.request(subject, json.dumps(req).encode(), timeout=5)
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise BrokerError(f"cannot update consumer {config.name}: {resp['error'].get('description')}")
+
+    async def results(self) -> KeyValue:
+        """The results KV bucket, created on first use."""
+        if self._kv is None:
+            self._kv = await self._bucket(self.names.results_bucket)
+        return self._kv
+
+    async def revoked(self) -> KeyValue:
+        """The revoked task ids (kept as long as results), created on first use."""
+        if self._revoked is None:
+            self._revoked = await self._bucket(self.names.revoked_bucket)
+        return self._revoked
+
+    async def claims(self) -> KeyValue:
+        """Idempotency claims (``Natask.claim``), kept as long as results."""
+        return await self._bucket(self.names.claims_bucket)
+
+    async def dlq_index(self) -> KeyValue:
+        """Dead-letter id -> ``NATASK_DLQ`` sequence (``natask.dlq``): kept until purged, no TTL."""
+        bucket = self.names.dlq_index_bucket
+        return await self._bucket(bucket, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
+                                                         replicas=self.config.stream_replicas, direct=True))
+
+    async def _bucket(self, bucket: str, config: KeyValueConfig | None = None) -> KeyValue:
+        """A bucket natask owns, created if missing (``config``: by default one revision per key,
+        kept ``result_ttl``). Its handle heals: a call that finds the bucket deleted on the server
+        recreates it and is made again."""
+        if config is None:
+            config = KeyValueConfig(bucket=bucket, history=1, ttl=self.config.result_ttl, storage=StorageType.FILE,
+                                    replicas=self.config.stream_replicas, direct=True)
+        self._owned[f"KV_{bucket}"] = lambda: self._create_bucket(config)
+        try:
+            kv = await self.api(lambda: self.js.key_value(bucket))
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._create_bucket(config)
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+        return _Bucket(self, kv)
+
+    async def _create_bucket(self, config: KeyValueConfig) -> KeyValue:
+        bucket = config.bucket
+        try:
+            return await self.api(lambda: self.js.create_key_value(config))
+        except nats.js.errors.BadRequestError as e:
+            if getattr(e, "err_code", None) != 10058:  # 10058: created meanwhile, with other settings
+                raise self._translate(e, f"$KV.{bucket}") from e
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+        try:
+            return await self.api(lambda: self.js.key_value(bucket))
+        except Exception as e:
+            raise self._translate(e, f"$KV.{bucket}") from e
+
+    # -- healing what natask owns -----------------------------------------------------------
+    async def heal(self, stream: str) -> bool:
+        """Recreate ``stream`` (natask's task stream, DLQ or a bucket's stream) if the server lost
+        it. True: recreated, make the failed call again. False: it exists (a leader election or a
+        reconnect: retry as before), cannot be checked now, or is not natask's."""
+        recreate, seen = self._owned.get(stream), self._present.get(stream)
+        if recreate is None or self.closed or (seen is not None and time.monotonic() - seen < _PRESENT_FOR):
+            return False
+        healing = self._healing.get(stream)
+        if healing is None:  # callers failing at once share one check (and one log line)
+            healing = self._healing[stream] = self.loop.create_task(self._heal(stream, recreate))
+            healing.add_done_callback(lambda _: self._healing.pop(stream, None))
+        return await asyncio.shield(healing)
+
+    async def _heal(self, stream: str, recreate: Callable[[], Awaitable[Any]]) -> bool:
+        exists = await self._stream_exists(stream)
+        if exists is not False:
+            return False
+        if stream == self.names.stream:
+            self._stream_ready = False
+        elif stream == DLQ_STREAM:
+            self._dlq_ready = False
+        elif stream == f"KV_{self.names.results_bucket}":
+            self._kv = None
+        elif stream == f"KV_{self.names.revoked_bucket}":
+            self._revoked = None
+        what = f"bucket {stream[3:]}" if stream.startswith("KV_") else f"stream {stream}"
+        try:
+            await recreate()
+        except Exception as e:
+            log.warning("%s was deleted on the server and cannot be recreated: %s", what, e)
+            raise
+        log.warning("%s was deleted on the server: recreated it", what)
+        self._present[stream] = time.monotonic()
+        return True
+
+    async def _stream_info(self, stream: str) -> dict[str, Any] | None:
+        """The stream's info (raw JSON), None if it does not exist; BrokerError if unknown now."""
+        try:
+            msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=_CHECK_TIMEOUT)
+            info = json.loads(msg.data)
+        except (nats.errors.Error, asyncio.TimeoutError, ValueError) as e:
+            raise BrokerError(f"cannot look up stream {stream}: {describe(e)}") from e
+        error = info.get("error") if isinstance(info, dict) else {"code": 0}
+        if error is None:
+            self._present[stream] = time.monotonic()
+            return info  # type: ignore[no-any-return]
+        if error.get("err_code") == STREAM_NOT_FOUND:
+            return None
+        raise BrokerError(f"cannot look up stream {stream}: {error.get('description')}")
+
+    async def _stream_exists(self, stream: str) -> bool | None:
+        try:
+            return await self._stream_info(stream) is not None
+        except BrokerError:
+            return None
+
+    def _owner(self, subject: str) -> str | None:
+        """The stream natask owns that stores ``subject``, if any."""
+        if subject.startswith("$KV."):
+            stream = "KV_" + subject[4:].split(".", 1)[0]
+            return stream if stream in self._owned else None
+        if subject.startswith("natask.dlq."):
+            return DLQ_STREAM
+        if subject.startswith(self.names.prefix) and subject[len(self.names.prefix):].startswith("."):
+            return self.names.stream
+        return None
+
+    async def heal_consumer(self, queue: str) -> bool:
+        """Recreate a queue's consumer (and the task stream) if the server lost it: True if it
+        was recreated, False if it exists or cannot be checked now."""
+        stream, durable = self.names.stream, self.names.consumer(queue)
+        try:
+            msg = await self.nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", timeout=_CHECK_TIMEOUT)
+            error = json.loads(msg.data).get("error")
+        except (nats.errors.Error, asyncio.TimeoutError, ValueError, AttributeError):
+            return False
+        if error is None:
+            return False
+        if error.get("err_code") == STREAM_NOT_FOUND:
+            self._present.pop(stream, None)
+            await self.heal(stream)
+        elif error.get("err_code") != CONSUMER_NOT_FOUND:
+            return False
+        await self.ensure_consumer(queue)
+        log.warning("consumer %s of stream %s was deleted on the server: recreated it", durable, stream)
+        return True
+
+    async def _healed(self, stream: str, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """``call``, made once more if its stream was gone and is recreated; a full store is
+        ``StorageFull`` at once."""
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except nats.errors.Error as e:
+                if storage_full(e):
+                    raise full_error(e, what) from e
+                if attempt == 2 or not gone(e) or not await self.heal(stream):
+                    raise
+        raise AssertionError("unreachable")
+
+    def watch(self, bucket: str, keys: str | Sequence[str] = ">") -> AsyncGenerator[KeyValue.Entry | None, None]:
+        """The entries of a bucket natask owns, as they are stored: the latest of each key first,
+        then every change; ``None`` each time the watch has caught up (after its start and after
+        each restart). Creates the bucket if missing; when the server-side consumer ends or goes
+        silent (bucket deleted, server restarted) it recreates what is gone and carries on from
+        the last entry seen, logging why. Runs until the caller stops iterating. ``keys``: a key, a
+        wildcard, or several keys (one consumer filtering them all)."""
+        return _Watch(self, bucket, keys).entries()

@@ -13,10 +13,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
-import nats.errors
-import nats.js.errors
-
-from .broker import Broker
+from .broker import Broker, NoResponders, SequenceConflict
 from .canvas import Signature
 from .config import Config, Options, Seconds, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed, TaskNotFound
@@ -419,17 +416,16 @@ class Natask:
         """Core NATS request-reply to the queue group: at-most-once, nothing stored."""
         broker = await self._broker()
         subject = self.names.rpc_subject(call.queue, call.task)
-        broker.check_size(subject, call.payload, call.headers)
         try:
-            msg = await broker.nc.request(subject, call.payload, timeout=timeout, headers=call.headers)
-        except nats.errors.NoRespondersError:
+            data = await broker.request(subject, call.payload, call.headers, timeout)
+        except NoResponders:
             raise NoWorkers(
                 f"no worker listens to queue {call.queue!r} for {call.task}: start one with "
                 f"`natask worker -A <module>:app -Q {call.queue}`"
             ) from None
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise ResultTimeout(f"no reply from {call.task} within {timeout:g}s") from None
-        record = loads(msg.data)
+        record = loads(data)
         if record.get("state") == State.SUCCESS:
             return record.get("result")
         raise TaskFailed(str(record.get("exc_type", "Exception")), str(record.get("message", "")),
@@ -447,12 +443,8 @@ class Natask:
         kv = await broker.claims()
         try:
             await kv.create(key, dumps({"at": time.time()}))
-        except nats.js.errors.KeyWrongLastSequenceError:
+        except SequenceConflict:  # the key exists
             return False
-        except nats.js.errors.BadRequestError as e:
-            if e.err_code == 10071:  # wrong last sequence: the key exists
-                return False
-            raise
         return True
 
     async def _arevoke(self, task_id: str, terminate: bool) -> None:

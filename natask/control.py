@@ -10,9 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-import nats.js.errors
-from nats.aio.msg import Msg
-
+from .broker import Message
 from .dlq import DeadLetters
 from .message import dumps, loads
 from .naming import is_reply_subject
@@ -45,7 +43,7 @@ class ControlResponder:
         except Exception:
             pass
 
-    async def _on_request(self, msg: Msg) -> None:
+    async def _on_request(self, msg: Message) -> None:
         if not is_reply_subject(msg.reply, self.worker.inboxes):
             return  # answering on any other subject would write there with the worker's rights
         command = msg.subject.rsplit(".", 1)[-1]
@@ -81,24 +79,14 @@ class ControlResponder:
 async def inspect(app: Natask, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Ask every live worker of the app; replies gathered for ``timeout`` seconds."""
     broker = await app._broker()
-    inbox = broker.nc.new_inbox()
     replies: list[dict[str, Any]] = []
-
-    async def on_reply(msg: Msg) -> None:
+    for data in await broker.gather(control_subject(app.config.subject_prefix, command), b"", timeout):
         try:
-            answer = loads(msg.data)
+            answer = loads(data)
         except Exception:
-            return
+            continue
         if isinstance(answer, dict):
             replies.append(answer)
-
-    sub = await broker.subscribe(inbox, cb=on_reply)
-    try:
-        await broker.nc.publish(control_subject(app.config.subject_prefix, command), b"", reply=inbox)
-        await asyncio.shield(broker.nc.flush())  # never cancel a flush half-way (see Broker.subscribe)
-        await asyncio.sleep(timeout)  # scatter-gather: nobody knows how many workers will answer
-    finally:
-        await sub.unsubscribe()
     return sorted(replies, key=lambda r: str(r.get("worker")))
 
 
@@ -116,15 +104,8 @@ class QueueStatus:
 async def queues(app: Natask) -> list[QueueStatus]:
     """Every queue that has a consumer (created by a worker), with its counters."""
     broker = await app._broker()
-    try:
-        infos = await broker.js._jsm.consumers_info(app.names.stream)
-    except nats.js.errors.NotFoundError:
-        return []
-    return sorted(
-        (QueueStatus(i.name, i.num_pending or 0, i.num_ack_pending or 0, i.num_redelivered or 0,
-                     i.num_waiting or 0) for i in infos),
-        key=lambda q: q.name,
-    )
+    return sorted((QueueStatus(c.name, c.pending, c.in_flight, c.redelivered, c.waiting_pulls)
+                   for c in await broker.consumer_states(app.names.stream)), key=lambda q: q.name)
 
 
 async def dlq_size(app: Natask) -> int:
@@ -140,10 +121,9 @@ async def purge(app: Natask, queue: str) -> int:
     broker = await app._broker()
     await broker.ensure_stream()
     subject = app.names.queue_filter(queue)
-    info = await broker.js.stream_info(app.names.stream, subjects_filter=subject)
-    count = sum((info.state.subjects or {}).values())
-    await broker.js.purge_stream(app.names.stream, subject=subject)
-    return count
+    state = await broker.stream_state(app.names.stream, subject)
+    await broker.purge(app.names.stream, subject)
+    return sum(state.subjects.values()) if state is not None else 0
 
 
 async def status(app: Natask, timeout: float = 1.0) -> dict[str, Any]:

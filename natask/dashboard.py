@@ -20,9 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
-import nats.js.errors
-from nats.aio.msg import Msg
-
+from .broker import Message
 from .control import inspect
 from .dlq import DeadLetter, DeadLetterNotFound, DeadLetters, parse_count
 from .errors import ConfigError, NataskError
@@ -360,7 +358,7 @@ class Dashboard:
             while len(self.failed) > MAX_FAILED:
                 self.failed.popitem(last=False)
 
-    async def _on_publish(self, msg: Msg) -> None:
+    async def _on_publish(self, msg: Message) -> None:
         """Every task publish (the audit pattern): a new call, a retry, a replay or a schedule."""
         headers = msg.headers or {}
         rest = msg.subject[len(self.prefix) + 1:]
@@ -454,7 +452,7 @@ class Dashboard:
                 log.warning("events: %s; resubscribing", e)
             await asyncio.sleep(self.refresh)
 
-    async def _on_result(self, msg: Msg) -> None:
+    async def _on_result(self, msg: Message) -> None:
         """A result record stored in the results bucket: error messages and custom states."""
         if not msg.data or len(msg.data) > MAX_DECODE or (msg.headers or {}).get("KV-Operation"):
             return
@@ -485,7 +483,7 @@ class Dashboard:
             row.finished = float(done) if is_number(done) else time.time()
         self._changed(row)
 
-    async def _on_dead_letter(self, msg: Msg) -> None:
+    async def _on_dead_letter(self, msg: Message) -> None:
         self._dlq_dirty = True
         self._wake.set()
 
@@ -520,26 +518,17 @@ class Dashboard:
 
     async def _read_queues(self) -> None:
         broker = await self.app._broker()
-        try:
-            infos = await broker.js._jsm.consumers_info(self.app.names.stream)
-        except nats.js.errors.NotFoundError:
-            infos = []
         now = time.monotonic()
         queues = []
-        for info in infos:
-            in_flight = info.num_ack_pending or 0
-            done = (info.delivered.consumer_seq if info.delivered else 0) - in_flight
-            queues.append({"name": info.name, "pending": info.num_pending or 0, "in_flight": in_flight,
-                           "redelivered": info.num_redelivered or 0, "waiting_pulls": info.num_waiting or 0,
-                           "consumer": True, **self._rates(info.name, now, done)})
+        for c in await broker.consumer_states(self.app.names.stream):
+            queues.append({"name": c.name, "pending": c.pending, "in_flight": c.in_flight,
+                           "redelivered": c.redelivered, "waiting_pulls": c.waiting_pulls,
+                           "consumer": True, **self._rates(c.name, now, c.delivered - c.in_flight)})
         known = {q["name"] for q in queues}
         for name in sorted(set(self._sent_by_queue) - known):  # sent to, but no worker has consumed yet
             subject = self.app.names.queue_filter(name)
-            try:
-                stream = await broker.js.stream_info(self.app.names.stream, subjects_filter=subject)
-                waiting = sum((stream.state.subjects or {}).values())
-            except nats.js.errors.NotFoundError:
-                waiting = 0
+            state = await broker.stream_state(self.app.names.stream, subject)
+            waiting = sum(state.subjects.values()) if state is not None else 0
             queues.append({"name": name, "pending": waiting, "in_flight": 0, "redelivered": 0,
                            "waiting_pulls": 0, "consumer": False, **self._rates(name, now, 0)})
         self.queues = sorted(queues, key=lambda q: str(q["name"]))

@@ -4,8 +4,6 @@ moved to ``NATASK_DLQ``; the id index the worker writes beside each entry."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import re
@@ -15,11 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
-
-from .errors import BrokerError, NataskError
+from .errors import NataskError
 from .naming import (
     DLQ_STREAM,
     HDR_DLQ_ATTEMPTS,
@@ -62,11 +56,6 @@ SCAN_WINDOW: Final = 1024
 """First window of a scan for an id that the index does not know."""
 INDEX_WAIT: Final = 2.0
 """Seconds a worker spends at most noting a dead letter in the index."""
-_REPLY_WAIT: Final = 5.0
-"""Seconds to wait for each message of a direct get."""
-_DIRECT_HEADERS: Final = frozenset({"Nats-Stream", "Nats-Sequence", "Nats-Subject", "Nats-Time-Stamp",
-                                    "Nats-Num-Pending", "Nats-Last-Sequence"})
-"""Headers a direct get adds to the stored message's own."""
 _COUNT_RE: Final = re.compile(r"^[0-9]{1,18}$")
 
 
@@ -186,8 +175,8 @@ class DeadLetters:
     async def count(self) -> int:
         """How many dead letters the app has (from the stream's per-subject counts, nothing read)."""
         broker = await self._broker()
-        info = await broker.api(lambda: broker.js.stream_info(DLQ_STREAM, subjects_filter=self.filter))
-        return sum((info.state.subjects or {}).values())
+        state = await broker.stream_state(DLQ_STREAM, self.filter)
+        return sum(state.subjects.values()) if state is not None else 0
 
     async def page(self, limit: int = DEFAULT_PAGE, before: int | None = None,
                    ) -> tuple[list[DeadLetter], int | None]:
@@ -232,11 +221,8 @@ class DeadLetters:
 
     async def _indexed(self, broker: Broker, entry_id: str) -> int:
         async def read() -> bytes:
-            kv = await broker.dlq_index()
-            try:
-                return (await kv.get(entry_id)).value or b""
-            except nats.js.errors.KeyNotFoundError:
-                return b""
+            entry = await (await broker.dlq_index()).get(entry_id)
+            return entry.value if entry is not None else b""
 
         value = await _on_index(read, f"dead-letter index unreadable: scanning for {entry_id}")
         return parse_count(value.decode("ascii", "replace")) if value else 0
@@ -256,67 +242,16 @@ class DeadLetters:
             high, window = low, min(window * 4, MAX_WINDOW)
 
     async def _forward(self, broker: Broker, low: int, high: int) -> list[DeadLetter]:
-        """This app's entries with a sequence in ``[low, high)``, oldest first.
-
-        Batched direct gets (nats-server >= 2.11): one request returns up to ``batch`` messages
-        matching the filter, then an end-of-batch status (204); 404 when nothing matches anymore.
-        A batch does not stop at ``high`` (the server has no such bound for it), so batches start
-        at one message and grow only while they stay inside the window: what is read past it is
-        at most about what the window held.
-        """
-        nc = broker.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        out: list[DeadLetter] = []
-        seq, batch = low, 1
-        try:
-            while seq < high:
-                request = {"seq": seq, "next_by_subj": self.filter, "batch": min(batch, high - seq),
-                           "max_bytes": BATCH_BYTES}
-                batch = min(batch * 8, BATCH)
-                await nc.publish(f"$JS.API.DIRECT.GET.{DLQ_STREAM}", json.dumps(request).encode(), reply=inbox)
-                while True:
-                    msg = await self._next(sub)
-                    entry_seq = _sequence(msg)
-                    if entry_seq is None:
-                        status = (msg.headers or {}).get("Status")
-                        if status == "204":
-                            break  # end of this batch: ask for the next from where it stopped
-                        if status == "404":
-                            return out
-                        raise BrokerError(f"reading {DLQ_STREAM} failed: status {status} "
-                                          f"{(msg.headers or {}).get('Description', '')}".rstrip())
-                    if entry_seq >= high:
-                        return out
-                    if entry_seq >= seq:  # sequences only grow within a read: anything else is not news
-                        out.append(_entry(entry_seq, msg))
-                        seq = entry_seq + 1
-        except nats.errors.Error as e:
-            raise BrokerError(f"reading {DLQ_STREAM} failed: {e}") from e
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        return out
-
-    @staticmethod
-    async def _next(sub: Any) -> Msg:
-        try:
-            return await sub.next_msg(timeout=_REPLY_WAIT)  # type: ignore[no-any-return]
-        except nats.errors.TimeoutError:
-            raise BrokerError(f"no answer reading {DLQ_STREAM} within {_REPLY_WAIT:g}s") from None
+        """This app's entries with a sequence in ``[low, high)``, oldest first."""
+        stored = await broker.read_forward(DLQ_STREAM, self.filter, low, high, batch=BATCH, max_bytes=BATCH_BYTES)
+        return [DeadLetter.from_msg(m.seq, m.data, m.headers) for m in stored]
 
     async def _at(self, broker: Broker, seq: int) -> DeadLetter | None:
         """The entry at ``seq``, if there is one and it is this app's."""
-        try:
-            msg = await broker.api(lambda: broker.nc.request(
-                f"$JS.API.DIRECT.GET.{DLQ_STREAM}", json.dumps({"seq": seq}).encode(), timeout=_REPLY_WAIT))
-        except nats.errors.Error as e:
-            raise BrokerError(f"reading {DLQ_STREAM} failed: {e}") from e
-        found = _sequence(msg)
-        subject = (msg.headers or {}).get("Nats-Subject", "")
-        if found != seq or not subject.startswith(self.filter[:-1]):
+        stored = await broker.read_at(DLQ_STREAM, seq)
+        if stored is None or not stored.subject.startswith(self.filter[:-1]):
             return None
-        return _entry(seq, msg)
+        return DeadLetter.from_msg(seq, stored.data, stored.headers)
 
     # -- changing ---------------------------------------------------------------------------
     async def replay(self, entry_id: str) -> DeadLetter:
@@ -338,7 +273,7 @@ class DeadLetters:
             # The stored FAILURE would answer get() before the replay ran: forget it first.
             await (await broker.results()).purge(entry.id)
         await broker.publish(entry.subject, entry.data, headers)
-        await broker.api(lambda: broker.js.delete_msg(DLQ_STREAM, entry.seq))
+        await broker.delete_message(DLQ_STREAM, entry.seq)
         if not placeholder:  # a stale key would only cost a later lookup its shortcut
             await _on_index(lambda: _delete_key(broker, entry.id), f"dead-letter index: cannot remove {entry.id}")
         return entry
@@ -347,7 +282,7 @@ class DeadLetters:
         """Delete every entry of this app (and the id index); returns how many there were."""
         broker = await self._broker()
         count = await self.count()
-        await broker.api(lambda: broker.js.purge_stream(DLQ_STREAM, subject=self.filter))
+        await broker.purge(DLQ_STREAM, self.filter)
         # Stale keys would only point at sequences that are gone (``get`` checks): best effort.
         await _on_index(lambda: _purge_index(broker), "dead-letter index: cannot purge it", logging.WARNING)
         return count
@@ -363,20 +298,4 @@ async def _delete_key(broker: Broker, key: str) -> None:
 
 
 async def _purge_index(broker: Broker) -> None:
-    try:
-        await broker.js.purge_stream(f"KV_{broker.names.dlq_index_bucket}")
-    except nats.js.errors.NotFoundError:
-        pass  # no dead letter was ever indexed
-
-
-def _sequence(msg: Msg) -> int | None:
-    """The stream sequence a direct get answered with; None for a status (404, end of batch)."""
-    value = (msg.headers or {}).get("Nats-Sequence")
-    # The server sets Nats-Sequence itself; a status reply has none (even if the stored message's
-    # own headers said "Status: 404", which fools nats-py's get_msg).
-    return int(value) if value is not None and _COUNT_RE.match(value) else None
-
-
-def _entry(seq: int, msg: Msg) -> DeadLetter:
-    headers = {k: v for k, v in (msg.headers or {}).items() if k not in _DIRECT_HEADERS}
-    return DeadLetter.from_msg(seq, msg.data or b"", headers)
+    await broker.purge(f"KV_{broker.names.dlq_index_bucket}")  # nothing if no dead letter was ever indexed

@@ -204,6 +204,10 @@ class Names:
     def results_bucket(self) -> str:
         return f"natask_results_{self.prefix}"
 
+    def result_subject(self, task_id: str) -> str:
+        """The subject a task's result is stored under (its key in the results bucket)."""
+        return f"$KV.{self.results_bucket}.{task_id}"
+
     @property
     def revoked_bucket(self) -> str:
         return f"natask_revoked_{self.prefix}"
@@ -212,6 +216,11 @@ class Names:
     def chords_bucket(self) -> str:
         """Chord progress: one key per finished header member, plus fired/sent/failed guards."""
         return f"natask_chords_{self.prefix}"
+
+    @property
+    def beat_bucket(self) -> str:
+        """The beat's leader lease and last fire times."""
+        return f"natask_beat_{self.prefix}"
 
     @property
     def claims_bucket(self) -> str:

@@ -14,8 +14,6 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
 
-import nats.js.errors
-
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .naming import TASK_ID_RE, check_task_id
 from .states import FINAL_STATES, State
@@ -212,12 +210,8 @@ class AsyncResult(Generic[R]):
 
     async def _fetch(self) -> Record | None:
         broker = await self.app._broker()
-        kv = await broker.results()
-        try:
-            entry = await broker.api(lambda: kv.get(self.id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if not entry.value:
+        entry = await (await broker.results()).get(self.id)
+        if entry is None:
             return None
         record = parse_record(entry.value)
         if record is not None:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
-import nats.js.errors
-
 from .broker import Broker, SequenceConflict
 from .errors import BrokerError
 from .message import loads
-from .naming import HDR_EXPECTED_LAST_SUBJECT_SEQ, HDR_KV_OPERATION
+from .naming import HDR_EXPECTED_LAST_SUBJECT_SEQ
 from .states import FINAL_STATES
 
 log = logging.getLogger("natask.worker")
@@ -37,27 +35,19 @@ class ResultStore:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.bucket = broker.names.results_bucket
-        self._stream = f"KV_{self.bucket}"
 
     def subject(self, task_id: str) -> str:
-        return f"$KV.{self.bucket}.{task_id}"
+        return self.broker.names.result_subject(task_id)
 
     async def read(self, task_id: str, *, leader: bool = False) -> tuple[int, Record | None]:
         """The key's last revision (0: never written) and its record (None for a delete marker or
         an undecodable value). ``leader=True`` reads from the stream leader rather than any replica
         (a replica may lag behind a write we just lost a race to)."""
-        broker = self.broker
-        try:
-            msg = await broker.api(lambda: broker.js.get_msg(self._stream, subject=self.subject(task_id),
-                                                             direct=not leader))
-        except nats.js.errors.NotFoundError:
-            return 0, None
-        seq = msg.seq or 0
-        if not msg.data or (msg.headers or {}).get(HDR_KV_OPERATION):
+        seq, entry = await (await self.broker.results()).last(task_id, leader=leader)
+        if entry is None or not entry.value or entry.operation:
             return seq, None
         try:
-            record = loads(msg.data)
+            record = loads(entry.value)
         except Exception:
             return seq, None
         return seq, record if isinstance(record, dict) else None

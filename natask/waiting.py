@@ -9,9 +9,6 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-import nats.errors
-import nats.js.errors
-
 from .errors import BrokerError
 from .message import loads
 
@@ -51,18 +48,8 @@ def parse_record(data: bytes) -> dict[str, Any] | None:
 
 async def read_record(broker: Broker, key: str) -> dict[str, Any] | None:
     """One read of a results key (no retries): its record, or None if there is none."""
-    kv = await broker.results()
-    if kv._direct:
-        # A direct get on the connection's PubAck inbox: a third of nats-py's kv.get in CPU (no
-        # inbox token, task or exception per read). Not found, deleted or expired: an empty body.
-        subject = f"$JS.API.DIRECT.GET.{kv._stream}.$KV.{kv._name}.{key}"
-        data = await broker._request(subject, b"", {}, _READ_TIMEOUT)
-        return parse_record(data) if data else None
-    try:
-        entry = await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return parse_record(entry.value) if entry.value else None
+    data = await (await broker.results()).value(key, _READ_TIMEOUT)
+    return parse_record(data) if data else None
 
 
 # -- after a reconnect ------------------------------------------------------------------------------
@@ -98,7 +85,7 @@ async def _read_pass(app: Natask, broker: Broker) -> bool:
                 continue  # gone, settled or re-routed since the pass began
             try:
                 record = await read_record(broker, key)
-            except (BrokerError, nats.errors.Error, asyncio.TimeoutError) as e:
+            except (BrokerError, asyncio.TimeoutError) as e:
                 failed.append(e)
                 return
             if record is not None:
@@ -163,7 +150,7 @@ class KeyWatch:
             return
         self._reading += 1
         try:
-            with contextlib.suppress(BrokerError, nats.errors.Error, asyncio.TimeoutError):
+            with contextlib.suppress(BrokerError, asyncio.TimeoutError):
                 await result._fetch()  # failing, it leaves the wait to the watch, which outlasts outages
         finally:
             self._reading -= 1

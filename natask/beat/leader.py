@@ -16,11 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
-import nats.errors
-import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KeyValue
-
+from ..broker import SequenceConflict
+from ..broker.kv import Bucket
 from ..config import Seconds, seconds
 from ..errors import BrokerError, ConfigError
 from .enqueue import Enqueuer, Message
@@ -40,7 +37,7 @@ LATE_WINDOW_MIN: Final = 10.0
 """Ticks at most ``max(3 * lease_ttl, this)`` seconds late (a failover, a short outage) are all enqueued."""
 TICK_BATCH: Final = 1000
 """Ticks published together (pipelined), then recorded together; the lease is checked between batches."""
-_TRANSIENT: Final = (BrokerError, nats.errors.Error, asyncio.TimeoutError, OSError)
+_TRANSIENT: Final = (BrokerError, asyncio.TimeoutError, OSError)
 
 __all__ = ["LATE_WINDOW_MIN", "LEASE_KEY", "LEASE_SAFETY", "RECORD_PREFIX", "TICK_BATCH", "Beat", "BeatState",
            "bucket_name", "read_state"]
@@ -51,7 +48,7 @@ __all__ = ["LATE_WINDOW_MIN", "LEASE_KEY", "LEASE_SAFETY", "RECORD_PREFIX", "TIC
 
 def bucket_name(app: Natask) -> str:
     """The KV bucket holding the lease and the last fire times: ``natask_beat_<prefix>``."""
-    return f"natask_beat_{app.config.subject_prefix}"
+    return app.names.beat_bucket
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,17 @@ class BeatState:
 async def read_state(app: Natask) -> BeatState:
     """Read the beat bucket (never creates it)."""
     broker = await app._broker()
-    try:
-        kv = await broker.js.key_value(bucket_name(app))
-    except nats.js.errors.BucketNotFoundError:
+    kv = await broker.existing_bucket(bucket_name(app))
+    if kv is None:
         return BeatState(None, None, {})
     leader, expires = None, None
-    with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-        data = loads((await kv.get(LEASE_KEY)).value)
+    lease = await kv.get(LEASE_KEY)
+    if lease is not None:
+        data = loads(lease.value)
         leader = str(data.get("holder") or "") or None
         if leader and isinstance(data.get("expires"), (int, float)):
             expires = datetime.fromtimestamp(data["expires"], UTC)
-    recorded = await Records(broker, kv).load(list(app.periodic_entries))
+    recorded = await Records(kv).load(list(app.periodic_entries))
     return BeatState(leader, expires, {name: fire for name, fire in recorded.items() if fire is not None})
 
 
@@ -197,21 +194,15 @@ class Beat:
             if error is not None:
                 raise error
 
-    async def _open(self) -> KeyValue:
+    async def _open(self) -> Bucket:
         """The beat bucket, created if missing; its handle recreates it if it is deleted later."""
         broker = await self.app._broker()
         bucket = bucket_name(self.app)
-        config = KeyValueConfig(
-            bucket=bucket,
-            description="natask beat: leader lease and last fire times",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=self.app.config.stream_replicas,
-            direct=False,  # reads from the stream leader: no stale lease or cursor from a replica
-        )
-        return await broker._bucket(bucket, config)
+        # Reads from the stream leader: no stale lease or cursor from a lagging replica.
+        return await broker.bucket(bucket, ttl=None, direct=False,
+                                   description="natask beat: leader lease and last fire times")
 
-    async def _run(self, kv: KeyValue) -> None:
+    async def _run(self, kv: Bucket) -> None:
         lease = asyncio.get_running_loop().create_task(self._keep_lease(kv), name=f"natask-beat-lease-{self.id}")
         try:
             await self._fire_loop(kv)
@@ -242,7 +233,7 @@ class Beat:
         return min(1.0, self._poll)
 
     # -- the lease ------------------------------------------------------------------------------
-    async def _keep_lease(self, kv: KeyValue) -> None:
+    async def _keep_lease(self, kv: Bucket) -> None:
         """Renew the lease (or watch the holder's) on its own schedule, whatever a pass is doing."""
         while not self._stopping.is_set():
             if time.monotonic() >= self._lease_due:
@@ -252,7 +243,7 @@ class Beat:
                     self._lease_due = time.monotonic() + self._failed(e)
             await self._pause(self._stopping, self._lease_due - time.monotonic())
 
-    async def _lease(self, kv: KeyValue) -> None:
+    async def _lease(self, kv: Bucket) -> None:
         """Renew our lease, or watch the holder's and take it over once it went unrenewed for a whole
         ``lease_ttl`` by our own monotonic clock (no wall clocks compared across hosts)."""
         if self._stopping.is_set():
@@ -261,20 +252,17 @@ class Beat:
             sent = time.monotonic()
             try:
                 rev = await kv.update(LEASE_KEY, self._lease_value(), last=self._lease_rev)
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except SequenceConflict:
                 self._lose("another beat took over the lease")
             else:
                 self._won(rev, sent)
                 return
-        try:
-            current = await kv.get(LEASE_KEY)
-        except nats.js.errors.KeyNotFoundError:
-            current = None
+        current = await kv.get(LEASE_KEY)
         seen = time.monotonic()  # after the read returned: the revision was written before this instant
         if current is None:
             try:
                 rev = await kv.create(LEASE_KEY, self._lease_value())
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except SequenceConflict:
                 self._lease_due = time.monotonic()  # someone else created it: look again
                 return
             self._won(rev, seen)
@@ -287,7 +275,7 @@ class Beat:
             sent = time.monotonic()
             try:
                 new = await kv.update(LEASE_KEY, self._lease_value(), last=rev)
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except SequenceConflict:
                 self._lease_due = time.monotonic()  # another beat was faster: look again
                 return
             if holder not in ("", self.id):
@@ -319,7 +307,7 @@ class Beat:
         log.warning("beat %s is no longer the leader: %s", self.id, why)
         self._lease_rev = None
 
-    async def _release(self, kv: KeyValue) -> None:
+    async def _release(self, kv: Bucket) -> None:
         if self._lease_rev is None:
             return
         try:
@@ -332,7 +320,7 @@ class Beat:
         return self.is_leader and self._term == term
 
     # -- ticks ----------------------------------------------------------------------------------
-    async def _fire_loop(self, kv: KeyValue) -> None:
+    async def _fire_loop(self, kv: Bucket) -> None:
         while not self._stopping.is_set():
             self._wake.clear()  # before looking at the lease: a leadership won from here on wakes us
             try:
@@ -341,7 +329,7 @@ class Beat:
                 delay = self._failed(e)
             await self._pause(self._wake, delay)
 
-    async def _fire(self, kv: KeyValue) -> float | None:
+    async def _fire(self, kv: Bucket) -> float | None:
         """One pass: every due tick, in batches, then their records; returns how long to wait for the
         next pass (``None``: until woken)."""
         term = self._term
@@ -387,9 +375,9 @@ class Beat:
             await self._records.write([(entries[t.slot].name, t.fire, table.tick_id(t)) for t in ticks])
             table.recorded(ticks)
 
-    async def _load(self, kv: KeyValue) -> Timetable:
+    async def _load(self, kv: Bucket) -> Timetable:
         """On becoming leader: the last fire time each entry's previous leader recorded."""
-        self._records = Records(await self.app._broker(), kv)
+        self._records = Records(kv)
         cursors = await self._records.load([entry.name for entry in self._entries])
         return Timetable(self._entries, cursors, self.catch_up)
 

@@ -6,18 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
-
-from ..broker import Broker
-from ..naming import HDR_EXPECTED_LAST_SUBJECT_SEQ
+from ..broker import SequenceConflict
+from ..broker.kv import Bucket, Entry
 from .schedule import UTC
 
 log = logging.getLogger("natask.beat")
@@ -30,7 +24,6 @@ WRITE_BATCH: Final = 4096
 """Record writes in flight at a time (as ``Broker.publish_many`` pipelines publishes)."""
 WRITE_ACK_WAIT: Final = 5.0
 """Seconds a pipelined batch of record writes waits for its acks; the rest is written one by one."""
-_SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
 
 Record = tuple[str, datetime, str]
 """An entry's name, its last enqueued fire time and that tick's id."""
@@ -39,8 +32,7 @@ Record = tuple[str, datetime, str]
 class Records:
     """The records of one leader: what it read or wrote, with each key's revision for the next CAS."""
 
-    def __init__(self, broker: Broker, kv: KeyValue) -> None:
-        self.broker = broker
+    def __init__(self, kv: Bucket) -> None:
         self.kv = kv
         self._revisions: dict[str, int] = {}
 
@@ -61,11 +53,8 @@ class Records:
                 out[name] = record_time(item.value)
         return out
 
-    async def _get(self, name: str) -> KeyValue.Entry | None:
-        try:
-            return await self.kv.get(RECORD_PREFIX + name)
-        except nats.js.errors.KeyNotFoundError:
-            return None
+    async def _get(self, name: str) -> Entry | None:
+        return await self.kv.get(RECORD_PREFIX + name)
 
     async def write(self, latest: Iterable[Record]) -> None:
         """Record each entry's last enqueued fire time and tick id, never moving it backwards:
@@ -76,44 +65,13 @@ class Records:
             await self._write(items[start:start + WRITE_BATCH])
 
     async def _write(self, items: Sequence[Record]) -> None:
-        nc = self.broker.nc
-        inbox = nc.new_inbox()
-        cut = len(inbox) + 1
-        replies: list[bytes | None] = [None] * len(items)
-        state = {"left": len(items)}
-        done = asyncio.Event()
-
-        async def on_reply(msg: Msg) -> None:
-            i = int(msg.subject[cut:])
-            if replies[i] is None:
-                replies[i] = msg.data  # empty: a 503 status (no stream: the bucket is gone)
-                state["left"] -= 1
-                if not state["left"]:
-                    done.set()
-
-        pre, revisions = self.kv._pre, self._revisions
-        sub = await nc.subscribe(f"{inbox}.*", cb=on_reply)
-        try:
-            for i, (name, fire, task_id) in enumerate(items):
-                # A KV key is a subject: the expected last sequence is the key's revision (0: absent).
-                headers = {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(revisions.get(name, 0))}
-                await nc.publish(pre + RECORD_PREFIX + name, _value(fire, task_id), f"{inbox}.{i}", headers)
-            try:
-                await asyncio.wait_for(done.wait(), WRITE_ACK_WAIT)
-            except asyncio.TimeoutError:
-                pass
-        except nats.errors.Error as e:  # reconnecting, closed...: what was not acknowledged goes alone
-            log.debug("pipelined record writes interrupted: %s", e)
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
-        for (name, fire, task_id), data in zip(items, replies, strict=True):
-            seq = _SEQ_RE.search(data) if data and b'"error"' not in data else None
-            if seq is not None:
-                revisions[name] = int(seq.group(1))
-            else:
+        revisions = self._revisions
+        written = await self.kv.write_many([(RECORD_PREFIX + name, _value(fire, task_id), revisions.get(name, 0))
+                                            for name, fire, task_id in items], WRITE_ACK_WAIT)
+        for (name, fire, task_id), revision in zip(items, written, strict=True):
+            if revision is not None:
+                revisions[name] = revision
+            else:  # refused, unacknowledged or not sent: alone, keeping a later time
                 await self.write_one(name, fire, task_id)
 
     async def write_one(self, name: str, fire: datetime, task_id: str) -> None:
@@ -127,12 +85,11 @@ class Records:
             else:
                 self._revisions[name] = await kv.update(key, value, last=rev)
             return
-        except nats.js.errors.KeyWrongLastSequenceError:
+        except SequenceConflict:
             pass
         # Another beat wrote it meanwhile (it led while we thought we did): keep the later time.
-        try:
-            item = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:  # the bucket was deleted and recreated: start over
+        item = await kv.get(key)
+        if item is None:  # the bucket was deleted and recreated: start over
             self._revisions[name] = await kv.create(key, value)
             return
         theirs = record_time(item.value)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import nats
@@ -18,9 +18,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ..config import Config, redact_url
-from ..errors import BrokerError, ConfigError, PermissionDenied
+from ..errors import BrokerError, ConfigError, PayloadTooLarge, PermissionDenied
+from ..message import headers_size
 from ..naming import Names
-from .translate import TRANSIENT_API, describe, full_error, storage_full
+from .translate import TRANSIENT_API, NoResponders, describe, full_error, storage_full
 
 log = logging.getLogger("natask.broker")
 
@@ -236,6 +237,52 @@ class Connection:
                 if time.monotonic() >= deadline or any(s.startswith("$js.api") for s in self._denied):
                     raise
                 await asyncio.sleep(RETRY_PAUSE)
+
+    async def gather(self, subject: str, payload: bytes, seconds: float) -> list[bytes]:
+        """Publish a request and collect every reply that arrives within ``seconds`` (a scatter-
+        gather: nobody knows how many will answer)."""
+        replies: list[bytes] = []
+
+        async def on_reply(msg: Msg) -> None:
+            replies.append(msg.data)
+
+        inbox = self.nc.new_inbox()
+        sub = await self.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+            await asyncio.shield(self.nc.flush())  # never cancel a flush half-way (see subscribe)
+            await asyncio.sleep(seconds)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    async def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float) -> bytes:
+        """A core request-reply: the reply's body. ``NoResponders`` at once when nobody listens,
+        ``TimeoutError`` when no reply came within ``timeout``."""
+        self.check_size(subject, payload, headers or {})
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(f"nobody listens to {subject}") from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise TimeoutError(f"no reply on {subject} within {timeout:g}s") from None
+        except nats.errors.Error as e:
+            raise self._translate(e, subject) from e
+        return msg.data
+
+    def check_size(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse a message the server would drop the connection for (payload + headers)."""
+        limit = self.nc.max_payload
+        if len(payload) + 4 * (sum(map(len, headers)) + sum(map(len, headers.values()))) + 512 <= limit:
+            return  # far below, whatever the characters' UTF-8 lengths
+        size = len(payload) + headers_size(headers)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"message for {subject} is {size} bytes (payload {len(payload)} + headers), over the "
+                f"server's max_payload of {limit}: pass a reference (URL, object key) instead of the data",
+                size,
+                limit,
+            )
 
     async def heal(self, stream: str) -> bool:
         """Recreate a stream natask owns that the server lost (see ``Provisioning.heal``)."""

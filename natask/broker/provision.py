@@ -28,7 +28,7 @@ from ..config import Config
 from ..errors import BrokerError, ConfigError
 from ..naming import DLQ_STREAM
 from .connection import ResultCallback
-from .kv import _Bucket, _Watch
+from .kv import Bucket, Entry, _Watch
 from .publish import Publishing
 from .translate import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, describe, full_error, gone, storage_full
 
@@ -50,8 +50,8 @@ class Provisioning(Publishing):
         super().__init__(config, on_result, on_reconnect, on_closed)
         self._stream_ready = False
         self._dlq_ready = False
-        self._kv: KeyValue | None = None
-        self._revoked: KeyValue | None = None
+        self._kv: Bucket | None = None
+        self._revoked: Bucket | None = None
         # What natask owns on the server, by stream name, and how to recreate it when it is gone.
         self._owned: dict[str, Callable[[], Awaitable[Any]]] = {
             self.names.stream: self.ensure_stream, DLQ_STREAM: self.ensure_dlq}
@@ -157,29 +157,45 @@ class Provisioning(Publishing):
         if "error" in resp:
             raise BrokerError(f"cannot update consumer {config.name}: {resp['error'].get('description')}")
 
-    async def results(self) -> KeyValue:
+    async def results(self) -> Bucket:
         """The results KV bucket, created on first use."""
         if self._kv is None:
             self._kv = await self._bucket(self.names.results_bucket)
         return self._kv
 
-    async def revoked(self) -> KeyValue:
+    async def revoked(self) -> Bucket:
         """The revoked task ids (kept as long as results), created on first use."""
         if self._revoked is None:
             self._revoked = await self._bucket(self.names.revoked_bucket)
         return self._revoked
 
-    async def claims(self) -> KeyValue:
+    async def claims(self) -> Bucket:
         """Idempotency claims (``Natask.claim``), kept as long as results."""
         return await self._bucket(self.names.claims_bucket)
 
-    async def dlq_index(self) -> KeyValue:
+    async def dlq_index(self) -> Bucket:
         """Dead-letter id -> ``NATASK_DLQ`` sequence (``natask.dlq``): kept until purged, no TTL."""
-        bucket = self.names.dlq_index_bucket
-        return await self._bucket(bucket, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
-                                                         replicas=self.config.stream_replicas, direct=True))
+        return await self.bucket(self.names.dlq_index_bucket, ttl=None)
 
-    async def _bucket(self, bucket: str, config: KeyValueConfig | None = None) -> KeyValue:
+    async def bucket(self, name: str, *, ttl: float | None, direct: bool = True, description: str = "") -> Bucket:
+        """A bucket natask owns, one revision per key, created if missing, healed if deleted later:
+        ``ttl`` in seconds (None: kept), ``direct=False`` makes reads come from the stream leader
+        (no stale value from a lagging replica)."""
+        return await self._bucket(name, KeyValueConfig(bucket=name, description=description or None, history=1,
+                                                       ttl=ttl, storage=StorageType.FILE,
+                                                       replicas=self.config.stream_replicas, direct=direct))
+
+    async def existing_bucket(self, name: str) -> Bucket | None:
+        """A bucket if it exists (never creates it)."""
+        try:
+            kv = await self.api(lambda: self.js.key_value(name))
+        except nats.js.errors.BucketNotFoundError:
+            return None
+        except Exception as e:
+            raise self._translate(e, f"$KV.{name}") from e
+        return Bucket(self, kv)
+
+    async def _bucket(self, bucket: str, config: KeyValueConfig | None = None) -> Bucket:
         """A bucket natask owns, created if missing (``config``: by default one revision per key,
         kept ``result_ttl``). Its handle heals: a call that finds the bucket deleted on the server
         recreates it and is made again."""
@@ -193,7 +209,7 @@ class Provisioning(Publishing):
             kv = await self._create_bucket(config)
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
-        return _Bucket(self, kv)
+        return Bucket(self, kv)
 
     async def _create_bucket(self, config: KeyValueConfig) -> KeyValue:
         bucket = config.bucket
@@ -310,7 +326,7 @@ class Provisioning(Publishing):
                     raise
         raise AssertionError("unreachable")
 
-    def watch(self, bucket: str, keys: str | Sequence[str] = ">") -> AsyncGenerator[KeyValue.Entry | None, None]:
+    def watch(self, bucket: str, keys: str | Sequence[str] = ">") -> AsyncGenerator[Entry | None, None]:
         """The entries of a bucket natask owns, as they are stored: the latest of each key first,
         then every change; ``None`` each time the watch has caught up (after its start and after
         each restart). Creates the bucket if missing; when the server-side consumer ends or goes

@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 import nats
@@ -15,8 +15,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from ..errors import BrokerError, PayloadTooLarge, PermissionDenied
-from ..message import headers_size
+from ..errors import BrokerError, PermissionDenied
 from ..naming import HDR_CHECK_STORED
 from .connection import RETRY_PAUSE, Connection, _expire
 from .translate import WRONG_LAST_SEQUENCE, SequenceConflict, describe, full_error, storage_full
@@ -38,20 +37,6 @@ class Published(NamedTuple):
 
 
 class Publishing(Connection):
-    def check_size(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> None:
-        """Refuse a message the server would drop the connection for (payload + headers)."""
-        limit = self.nc.max_payload
-        if len(payload) + 4 * (sum(map(len, headers)) + sum(map(len, headers.values()))) + 512 <= limit:
-            return  # far below, whatever the characters' UTF-8 lengths
-        size = len(payload) + headers_size(headers)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"message for {subject} is {size} bytes (payload {len(payload)} + headers), over the "
-                f"server's max_payload of {limit}: pass a reference (URL, object key) instead of the data",
-                size,
-                limit,
-            )
-
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:
         """Publish to JetStream and await the PubAck, retrying with the same message id on
         reconnects and leader elections until ``publish_timeout``; never reports success without

@@ -32,6 +32,10 @@ TRANSIENT_API: Final = (
 """JetStream API failures that a leader election or a reconnect causes: worth asking again."""
 
 
+class NoResponders(BrokerError):
+    """A core request nobody listens to (no subscriber, or none in the queue group)."""
+
+
 class SequenceConflict(BrokerError):
     """A compare-and-set publish (``Nats-Expected-Last-Subject-Sequence``) found another last
     sequence on its subject: someone wrote the key in between."""

@@ -9,9 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
+from ..broker import SequenceConflict
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
 from ..message import at_schedule, dumps, loads
 from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
@@ -20,8 +18,7 @@ from .plan import Freezer, Node, Step, expand, seeded_ids, walk
 from .signature import from_dict
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
+    from ..broker.kv import Bucket
     from ..message import Envelope
     from ..worker import Worker
 
@@ -60,7 +57,7 @@ class _Flow:
         self.ident = worker.ident
         self.inboxes = worker.inboxes
         self.env = env
-        self._kv: KeyValue | None = None
+        self._kv: Bucket | None = None
 
     async def run(self, record: dict[str, Any]) -> None:
         env, meta = self.env, self.env.meta
@@ -101,7 +98,8 @@ class _Flow:
             children = await self.publish(expand(body, (results,), {}, member.get("rest") or [], member.get("up")))
         else:
             children = await self.advance(results, member.get("rest") or [], member.get("up"))
-        await self.broker.publish(self._key_subject(f"{member['id']}.sent"), self.env.id.encode(), {})
+        kv = await self.chords()
+        await self.broker.publish(kv.subject(f"{member['id']}.sent"), self.env.id.encode(), {})
         return children
 
     async def complete(self, member: dict[str, Any], value: Any) -> list[Any] | None:
@@ -110,14 +108,14 @@ class _Flow:
         chord_id, index, size = _chord_member(member)
         kv = await self.chords()
         # One key per member, not a counter: a member finishing twice overwrites its own key.
-        await self.broker.publish(self._key_subject(f"{chord_id}.m.{index}"), dumps(value), {})
-        if await self._count(chord_id) < size:
+        await self.broker.publish(kv.subject(f"{chord_id}.m.{index}"), dumps(value), {})
+        if await kv.count(f"{chord_id}.m.*") < size:
             return None
         # Only the first completer fires (a redelivery of that same member may fire again:
         # the callback's fixed id makes JetStream drop the second publish).
         if not await self._claim(kv, f"{chord_id}.fired"):
             return None
-        if await _exists(kv, f"{chord_id}.failed") or await _exists(kv, f"{chord_id}.sent"):
+        if await kv.get(f"{chord_id}.failed") is not None or await kv.get(f"{chord_id}.sent") is not None:
             return None
         results = await asyncio.wait_for(self._collect(kv, chord_id, size), _COLLECT_TIMEOUT)
         missing = [i for i in range(size) if i not in results]
@@ -129,35 +127,15 @@ class _Flow:
             return None
         return [results[i] for i in range(size)]
 
-    async def _count(self, chord_id: str) -> int:
-        """How many distinct members of a chord recorded a result (an ephemeral consumer's pending
-        count: O(1) data however large the chord)."""
-        bucket = self.broker.names.chords_bucket
-        config = ConsumerConfig(filter_subject=self._key_subject(f"{chord_id}.m.*"),
-                                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-                                mem_storage=True, num_replicas=1, inactive_threshold=10.0)
-        info = await self.broker.js.add_consumer(f"KV_{bucket}", config)
-        try:
-            return int(info.num_pending or 0)
-        finally:
-            try:
-                await self.broker.js.delete_consumer(f"KV_{bucket}", info.name)
-            except Exception as e:  # the inactive threshold removes it anyway
-                log.debug("deleting counting consumer: %s", e)
-
-    async def _collect(self, kv: KeyValue, chord_id: str, size: int) -> dict[int, Any]:
+    async def _collect(self, kv: Bucket, chord_id: str, size: int) -> dict[int, Any]:
         """Read every member's result by key (direct gets, a bounded number in flight; nats-py's
         ``kv.watch`` may signal "no more values" before values it already received)."""
         results: dict[int, Any] = {}
         for start in range(0, size, _COLLECT_BATCH):
             keys = range(start, min(size, start + _COLLECT_BATCH))
-            entries = await asyncio.gather(*(kv.get(f"{chord_id}.m.{i}") for i in keys), return_exceptions=True)
+            entries = await asyncio.gather(*(kv.get(f"{chord_id}.m.{i}") for i in keys))
             for i, entry in zip(keys, entries, strict=True):
-                if isinstance(entry, nats.js.errors.KeyNotFoundError):
-                    continue
-                if isinstance(entry, BaseException):
-                    raise entry
-                if entry.value is not None:
+                if entry is not None:
                     results[i] = loads(entry.value)
         return results
 
@@ -232,27 +210,21 @@ class _Flow:
         return [step.sig["id"] for step in steps]
 
     # -- chord state ------------------------------------------------------------------------
-    async def chords(self) -> KeyValue:
+    async def chords(self) -> Bucket:
         if self._kv is None:
             self._kv = await self.broker._bucket(self.broker.names.chords_bucket)
         return self._kv
 
-    def _key_subject(self, key: str) -> str:
-        return f"$KV.{self.broker.names.chords_bucket}.{key}"
-
-    async def _claim(self, kv: KeyValue, key: str) -> bool:
+    async def _claim(self, kv: Bucket, key: str) -> bool:
         """Create ``key`` naming this task; True if we created it or an earlier delivery of this
         same task did."""
         me = self.env.id.encode()
         try:
             await kv.create(key, me)
             return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return False
-            return entry.value == me
+        except SequenceConflict:
+            entry = await kv.get(key)
+            return entry is not None and entry.value == me
 
 
 def _chord_member(member: Mapping[str, Any]) -> tuple[str, int, int]:
@@ -263,11 +235,3 @@ def _chord_member(member: Mapping[str, Any]) -> tuple[str, int, int]:
     if not (isinstance(index, int) and isinstance(size, int) and 0 <= index < size <= MAX_CHORD_SIZE):
         raise ValueError(f"invalid chord member {index!r:.20} of {size!r:.20}")
     return chord_id, index, size
-
-
-async def _exists(kv: KeyValue, key: str) -> bool:
-    try:
-        await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return False
-    return True

@@ -459,7 +459,7 @@ async def test_pipelined_records_keep_the_later_time_and_survive_a_deleted_bucke
         return record_time((await raw.get(RECORD_PREFIX + name)).value)
 
     try:
-        records = Records(await app._broker(), await Beat(app)._open())
+        records = Records(await Beat(app)._open())
         raw = await nc.jetstream().key_value(bucket_name(app))
         await records.write([rec("a", t[2]), rec("b", t[4])])
         assert (await stored("a"), await stored("b")) == (t[2], t[4])

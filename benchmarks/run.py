@@ -407,7 +407,7 @@ class Bench:
         """Body size of one natask ``add(1, 2)`` message, so raw messages weigh the same."""
         app = bench_app.make_app("sizing")
         try:
-            return len(app._prepare(ADD, (1, 2), {}, queue=QUEUE).payload)
+            return len(app.client.prepare(ADD, (1, 2), {}, queue=QUEUE).payload)
         except Exception:  # private API moved: any plausible size will do
             return 100
 

@@ -70,7 +70,7 @@ async def _queue_natask(url: str, pid: int, n: int) -> tuple[float, int]:
     base = _rss_mb(pid)
     for start in range(0, n, 10_000):
         await add.adelay_many([(i, i) for i in range(start, min(n, start + 10_000))])
-    info = await (await app._broker()).js.stream_info(app.names.stream)
+    info = await (await app.client.broker()).js.stream_info(app.names.stream)
     grown = _rss_mb(pid) - base
     await app.aclose()
     return grown, info.state.bytes

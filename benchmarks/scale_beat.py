@@ -127,7 +127,7 @@ async def natask_side(url: str, n: int, seconds: int) -> dict[str, Any]:
     for i in range(n):
         app.add_periodic_task(timedelta(seconds=1), tick.s(), name=entry_name(i))
     beat = Beat(app)
-    broker = await app._broker()
+    broker = await app.client.broker()
     try:
         await beat.start()
         start = math.ceil(time.time() + WARMUP)

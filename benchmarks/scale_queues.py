@@ -211,8 +211,8 @@ def payload_size(arg: int) -> int:
     so the raw messages weigh the same."""
     app = make_app("sizing")
     if arg:
-        return len(app._prepare(BIG, (b"x" * arg,), {}, queue=BIG_QUEUE).payload)
-    return len(app._prepare(task_name(QUEUES[0]), (1, 2), {}, queue=QUEUES[0]).payload)
+        return len(app.client.prepare(BIG, (b"x" * arg,), {}, queue=BIG_QUEUE).payload)
+    return len(app.client.prepare(task_name(QUEUES[0]), (1, 2), {}, queue=QUEUES[0]).payload)
 
 
 def _row(name: str, natask: float, reference: float, reference_name: str, unit: str, bar: str) -> dict[str, Any]:

@@ -524,7 +524,7 @@ def dlq_purge(app_spec: str | None, yes: bool) -> None:
 @click.option("--terminate", is_flag=True, help="also cancel it if it is running (async tasks)")
 def revoke(app_spec: str | None, task_id: str, terminate: bool) -> None:
     """Revoke a task: it will not run (recorded durably for every worker)."""
-    _run_app(app_spec, lambda app: app._arevoke(task_id, terminate))
+    _run_app(app_spec, lambda app: app.client.revoke(task_id, terminate))
     click.echo(f"revoked {task_id}")
 
 

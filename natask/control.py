@@ -78,7 +78,7 @@ class ControlResponder:
 
 async def inspect(app: Natask, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Ask every live worker of the app; replies gathered for ``timeout`` seconds."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     replies: list[dict[str, Any]] = []
     for data in await broker.gather(control_subject(app.config.subject_prefix, command), b"", timeout):
         try:
@@ -103,7 +103,7 @@ class QueueStatus:
 
 async def queues(app: Natask) -> list[QueueStatus]:
     """Every queue that has a consumer (created by a worker), with its counters."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     return sorted((QueueStatus(c.name, c.pending, c.in_flight, c.redelivered, c.waiting_pulls)
                    for c in await broker.consumer_states(app.names.stream)), key=lambda q: q.name)
 
@@ -118,7 +118,7 @@ async def purge(app: Natask, queue: str) -> int:
     from .config import check_queue_name
 
     check_queue_name(queue)
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_stream()
     subject = app.names.queue_filter(queue)
     state = await broker.stream_state(app.names.stream, subject)

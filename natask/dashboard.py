@@ -288,7 +288,7 @@ class Dashboard:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         try:
-            broker = await self.app._broker()
+            broker = await self.app.client.broker()
             for subject, cb in ((f"{self.prefix}.>", self._on_publish),
                                 (f"$KV.{self.app.names.results_bucket}.>", self._on_result),
                                 (f"natask.dlq.{self.prefix}.>", self._on_dead_letter)):
@@ -517,7 +517,7 @@ class Dashboard:
                 raise result
 
     async def _read_queues(self) -> None:
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         now = time.monotonic()
         queues = []
         for c in await broker.consumer_states(self.app.names.stream):

@@ -167,7 +167,7 @@ class DeadLetters:
         self.filter = app.names.dlq_filter
 
     async def _broker(self) -> Broker:
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         await broker.ensure_dlq()
         return broker
 

@@ -215,7 +215,7 @@ class EventStream:
         self._broker: Broker | None = None
 
     async def __aenter__(self) -> EventStream:
-        broker = self._broker = await self.app._broker()
+        broker = self._broker = await self.app.client.broker()
 
         async def on_msg(msg: Any) -> None:
             if not self._queue.full():  # a slow reader loses events, never blocks the connection

@@ -48,7 +48,7 @@ class WorkerMetrics:
         self._started: dict[str | None, float] = {}
         self._poller: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     def __call__(self, batch: Batch) -> None:
         started, counts, durations = self._started, self.counts, self.durations

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import functools
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 OWN_LOOP_AFTER: Final = 5
 """The sync call from which a thread runs its calls on a loop (and connection) of its own."""
@@ -264,6 +266,30 @@ class Portal:
 
 
 _PORTALS: weakref.WeakSet[Portal] = weakref.WeakSet()
+
+
+class HasPortal(Protocol):
+    """An object whose sync methods run through a portal."""
+
+    @property
+    def _portal(self) -> Portal: ...
+
+
+S = TypeVar("S", bound=HasPortal)
+
+
+def blocking(afn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]], doc: str) -> Callable[Concatenate[S, P], T]:
+    """The sync twin of the async method ``afn`` (``forget = blocking(aforget, "...")``): the same
+    call, run to completion by the owner's portal; ``doc`` is the twin's docstring."""
+
+    def twin(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._portal.run(afn(self, *args, **kwargs))
+
+    functools.update_wrapper(twin, afn)  # the signature (through __wrapped__), module and qualname
+    twin.__name__ = afn.__name__.removeprefix("a")
+    twin.__qualname__ = twin.__qualname__.rpartition(".")[0] + "." + twin.__name__
+    twin.__doc__ = doc
+    return twin
 
 
 def _after_fork() -> None:

@@ -11,24 +11,21 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
 
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .naming import TASK_ID_RE, check_task_id
+from .portal import Portal, blocking
 from .states import FINAL_STATES, State
-from .waiting import parse_record
+from .waiting import Record, parse_record
 
 if TYPE_CHECKING:
-    from .app import Natask
     from .broker import Broker
+    from .client import App
 
 R = TypeVar("R")
 log = logging.getLogger("natask.result")
 
-
-Record = Mapping[str, Any]
-"""A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
 
 _LOCK = threading.Lock()
 """Guards every handle's record and waiters (held for a few bytecodes: one lock, not one per handle)."""
@@ -46,7 +43,7 @@ class AsyncResult(Generic[R]):
 
     def __init__(
         self,
-        app: Natask,
+        app: App,
         task_id: str,
         task_name: str | None = None,
         *,
@@ -63,6 +60,10 @@ class AsyncResult(Generic[R]):
         self._route = route
         # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
         self._waiters: tuple[asyncio.Future[None], ...] = ()
+
+    @property
+    def _portal(self) -> Portal:
+        return self.app.client.portal
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self._record['state'] if self._record else '?'}>"
@@ -201,7 +202,7 @@ class AsyncResult(Generic[R]):
         if self._final:
             return self._record
         try:
-            record = self.app._portal.run(self._fetch())
+            record = self._portal.run(self._fetch())
         except BrokerError as e:
             # Celery's PENDING means "unknown": that is what an unreachable store tells us.
             log.warning("cannot read the state of task %s: %s", self.id, e)
@@ -209,7 +210,7 @@ class AsyncResult(Generic[R]):
         return record if record is not None else self._record
 
     async def _fetch(self) -> Record | None:
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         entry = await (await broker.results()).get(self.id)
         if entry is None:
             return None
@@ -226,7 +227,7 @@ class AsyncResult(Generic[R]):
         """
         if not self._final:
             self._check_waitable()
-            self.app._portal.run(self._wait(timeout))
+            self._portal.run(self._wait(timeout))
         return self._unwrap(propagate)  # type: ignore[no-any-return]
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
@@ -264,7 +265,7 @@ class AsyncResult(Generic[R]):
             route = self._route
             # A reply is read by its connection's loop: this one, or the I/O thread's (which runs
             # until the app closes, and then unroutes its results). Other loops may stop at any time.
-            if route is not None and not route.closed and (route.loop is loop or route.loop is self.app._portal.loop):
+            if route is not None and not route.closed and (route.loop is loop or route.loop is self._portal.loop):
                 fut: asyncio.Future[None] = loop.create_future()
                 if self._add_waiter(fut, route):
                     try:
@@ -274,8 +275,8 @@ class AsyncResult(Generic[R]):
                 continue
             # No reply route (another process, a duplicate call, a lost connection, a loop that
             # runs only during another thread's sync calls): read the key, then watch it.
-            broker = await self.app._broker()
-            watch = self.app._key_watch(broker)
+            broker = await self.app.client.broker()
+            watch = self.app.client.key_watch(broker)
             if read:
                 await watch.wait(self)
             else:
@@ -283,24 +284,20 @@ class AsyncResult(Generic[R]):
                 await watch.read_first(self)
 
     # -- management -------------------------------------------------------------------------
-    def forget(self) -> None:
-        """Delete the stored result (and forget the local copy)."""
-        self.app._portal.run(self.aforget())
-
     async def aforget(self) -> None:
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         kv = await broker.results()
         await kv.purge(self.id)
         with _LOCK:
             self._record = None
 
-    def revoke(self, terminate: bool = False) -> None:
-        """Revoke the task: if it has not started it never runs; ``terminate`` cancels a running
-        async task."""
-        self.app._portal.run(self.arevoke(terminate))
+    forget = blocking(aforget, "Delete the stored result (and forget the local copy).")
 
     async def arevoke(self, terminate: bool = False) -> None:
-        await self.app._arevoke(self.id, terminate)
+        await self.app.client.revoke(self.id, terminate)
+
+    revoke = blocking(arevoke, "Revoke the task: if it has not started it never runs; ``terminate`` cancels a "
+                               "running\nasync task.")
 
 
 def _is_task_id(value: object) -> TypeGuard[str]:

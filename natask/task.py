@@ -9,15 +9,16 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .canvas import Canvas, Signature
+from .canvas.signature import Canvas, Signature
 from .errors import ConfigError, Retry
+from .message import Call
 from .naming import check_task_name
 from .options import Request, TaskOptions, current_request
 
 __all__ = ["AsyncTask", "Request", "Task", "TaskOptions", "current_request"]
 
 if TYPE_CHECKING:
-    from .app import Natask
+    from .client import App
     from .result import AsyncResult
 
 P = ParamSpec("P")
@@ -31,8 +32,9 @@ Kwargs = Mapping[str, Any]
 class Task(Generic[P, R]):
     """A registered task. Call it to run locally; ``delay``/``apply_async`` to enqueue."""
 
-    def __init__(self, app: Natask, fn: Callable[..., Any], name: str, options: TaskOptions) -> None:
+    def __init__(self, app: App, fn: Callable[..., Any], name: str, options: TaskOptions) -> None:
         self.app = app
+        self._client = app.client  # the calling methods' one lookup
         self.fn = fn
         self.name = check_task_name(name)
         self.options = options
@@ -105,7 +107,8 @@ class Task(Generic[P, R]):
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Enqueue a call; returns its ``AsyncResult`` once the server acknowledged it."""
         call = self._prepare(args, kwargs, None, None, None, None, None, None)
-        return self.app._portal.run(self.app._apublish(call))  # type: ignore[return-value]
+        client = self._client
+        return client.portal.run(client.publish(call))
 
     async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Async ``delay``."""
@@ -128,11 +131,12 @@ class Task(Generic[P, R]):
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
         if link is not None or link_error is not None:
-            return self.s(*args, **(kwargs or {})).apply_async(  # type: ignore[return-value]
+            return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
-        return self.app._portal.run(self.app._apublish(call))  # type: ignore[return-value]
+        client = self._client
+        return client.portal.run(client.publish(call))
 
     async def aapply_async(
         self,
@@ -150,24 +154,25 @@ class Task(Generic[P, R]):
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
         if link is not None or link_error is not None:
-            return await self.s(*args, **(kwargs or {})).aapply_async(  # type: ignore[return-value]
+            return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
-        return await self.app._apublish(call)  # type: ignore[return-value]
+        return await self._client.publish(call)  # type: ignore[no-any-return]
 
     def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Pipelined bulk enqueue: each item is a tuple of positional arguments (or a dict of
         keyword arguments); one ``AsyncResult`` each, in order."""
         calls = [self._prepare_item(item) for item in arglist]
-        return self.app._portal.run(self.app._apublish_many(calls))  # type: ignore[return-value]
+        client = self._client
+        return client.portal.run(client.publish_many(calls))
 
     async def adelay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Async ``delay_many``."""
         calls = [self._prepare_item(item) for item in arglist]
-        return await self.app._apublish_many(calls)  # type: ignore[return-value]
+        return await self._client.publish_many(calls)
 
-    def _prepare_item(self, item: Args | Kwargs) -> Any:
+    def _prepare_item(self, item: Args | Kwargs) -> Call:
         if type(item) is tuple:
             return self._prepare(item, None, None, None, None, None, None, None)
         if isinstance(item, Mapping):
@@ -186,10 +191,10 @@ class Task(Generic[P, R]):
         task_id: str | None,
         queue: str | None,
         headers: Mapping[str, str] | None,
-    ) -> Any:
+    ) -> Call:
         kwargs = kwargs or {}
         self.check_args(args, kwargs)
-        return self.app._prepare(
+        return self._client.prepare(
             self.name,
             args,
             kwargs,
@@ -216,13 +221,14 @@ class Task(Generic[P, R]):
                    queue: str | None = None) -> R:
         """``call`` with options: ``timeout`` (seconds, then ``ResultTimeout``) and ``queue``."""
         call = self._prepare(args, kwargs, None, None, None, None, queue, None)
-        return self.app._portal.run(self.app._acall(call, timeout))  # type: ignore[no-any-return]
+        client = self._client
+        return client.portal.run(client.call(call, timeout))  # type: ignore[no-any-return]
 
     async def aapply_call(self, args: Args = (), kwargs: Kwargs | None = None, *, timeout: float = 30.0,
                           queue: str | None = None) -> R:
         """Async ``apply_call``."""
         call = self._prepare(args, kwargs, None, None, None, None, queue, None)
-        return await self.app._acall(call, timeout)  # type: ignore[no-any-return]
+        return await self._client.call(call, timeout)  # type: ignore[no-any-return]
 
     # -- canvas -----------------------------------------------------------------------------
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:

@@ -7,15 +7,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .errors import BrokerError
 from .message import loads
 
 if TYPE_CHECKING:
-    from .app import Natask
     from .broker import Broker
-    from .result import AsyncResult
 
 log = logging.getLogger("natask.result")
 
@@ -36,6 +35,37 @@ MAX_SHARDS: Final = 16
 """Watch consumers of one connection before new keys are merged into the least used one."""
 
 
+Record = Mapping[str, Any]
+"""A stored result: ``{"state", "result" | "exc_type"/"message"/"traceback" | "info", ...}``."""
+
+
+class Waiter(Protocol):
+    """A result handle, as the connections and watches that bring its outcome see it."""
+
+    _route: Broker | None
+    """The connection whose inbox receives the reply; None: wait through the results bucket."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def _final(self) -> bool: ...
+    def _deliver(self, record: Record) -> None: ...
+    def _unroute(self) -> None: ...
+    def _wake_all(self) -> None: ...
+    def _add_waiter(self, fut: asyncio.Future[None], route: Broker | None = None) -> bool: ...
+    def _drop_waiter(self, fut: asyncio.Future[None]) -> None: ...
+    async def _fetch(self) -> Record | None: ...
+
+
+class Routes(Protocol):
+    """The outstanding results of a client, by the connection their replies come over."""
+
+    @property
+    def pending(self) -> Mapping[str, Waiter]: ...
+    def routed(self, broker: Broker) -> Sequence[Waiter]: ...
+    def routes_lost(self, broker: Broker) -> None: ...
+
+
 def parse_record(data: bytes) -> dict[str, Any] | None:
     """A stored or replied result record, None if it is not one (logged)."""
     try:
@@ -53,7 +83,7 @@ async def read_record(broker: Broker, key: str) -> dict[str, Any] | None:
 
 
 # -- after a reconnect ------------------------------------------------------------------------------
-async def recheck(app: Natask, broker: Broker) -> None:
+async def recheck(routes: Routes, broker: Broker) -> None:
     """Read the keys of the results still outstanding over ``broker`` (just reconnected) at each
     of ``RECHECK_AFTER`` and once ``publish_timeout`` has passed. nats-py calls the reconnect
     callback once the inbox subscription is back, so a reply sent after the first pass arrives.
@@ -66,21 +96,21 @@ async def recheck(app: Natask, broker: Broker) -> None:
         await asyncio.sleep(max(0.0, start + after - loop.time()))
         if broker.closed:
             return
-        complete = await _read_pass(app, broker)
+        complete = await _read_pass(routes, broker)
     if not complete:
         log.warning("results bucket unreadable since the reconnect: waiters watch their keys instead")
-        app._routes_lost(broker)
+        routes.routes_lost(broker)
 
 
-async def _read_pass(app: Natask, broker: Broker) -> bool:
+async def _read_pass(routes: Routes, broker: Broker) -> bool:
     """One read of every outstanding key routed over ``broker``; False if the bucket did not answer."""
-    outstanding = [result.id for result in app._routed(broker)]
+    outstanding = [result.id for result in routes.routed(broker)]
     keys = iter(outstanding)
     failed: list[BaseException] = []
 
     async def reader() -> None:
         for key in keys:
-            result = app._pending.get(key)
+            result = routes.pending.get(key)
             if result is None or result._route is not broker or result._final:
                 continue  # gone, settled or re-routed since the pass began
             try:
@@ -125,7 +155,7 @@ class KeyWatch:
         self.broker = broker
         self.closed = False
         self._reading = 0
-        self._waiting: dict[str, list[AsyncResult[Any]]] = {}
+        self._waiting: dict[str, list[Waiter]] = {}
         self._queued: dict[str, None] = {}  # keys waiting for a consumer, in arrival order
         self._shard_of: dict[str, _Shard] = {}
         self._shards: set[_Shard] = set()
@@ -142,7 +172,7 @@ class KeyWatch:
         """Keys waited on now."""
         return len(self._waiting)
 
-    async def read_first(self, result: AsyncResult[Any]) -> None:
+    async def read_first(self, result: Waiter) -> None:
         """Read ``result``'s key once if the watch is idle: a lone wait for a finished task costs
         one read, not a consumer. In a burst the key goes straight to the next consumer, whose
         start delivers the key's latest record anyway."""
@@ -155,7 +185,7 @@ class KeyWatch:
         finally:
             self._reading -= 1
 
-    async def wait(self, result: AsyncResult[Any]) -> None:
+    async def wait(self, result: Waiter) -> None:
         """Wait until the watch brings ``result`` a record, or the watch ends (its connection
         closed: wait again on the app's next one). A watch that cannot start raises its error."""
         loop = asyncio.get_running_loop()
@@ -183,7 +213,7 @@ class KeyWatch:
             for result in results:
                 result._wake_all()
 
-    def _join(self, result: AsyncResult[Any]) -> None:
+    def _join(self, result: Waiter) -> None:
         waiting = self._waiting.get(result.id)
         if waiting is not None:
             waiting.append(result)
@@ -193,7 +223,7 @@ class KeyWatch:
         if self._builder is None:
             self._builder = asyncio.get_running_loop().create_task(self._build())
 
-    def _leave(self, result: AsyncResult[Any]) -> None:
+    def _leave(self, result: Waiter) -> None:
         key = result.id
         waiting = self._waiting.get(key)
         if waiting is None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..canvas.plan import Freezer, expand
+from ..canvas.plan import expand
+from ..canvas.signature import Freezer
 from .schedule import PeriodicEntry
 
 if TYPE_CHECKING:
@@ -47,13 +48,13 @@ class Enqueuer:
         plan = self._plans.get(entry.name)
         if plan is None:
             plan = self._plans[entry.name] = self._plan(entry)
-        call = self.app._prepare(plan.task, plan.args, plan.kwargs, task_id=task_id, links=plan.links,
+        call = self.app.client.prepare(plan.task, plan.args, plan.kwargs, task_id=task_id, links=plan.links,
                                  meta=plan.meta, **plan.options)
         # Nobody waits on a tick through this beat's connection: no reply route and no result handle
         # (the worker still stores the result unless the task ignores it).
         subject = plan.subject
         if call.eta is not None:  # a countdown or eta option: the app routes it to the schedule subject
-            _, subject = self.app._route(broker, call._replace(ignore_result=True))
+            _, subject = self.app.client.route(broker, call._replace(ignore_result=True))
         broker.check_size(subject, call.payload, call.headers)
         return Message(subject, call.payload, call.headers)
 

@@ -63,7 +63,7 @@ class BeatState:
 
 async def read_state(app: Natask) -> BeatState:
     """Read the beat bucket (never creates it)."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     kv = await broker.existing_bucket(bucket_name(app))
     if kv is None:
         return BeatState(None, None, {})
@@ -196,7 +196,7 @@ class Beat:
 
     async def _open(self) -> Bucket:
         """The beat bucket, created if missing; its handle recreates it if it is deleted later."""
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         bucket = bucket_name(self.app)
         # Reads from the stream leader: no stale lease or cursor from a lagging replica.
         return await broker.bucket(bucket, ttl=None, direct=False,
@@ -396,7 +396,7 @@ class Beat:
         """Publish a batch of ticks pipelined and mark them handled; False if the lease lapsed first
         (nothing of the batch is handled or recorded then: a new leader sends it again, deduplicated
         by the stream)."""
-        broker = await self.app._broker()
+        broker = await self.app.client.broker()
         entries = table.entries
         messages: list[Message] = []
         sent: list[tuple[Tick, str]] = []

@@ -14,9 +14,9 @@ lives in the KV bucket ``natask_chords_<prefix>``.
 """
 
 from .flow import on_outcome
-from .plan import Freezer, Node, Step, derived_id, expand, leaves, walk
+from .plan import Node, Step, derived_id, expand, leaves, walk
 from .send import GroupResult, launch, result_of
-from .signature import CALL_OPTIONS, Canvas, Signature, chain, chord, from_dict, group
+from .signature import CALL_OPTIONS, Canvas, Freezer, Signature, chain, chord, from_dict, group
 
 __all__ = [
     "CALL_OPTIONS",

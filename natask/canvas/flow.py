@@ -14,8 +14,8 @@ from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied
 from ..message import at_schedule, dumps, loads
 from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
 from ..states import State
-from .plan import Freezer, Node, Step, expand, seeded_ids, walk
-from .signature import from_dict
+from .plan import Node, Step, expand, seeded_ids, walk
+from .signature import Freezer, from_dict
 
 if TYPE_CHECKING:
     from ..broker.kv import Bucket
@@ -190,7 +190,7 @@ class _Flow:
         for step in steps:
             sig = step.sig
             opts = dict(sig["options"])
-            call = self.app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"],
+            call = self.app.client.prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"],
                                      headers=opts.pop("headers", None), parent_id=env.id,
                                      root_id=env.root_id or env.id, links=sig.get("link"), meta=step.meta, **opts)
             if sig.get("reply"):

@@ -7,22 +7,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
+from ..message import Call
 from ..naming import HDR_REPLY, check_task_id
+from ..portal import Portal, blocking
 from ..result import AsyncResult
 from ..states import FINAL_STATES, State
-from .plan import Freezer, Node, expand, leaves
+from .plan import Node, expand, leaves
 
 if TYPE_CHECKING:
-    from ..app import Natask
     from ..broker import Broker
-    from .signature import Canvas
+    from ..client import App, Client
 
 
 # -- sending ------------------------------------------------------------------------------------
-async def launch(app: Natask, obj: Canvas, args: Sequence[Any] = (),
+async def launch(app: App, node: Node, args: Sequence[Any] = (),
                  kwargs: Mapping[str, Any] | None = None) -> AsyncResult[Any] | GroupResult:
-    """Freeze ``obj``, register reply routes for its result tasks, publish its first messages."""
-    node = Freezer(app).freeze(obj)
+    """Register reply routes for the result tasks of the frozen workflow ``node``, then publish its
+    first messages."""
+    client = app.client
     steps = expand(node, tuple(args), kwargs)
     for step in steps:
         task = app.tasks.get(step.sig["task"])
@@ -34,37 +36,35 @@ async def launch(app: Natask, obj: Canvas, args: Sequence[Any] = (),
     first = {step.sig["id"] for step in steps}
     later = [leaf for leaf in leaves(node) if leaf["id"] not in first]
     if later:
-        broker = await app._broker()
+        broker = await client.broker()
         for leaf in later:
             # Its message is published later by a worker: carry our reply inbox along with it.
-            handles[leaf["id"]] = _register(app, broker, leaf)
+            handles[leaf["id"]] = _register(client, broker, leaf)
     calls = []
     for step in steps:
         sig = step.sig
-        calls.append(app._prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"], links=sig.get("link"),
-                                  meta=step.meta, **sig["options"]))
+        calls.append(client.prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"], links=sig.get("link"),
+                                     meta=step.meta, **sig["options"]))
     if len(calls) == 1:
-        published = [await app._apublish(calls[0])]
+        published = [await client.publish(calls[0])]
     else:
-        published = await app._apublish_many(calls)
+        published = await client.publish_many(calls)
     for result in published:
         handles.setdefault(result.id, result)
     return result_of(app, node, handles)
 
 
-def _register(app: Natask, broker: Broker, leaf: Node) -> AsyncResult[Any]:
-    from ..message import Call
-
+def _register(client: Client[Any], broker: Broker, leaf: Node) -> AsyncResult[Any]:
     opts = leaf["options"]
     call = Call(leaf["id"], leaf["task"], opts["queue"], b"", {}, None, bool(opts.get("ignore_result")))
-    result, _ = app._route(broker, call)
+    result, _ = client.route(broker, call)
     reply = call.headers.get(HDR_REPLY)
     if reply:
         leaf["reply"] = reply
-    return result
+    return result  # type: ignore[no-any-return]
 
 
-def result_of(app: Natask, node: Node, handles: Mapping[str, AsyncResult[Any]]) -> AsyncResult[Any] | GroupResult:
+def result_of(app: App, node: Node, handles: Mapping[str, AsyncResult[Any]]) -> AsyncResult[Any] | GroupResult:
     """The result handle of a frozen node (a chain's is its last step's, a chord's its body's)."""
     kind = node.get("kind")
     if kind is None:
@@ -81,11 +81,15 @@ class GroupResult:
     """The results of a group's members, in order (a member that is a chain counts with its last
     step's result)."""
 
-    def __init__(self, app: Natask, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult]) -> None:
+    def __init__(self, app: App, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult]) -> None:
         check_task_id(group_id)
         self.app = app
         self.id = group_id
         self.results: list[AsyncResult[Any] | GroupResult] = list(results)
+
+    @property
+    def _portal(self) -> Portal:
+        return self.app.client.portal
 
     def __repr__(self) -> str:
         return f"<GroupResult {self.id} [{len(self.results)} results]>"
@@ -99,13 +103,8 @@ class GroupResult:
     def __getitem__(self, index: int) -> AsyncResult[Any] | GroupResult:
         return self.results[index]
 
-    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
-        """Every member's result in order; the first failure (in order) raises unless ``propagate``
-        is false, then failures stand in the list as ``TaskFailed``/``TaskRevoked``. ``timeout``
-        bounds the whole wait (``ResultTimeout``)."""
-        return self.app._portal.run(self.aget(timeout, propagate))
-
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        """Async ``get``."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         values = []
@@ -117,6 +116,10 @@ class GroupResult:
                 raise ResultTimeout(f"group {self.id}: {len(values)} of {len(self.results)} results "
                                     f"arrived within {timeout:g}s") from None
         return values
+
+    get = blocking(aget, "Every member's result in order; the first failure (in order) raises unless ``propagate``\n"
+                         "is false, then failures stand in the list as ``TaskFailed``/``TaskRevoked``. ``timeout``\n"
+                         "bounds the whole wait (``ResultTimeout``).")
 
     def _flat(self) -> list[AsyncResult[Any]]:
         out: list[AsyncResult[Any]] = []
@@ -131,44 +134,42 @@ class GroupResult:
             await asyncio.gather(*(r._fetch() for r in pending))
         return [str(r._record["state"]) if r._record else State.PENDING.value for r in flat]
 
-    def completed_count(self) -> int:
-        """How many member tasks succeeded."""
-        return self.app._portal.run(self.acompleted_count())
-
     async def acompleted_count(self) -> int:
+        """Async ``completed_count``."""
         return sum(state == State.SUCCESS for state in await self._states())
 
-    def ready(self) -> bool:
-        """True once every member succeeded, failed or was revoked."""
-        return self.app._portal.run(self.aready())
+    completed_count = blocking(acompleted_count, "How many member tasks succeeded.")
 
     async def aready(self) -> bool:
+        """Async ``ready``."""
         return all(state in FINAL_STATES for state in await self._states())
 
-    def successful(self) -> bool:
-        return self.app._portal.run(self.asuccessful())
+    ready = blocking(aready, "True once every member succeeded, failed or was revoked.")
 
     async def asuccessful(self) -> bool:
+        """Async ``successful``."""
         return all(state == State.SUCCESS for state in await self._states())
 
-    def failed(self) -> bool:
-        """True if any member failed."""
-        return self.app._portal.run(self.afailed())
+    successful = blocking(asuccessful, "True once every member succeeded.")
 
     async def afailed(self) -> bool:
+        """Async ``failed``."""
         return any(state == State.FAILURE for state in await self._states())
 
+    failed = blocking(afailed, "True if any member failed.")
+
     def waiting(self) -> bool:
+        """True while some member has not finished."""
         return not self.ready()
 
-    def revoke(self, terminate: bool = False) -> None:
-        self.app._portal.run(self.arevoke(terminate))
-
     async def arevoke(self, terminate: bool = False) -> None:
+        """Async ``revoke``."""
         await asyncio.gather(*(r.arevoke(terminate) for r in self._flat()))
 
-    def forget(self) -> None:
-        self.app._portal.run(self.aforget())
+    revoke = blocking(arevoke, "Revoke every member (``terminate`` cancels running async ones).")
 
     async def aforget(self) -> None:
+        """Async ``forget``."""
         await asyncio.gather(*(r.aforget() for r in self._flat()))
+
+    forget = blocking(aforget, "Delete every member's stored result.")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from ..errors import ConfigError
-from ..naming import check_task_name
+from ..errors import ConfigError, EncodeError
+from ..message import dumps, find_unencodable
+from ..naming import check_task_id, check_task_name
+from .plan import Node, new_id
+from .send import launch
 
 if TYPE_CHECKING:
-    from ..app import Natask
+    from ..client import App
     from ..result import AsyncResult
     from .send import GroupResult
 
@@ -18,6 +21,8 @@ R = TypeVar("R")
 CALL_OPTIONS: Final = frozenset({"queue", "countdown", "eta", "expires", "task_id", "headers", "ignore_result"})
 """Options a signature (or ``apply_async``) accepts besides ``link`` and ``link_error``."""
 CALLBACK_OPTIONS: Final = frozenset({"link", "link_error"})
+_FIRST_ONLY: Final = frozenset({"countdown", "eta"})
+"""Container options that delay only a workflow's first messages, not every later step."""
 
 
 class Canvas:
@@ -25,7 +30,8 @@ class Canvas:
 
     options: dict[str, Any]
 
-    def _natask(self) -> Natask:
+    def _natask(self) -> App:
+        """The app the workflow is sent with."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,14 +64,13 @@ class Canvas:
     def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                     **options: Any) -> AsyncResult[Any] | GroupResult:
         """Send the workflow with ``options`` (see ``set``) on top of its own."""
-        return self._natask()._portal.run(self.aapply_async(args, kwargs, **options))
+        return self._natask().client.portal.run(self.aapply_async(args, kwargs, **options))
 
     async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                            **options: Any) -> AsyncResult[Any] | GroupResult:
-        from .send import launch  # send imports this module: not at module level
-
         target = self.set(**options) if options else self
-        return await launch(self._natask(), target, args, kwargs)
+        app = self._natask()
+        return await launch(app, Freezer(app).freeze(target), args, kwargs)
 
 
 class Signature(Canvas, Generic[R]):
@@ -76,7 +81,7 @@ class Signature(Canvas, Generic[R]):
 
     def __init__(
         self,
-        app: Natask,
+        app: App,
         task: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
@@ -100,7 +105,7 @@ class Signature(Canvas, Generic[R]):
     def __hash__(self) -> int:
         return hash((self.task, self.args, self.immutable))
 
-    def _natask(self) -> Natask:
+    def _natask(self) -> App:
         return self.app
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +114,7 @@ class Signature(Canvas, Generic[R]):
                 "immutable": self.immutable}
 
     @classmethod
-    def from_dict(cls, app: Natask, data: Mapping[str, Any]) -> Signature[Any]:
+    def from_dict(cls, app: App, data: Mapping[str, Any]) -> Signature[Any]:
         return cls(app, data["task"], data.get("args", ()), data.get("kwargs"), data.get("options"),
                    bool(data.get("immutable", False)))
 
@@ -138,7 +143,7 @@ class Signature(Canvas, Generic[R]):
                     **options: Any) -> AsyncResult[R]:
         """Enqueue with the signature's options overridden by ``options``; ``link=`` / ``link_error=``
         add callbacks (``link_error`` receives the failed task's id)."""
-        return self.app._portal.run(self.aapply_async(args, kwargs, **options))
+        return self.app.client.portal.run(self.aapply_async(args, kwargs, **options))
 
     async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                            **options: Any) -> AsyncResult[R]:
@@ -168,7 +173,7 @@ class chain(Canvas):  # noqa: N801 - Celery's name
     def __repr__(self) -> str:
         return " | ".join(repr(t) for t in self.tasks)
 
-    def _natask(self) -> Natask:
+    def _natask(self) -> App:
         return self.tasks[0]._natask()
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +191,7 @@ class group(Canvas):  # noqa: N801 - Celery's name
     """
 
     def __init__(self, *tasks: Canvas | Iterable[Canvas], options: Mapping[str, Any] | None = None,
-                 app: Natask | None = None) -> None:
+                 app: App | None = None) -> None:
         self.tasks: tuple[Canvas, ...] = tuple(_canvas_args(tasks, "group"))
         self.options = _normalize(options or {})
         self.app = app
@@ -197,7 +202,7 @@ class group(Canvas):  # noqa: N801 - Celery's name
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def _natask(self) -> Natask:
+    def _natask(self) -> App:
         if self.app is not None:
             return self.app
         if not self.tasks:
@@ -223,7 +228,7 @@ class group(Canvas):  # noqa: N801 - Celery's name
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                     **options: Any) -> GroupResult:
-        return self._natask()._portal.run(self.aapply_async(args, kwargs, **options))
+        return self._natask().client.portal.run(self.aapply_async(args, kwargs, **options))
 
     async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                            **options: Any) -> GroupResult:
@@ -250,7 +255,7 @@ class chord(Canvas):  # noqa: N801 - Celery's name
     def __repr__(self) -> str:
         return f"chord({self.header!r}, {self.body!r})"
 
-    def _natask(self) -> Natask:
+    def _natask(self) -> App:
         return self.body._natask()
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +266,7 @@ class chord(Canvas):  # noqa: N801 - Celery's name
         return chord(self.header, self.body, options=options)
 
 
-def from_dict(app: Natask, data: Mapping[str, Any]) -> Canvas:
+def from_dict(app: App, data: Mapping[str, Any]) -> Canvas:
     """Rebuild a signature, chain, group or chord from ``to_dict`` data."""
     kind = data.get("kind")
     options = data.get("options")
@@ -315,3 +320,92 @@ def callbacks(value: Any) -> list[dict[str, Any]]:
         else:
             raise TypeError(f"link/link_error take signatures, got {type(item).__name__}")
     return out
+
+
+# -- freezing: ids and options resolved, arguments checked ----------------------------------------
+class Freezer:
+    """Turns a canvas into nodes. ``entry`` parts are published first with exactly the arguments
+    given (the caller checks those); every other part receives exactly one value when it runs
+    (a parent's result, a chord's result list, or a failed task's id), which is what ``check``
+    validates against the task's signature."""
+
+    def __init__(self, app: App, ids: Callable[[], str] = new_id, check: bool = True) -> None:
+        self.app = app
+        self.ids = ids
+        self.check = check
+
+    def freeze(self, obj: Canvas, inherited: Mapping[str, Any] | None = None, entry: bool = True) -> Node:
+        inherited = inherited or {}
+        if isinstance(obj, Signature):
+            return self._signature(obj, inherited, entry)
+        own = dict(obj.options)
+        links = [*callbacks(own.pop("link", None)), *inherited.get("link", ())]
+        errbacks = [*callbacks(own.pop("link_error", None)), *inherited.get("link_error", ())]
+        task_id = inherited.get("task_id") or own.pop("task_id", None)
+        own.pop("task_id", None)
+        if task_id:
+            check_task_id(task_id)  # before anything is published: it names a group's result too
+        opts = {k: v for k, v in inherited.items() if k not in CALLBACK_OPTIONS and k != "task_id"}
+        opts.update(own)
+        later = {k: v for k, v in opts.items() if k not in _FIRST_ONLY}
+        if isinstance(obj, chain):
+            nodes = []
+            last = len(obj.tasks) - 1
+            for i, step in enumerate(obj.tasks):
+                inh: dict[str, Any] = {**(opts if i == 0 else later), "link_error": errbacks}
+                if i == last:
+                    inh["link"] = links
+                    if task_id:
+                        inh["task_id"] = task_id
+                nodes.append(self.freeze(step, inh, entry and i == 0))
+            return {"kind": "chain", "tasks": nodes}
+        if isinstance(obj, group):
+            members = [self.freeze(t, {**opts, "link": links, "link_error": errbacks}, entry) for t in obj.tasks]
+            return {"kind": "group", "id": task_id or self.ids(), "tasks": members}
+        if isinstance(obj, chord):
+            header = self.freeze(obj.header, opts, entry)
+            body_inh: dict[str, Any] = {**later, "link": links, "link_error": errbacks}
+            if task_id:
+                body_inh["task_id"] = task_id
+            body = self.freeze(obj.body, body_inh, entry=False)
+            return {"kind": "chord", "id": header["id"], "header": header["tasks"], "body": body}
+        raise TypeError(f"cannot send {type(obj).__name__}")
+
+    def _signature(self, sig: Signature[Any], inherited: Mapping[str, Any], entry: bool) -> Node:
+        own = dict(sig.options)
+        links = [*callbacks(own.pop("link", None)), *inherited.get("link", ())]
+        errbacks = [*callbacks(own.pop("link_error", None)), *inherited.get("link_error", ())]
+        own_id = own.pop("task_id", None)
+        if own_id:
+            check_task_id(own_id)
+        opts = {k: v for k, v in inherited.items() if k in CALL_OPTIONS and k != "task_id"}
+        opts.update(own)
+        unknown = sorted(set(opts) - CALL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s) for {sig.task}: {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(CALL_OPTIONS | CALLBACK_OPTIONS))})")
+        opts = {k: v for k, v in opts.items() if v is not None}
+        task = self.app.tasks.get(sig.task)
+        if task is not None:
+            opts.setdefault("queue", task.queue)
+            opts.setdefault("ignore_result", task.options.ignore_result)
+            if task.options.expires is not None:
+                opts.setdefault("expires", task.options.expires)
+            if self.check and not entry:
+                task.check_args(sig.args if sig.immutable else (None, *sig.args), sig.kwargs)
+        opts.setdefault("queue", self.app.config.default_queue)
+        if self.check and not entry:
+            try:
+                dumps([sig.args, sig.kwargs])
+            except EncodeError:
+                raise EncodeError(f"cannot send {sig.task}: {find_unencodable(sig.args, sig.kwargs)}") from None
+        node: Node = {"task": sig.task, "args": list(sig.args), "kwargs": dict(sig.kwargs), "options": opts,
+                      "immutable": sig.immutable, "id": inherited.get("task_id") or own_id or self.ids()}
+        if self.check:
+            for callback in (*links, *errbacks):  # each receives one value: a result or a task id
+                Freezer(self.app, new_id).freeze(from_dict(self.app, callback), entry=False)
+        if links:
+            node["link"] = links
+        if errbacks:
+            node["link_error"] = errbacks
+        return node

@@ -327,7 +327,7 @@ async def test_the_lease_is_kept_through_a_pass_longer_than_its_ttl(
         held.set()
         await release.wait()
 
-    hold(await first._broker(), monkeypatch, slow)
+    hold(await first.client.broker(), monkeypatch, slow)
     async with observer(nats_server.url) as (nc, ticks):
         try:
             await leader.start()
@@ -371,7 +371,7 @@ async def test_a_leader_whose_lease_is_taken_stops_publishing_its_batch(
             cancelled.set()
             raise
 
-    hold(await app._broker(), monkeypatch, stuck)
+    hold(await app.client.broker(), monkeypatch, stuck)
     nc = await nats.connect(nats_server.url)
     try:
         await beat.start()
@@ -417,7 +417,7 @@ async def test_a_leader_dying_between_a_batch_and_its_records_skips_and_doubles_
         return die
 
     for i, app in enumerate(apps):
-        hold(await app._broker(), monkeypatch, go, dies_after_sixth_batch(i))
+        hold(await app.client.broker(), monkeypatch, go, dies_after_sixth_batch(i))
 
     def fired_after(t: float) -> dict[str, list[int]]:
         return fires_of([task_id for task_id in ticks.ids if parse(task_id)[1] > t])

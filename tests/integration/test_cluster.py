@@ -78,7 +78,7 @@ async def test_streams_buckets_and_consumers_get_three_replicas(cluster: NatsClu
             assert info.cluster is not None and info.cluster.leader
             placed = [info.cluster.leader, *(r.name for r in info.cluster.replicas or [])]
             assert sorted(placed) == ["n0", "n1", "n2"], stream
-        broker = await app._broker()
+        broker = await app.client.broker()
         consumer = await broker.js.consumer_info(names.stream, names.consumer("default"))
         assert consumer.config.num_replicas == 3
     finally:
@@ -105,7 +105,7 @@ async def test_stream_leader_killed_under_load_loses_no_task_and_fails_no_call(
     try:
         async with worker(consumer, concurrency=16) as w:
             await cluster.move_leader(producer.names.stream, 0, consumers=[producer.names.consumer("default")])
-            broker = await producer._broker()
+            broker = await producer.client.broker()
             assert broker.nc.connected_url is not None and broker.nc.connected_url.port == cluster.nodes[0].port
 
             async def produce(k: int) -> None:

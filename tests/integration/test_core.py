@@ -250,7 +250,7 @@ async def test_payload_too_large_counts_headers(app: Natask) -> None:
     def big(data: bytes) -> int:
         return len(data)
 
-    broker = await app._broker()
+    broker = await app.client.broker()
     limit = broker.nc.max_payload
     with pytest.raises(PayloadTooLarge) as info:
         await big.adelay(b"x" * (limit - 20))  # under the limit alone, over it with headers

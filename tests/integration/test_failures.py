@@ -141,7 +141,7 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     def ok(x: int) -> int:
         return x
 
-    await app._apublish(app._prepare("t.ok", [0], {}, queue="default"))  # creates the stream
+    await app.client.publish(app.client.prepare("t.ok", [0], {}, queue="default"))  # creates the stream
     nc = await nats.connect(nats_server.url)
     dead = await nc.subscribe("natask.dlq.>")
     await nc.jetstream().publish("tasks.default.t.ok", payload, headers={"Nats-Msg-Id": "bad id:1"})
@@ -178,7 +178,7 @@ async def test_unknown_task_waits_for_a_worker_that_knows_it(app: Natask, nats_s
     new = Natask("new", servers=[nats_server.url])
     new.task(name="t.added")(lambda x: x * 2)
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         sent = await broker.nc.subscribe("tasks._sched.default.>")  # the old worker hands it back
         async with worker(app):  # the old code: no t.added
             result = await app.asend_task("t.added", [21])

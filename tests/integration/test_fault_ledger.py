@@ -75,7 +75,7 @@ async def test_cuts_and_a_freeze_under_load_lose_nothing_and_store_each_outcome_
     nc = await nats.connect(nats_server.url)
     workers: list[WorkerProcess] = []
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.results()  # the bucket exists before anything is stored: we see every record
         await nc.jetstream().subscribe(f"$KV.{app.names.results_bucket}.>", cb=stored.on_msg,
                                        ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)

@@ -51,7 +51,7 @@ async def test_task_that_crashes_its_worker_is_dead_lettered_after_its_retry_lim
 
 async def _wait_dlq_or_exit(app: Natask, exited: asyncio.Task[int]) -> list:  # type: ignore[type-arg]
     """Dead letters of the app once there are any, or [] as soon as the worker process exits."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_dlq()
     sub = await broker.nc.subscribe("natask.dlq.crash.>")
     try:

@@ -117,7 +117,7 @@ async def test_large_arguments_drain_without_the_server_cutting_the_worker_off(a
     assert not retried
     async with app:
         pass
-    info = await (await app._broker()).js.consumer_info(app.names.stream, app.names.consumer("default"))
+    info = await (await app.client.broker()).js.consumer_info(app.names.stream, app.names.consumer("default"))
     assert info.num_redelivered == 0 and info.num_pending == 0 and info.num_ack_pending == 0
 
 
@@ -152,7 +152,7 @@ async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natas
     async def on_ack(msg: Any) -> None:
         acks.append((msg.subject, msg.data))
 
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.nc.subscribe(f"$JS.ACK.{app.names.stream}.>", cb=on_ack)
     first = Worker(app, concurrency=8)
     await first.start()
@@ -208,7 +208,7 @@ async def test_a_deleted_consumer_among_several_queues_is_recreated(app: Natask)
 
     async with worker(app, queues=["a", "b", "c"]):
         assert await (await add.adelay(1, 2)).aget(timeout=10) == 3
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.js.delete_consumer(app.names.stream, "b")
         assert await (await add.adelay(2, 3)).aget(timeout=30) == 5
         await broker.js.delete_stream(app.names.stream)  # the producer recreates it, the worker its consumers

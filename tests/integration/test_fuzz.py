@@ -93,7 +93,7 @@ async def test_crafted_messages_are_dead_lettered_once_and_good_tasks_keep_flowi
                     good.append(await ok.adelay(i))
             values = [await r.aget(timeout=30) for r in good]
             dlq = DeadLetters(app)
-            broker = await app._broker()
+            broker = await app.client.broker()
             sub = await broker.nc.subscribe("natask.dlq.tasks.>")
             entries = await dlq.list(limit=100_000)
             while len(entries) < crafted:

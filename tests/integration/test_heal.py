@@ -58,7 +58,7 @@ async def test_deleted_results_bucket_is_recreated_and_no_task_reruns(
 
     async with worker(app):
         assert await (await count.adelay("before")).aget(timeout=10) == "before"
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.js.delete_key_value(app.names.results_bucket)
         results = [await count.adelay(f"after-{i}") for i in range(5)]
         for i, result in enumerate(results):
@@ -79,7 +79,7 @@ async def test_deleted_task_stream_is_recreated_and_the_running_worker_consumes_
 
     async with worker(app):
         assert await (await add.adelay(1, 2)).aget(timeout=10) == 3
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.js.delete_stream(app.names.stream)
         # The producer recreates the stream on its next publish, the worker its consumer: no restart.
         assert await (await add.adelay(2, 3)).aget(timeout=30) == 5
@@ -97,7 +97,7 @@ async def test_deleted_consumer_is_recreated_by_the_running_worker(
 
     async with worker(app):
         assert await (await add.adelay(1, 2)).aget(timeout=10) == 3
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.js.delete_consumer(app.names.stream, "default")
         assert await (await add.adelay(2, 3)).aget(timeout=30) == 5
     assert len(warnings_about(caplog, "consumer default", "recreated")) == 1
@@ -118,7 +118,7 @@ async def test_revoke_applies_after_the_revoked_bucket_is_deleted(
         earlier = os.urandom(8).hex()
         await app.AsyncResult(earlier).arevoke()  # the producer has the bucket open from now on
         await revoked_on(w, earlier)
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.js.delete_key_value(app.names.revoked_bucket)
 
         doomed = os.urandom(8).hex()

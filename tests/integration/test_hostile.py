@@ -43,7 +43,7 @@ async def raw(nats_server: NatsServer) -> AsyncIterator[Client]:
 
 async def dead_letters(app: Natask, count: int, timeout: float = 20) -> list[DeadLetter]:
     """Wait until ``count`` dead letters of the app are stored; return them."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_dlq()
     sub = await broker.nc.subscribe(f"natask.dlq.{app.config.subject_prefix}.>")
     try:
@@ -162,7 +162,7 @@ async def test_a_bad_value_is_dead_lettered_once(app: Natask, raw: Client, heade
             await js.publish("tasks.default.t.ok", data, headers={**headers, "Nats-Msg-Id": f"bad-{i}"})
         entries = await dead_letters(app, 2)
         assert await (await ok.adelay(3)).aget(timeout=10) == 3
-    info = await (await app._broker()).js.consumer_info("NATASK_TASKS", "default")  # drained: all acked
+    info = await (await app.client.broker()).js.consumer_info("NATASK_TASKS", "default")  # drained: all acked
     assert len(entries) == 2 and runs == [0, 3]
     assert info.num_redelivered == 0 and info.num_ack_pending == 0  # each handled once, none looping
 
@@ -275,6 +275,6 @@ async def test_a_schedule_may_only_fire_into_its_own_queue(app: Natask, raw: Cli
         own = envelope("t.later", task_id="f" * 32)
         await js.publish(f"tasks._sched.default.{'f' * 32}", own,
                          headers={"Nats-Schedule": at, "Nats-Schedule-Target": "tasks.default.t.later",
-                                  "Natask-Reply": f"{(await app._broker()).reply_prefix}.{'f' * 32}"})
+                                  "Natask-Reply": f"{(await app.client.broker()).reply_prefix}.{'f' * 32}"})
         assert await app.AsyncResult("f" * 32).aget(timeout=10) == "later"
     assert ran == []

@@ -68,7 +68,7 @@ async def test_a_wildcard_id_is_refused_and_every_stored_result_survives(url: st
                 await app.AsyncResult(bad).astate()  # raised nats-py's InvalidKeyError
         with pytest.raises(ConfigError, match="invalid claim key"):
             await app.aclaim(">")
-        kv = await (await app._broker()).results()
+        kv = await (await app.client.broker()).results()
         assert sorted(await kv.keys()) == sorted(r.id for r in results)
         assert [await app.AsyncResult(r.id).aget(timeout=5) for r in results] == [0, 2, 4]
     finally:
@@ -90,7 +90,7 @@ async def test_a_real_dead_letter_is_listed_first_shown_and_replayed_under_ten_t
         return f"done {order}"
 
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.ensure_dlq()
         n = 10_000
         junk_headers = [{HDR_DLQ_ID: f"seq-{i}", HDR_DLQ_REASON: "junk"} if i % 2 else {} for i in range(n)]
@@ -141,10 +141,10 @@ async def test_show_and_replay_find_a_dead_letter_without_the_index_and_despite_
     ran: list[str] = []
     app.task(name="o.echo")(lambda x: ran.append(x) or x)
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.ensure_dlq()
         await broker.ensure_stream()
-        calls = [app._prepare("o.echo", [tag], {}, queue="default") for tag in ("a", "b")]
+        calls = [app.client.prepare("o.echo", [tag], {}, queue="default") for tag in ("a", "b")]
         for call in calls:
             await broker.publish("natask.dlq.dlqx.default.o.echo", call.payload, {
                 HDR_TASK: "o.echo", HDR_DLQ_ID: call.task_id, HDR_DLQ_REASON: "unknown task",
@@ -187,7 +187,7 @@ async def test_pages_walk_one_apps_dead_letters_of_a_shared_stream_newest_first(
     mine = Natask("obs", servers=[url], subject_prefix="mine")
     other = Natask("obs", servers=[url], subject_prefix="other")
     try:
-        broker = await mine._broker()
+        broker = await mine.client.broker()
         await broker.ensure_dlq()
         # Mine and another app's interleaved, then a long run of the other app's: windows must grow.
         subjects = [f"natask.dlq.{'mine' if i % 3 == 0 else 'other'}.default.t" for i in range(600)]
@@ -271,7 +271,7 @@ async def test_cli_output_of_wire_data_is_escaped_and_odd_values_do_not_crash_it
     app = Natask("obs", servers=[url], subject_prefix="esc")
     app.task(name="o.paint")(lambda: "\x1b[2Jcleared")
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.ensure_dlq()
         await broker.publish("natask.dlq.esc.default.o.x", b"\x1b[31m", {
             HDR_DLQ_ID: "esc1", HDR_DLQ_REASON: "bad\x1b[31m\nreason", HDR_DLQ_ERROR: "\x1b[2Jerror\nforged line",

@@ -359,7 +359,7 @@ async def test_events_beat_and_server_stop_on_sigterm(nats_server: NatsServer) -
     events = await Cli.start(nats_server.url, "events", "-A", APP, prefix="ev")
     app = Natask("ev", servers=[nats_server.url], subject_prefix="ev")
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         batch = dumps({"worker": "w1", "type": "worker-heartbeat", "events": [[1.0, None, None, {}]]})
 
         async def first_line() -> str:
@@ -447,7 +447,7 @@ async def test_a_second_sigterm_ends_a_supervisor_and_its_children_at_once(
 async def test_a_subscribe_cancelled_mid_flush_leaves_the_connection_working(app: Natask) -> None:
     """Stopping on a signal cancels whatever runs, e.g. a subscribe waiting for its PONG: the
     connection must survive it (nats-py's read loop dies if a PONG meets a cancelled flush)."""
-    broker = await app._broker()
+    broker = await app.client.broker()
 
     async def on_msg(msg: Any) -> None:
         pass

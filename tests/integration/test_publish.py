@@ -18,7 +18,7 @@ async def _stored(broker: Broker) -> list[bytes]:
 
 
 async def test_more_than_a_pipeline_of_messages_are_stored_once_in_order(app: Natask) -> None:
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_stream()
     n = PIPELINE * 2 + 123  # the sender waits for acks twice
     subject = app.names.task_subject("bulk", "t.bulk")
@@ -28,7 +28,7 @@ async def test_more_than_a_pipeline_of_messages_are_stored_once_in_order(app: Na
 
 
 async def test_a_repeated_message_id_is_stored_once_and_is_no_error(app: Natask) -> None:
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_stream()
     subject = app.names.task_subject("bulk", "t.bulk")
     ids = ["a", "b", "a", "c", "b"]
@@ -39,7 +39,7 @@ async def test_a_repeated_message_id_is_stored_once_and_is_no_error(app: Natask)
 async def test_a_refused_message_is_published_again_alone_and_its_error_surfaces(nats_server: NatsServer) -> None:
     app = Natask("refused", servers=[nats_server.url], publish_timeout=1)
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.ensure_stream()
         good = app.names.task_subject("bulk", "t.bulk")
         # No stream captures this subject: the server answers "no responders" (503), not a PubAck.
@@ -55,7 +55,7 @@ async def test_the_task_stream_keeps_message_ids_for_the_duplicate_window(nats_s
     app = Natask("w", servers=[nats_server.url], duplicate_window=45)
     try:
         await app.asend_task("t.x")
-        info = await (await app._broker()).js.stream_info(app.names.stream)
+        info = await (await app.client.broker()).js.stream_info(app.names.stream)
         assert info.config.duplicate_window == 45
     finally:
         await app.aclose()

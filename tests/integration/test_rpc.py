@@ -23,7 +23,7 @@ async def test_call_returns_the_result_and_stores_nothing(app: Natask) -> None:
         assert await add.acall(2, 3) == 5
         assert await aadd.aapply_call((4, 5), timeout=5) == 9
         assert await asyncio.to_thread(add.call, 1, 1) == 2  # the sync API
-        broker = await app._broker()
+        broker = await app.client.broker()
         info = await broker.js.stream_info(app.names.stream)
         assert info.state.messages == 0  # RPC subjects are outside every stream
 

@@ -390,16 +390,16 @@ async def test_readme_producer_cannot_purge_or_read_the_task_stream(deployed: Na
     web = Natask("web", servers=[deployed.url], connect_options=WEB, publish_timeout=2)
     submit = web.task(name="orders.process", queue="orders")(lambda what: what)
     try:
-        await (await admin._broker()).ensure_stream()
+        await (await admin.client.broker()).ensure_stream()
         await submit.adelay("kept")
-        js = (await web._broker()).nc.jetstream(timeout=1)
+        js = (await web.client.broker()).nc.jetstream(timeout=1)
         for call in (lambda: js.purge_stream("NATASK_TASKS"),
                      lambda: js.delete_stream("NATASK_TASKS"),
                      lambda: js.get_msg("NATASK_TASKS", seq=1, direct=True),
                      lambda: js.get_msg("NATASK_TASKS", seq=1)):
             with pytest.raises((nats.errors.TimeoutError, asyncio.TimeoutError)):
                 await call()
-        info = await (await admin._broker()).js.stream_info("NATASK_TASKS")
+        info = await (await admin.client.broker()).js.stream_info("NATASK_TASKS")
         assert info.state.messages == 1
     finally:
         await web.aclose()
@@ -420,7 +420,7 @@ async def test_result_reads_cannot_be_scoped_to_one_id_by_nats_permissions(deplo
     ``*``, so the direct-get grant also returns the newest result of any task."""
     admin = Natask("ops", servers=[deployed.url], connect_options=ADMIN)
     try:
-        kv = await (await admin._broker()).results()
+        kv = await (await admin.client.broker()).results()
         await kv.put("mine", b"my result")
         await kv.put("someone-elses", b"their result")
         nc = await nats.connect(deployed.url, user=WEB["user"], password=WEB["password"],

@@ -41,7 +41,7 @@ def tiny_account(tmp_path: Path) -> Iterator[NatsServer]:
 async def fill(app: Natask) -> None:
     """Publish messages no worker consumes into the app's stream until JetStream refuses even
     small ones (large ones first, then smaller ones into what is left)."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     await broker.ensure_stream()
     js = broker.nc.jetstream()
     for size in (65536, 4096, 256, 16):
@@ -82,7 +82,7 @@ async def test_a_write_into_a_bucket_at_its_limit_raises_storage_full(nats_serve
     app = Natask("limited", servers=[nats_server.url], publish_timeout=30)
     try:
         await app.AsyncResult("first").arevoke()
-        broker = await app._broker()
+        broker = await app.client.broker()
         # An operator capped the bucket (KV buckets discard new: a write over the cap is refused).
         info = await broker.js.stream_info(f"KV_{app.names.revoked_bucket}")
         info.config.max_msgs = 2
@@ -134,7 +134,7 @@ async def test_a_queue_drains_when_results_cannot_be_stored(nats_server: NatsSer
     try:
         async with worker(app) as w:
             assert await (await count.adelay(-1)).aget(timeout=10) == -1  # stored: the bucket is at its cap
-            broker = await app._broker()
+            broker = await app.client.broker()
             info = await broker.js.stream_info(f"KV_{app.names.results_bucket}")
             info.config.max_msgs = 1
             await broker.js.update_stream(info.config)

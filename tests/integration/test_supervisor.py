@@ -43,7 +43,7 @@ async def test_crashed_child_is_restarted(nats_server: NatsServer, tmp_path: Pat
     app = producer(nats_server.url, "sup")
     sup = await WorkerProcess(nats_server.url, "sup", log, ack_wait=1, extra=["--processes", "2"]).ready()
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.ensure_dlq()
         dead = await broker.nc.subscribe("natask.dlq.sup.>")
         result = await app.tasks["it.crash"].adelay("boom")

@@ -56,7 +56,7 @@ async def test_a_thread_that_keeps_calling_gets_its_own_loop_and_results_reach_a
 
     def produce() -> tuple[list[str], list[int], bool]:
         results = [add.delay(i, i) for i in range(OWN_LOOP_AFTER * 2)]
-        own = threading.current_thread() in homes(sync_app._portal)
+        own = threading.current_thread() in homes(sync_app.client.portal)
         return [r.id for r in results], [r.get(timeout=20) for r in results], own
 
     async with worker(sync_app):
@@ -69,8 +69,8 @@ async def test_a_thread_that_keeps_calling_gets_its_own_loop_and_results_reach_a
 
 def test_a_thread_making_one_call_uses_the_io_thread(sync_app: Natask) -> None:
     in_thread(lambda: sync_app.tasks["s.add"].delay(1, 2))
-    assert homes(sync_app._portal) == {}
-    assert sync_app._portal.loop is not None
+    assert homes(sync_app.client.portal) == {}
+    assert sync_app.client.portal.loop is not None
 
 
 def test_threads_beyond_the_limit_use_the_io_thread(sync_app: Natask, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +81,7 @@ def test_threads_beyond_the_limit_use_the_io_thread(sync_app: Natask, monkeypatc
 
     def calls(wait: bool) -> bool:
         ids = [add.delay(1, 2).id for _ in range(OWN_LOOP_AFTER * 2)]
-        own = len(set(ids)) == len(ids) and threading.current_thread() in homes(sync_app._portal)
+        own = len(set(ids)) == len(ids) and threading.current_thread() in homes(sync_app.client.portal)
         if wait:  # stay alive (and keep the loop) while the second thread calls
             first_done.set()
             release.wait(20)
@@ -109,11 +109,11 @@ def test_an_idle_loop_keeps_its_connection(tmp_path: Path) -> None:
         try:
             for _ in range(OWN_LOOP_AFTER):
                 add.delay(1, 2)
-            home = homes(app._portal)[threading.current_thread()]
-            broker = app._ready[home.loop]
+            home = homes(app.client.portal)[threading.current_thread()]
+            broker = app.client._ready[home.loop]
             time.sleep(3 * KEEP_INTERVAL + 3)  # the idle time is what is being tested
             add.delay(1, 2)
-            assert broker.nc.stats["reconnects"] == 0 and app._ready[home.loop] is broker
+            assert broker.nc.stats["reconnects"] == 0 and app.client._ready[home.loop] is broker
         finally:
             app.close()
 
@@ -125,9 +125,9 @@ def test_the_loop_of_an_ended_thread_is_closed(sync_app: Natask) -> None:
         return threading.current_thread()
 
     thread = in_thread(calls)
-    home = homes(sync_app._portal)[thread]
-    broker = sync_app._ready[home.loop]
-    eventually(lambda: thread not in homes(sync_app._portal) and home.loop.is_closed())
+    home = homes(sync_app.client.portal)[thread]
+    broker = sync_app.client._ready[home.loop]
+    eventually(lambda: thread not in homes(sync_app.client.portal) and home.loop.is_closed())
     assert broker.closed
 
 
@@ -139,7 +139,7 @@ def test_close_closes_other_threads_loops_and_they_carry_on(sync_app: Natask) ->
     def caller() -> None:
         for _ in range(OWN_LOOP_AFTER):
             add.delay(1, 2)
-        seen.append(homes(sync_app._portal)[threading.current_thread()])
+        seen.append(homes(sync_app.client.portal)[threading.current_thread()])
         called.set()
         closed.wait(20)
         seen.append(add.delay(3, 4).id)  # after close(): a new loop and connection
@@ -149,7 +149,7 @@ def test_close_closes_other_threads_loops_and_they_carry_on(sync_app: Natask) ->
     assert called.wait(20)
     sync_app.close()
     old = seen[0]
-    assert old.loop.is_closed() and homes(sync_app._portal) == {}
+    assert old.loop.is_closed() and homes(sync_app.client.portal) == {}
     closed.set()
     thread.join(20)
     assert len(seen) == 2 and isinstance(seen[1], str)
@@ -165,7 +165,7 @@ def test_an_interrupted_call_leaves_the_loop_usable(sync_app: Natask) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sync_app._portal.run(interrupted())
+        sync_app.client.portal.run(interrupted())
     assert add.delay(1, 2).id
 
 
@@ -180,7 +180,7 @@ async def test_tasks_calling_the_sync_api_share_the_io_thread(sync_app: Natask) 
         ids = await (await fan.adelay(OWN_LOOP_AFTER * 3)).aget(timeout=20)
         assert len(ids) == OWN_LOOP_AFTER * 3
         assert [await sync_app.AsyncResult(i).aget(timeout=10) for i in ids] == [2 * i for i in range(len(ids))]
-    assert homes(sync_app._portal) == {}  # no worker thread got a loop (and connection) of its own
+    assert homes(sync_app.client.portal) == {}  # no worker thread got a loop (and connection) of its own
 
 
 def test_a_forked_child_makes_its_own_connections(sync_app: Natask, nats_server: NatsServer) -> None:

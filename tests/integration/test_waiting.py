@@ -100,13 +100,13 @@ async def test_a_reconnect_reads_each_outstanding_key_and_later_replies_use_the_
         for app in (producer, runner):
             define_gated(app, gates)
         replied: list[str] = []
-        on_result = producer._on_result
+        on_result = producer.client._on_result
 
         def spy(task_id: str, data: bytes) -> None:
             replied.append(task_id)
             on_result(task_id, data)
 
-        producer._on_result = spy  # type: ignore[method-assign]
+        producer.client._on_result = spy  # type: ignore[method-assign]
         bucket = producer.names.results_bucket
         api = await ApiLog(bucket).start(nats_server.url)
         stores = await nats.connect(nats_server.url)
@@ -189,10 +189,10 @@ async def test_waits_without_a_reply_route_share_a_few_watch_consumers(app: Nata
             assert api.watches == 0 and all(api.reads[r.id] == 1 for r in finished)
 
             results = await gated.adelay_many([("open", i) for i in range(n)])
-            await other._broker()
+            await other.client.broker()
             waits = [asyncio.create_task(other.AsyncResult(r.id).aget(timeout=60)) for r in results]
             await asyncio.sleep(0)
-            watch = other._watches[asyncio.get_running_loop()]
+            watch = other.client._watches[asyncio.get_running_loop()]
             joined = watch.keys
             for w in waits[-dropped:]:  # waiters that give up leave the watch
                 w.cancel()
@@ -239,9 +239,9 @@ async def test_the_watch_merges_consumers_past_its_limit_and_loses_no_key(
     app = Natask("reader", servers=[nats_server.url])
     api = await ApiLog(app.names.results_bucket).start(nats_server.url)
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         kv = await broker.results()
-        watch = app._key_watch(broker)
+        watch = app.client.key_watch(broker)
         ids = [f"id-{i}" for i in range(9)]
         waits = []
         for i, task_id in enumerate(ids):  # one at a time: each arrival starts a consumer

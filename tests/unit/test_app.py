@@ -62,7 +62,7 @@ def test_constructing_and_decorating_does_no_io_and_starts_no_thread(no_network:
     assert result.id == "0" * 32
     assert set(threading.enumerate()) - before == set()  # no new thread
     assert natask_threads() == []
-    assert app._portal.loop is None
+    assert app.client.portal.loop is None
     app.close()
     assert set(threading.enumerate()) - before == set()  # no new thread
     assert no_network == []
@@ -114,7 +114,7 @@ def test_sync_call_uses_a_daemon_io_thread_that_close_stops(
         seen.append(threading.current_thread().name)
         return AsyncResult(app, call.task_id, call.task)
 
-    monkeypatch.setattr(app, "_apublish", apublish)
+    monkeypatch.setattr(app.client, "publish", apublish)
     add = app.task(name="shop.add")(lambda x, y: x + y)
     try:
         result = add.delay(1, 2)
@@ -140,7 +140,7 @@ def test_sync_call_works_inside_a_running_event_loop(monkeypatch: pytest.MonkeyP
     async def apublish(call: Call) -> AsyncResult[Any]:
         return AsyncResult(app, call.task_id, call.task)
 
-    monkeypatch.setattr(app, "_apublish", apublish)
+    monkeypatch.setattr(app.client, "publish", apublish)
     add = app.task(name="shop.add")(lambda x, y: x + y)
 
     async def main() -> str:
@@ -166,7 +166,7 @@ async def test_unreachable_server_raises_broker_error_within_connect_timeout() -
     started = time.monotonic()
     try:
         with pytest.raises(BrokerError, match=r"127\.0\.0\.1:1"):
-            await asyncio.wait_for(app._broker(), 5)
+            await asyncio.wait_for(app.client.broker(), 5)
         assert time.monotonic() - started < 4
     finally:
         await app.aclose()

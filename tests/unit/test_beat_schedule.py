@@ -317,7 +317,7 @@ def test_tick_ids_are_deterministic_valid_task_ids(app: Natask, sig: Signature[A
     assert tick_id("jobs.nightly", fire.astimezone(BERLIN)) == "jobs/nightly_20251026T003000Z"
     ids = {tick_id(n, fire) for n in ("a.b", "a_b", "a-b", "ab", "a_b_20251026T003000Z")}
     assert len(ids) == 5
-    call = app._prepare("jobs.tick", (), {}, queue="default", task_id=tick_id("jobs.nightly", fire))
+    call = app.client.prepare("jobs.tick", (), {}, queue="default", task_id=tick_id("jobs.nightly", fire))
     assert call.headers["Nats-Msg-Id"] == "jobs/nightly_20251026T003000Z"
 
 

@@ -54,8 +54,8 @@ class Offline:
         async def apublish_many(calls: list[Call]) -> list[AsyncResult[Any]]:
             return [await apublish(c) for c in calls]
 
-        monkeypatch.setattr(self.app, "_apublish", apublish)
-        monkeypatch.setattr(self.app, "_apublish_many", apublish_many)
+        monkeypatch.setattr(self.app.client, "publish", apublish)
+        monkeypatch.setattr(self.app.client, "publish_many", apublish_many)
 
     def envelopes(self) -> list[Envelope]:
         return [Envelope.decode(c.payload, c.headers) for c in self.published]

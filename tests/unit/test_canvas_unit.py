@@ -242,7 +242,7 @@ class Offline:
         self.broker = SimpleNamespace(reply_prefix="_INBOX.test", generation=0, closed=False)
 
         async def apublish(call: Call) -> AsyncResult[Any]:
-            result, _ = app._route(self.broker, call)  # type: ignore[arg-type]
+            result, _ = app.client.route(self.broker, call)  # type: ignore[arg-type]
             self.published.append(call)
             return result
 
@@ -252,9 +252,9 @@ class Offline:
         async def broker() -> Any:
             return self.broker
 
-        monkeypatch.setattr(app, "_apublish", apublish)
-        monkeypatch.setattr(app, "_apublish_many", apublish_many)
-        monkeypatch.setattr(app, "_broker", broker)
+        monkeypatch.setattr(app.client, "publish", apublish)
+        monkeypatch.setattr(app.client, "publish_many", apublish_many)
+        monkeypatch.setattr(app.client, "broker", broker)
 
     def envelopes(self) -> list[Envelope]:
         return [Envelope.decode(c.payload, c.headers) for c in self.published]
@@ -271,7 +271,7 @@ def test_chain_delay_publishes_one_message_and_returns_the_last_steps_result(
     # the last step carries the caller's reply inbox, so its result comes back without polling
     assert rest[-1]["reply"] == f"_INBOX.test.{result.id}"
     assert "reply" not in rest[0]
-    assert app._pending[result.id] is result
+    assert app.client.pending[result.id] is result
 
 
 def test_signature_links_travel_in_the_envelope(app: Natask, monkeypatch: pytest.MonkeyPatch) -> None:

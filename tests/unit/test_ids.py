@@ -69,4 +69,4 @@ def test_group_ids_are_checked_before_anything_is_published(app: Natask) -> None
 
 def test_revoke_checks_the_id(app: Natask) -> None:
     with pytest.raises(ConfigError, match="invalid task id"):
-        app._portal.run(app._arevoke(">", False))
+        app.client.portal.run(app.client.revoke(">", False))

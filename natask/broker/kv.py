@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -27,7 +27,10 @@ from .connection import RETRY_PAUSE
 from .translate import WRONG_LAST_SEQUENCE, SequenceConflict
 
 if TYPE_CHECKING:
-    from .provision import Provisioning as Broker
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+
+    from ..config import Config
 
 log = logging.getLogger("natask.broker")
 
@@ -42,6 +45,24 @@ _RESTART_PAUSE: Final = 1.0
 """Pause between attempts to restart a watch while the server cannot be reached."""
 T = TypeVar("T")
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
+
+
+class Host(Protocol):
+    """The connection a bucket and its watches run on (``Provisioning`` is one)."""
+
+    config: Config
+    nc: Client
+    js: JetStreamContext
+
+    @property
+    def closed(self) -> bool: ...
+    async def api(self, call: Callable[[], Awaitable[T]]) -> T: ...
+    async def _healed(self, stream: str, call: Callable[[], Awaitable[T]], what: str) -> T: ...
+    def _translate(self, e: BaseException, subject: str) -> BrokerError: ...
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> bytes: ...
+    async def _bucket(self, bucket: str) -> Bucket: ...
+    async def _stream_info(self, stream: str) -> dict[str, Any] | None: ...
+    async def heal(self, stream: str) -> bool: ...
 
 
 class Entry(NamedTuple):
@@ -59,7 +80,7 @@ class Bucket:
     call made once more) and speak natask: a missing key is ``None``, a compare-and-set that lost
     is ``SequenceConflict``, a full store ``StorageFull``, anything else ``BrokerError``."""
 
-    def __init__(self, broker: Broker, kv: KeyValue) -> None:
+    def __init__(self, broker: Host, kv: KeyValue) -> None:
         self._broker = broker
         self._kv = kv
         self.name: str = kv._name
@@ -216,7 +237,7 @@ class _Watch:
     replies would need publish rights on ``$JS.FC.>``; a slow reader that loses entries notices
     the gap in the consumer sequence and restarts instead."""
 
-    def __init__(self, broker: Broker, bucket: str, keys: str | Sequence[str]) -> None:
+    def __init__(self, broker: Host, bucket: str, keys: str | Sequence[str]) -> None:
         self.broker = broker
         self.pending = -1  # entries still to come, as the latest one said
         self.bucket = bucket

@@ -8,15 +8,16 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from .beat.schedule import Scheduled, describe
 from .broker import Message
+from .client import App
 from .dlq import DeadLetters
 from .message import dumps, loads
 from .naming import is_reply_subject
 
 if TYPE_CHECKING:
-    from .app import Natask
     from .worker import Worker
 
 COMMANDS: Final = ("ping", "stats", "active")
@@ -76,7 +77,7 @@ class ControlResponder:
         }
 
 
-async def inspect(app: Natask, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
+async def inspect(app: App, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Ask every live worker of the app; replies gathered for ``timeout`` seconds."""
     broker = await app.client.broker()
     replies: list[dict[str, Any]] = []
@@ -101,19 +102,19 @@ class QueueStatus:
     waiting_pulls: int
 
 
-async def queues(app: Natask) -> list[QueueStatus]:
+async def queues(app: App) -> list[QueueStatus]:
     """Every queue that has a consumer (created by a worker), with its counters."""
     broker = await app.client.broker()
     return sorted((QueueStatus(c.name, c.pending, c.in_flight, c.redelivered, c.waiting_pulls)
                    for c in await broker.consumer_states(app.names.stream)), key=lambda q: q.name)
 
 
-async def dlq_size(app: Natask) -> int:
+async def dlq_size(app: App) -> int:
     """Dead letters of this app."""
     return await DeadLetters(app).count()
 
 
-async def purge(app: Natask, queue: str) -> int:
+async def purge(app: App, queue: str) -> int:
     """Delete every waiting task of a queue; returns how many there were."""
     from .config import check_queue_name
 
@@ -126,10 +127,12 @@ async def purge(app: Natask, queue: str) -> int:
     return sum(state.subjects.values()) if state is not None else 0
 
 
-async def status(app: Natask, timeout: float = 1.0) -> dict[str, Any]:
-    """Everything ``natask status`` shows: queues, DLQ size, live workers, periodic entries."""
-    from .beat import describe
+class StatusApp(App, Scheduled, Protocol):
+    """What ``status`` reads: the client and the periodic entries."""
 
+
+async def status(app: StatusApp, timeout: float = 1.0) -> dict[str, Any]:
+    """Everything ``natask status`` shows: queues, DLQ size, live workers, periodic entries."""
     qs, dead, workers = await asyncio.gather(queues(app), dlq_size(app), inspect(app, "stats", timeout))
     return {
         "queues": [asdict(q) for q in qs],

@@ -29,8 +29,8 @@ from .naming import (
 )
 
 if TYPE_CHECKING:
-    from .app import Natask
     from .broker import Broker
+    from .client import App
 
 log = logging.getLogger("natask.dlq")
 T = TypeVar("T")
@@ -162,7 +162,7 @@ def _describe(e: BaseException) -> str:
 class DeadLetters:
     """The dead letters of one app (subjects ``natask.dlq.<prefix>.>`` of the shared stream)."""
 
-    def __init__(self, app: Natask) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
         self.filter = app.names.dlq_filter
 

@@ -26,8 +26,8 @@ from .message import loads
 from .naming import TASK_ID_RE
 
 if TYPE_CHECKING:
-    from .app import Natask
     from .broker import Broker
+    from .client import App
 
 log = logging.getLogger("natask.events")
 
@@ -206,7 +206,7 @@ class EventStream:
     so nothing that happens after ``__aenter__`` is missed. ``dropped`` counts the malformed rows
     (and messages) left out."""
 
-    def __init__(self, app: Natask, kinds: str = ">") -> None:
+    def __init__(self, app: App, kinds: str = ">") -> None:
         self.app = app
         self.kinds = kinds
         self.dropped = 0
@@ -249,7 +249,7 @@ class EventStream:
                 yield event
 
 
-async def follow(app: Natask, kinds: str = ">", stream: EventStream | None = None,
+async def follow(app: App, kinds: str = ">", stream: EventStream | None = None,
                  ) -> AsyncIterator[dict[str, Any]]:
     """Yield the app's events as they happen (``natask events``); pass ``stream`` to read its
     ``dropped`` count."""

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -16,7 +16,7 @@ from ..canvas import Signature
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..app import Natask
+    from collections.abc import Mapping
 
 UTC: Final = timezone.utc
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -310,7 +310,14 @@ def schedule_text(entry: PeriodicEntry) -> str:
     return "every " + "".join(parts)
 
 
-def describe(app: Natask, now: datetime | None = None) -> list[tuple[str, str, datetime]]:
+class Scheduled(Protocol):
+    """An app with periodic entries (``Natask`` is one)."""
+
+    @property
+    def periodic_entries(self) -> Mapping[str, PeriodicEntry]: ...
+
+
+def describe(app: Scheduled, now: datetime | None = None) -> list[tuple[str, str, datetime]]:
     """``(entry name, schedule text, next fire time in UTC)`` for each periodic entry of ``app``; no I/O."""
     at = datetime.now(UTC) if now is None else _as_utc(now)
     return [(e.name, schedule_text(e), next_fire(e, at)) for e in app.periodic_entries.values()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+APP_PROTOCOLS = re.compile(r"\bapp: (App|StatusApp|Scheduled)\b")
+"""What lower layers call the app they are given (small Protocols, see docs/ARCHITECTURE.md): users pass a Natask."""
+
+
 def _doc(obj: object) -> str:
     return inspect.cleandoc(inspect.getdoc(obj) or "(no docstring)")
 
@@ -33,7 +38,8 @@ def _sig(obj: object) -> str:
         text = str(inspect.signature(obj))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return ""
-    return text.replace("(self, ", "(").replace("(self)", "()").replace("'", "")
+    text = text.replace("(self, ", "(").replace("(self)", "()").replace("'", "")
+    return APP_PROTOCOLS.sub("app: Natask", text)
 
 
 def render() -> str:

@@ -839,7 +839,7 @@ class Worker:
         msg = delivery.msg
         ignore = task is not None and task.options.ignore_result
         if env.links or env.meta:
-            from .canvas import on_outcome
+            from .canvas.flow import on_outcome
 
             if record["state"] == State.SUCCESS:
                 record = self._encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail

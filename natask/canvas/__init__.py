@@ -13,28 +13,7 @@ lives in the KV bucket ``natask_chords_<prefix>``.
 ``GroupResult``, ``flow`` the worker side.
 """
 
-from .flow import on_outcome
-from .plan import Node, Step, derived_id, expand, leaves, walk
-from .send import GroupResult, launch, result_of
-from .signature import CALL_OPTIONS, Canvas, Freezer, Signature, chain, chord, from_dict, group
+from .send import GroupResult
+from .signature import CALL_OPTIONS, Canvas, Signature, chain, chord, from_dict, group
 
-__all__ = [
-    "CALL_OPTIONS",
-    "Canvas",
-    "Freezer",
-    "GroupResult",
-    "Node",
-    "Signature",
-    "Step",
-    "chain",
-    "chord",
-    "derived_id",
-    "expand",
-    "from_dict",
-    "group",
-    "launch",
-    "leaves",
-    "on_outcome",
-    "result_of",
-    "walk",
-]
+__all__ = ["CALL_OPTIONS", "Canvas", "GroupResult", "Signature", "chain", "chord", "from_dict", "group"]

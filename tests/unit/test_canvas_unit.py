@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 
 from natask import EncodeError, GroupResult, Natask, chain, chord, group
-from natask.canvas import Freezer, Signature, derived_id, expand, from_dict, leaves, result_of
+from natask.canvas import Signature, from_dict
+from natask.canvas.plan import derived_id, expand, leaves
+from natask.canvas.send import result_of
+from natask.canvas.signature import Freezer
 from natask.message import Call, Envelope, dumps, loads
 from natask.result import AsyncResult
 

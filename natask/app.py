@@ -13,6 +13,7 @@ from .canvas import Signature
 from .client import Client
 from .config import Config, Options, Seconds, seconds
 from .errors import ConfigError, TaskNotFound
+from .hooks import Hooks, Middleware
 from .naming import Names, check_task_name
 from .portal import Portal, blocking
 from .result import AsyncResult
@@ -58,7 +59,9 @@ class Natask:
         self.names = Names(self.config.subject_prefix)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_entries: dict[str, PeriodicEntry] = {}
-        self.client: Client[AsyncResult[Any]] = Client(self.config, self.names, AsyncResult, self)
+        self.hooks = Hooks(self.tasks)
+        """The registered middleware (``add_middleware``), compiled per hook point."""
+        self.client: Client[AsyncResult[Any]] = Client(self.config, self.names, AsyncResult, self, self.hooks)
         """Connections, publishing and waiting (``natask.client.Client``)."""
 
     def __repr__(self) -> str:
@@ -219,6 +222,11 @@ class Natask:
         except KeyError:
             known = ", ".join(sorted(self.tasks)) or "none"
             raise TaskNotFound(f"no task named {name!r} in app {self.name!r} (registered: {known})") from None
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Plug ``middleware`` (a ``natask.hooks.Middleware``) into this app's producers, workers and
+        beat; its hooks run after those of middleware added before it."""
+        self.hooks.add(middleware)
 
     # -- calling ----------------------------------------------------------------------------
     def send_task(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 from .broker import Broker, NoResponders, SequenceConflict
 from .config import Config, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed
+from .hooks import Hooks
 from .message import Call, Envelope, at_schedule, dumps, find_unencodable, loads
 from .naming import (
     HDR_CHECK_STORED,
@@ -78,9 +79,12 @@ class Client(Generic[H]):
     """Connections, publishing and calling for one app; ``H`` is its result handle type, made by
     ``result_type(owner, task_id, task_name, ignore_result=..., route=broker)`` for each call."""
 
-    def __init__(self, config: Config, names: Names, result_type: Callable[..., H], owner: object) -> None:
+    def __init__(self, config: Config, names: Names, result_type: Callable[..., H], owner: object,
+                 hooks: Hooks | None = None) -> None:
         self.config = config
         self.names = names
+        self.hooks = hooks if hooks is not None else Hooks()
+        """The middleware whose ``before_publish``/``after_publish`` run around each publish."""
         self.portal = Portal(config.name, self._close_loop_brokers)
         """Where the sync API runs its coroutines (``portal.run(coro)``)."""
         self._result_type = result_type
@@ -187,6 +191,9 @@ class Client(Generic[H]):
 
     async def publish(self, call: Call) -> H:
         """Publish one prepared call; its handle once the server has it."""
+        hooks = self.hooks
+        if hooks.before_publish:
+            await hooks.call("before_publish", call)
         broker = await self.broker()
         result, subject = self.route(broker, call)
         await broker.ensure_stream()
@@ -194,10 +201,16 @@ class Client(Generic[H]):
         if published.duplicate and self.pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
             result._route = None
+        if hooks.after_publish:
+            await hooks.call("after_publish", call)
         return result
 
     async def publish_many(self, calls: Sequence[Call]) -> list[H]:
         """Publish prepared calls pipelined; their handles in order."""
+        hooks = self.hooks
+        if hooks.before_publish:
+            for call in calls:
+                await hooks.call("before_publish", call)
         broker = await self.broker()
         results, subjects = [], []
         for call in calls:
@@ -207,6 +220,9 @@ class Client(Generic[H]):
             subjects.append(subject)
         await broker.ensure_stream()
         await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls])
+        if hooks.after_publish:
+            for call in calls:
+                await hooks.call("after_publish", call)
         return results
 
     async def call(self, call: Call, timeout: float) -> Any:

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Final
 
+from . import signals
 from .options import current_request
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s%(task)s: %(message)s"
@@ -45,7 +46,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger for a natask process (``--loglevel``, ``--log-format``)."""
+    """Configure the root logger for a natask process (``--loglevel``, ``--log-format``); when the
+    ``setup_logging`` signal has receivers they configure logging instead (Celery's rule)."""
+    if signals.setup_logging.receivers:
+        signals.setup_logging.send(None, loglevel=level.upper(), logfile=None, format=fmt, colorize=False)
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TaskContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
@@ -55,3 +60,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("nats").setLevel(max(logging.WARNING, root.level))
+    signals.after_setup_logger.send(None, logger=root, loglevel=level.upper(), logfile=None, format=fmt,
+                                    colorize=False)

@@ -107,3 +107,30 @@ async def test_publish_signals_with_a_sender_filter(app: Natask, clean_signals: 
     assert signals.after_task_publish.disconnect(after)
     signals.before_task_publish.disconnect(before, sender="s.wanted")
     assert not app.hooks.before_publish and not app.hooks.after_publish  # no receivers: no cost
+
+
+def test_setup_logging_receivers_replace_natasks_logging_setup(clean_signals: None) -> None:
+    from natask.logs import setup_logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    calls: list[dict[str, Any]] = []
+    signals.setup_logging.connect(lambda sender, **kw: calls.append(kw))
+    setup_logging("debug", "json")
+    assert calls and calls[0]["loglevel"] == "DEBUG" and calls[0]["format"] == "json"
+    assert root.handlers == before  # natask configured nothing
+
+
+def test_after_setup_logger_sees_the_configured_root_logger(clean_signals: None) -> None:
+    from natask.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    got: list[Any] = []
+    signals.after_setup_logger.connect(lambda sender, logger, **kw: got.append((logger, kw["loglevel"])))
+    try:
+        setup_logging("warning")
+        assert got == [(root, "WARNING")]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

@@ -7,7 +7,8 @@ One module per role, wired together by the ``Worker`` (``consume``):
     gate      decode and gate: the subject decides; forged, malformed, revoked, expired, eta, unknown
     execute   running an admitted task: async or on threads, time limits, ``bind``
     threads   the threads that run plain-function tasks
-    outcome   settling: reply, store (``store``: the first final outcome wins), retry, dead letter, ack
+    outcome   settling: workflow follow-ups, reply, store, retry, dead letter, ack
+    store     the results bucket as workers write it: the first final outcome wins
     flow      workflow follow-ups of a finished task: chain steps, chords, links, errbacks
     rpc       answering RPC calls in the worker's slots
     revokes   the revoked ids mirrored from their bucket; terminating revoked tasks

@@ -1,80 +1,22 @@
-"""Control plane over core NATS request-reply: workers answer ping/stats/active from their event
-loop; clients scatter a request and gather every worker's reply. Also queue status and purge."""
+"""Control plane over core NATS request-reply: clients scatter a request and gather every worker's
+reply (workers answer in ``natask.worker.control``). Also queue status and purge."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Protocol
 
 from .beat.schedule import Scheduled, describe
-from .broker import Message
 from .client import App
 from .dlq import DeadLetters
-from .message import dumps, loads
-from .naming import is_reply_subject
-
-if TYPE_CHECKING:
-    from .worker import Worker
-
-COMMANDS: Final = ("ping", "stats", "active")
+from .message import loads
+from .naming import Names
 
 
 def control_subject(prefix: str, command: str = "*") -> str:
-    return f"natask.control.{prefix}.{command}"
-
-
-class ControlResponder:
-    """Subscribed by every worker (no queue group: each one answers)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.hostname = socket.gethostname()
-
-    async def start(self) -> None:
-        broker = self.worker.broker_
-        self._sub = await broker.subscribe(control_subject(broker.names.prefix), cb=self._on_request)
-
-    async def stop(self) -> None:
-        try:
-            await self._sub.unsubscribe()
-        except Exception:
-            pass
-
-    async def _on_request(self, msg: Message) -> None:
-        if not is_reply_subject(msg.reply, self.worker.inboxes):
-            return  # answering on any other subject would write there with the worker's rights
-        command = msg.subject.rsplit(".", 1)[-1]
-        w = self.worker
-        answer: dict[str, Any] = {"worker": w.ident}
-        if command == "ping":
-            answer["pong"] = True
-        elif command == "stats":
-            answer.update(self.stats())
-        elif command == "active":
-            answer["active"] = w.active()
-        else:
-            answer["error"] = f"unknown command {command!r}; try one of {', '.join(COMMANDS)}"
-        await w.broker_.publish_core(msg.reply, dumps(answer))
-
-    def stats(self) -> dict[str, Any]:
-        w = self.worker
-        return {
-            "app": w.app.name,
-            "hostname": self.hostname,
-            "pid": os.getpid(),
-            "queues": list(w.queues),
-            "concurrency": w.concurrency,
-            "uptime": time.time() - w.started_at if w.started_at else 0.0,
-            "processed": w.processed,
-            "failed": w.failed,
-            "running": len(w.active()),
-            "results_not_stored": w.results_not_stored,
-            "storage_full_since": w.storage_full_since,
-        }
+    """The control subject of ``command`` for the subject prefix ``prefix`` (``Names.control_subject``)."""
+    return Names(prefix).control_subject(command)
 
 
 async def inspect(app: App, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:

@@ -254,6 +254,15 @@ class Names:
     def dlq_subject(self, queue: str, task: str) -> str:
         return f"natask.dlq.{self.prefix}.{queue}.{task}"
 
+    def rpc_filter(self, queue: str) -> str:
+        """The subjects of every RPC call to ``queue`` (a worker subscribes to them in the queue's group)."""
+        return f"natask.rpc.{self.prefix}.{queue}.>"
+
+    def control_subject(self, command: str = "*") -> str:
+        """The subject of the control ``command`` (ping, stats, active); ``*``: every command, as
+        workers subscribe."""
+        return f"natask.control.{self.prefix}.{command}"
+
     def task_from_subject(self, subject: str) -> tuple[str, str] | None:
         """(queue, task name) of a task subject ``<prefix>.<queue>.<task name>``, both validated;
         None for anything else. The subject is what NATS permissions check, so it, not the body,

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Final
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .delivery import Message
+
 if TYPE_CHECKING:
     from . import Broker
 
@@ -160,7 +162,7 @@ class _Queue:
 class Fetcher:
     """A worker's pull requests on all its queues: slots and bytes, and who gets them (see module)."""
 
-    def __init__(self, capacity: int, on_message: Callable[[Msg], None],
+    def __init__(self, capacity: int, on_message: Callable[[Message], None],
                  prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> None:
         if capacity < 1:
             raise ValueError(f"concurrency must be >= 1, got {capacity}")
@@ -262,12 +264,12 @@ class Fetcher:
         self.wake()
 
     # -- slots ------------------------------------------------------------------------------
-    def hold(self, msg: Msg) -> None:
+    def hold(self, msg: Message) -> None:
         """A message this fetcher did not request (an RPC call) takes a slot and its bytes."""
         self.running += 1
         self.used += len(msg.data) + MSG_OVERHEAD
 
-    def release(self, msg: Msg) -> None:
+    def release(self, msg: Message) -> None:
         """A task finished: its slot and bytes are free again."""
         self.running -= 1
         self.used -= len(msg.data) + MSG_OVERHEAD

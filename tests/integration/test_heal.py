@@ -22,22 +22,24 @@ from natask.testing import worker
 async def revoked_on(w: Worker, task_id: str, timeout: float = 20) -> None:
     """Wait until the worker's revoke watch has delivered ``task_id`` (it mirrors the bucket locally)."""
     changed = asyncio.Event()
-    record = w._on_revoke
+    revokes = w._revokes
+    assert revokes is not None, "worker not started"
+    record = revokes.on_revoke
 
     def spy(key: str, value: bytes | None, operation: str | None) -> None:
         record(key, value, operation)
         changed.set()
 
     async def reached() -> None:
-        while task_id not in w._revoked:
+        while task_id not in revokes.revoked:
             changed.clear()
             await changed.wait()
 
-    w._on_revoke = spy  # type: ignore[method-assign]
+    revokes.on_revoke = spy  # type: ignore[method-assign]
     try:
         await asyncio.wait_for(reached(), timeout)
     finally:
-        del w._on_revoke
+        del revokes.on_revoke
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, start: str, *words: str) -> list[str]:

@@ -340,7 +340,7 @@ def test_at_schedule_never_fires_early_by_more_than_a_microsecond() -> None:
 def test_delivery_count_from_the_ack_subject(reply: str, count: int) -> None:
     from nats.aio.msg import Msg
 
-    from natask.worker import delivered
+    from natask.broker import attempt
 
     msg = Msg(_client=None, subject="t.default.x", reply=reply)  # type: ignore[arg-type]
-    assert delivered(msg) == count == msg.metadata.num_delivered
+    assert attempt(msg) == count == msg.metadata.num_delivered

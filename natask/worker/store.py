@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
-from .broker import Broker, SequenceConflict
-from .errors import BrokerError
-from .message import loads
-from .naming import HDR_EXPECTED_LAST_SUBJECT_SEQ
-from .states import FINAL_STATES
+from ..broker import Broker, SequenceConflict
+from ..errors import BrokerError
+from ..message import loads
+from ..naming import HDR_EXPECTED_LAST_SUBJECT_SEQ
+from ..states import FINAL_STATES
 
 log = logging.getLogger("natask.worker")
 

@@ -1,4 +1,4 @@
-"""In the worker: advance a workflow when one of its tasks finished — next chain step, chord
+"""The worker side of workflows: advance a workflow when one of its tasks finished — next chain step, chord
 completion (KV bucket ``natask_chords_<prefix>``), links and errbacks — from what its message carries."""
 
 from __future__ import annotations
@@ -7,20 +7,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..broker import SequenceConflict
+from ..broker import Broker, SequenceConflict
+from ..canvas.plan import Node, Step, expand, seeded_ids, walk
+from ..canvas.signature import Freezer, from_dict
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
 from ..message import at_schedule, dumps, loads
 from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
 from ..states import State
-from .plan import Node, Step, expand, seeded_ids, walk
-from .signature import Freezer, from_dict
 
 if TYPE_CHECKING:
+    from ..app import Natask
     from ..broker.kv import Bucket
     from ..message import Envelope
-    from ..worker import Worker
 
 log = logging.getLogger("natask.canvas")
 
@@ -32,8 +32,25 @@ MAX_CHORD_SIZE: Final = 1_000_000
 """Largest chord header a worker accepts from workflow data."""
 
 
-# -- in the worker: advancing a workflow when one of its tasks finished ---------------------------
-async def on_outcome(worker: Worker, envelope: Envelope, record: dict[str, Any]) -> None:
+class Site(Protocol):
+    """Where a workflow advances: the worker's app, its broker, and who it is."""
+
+    @property
+    def app(self) -> Natask: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def ident(self) -> str:
+        """The worker's ``host:pid``, stored with the outcomes it writes."""
+
+    @property
+    def inboxes(self) -> tuple[str, ...]:
+        """Inbox prefixes the worker answers on."""
+
+
+async def on_outcome(site: Site, envelope: Envelope, record: dict[str, Any]) -> None:
     """Workflow follow-ups of a finished task: chain steps, chord completion, links, errbacks.
 
     Called by the worker before it replies, stores the outcome and acks; may add ``children`` to
@@ -42,7 +59,7 @@ async def on_outcome(worker: Worker, envelope: Envelope, record: dict[str, Any])
     per member.
     """
     try:
-        await _Flow(worker, envelope).run(record)
+        await _Flow(site, envelope).run(record)
     except (KeyError, TypeError, ValueError, IndexError, ConfigError, PayloadTooLarge):
         # Malformed workflow data (or a callback too large to send) cannot get better on redelivery.
         log.exception("task %s[%s]: malformed workflow data; follow-ups skipped", envelope.task, envelope.id)
@@ -51,11 +68,11 @@ async def on_outcome(worker: Worker, envelope: Envelope, record: dict[str, Any])
 class _Flow:
     """The follow-ups of one finished task."""
 
-    def __init__(self, worker: Worker, env: Envelope) -> None:
-        self.app = worker.app
-        self.broker = worker.broker_
-        self.ident = worker.ident
-        self.inboxes = worker.inboxes
+    def __init__(self, site: Site, env: Envelope) -> None:
+        self.app = site.app
+        self.broker = site.broker
+        self.ident = site.ident
+        self.inboxes = site.inboxes
         self.env = env
         self._kv: Bucket | None = None
 

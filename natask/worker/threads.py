@@ -9,8 +9,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .options import Request, current_request
-from .portal import use_io_thread
+from ..options import Request, current_request
+from ..portal import use_io_thread
 
 _Item = tuple[asyncio.Future[Any], Callable[..., Any], Sequence[Any], Mapping[str, Any], Request]
 

@@ -1,0 +1,356 @@
+"""The ``Worker``: lifecycle (start, run, stop, the connection's callbacks), dispatch of fetched
+messages and RPC calls over a fixed number of slots, and leases kept with heartbeats. What happens
+to a message in a slot is up to the roles it wires together at start: gate, execute, outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from ..broker import Broker, Message, attempt
+from ..broker.fetch import DEFAULT_PREFETCH_BYTES, Fetcher
+from ..config import check_queue_name
+from ..errors import BrokerError
+from ..events import Batch, EventPublisher
+from ..naming import DEFAULT_INBOX_PREFIX
+from .control import ControlResponder
+from .delivery import Delivery, quietly
+from .events import EventLog
+from .execute import Execution
+from .gate import Gate
+from .outcome import Outcome
+from .revokes import Revokes
+from .rpc import Rpc
+from .store import ResultStore
+from .threads import ThreadRunner
+
+if TYPE_CHECKING:
+    from ..app import Natask
+
+log = logging.getLogger("natask.worker")
+
+DEFAULT_CONCURRENCY: Final = 32
+HEARTBEAT_INTERVAL: Final = 5.0
+"""Seconds between worker-heartbeat events."""
+DEFAULT_GRACE: Final = 30.0
+UNKNOWN_GRACE: Final = 20.0
+"""Seconds a message naming an unknown task keeps coming back (a rolling deploy: a worker with
+newer code may know it) before it is dead-lettered; under SPEC's 30 s bound."""
+MAX_INTERNAL_ATTEMPTS: Final = 10
+"""Deliveries of one message ending in an internal error before it is dead-lettered."""
+INTERNAL_RETRY_DELAY: Final = 5.0
+"""Seconds before a message that met an internal error is delivered again."""
+
+
+class Worker:
+    """Runs an app's tasks from one or more queues in this process.
+
+    ``await worker.start()`` then ``await worker.stop()`` (or ``async with``); ``run()`` blocks
+    until ``stop()`` is called (the CLI wires SIGTERM/SIGINT to it). ``prefetch_bytes``: the bytes
+    of task messages it holds and has asked for at most (README, "Workers": fetching).
+    """
+
+    def __init__(
+        self,
+        app: Natask,
+        queues: Sequence[str] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        grace: float = DEFAULT_GRACE,
+        max_tasks: int | None = None,
+        events: bool = True,
+        unknown_grace: float = UNKNOWN_GRACE,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+    ) -> None:
+        self.app = app
+        self.unknown_grace = unknown_grace
+        self.max_tasks = max_tasks
+        self.send_events = events
+        self.queues = [check_queue_name(q) for q in (queues or [app.config.default_queue])]
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.grace = grace
+        self.ident = f"{socket.gethostname()}:{os.getpid()}"
+        self.processed = 0
+        self.failed = 0
+        self.started_at = 0.0
+        self.broker: Broker | None = None
+        self._slots = Fetcher(concurrency, self._on_message, prefetch_bytes)
+        self._inflight: set[Delivery] = set()
+        self._waiting: collections.deque[Delivery] = collections.deque()
+        """Deliveries that arrived while RPC calls held every slot: they start as slots free up."""
+        self._runner: ThreadRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._rpc_subs: list[Any] = []
+        self._slot_freed = asyncio.Event()
+        self._events = EventLog()
+        self.listeners: list[Callable[[Batch], None]] = self._events.listeners
+        """Callables given the lifecycle events in batches (event publisher, metrics)."""
+        self._control: ControlResponder | None = None
+        self._publisher: EventPublisher | None = None
+        self.last_heartbeat = 0.0
+        self._store: ResultStore | None = None
+        self._revokes: Revokes | None = None
+        self._outcome: Outcome | None = None
+        self._rpc: Rpc | None = None
+        self._process: Callable[[Delivery], Coroutine[Any, Any, None]]
+        """Gate a delivery, then run and settle it (``Gate.process``, bound by ``start``)."""
+        self.results_not_stored = 0
+        """Outcomes this worker could not store because JetStream's storage was full (see README)."""
+        self.storage_full_since: float | None = None
+        """When result writes started failing for lack of storage (None: they succeed)."""
+        self._failure: BrokerError | None = None  # why the worker stopped on its own
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, create the queues' consumers and start consuming."""
+        self._loop = asyncio.get_running_loop()
+        self.broker = broker = Broker(self.app.config, on_reconnect=self._on_reconnect, on_closed=self._on_closed)
+        await broker.connect()
+        await broker.ensure_stream()
+        await broker.ensure_dlq()
+        await broker.results()  # fire-and-forget state writes need the bucket to exist
+        self._runner = ThreadRunner(self.concurrency)
+        self._revokes = Revokes(broker, self._inflight)
+        await self._revokes.start()
+        self._outcome = outcome = Outcome(self.app, broker, self.store, self.ident, self.inboxes, self._events, self)
+        execution = Execution(self._runner, outcome, self._events, self, self.ident)
+        gate = Gate(self.app, broker, self.store, outcome, execution.task, self._revokes.revoked, self.inboxes,
+                    self.unknown_grace)
+        self._process = gate.process
+        self._rpc = Rpc(self.app, broker, self.inboxes, execution.run, outcome.encode, self, self._done)
+        # Everything that observes tasks is in place before the first one can arrive.
+        self.started_at = time.time()
+        self._control = ControlResponder(self)
+        await self._control.start()
+        if self.send_events:
+            self._publisher = EventPublisher(broker, self.ident)
+            self.listeners.append(self._publisher)
+        self.event("worker-online", **self._control.stats())
+        for queue in self.queues:
+            await broker.ensure_consumer(queue)
+            await self._slots.add(broker, queue)
+            # RPC: core request-reply beside the stream, same queue group name, same slots.
+            self._rpc_subs.append(await broker.subscribe(broker.names.rpc_filter(queue), queue=queue,
+                                                         cb=self._on_rpc))
+        self._slots.start()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
+        log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
+                 self.concurrency, self.app.config.safe_servers)
+
+    async def run(self) -> None:
+        """Start (unless started) and block until ``stop()`` completes; ``BrokerError`` if the
+        worker stopped because its connection was closed for good (restart it)."""
+        if self.broker is None:
+            await self.start()
+        await self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop fetching, let in-flight tasks finish within ``grace`` seconds, nak the rest, close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.grace if grace is None else grace
+        for sub in self._rpc_subs:
+            await quietly(sub.unsubscribe())
+        await self._slots.stop()  # also ends the open pull requests: nothing comes back to us
+        while self._waiting:  # never started: straight back to the queue
+            waiting = self._waiting.popleft()
+            self._slots.release(waiting.msg)
+            await quietly(waiting.msg.nak())
+        if self._inflight:
+            log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                pending = [d.handler for d in self._inflight if d.handler is not None]
+                log.warning("grace period over: returning %d unfinished task(s) to the queue", len(pending))
+                for handler in pending:
+                    handler.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._revokes is not None:
+            self._revokes.stop()
+        if self._control is not None:
+            await self._control.stop()
+            self.event("worker-offline", **self._control.stats())
+            self._flush_events()
+        if self._publisher is not None:
+            await self._publisher.drain()
+        await self._slots.close()
+        if self._runner is not None:
+            self._runner.shutdown()
+        if self.broker is not None:
+            await self.broker.close()
+        self._stopped.set()
+        log.info("worker %s stopped after %d task(s)", self.ident, self.processed)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _on_reconnect(self) -> None:
+        self._slots.reset()
+
+    def _on_closed(self, error: BrokerError) -> None:
+        # A connection nats-py closed for good never comes back, and nothing can be acked on it:
+        # stop (the server redelivers the unacked tasks) so run() raises and a supervisor restarts us.
+        if self._stopping:
+            return
+        self._failure = BrokerError(f"worker {self.ident} stopped: {error}")
+        log.error("worker %s lost its NATS connection for good: stopping (in-flight tasks go back to the "
+                  "queue after ack_wait); restart the worker", self.ident)
+        self._background(self.stop(grace=0))
+
+    # -- what others read -------------------------------------------------------------------
+    @property
+    def consuming(self) -> bool:
+        """True while the worker asks for and runs tasks (started, not stopping)."""
+        return self._slots.started and not self._stopping
+
+    def active(self) -> list[dict[str, Any]]:
+        """The tasks running now: id, name, start time, seconds running."""
+        now = time.time()
+        return [{"id": d.task_id, "name": d.name, "started": d.started_at, "runtime": now - d.started_at}
+                for d in self._inflight if d.task_id]
+
+    @property
+    def store(self) -> ResultStore:
+        """Compare-and-set access to the results bucket (a final outcome is stored once)."""
+        if self._store is None or self._store.broker is not self.broker:
+            self._store = ResultStore(self.broker_)
+        return self._store
+
+    @functools.cached_property
+    def inboxes(self) -> tuple[str, ...]:
+        """Inbox prefixes this worker answers on: nats-py's default and the app's own ``inbox_prefix``."""
+        custom = self.app.config.connect_options.get("inbox_prefix")
+        if isinstance(custom, bytes):
+            custom = custom.decode(errors="replace")
+        return (DEFAULT_INBOX_PREFIX, custom) if isinstance(custom, str) and custom else (DEFAULT_INBOX_PREFIX,)
+
+    def event(self, kind: str, task_id: str | None = None, name: str | None = None, **fields: Any) -> None:
+        """Record a lifecycle event; the listeners get the events of up to ``EVENTS_INTERVAL``
+        seconds together (a batch costs about as much as one event)."""
+        self._events.event(kind, task_id, name, **fields)
+
+    def _flush_events(self) -> None:
+        self._events.flush()
+
+    @property
+    def broker_(self) -> Broker:
+        assert self.broker is not None, "worker not started"
+        return self.broker
+
+    # -- leases -----------------------------------------------------------------------------
+    async def _keep_leases(self) -> None:
+        # in_progress resets the server's ack timer, so ack_wait can stay short for long tasks.
+        interval = max(0.2, min(HEARTBEAT_INTERVAL, self.app.config.ack_wait / 3))
+        while True:
+            await asyncio.sleep(interval)
+            if self._control is not None and time.time() - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+                self.last_heartbeat = time.time()
+                self.event("worker-heartbeat", **self._control.stats())
+            now = time.monotonic()
+            for delivery in [*self._inflight, *self._waiting]:
+                if now - delivery.touched >= interval:
+                    delivery.touched = now
+                    try:
+                        await delivery.msg.in_progress()
+                    except Exception as e:
+                        log.debug("in_progress failed: %s", e)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        if self._stopping:
+            # Still-open pull requests deliver after stop(): hand those straight back.
+            self._background(quietly(msg.nak()))
+            self._slots.release(msg)
+            return
+        delivery = Delivery(msg)
+        self._idle.clear()
+        if len(self._inflight) >= self.concurrency:
+            # RPC calls (pushed, not pulled) took the slots this message was requested for.
+            self._waiting.append(delivery)
+            return
+        self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        self._inflight.add(delivery)
+        delivery.handler = self._loop.create_task(self._handle(delivery))
+
+    def _done(self, delivery: Delivery) -> None:
+        self._inflight.discard(delivery)
+        self._slots.release(delivery.msg)
+        self._slot_freed.set()
+        if self._waiting and not self._stopping:
+            self._start(self._waiting.popleft())
+        if self.max_tasks and self.processed + self.failed >= self.max_tasks and not self._stopping:
+            log.info("processed %d task(s), the --max-tasks-per-child limit: exiting", self.max_tasks)
+            self._background(self.stop())
+        if not self._inflight and not self._waiting:
+            self._idle.set()
+
+    async def _on_rpc(self, msg: Message) -> None:
+        # Pushed by core NATS: wait for a slot so RPCs share the worker's concurrency limit.
+        while len(self._inflight) >= self.concurrency or self._waiting:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._slots.hold(msg)
+        delivery = Delivery(msg)
+        self._inflight.add(delivery)
+        self._idle.clear()
+        assert self._rpc is not None
+        delivery.handler = self._loop.create_task(self._rpc.answer(delivery))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        msg = delivery.msg
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            await quietly(msg.nak())
+        except Exception as e:
+            # A bug in natask, or the broker unreachable for longer than publish_timeout: give the
+            # message back rather than lose it, a bounded number of times.
+            await self._internal_error(delivery, e)
+        finally:
+            self._done(delivery)
+
+    async def _internal_error(self, delivery: Delivery, e: Exception) -> None:
+        msg, what = delivery.msg, delivery.task_id or "a message"
+        if attempt(msg) < MAX_INTERNAL_ATTEMPTS:
+            log.exception("internal error handling %s; returning it to the queue", what)
+            await quietly(msg.nak(delay=INTERNAL_RETRY_DELAY))
+            return
+        log.exception("internal error handling %s, attempt %d: dead-lettering it", what, attempt(msg))
+        try:
+            assert self._outcome is not None
+            await self._outcome.dead_letter(delivery, "internal error", f"{type(e).__name__}: {e}",
+                                                 task_id=delivery.task_id)
+        except Exception as again:
+            log.error("cannot dead-letter %s either (%s); returning it to the queue", what, again)
+            await quietly(msg.nak(delay=INTERNAL_RETRY_DELAY))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

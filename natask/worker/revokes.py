@@ -1,0 +1,89 @@
+"""The revoke watch: the revoked-ids bucket mirrored into a local set (no KV read per task, and
+revokes recorded before the worker started still apply); a revoke with ``terminate`` cancels the
+running task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Set
+from typing import Final
+
+from ..broker import Broker
+from ..message import loads
+from .delivery import Delivery
+
+log = logging.getLogger("natask.worker")
+
+WATCH_RESTART_PAUSE: Final = 1.0
+"""Seconds before the revoke watch is started again after it ended (no spin if the server refuses)."""
+WATCH_LOAD_TIMEOUT: Final = 10.0
+"""Seconds the worker waits at start for the revoked ids already recorded."""
+
+
+class Revokes:
+    """The revoked task ids of one app, kept current by a watch of its revoked bucket."""
+
+    def __init__(self, broker: Broker, inflight: Set[Delivery]) -> None:
+        self.broker = broker
+        self.inflight = inflight
+        self.revoked: set[str] = set()
+        """Revoked task ids (the gate reads this set: it is updated in place, never replaced)."""
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the watch and return once the ids recorded so far are loaded. The broker's watch
+        outlives a deleted bucket or a restarted server; should it end anyway, it is started again."""
+        broker = self.broker
+        loaded = asyncio.get_running_loop().create_future()
+
+        async def follow() -> None:
+            while True:
+                try:
+                    async with contextlib.aclosing(broker.watch(broker.names.revoked_bucket)) as entries:
+                        async for entry in entries:
+                            if entry is None:
+                                if not loaded.done():
+                                    loaded.set_result(None)
+                                continue
+                            self.on_revoke(entry.key, entry.value, entry.operation)
+                    why = "it ended"
+                except Exception as e:
+                    if not loaded.done():
+                        loaded.set_exception(e)
+                        return
+                    why = f"it failed: {e}"
+                if broker.closed:
+                    return
+                log.warning("revoke watch stopped (%s): starting it again", why)
+                await asyncio.sleep(WATCH_RESTART_PAUSE)
+
+        self._watch = asyncio.get_running_loop().create_task(follow())
+        await asyncio.wait_for(loaded, WATCH_LOAD_TIMEOUT)
+
+    def stop(self) -> None:
+        """End the watch."""
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def on_revoke(self, task_id: str, value: bytes | None, operation: str | None) -> None:
+        """A change of the revoked bucket: a task id revoked (or the revoke deleted)."""
+        if operation in ("DEL", "PURGE") or not value:
+            self.revoked.discard(task_id)
+            return
+        self.revoked.add(task_id)
+        try:
+            terminate = bool(loads(value).get("terminate"))
+        except Exception:
+            terminate = False
+        if terminate:
+            self.terminate(task_id)
+
+    def terminate(self, task_id: str) -> None:
+        """Cancel the running task ``task_id`` (its outcome is stored as REVOKED, "terminated")."""
+        for delivery in self.inflight:
+            if delivery.task_id == task_id and delivery.handler is not None and not delivery.revoked:
+                delivery.revoked = True
+                delivery.handler.cancel()
+                log.info("terminating revoked task %s", task_id)

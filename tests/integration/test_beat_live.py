@@ -394,3 +394,22 @@ async def test_python_api_refuses_mistakes_before_storing(nats_server: NatsServe
         assert info.schedule == "0 3 * * * (Europe/Berlin)" and info.next_fire is not None
     finally:
         await app.aclose()
+
+
+async def test_a_watched_bucket_is_healed_with_the_settings_it_was_made_with(nats_server: NatsServer) -> None:
+    app = Natask("heal", servers=[nats_server.url], subject_prefix=PREFIX, result_ttl=60)
+    name = app.names.schedules_bucket
+    nc = await nats.connect(nats_server.url)
+    try:
+        broker = await app._broker()
+        await broker.bucket(name, ttl=None, direct=False)
+        watch = broker.watch(name)  # opens the bucket again, without settings
+        assert await anext(watch) is None
+        await nc.jetstream().delete_key_value(name)
+        assert await anext(watch) is None  # the watch restarted, on the bucket it recreated
+        await watch.aclose()
+        status = await (await nc.jetstream().key_value(name)).status()
+        assert not status.ttl  # not the results' TTL: stored entries never expire
+    finally:
+        await nc.close()
+        await app.aclose()

@@ -21,6 +21,7 @@ from .stored import ENTRY, MAX_EVERY, OVERRIDE, StoredEntry, decode
 if TYPE_CHECKING:
     from ..app import Natask
     from ..broker.kv import Bucket
+    from ..task import Task
 
 DESCRIPTION: Final = "natask: periodic entries stored at run time (app.beat, natask beat add)"
 """Description of the schedules bucket on the server."""
@@ -63,17 +64,20 @@ class Schedules:
     def __init__(self, app: Natask) -> None:
         self.app = app
 
-    def add(self, name: str, task: str | Signature[Any] | Any, *, every: float | timedelta | None = None,
+    def add(self, name: str, task: str | Signature[Any] | Task[..., Any], *, every: float | timedelta | None = None,
             cron: str | None = None, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
             queue: str | None = None, tz: str | None = None) -> PeriodicEntry:
-        """Store entry ``name``: fire ``task`` (a name, a task, or a signature ``add.s(1, 2)``) ``every``
-        seconds (aligned to the Unix epoch) or on ``cron`` in ``tz``; replaces a stored entry of that name."""
+        """Store entry ``name`` (replacing a stored one of that name); running beats fire it within a second.
+
+        ``task``: a task name, a task, or a signature (``add.s(1, 2)``); ``every``: seconds or a
+        ``timedelta`` (whole seconds, aligned to the Unix epoch), or ``cron`` in ``tz`` (default UTC)."""
         return self.app._portal.run(self.aadd(name, task, every=every, cron=cron, args=args, kwargs=kwargs,
                                               queue=queue, tz=tz))
 
-    async def aadd(self, name: str, task: str | Signature[Any] | Any, *, every: float | timedelta | None = None,
-                   cron: str | None = None, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                   queue: str | None = None, tz: str | None = None) -> PeriodicEntry:
+    async def aadd(self, name: str, task: str | Signature[Any] | Task[..., Any], *,
+                   every: float | timedelta | None = None, cron: str | None = None, args: Sequence[Any] = (),
+                   kwargs: Mapping[str, Any] | None = None, queue: str | None = None,
+                   tz: str | None = None) -> PeriodicEntry:
         """Async ``add``."""
         stored = self._stored(name, task, every, cron, args, kwargs, queue, tz)
         kv = await open_bucket(self.app)
@@ -163,7 +167,7 @@ class Schedules:
             return f" (did you mean {close[0]!r}?)"
         return f" (known: {', '.join(names)})" if names else " (there are none: add one with natask beat add)"
 
-    def _stored(self, name: str, task: str | Signature[Any] | Any, every: float | timedelta | None,
+    def _stored(self, name: str, task: str | Signature[Any] | Task[..., Any], every: float | timedelta | None,
                 cron: str | None, args: Sequence[Any], kwargs: Mapping[str, Any] | None, queue: str | None,
                 tz: str | None) -> StoredEntry:
         """Validate an entry to store (as strictly as a beat validates what it reads)."""
@@ -181,7 +185,7 @@ class Schedules:
             args, kwargs, queue = task.args, task.kwargs, queue or task.options.get("queue")
             task = task.task
         elif not isinstance(task, str):
-            task = getattr(task, "name", task)  # a Task object
+            task = getattr(task, "name", task)  # a Task
         if not isinstance(task, str):
             raise ConfigError(f"periodic entry {name!r}: task must be a task name, a task or a signature, "
                               f"got {task!r}")

@@ -90,6 +90,8 @@ class Beat:
     while some beat was watching are all enqueued (late, after a failover); fire times missed while
     no beat ran are dropped except the latest ``catch_up`` per entry.
     ``clock`` (unix seconds) decides fire times; lease timing uses the monotonic clock.
+    Besides the app's own entries, each beat fires those stored in ``natask_schedules_<prefix>``
+    (``app.beat``, ``natask beat add``): it watches that bucket and applies a change in the next pass.
     """
 
     def __init__(
@@ -113,7 +115,6 @@ class Beat:
         self._late_window = max(3 * ttl, LATE_WINDOW_MIN)
         self._poll = ttl / 4
         self._live = LiveEntries(app, self._changed)
-        self._watch: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # the firing loop: leadership gained, or stop
@@ -151,13 +152,7 @@ class Beat:
             raise RuntimeError("this beat is already running")
         kv = await self._open()
         self._live = LiveEntries(self.app, self._changed)
-        self._watch = asyncio.get_running_loop().create_task(self._live.run(), name=f"natask-beat-watch-{self.id}")
-        # The stored entries are known before this beat may lead: a new leader loads their records.
-        ready = asyncio.ensure_future(self._live.ready.wait())
-        await asyncio.wait({ready, self._watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            ready.cancel()
-            await self._end_watch()  # raises why the watch could not start
+        await self._live.start(f"natask-beat-watch-{self.id}")  # known before this beat may lead
         if not self.entries:
             log.warning("app %r has no periodic entries yet: this beat enqueues those added later "
                         "(natask beat add, app.beat.add)", self.app.name)
@@ -193,17 +188,8 @@ class Beat:
             log.error("beat %s failed", self.id, exc_info=task.exception())
         self._lease_rev = None
         self._timetable = None
-        await self._end_watch()
+        await self._live.stop()
         self._done.set()
-
-    async def _end_watch(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is None:
-            return
-        watch.cancel()
-        await asyncio.wait({watch})
-        if not watch.cancelled() and watch.exception() is not None:
-            raise watch.exception()  # type: ignore[misc]
 
     def _changed(self) -> None:
         """The entries changed: a leader applies it in a pass now (a follower when it leads)."""
@@ -243,8 +229,7 @@ class Beat:
             await asyncio.wait({lease})
             self._lease_rev = None
             self._timetable = None
-            with contextlib.suppress(Exception):
-                await self._end_watch()
+            await self._live.stop()
             self._done.set()
 
     async def _pause(self, event: asyncio.Event, delay: float | None) -> None:

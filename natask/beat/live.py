@@ -39,6 +39,7 @@ class LiveEntries:
         self._clashes: set[str] = set()  # stored entries named like a code-defined one (logged once)
         self.ready = asyncio.Event()
         """Set once the whole bucket was read after the start."""
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def entries(self) -> list[PeriodicEntry]:
@@ -49,6 +50,23 @@ class LiveEntries:
         """The entries changed since the last call, by name: the new entry, or None if it fires no more."""
         changed, self._changed = self._changed, {}
         return changed
+
+    async def start(self, name: str) -> None:
+        """Start following the bucket; returns once it was read whole (raises why it could not be)."""
+        self._task = asyncio.get_running_loop().create_task(self.run(), name=name)
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            task, self._task = self._task, None
+            task.result()  # the watch could not start: its error
+
+    async def stop(self) -> None:
+        """Stop following the bucket."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
 
     async def run(self) -> None:
         """Follow the bucket until cancelled; a failure to start the first watch is raised."""

@@ -146,3 +146,46 @@ def test_add_validates_like_a_beat_reads(app: Natask) -> None:
         validate(app, "code.entry", "jobs.tick", every=5, args=[1, 2])
     with pytest.raises(ConfigError, match="invalid periodic entry name"):
         validate(app, "bad name", "jobs.tick", every=5, args=[1, 2])
+
+
+def test_live_entries_follow_the_bucket_and_rebuild_from_a_whole_copy(
+    app: Natask, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from natask.beat.live import LiveEntries
+    from natask.broker.kv import Entry
+
+    woken: list[int] = []
+    live = LiveEntries(app, lambda: woken.append(1))
+    assert [e.name for e in live.entries] == ["code.entry"] and live.take() == {}
+
+    def put(key: str, value: dict[str, Any] | bytes, rev: int) -> None:
+        live._apply(Entry(key, value if isinstance(value, bytes) else msgpack.packb(value), rev))
+        live._resolve(key)
+
+    put("live.a", GOOD, 1)
+    assert set(live.take()) == {"live.a"} and len(live.entries) == 2
+    put("live.a", GOOD, 2)  # the same entry written again: nothing to apply
+    assert live.take() == {}
+    put("live.a", {**GOOD, "every": 60}, 3)
+    assert live.take()["live.a"].schedule == timedelta(seconds=60)  # type: ignore[union-attr]
+    put("live.a", {**GOOD, "enabled": False}, 4)
+    assert live.take() == {"live.a": None}
+    put("code.entry", StoredEntry("code.entry", enabled=False, kind=OVERRIDE).encode(), 5)
+    assert live.take() == {"code.entry": None} and live.entries == []
+    put("code.entry", {**GOOD}, 6)  # a whole entry cannot replace a code-defined one
+    assert live.take()["code.entry"] is app.periodic_entries["code.entry"]
+    put("code.entry", {**GOOD}, 7)
+    put("live.bad", b"\xc1", 8)
+    put("live.bad", b"\xc1", 8)  # the same revision again (a rebuild): logged once
+    clashes = [r for r in caplog.records if "ignored" in r.getMessage()]
+    skipped = [r for r in caplog.records if "'live.bad'" in r.getMessage()]
+    assert len(clashes) == 1 and len(skipped) == 1
+
+    # After a restart the whole bucket is read again: what is gone from it fires no more.
+    live._rebuild({"live.b": Entry("live.b", msgpack.packb(GOOD), 1)})
+    changes = live.take()
+    assert set(changes) == {"live.b"} and changes["live.b"] is not None
+    assert sorted(e.name for e in live.entries) == ["code.entry", "live.b"]
+    live._rebuild({})
+    assert live.take() == {"live.b": None}
+    assert [e.name for e in live.entries] == ["code.entry"]

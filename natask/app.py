@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .beat import PeriodicEntry
+    from .beat.schedules import Schedules
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -214,6 +215,14 @@ class Natask:
             raise ConfigError(f"a periodic entry named {entry.name!r} exists already: pass another name=")
         self.periodic_entries[entry.name] = entry
         return entry
+
+    @property
+    def beat(self) -> Schedules:
+        """Periodic entries stored while beats run: ``app.beat.add("ping", add.s(1, 2), every=30)``,
+        ``remove``, ``enable``, ``disable``, ``list`` (see ``natask.beat.Schedules``)."""
+        from .beat.schedules import Schedules
+
+        return Schedules(self)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task of that name; ``TaskNotFound`` names the ones that exist."""

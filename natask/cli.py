@@ -182,27 +182,147 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
             await server.stop()
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @app_option
-@click.option("--list", "list_only", is_flag=True, help="print the entries with their next fire times and exit")
+@click.option("--list", "list_only", is_flag=True,
+              help="print every entry (code-defined and stored) with its next fire time and exit")
 @loglevel_option
 @logformat_option
-def beat(app_spec: str | None, list_only: bool, loglevel: str, log_format: str) -> None:
-    """Fire periodic tasks; run any number of these, one leads at a time."""
-    from .beat import Beat, describe
+@click.pass_context
+def beat(ctx: click.Context, app_spec: str | None, list_only: bool, loglevel: str, log_format: str) -> None:
+    """Fire periodic tasks; run any number of these, one leads at a time.
+
+    With a subcommand, edit the stored entries instead: running beats apply a change within a second.
+    """
+    from .beat import Beat
     from .logs import setup_logging
 
-    app = load_app(app_spec)
-    if list_only:
-        for name, schedule, fire in describe(app):
-            click.echo(f"{name}  {schedule}  next {fire.isoformat()}")
+    ctx.obj = app_spec
+    if ctx.invoked_subcommand is not None:
         return
+    if list_only:
+        _list_schedules(app_spec)
+        return
+    app = load_app(app_spec)
     setup_logging(loglevel, log_format)
 
     try:
         run_until_signalled(Beat(app).run())  # a cancelled run hands the lease over
     except NataskError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _list_schedules(app_spec: str | None) -> None:
+    from .beat import describe
+
+    app = load_app(app_spec)
+    try:
+        infos = _edit_schedules(app, lambda beat: beat.alist())
+    except click.ClickException as e:  # no server: the code-defined entries still have fire times
+        click.echo(f"stored entries unknown ({e.message}); code-defined entries:", err=True)
+        for name, schedule, fire in describe(app):
+            click.echo(f"{name}  {schedule}  next {fire.isoformat()}")
+        return
+    for info in infos:  # stored values come from whoever may write the bucket: escaped as printed
+        state = f"next {info.next_fire.isoformat()}" if info.next_fire is not None else "disabled"
+        extra = f"  ({info.error})" if info.error else ""
+        click.echo(printable(f"{info.name}  {info.schedule}  {state}  {info.source}  {info.task}{extra}"))
+    if not infos:
+        click.echo("no periodic entries: define them in code (@app.periodic) or add one with `natask beat add`")
+
+
+def _edit_schedules(app: Natask, fn: Any) -> Any:
+    """Run ``fn(app.beat)`` (a coroutine function) on a fresh loop; a mistake exits 2 with the reason."""
+    from .errors import TaskNotFound
+
+    async def go() -> Any:
+        async with app:
+            return await fn(app.beat)
+
+    try:
+        result, signum = run_until_signalled(go())
+    except (ConfigError, TaskNotFound) as e:
+        raise click.UsageError(str(e)) from None
+    except NataskError as e:
+        raise click.ClickException(str(e)) from None
+    if signum is not None:
+        sys.exit(exit_code(signum))
+    return result
+
+
+def _beat_app(app_spec: str | None) -> Natask:
+    """The app of a ``natask beat`` subcommand: its own ``-A``, else the group's."""
+    return load_app(app_spec or click.get_current_context().obj)
+
+
+def _json_arg(text: str, what: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.UsageError(f"{what} must be JSON: {e}") from None
+    if not isinstance(value, kind):
+        raise click.UsageError(f"{what} must be a JSON {'list' if kind is list else 'object'}, got {text}")
+    return value
+
+
+@beat.command("add")
+@app_option
+@click.argument("entry")
+@click.argument("task")
+@click.option("--every", type=float, default=None, metavar="SECONDS",
+              help="fire every SECONDS (whole seconds, aligned to the Unix epoch)")
+@click.option("--cron", default=None, metavar="EXPR", help="fire on a cron expression (5 fields, or 6 with seconds)")
+@click.option("--args", "args_json", default="[]", show_default=True, help="positional arguments as a JSON list")
+@click.option("--kwargs", "kwargs_json", default="{}", show_default=True, help="keyword arguments as a JSON object")
+@click.option("-Q", "--queue", default=None, help="queue to send to (default: the task's)")
+@click.option("--tz", default=None, help="time zone of --cron, an IANA name (default: UTC)")
+def beat_add(app_spec: str | None, entry: str, task: str, every: float | None, cron: str | None,
+             args_json: str, kwargs_json: str, queue: str | None, tz: str | None) -> None:
+    """Store entry ENTRY that fires TASK.
+
+    Replaces a stored entry of that name; a name defined in the app's code is refused."""
+    if (every is None) == (cron is None):
+        raise click.UsageError("give exactly one of --every SECONDS and --cron EXPR")
+    args, kwargs = _json_arg(args_json, "--args", list), _json_arg(kwargs_json, "--kwargs", dict)
+    app = _beat_app(app_spec)
+    added = _edit_schedules(app, lambda b: b.aadd(entry, task, every=every, cron=cron, args=args, kwargs=kwargs,
+                                                 queue=queue, tz=tz))
+    from .beat import schedule_text
+
+    click.echo(f"stored {entry}: {added.signature} {schedule_text(added)}")
+
+
+@beat.command("remove")
+@app_option
+@click.argument("entry")
+def beat_remove(app_spec: str | None, entry: str) -> None:
+    """Delete stored entry ENTRY.
+
+    Entries defined in the app's code cannot be removed, only disabled."""
+    _edit_schedules(_beat_app(app_spec), lambda b: b.aremove(entry))
+    click.echo(f"removed {entry}")
+
+
+@beat.command("enable")
+@app_option
+@click.argument("entry")
+def beat_enable(app_spec: str | None, entry: str) -> None:
+    """Fire ENTRY again, from its next fire time.
+
+    Fire times missed while it was disabled are not replayed."""
+    _edit_schedules(_beat_app(app_spec), lambda b: b.aenable(entry))
+    click.echo(f"enabled {entry}")
+
+
+@beat.command("disable")
+@app_option
+@click.argument("entry")
+def beat_disable(app_spec: str | None, entry: str) -> None:
+    """Stop firing ENTRY until it is enabled again.
+
+    Works for code-defined entries too: an override stored under the entry's name."""
+    _edit_schedules(_beat_app(app_spec), lambda b: b.adisable(entry))
+    click.echo(f"disabled {entry}")
 
 
 @main.command()

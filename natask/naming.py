@@ -223,6 +223,11 @@ class Names:
         return f"natask_beat_{self.prefix}"
 
     @property
+    def schedules_bucket(self) -> str:
+        """Periodic entries stored at run time (``app.beat.add``, ``natask beat add``): one key per entry."""
+        return f"natask_schedules_{self.prefix}"
+
+    @property
     def claims_bucket(self) -> str:
         return f"natask_claims_{self.prefix}"
 

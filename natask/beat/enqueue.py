@@ -58,6 +58,10 @@ class Enqueuer:
         broker.check_size(subject, call.payload, call.headers)
         return Message(subject, call.payload, call.headers)
 
+    def forget(self, name: str) -> None:
+        """Plan entry ``name`` again on its next tick (it changed or went away)."""
+        self._plans.pop(name, None)
+
     def _plan(self, entry: PeriodicEntry) -> _Plan:
         node = Freezer(self.app).freeze(entry.signature)
         (step,) = expand(node)  # a signature is one message

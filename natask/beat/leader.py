@@ -21,8 +21,9 @@ from ..broker.kv import Bucket
 from ..config import Seconds, seconds
 from ..errors import BrokerError, ConfigError
 from .enqueue import Enqueuer, Message
+from .live import LiveEntries
 from .records import RECORD_PREFIX, Records, loads
-from .schedule import UTC, PeriodicEntry
+from .schedule import UTC, PeriodicEntry, schedule_text
 from .timetable import Tick, Timetable
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class Beat:
     while some beat was watching are all enqueued (late, after a failover); fire times missed while
     no beat ran are dropped except the latest ``catch_up`` per entry.
     ``clock`` (unix seconds) decides fire times; lease timing uses the monotonic clock.
+    Besides the app's own entries, each beat fires those stored in ``natask_schedules_<prefix>``
+    (``app.beat``, ``natask beat add``): it watches that bucket and applies a change in the next pass.
     """
 
     def __init__(
@@ -111,7 +114,7 @@ class Beat:
         self._clock = clock
         self._late_window = max(3 * ttl, LATE_WINDOW_MIN)
         self._poll = ttl / 4
-        self._entries: list[PeriodicEntry] = []
+        self._live = LiveEntries(app, self._changed)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # the firing loop: leadership gained, or stop
@@ -131,7 +134,12 @@ class Beat:
         self._enqueuer = Enqueuer(app)
 
     def __repr__(self) -> str:
-        return f"<Beat {self.id} {'leader' if self.is_leader else 'follower'} entries={len(self._entries)}>"
+        return f"<Beat {self.id} {'leader' if self.is_leader else 'follower'} entries={len(self.entries)}>"
+
+    @property
+    def entries(self) -> list[PeriodicEntry]:
+        """The entries this beat fires now: the app's, and those stored (``app.beat``) and enabled."""
+        return self._live.entries
 
     @property
     def is_leader(self) -> bool:
@@ -143,9 +151,11 @@ class Beat:
         if self._task is not None:
             raise RuntimeError("this beat is already running")
         kv = await self._open()
-        self._entries = list(self.app.periodic_entries.values())
-        if not self._entries:
-            log.warning("app %r has no periodic entries: this beat has nothing to enqueue", self.app.name)
+        self._live = LiveEntries(self.app, self._changed)
+        await self._live.start(f"natask-beat-watch-{self.id}")  # known before this beat may lead
+        if not self.entries:
+            log.warning("app %r has no periodic entries yet: this beat enqueues those added later "
+                        "(natask beat add, app.beat.add)", self.app.name)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
@@ -153,7 +163,7 @@ class Beat:
         self._started = self._clock()
         self._lease_due = 0.0
         self._task = asyncio.get_running_loop().create_task(self._run(kv), name=f"natask-beat-{self.id}")
-        log.info("beat %s started with %d entries", self.id, len(self._entries))
+        log.info("beat %s started with %d entries", self.id, len(self.entries))
 
     async def stop(self, *, release: bool = True) -> None:
         """Stop: finish the batch of ticks being enqueued, then hand the lease over at once
@@ -178,7 +188,12 @@ class Beat:
             log.error("beat %s failed", self.id, exc_info=task.exception())
         self._lease_rev = None
         self._timetable = None
+        await self._live.stop()
         self._done.set()
+
+    def _changed(self) -> None:
+        """The entries changed: a leader applies it in a pass now (a follower when it leads)."""
+        self._wake.set()
 
     async def run(self) -> None:
         """Start, then wait until ``stop()`` (a cancelled ``run`` stops the beat and releases the lease)."""
@@ -214,6 +229,7 @@ class Beat:
             await asyncio.wait({lease})
             self._lease_rev = None
             self._timetable = None
+            await self._live.stop()
             self._done.set()
 
     async def _pause(self, event: asyncio.Event, delay: float | None) -> None:
@@ -341,6 +357,7 @@ class Beat:
             await self._forget()
             table = await self._load(kv)
             self._timetable, self._timetable_term = table, term
+        self._apply_changes(table)
         now_ts = self._clock()
         now = datetime.fromtimestamp(now_ts, UTC)
         horizon = datetime.fromtimestamp(max(self._started, now_ts - self._late_window), UTC)
@@ -378,8 +395,27 @@ class Beat:
     async def _load(self, kv: Bucket) -> Timetable:
         """On becoming leader: the last fire time each entry's previous leader recorded."""
         self._records = Records(kv)
-        cursors = await self._records.load([entry.name for entry in self._entries])
-        return Timetable(self._entries, cursors, self.catch_up)
+        self._live.take()  # the timetable starts from the entries as they are now
+        self._enqueuer = Enqueuer(self.app)  # plans of entries changed while following are stale
+        entries = self.entries
+        cursors = await self._records.load([entry.name for entry in entries])
+        return Timetable(entries, cursors, self.catch_up)
+
+    def _apply_changes(self, table: Timetable) -> None:
+        """Entries added, changed, removed, enabled or disabled since the last pass (live schedules): a
+        new or changed entry fires from now on (its missed fire times are not replayed)."""
+        changes = self._live.take()
+        if not changes:
+            return
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        for name, entry in changes.items():
+            self._enqueuer.forget(name)
+            if entry is None:
+                if table.remove(name):
+                    log.info("periodic entry %r removed or disabled: it fires no more", name)
+            else:
+                table.add(entry, now)
+                log.info("periodic entry %r now fires %s (%s)", name, entry.signature, schedule_text(entry))
 
     async def _forget(self) -> None:
         """Drop the timetable (no longer leading, or leading again after another may have), writing
@@ -413,11 +449,13 @@ class Beat:
             sent.append((tick, task_id))
         if messages and not await self._while_leading(self._enqueuer.publish(broker, messages), term):
             return False
-        debug = log.isEnabledFor(logging.DEBUG)
+        info = log.isEnabledFor(logging.INFO)
         for tick, task_id in sent:
             table.handled(tick)
-            if debug:
-                log.debug("enqueued %s (%s)", task_id, entries[tick.slot].signature)
+            if info:
+                entry = entries[tick.slot]
+                log.info("tick of %s: %s at %s, task id %s", entry.name, entry.signature.task,
+                         tick.fire.isoformat(), task_id)
         for tick in skipped:
             table.handled(tick)
         return True

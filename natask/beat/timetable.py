@@ -22,7 +22,7 @@ class Tick(NamedTuple):
 
 
 class _Slot:
-    __slots__ = ("cursor", "entry", "id_prefix", "interval", "upcoming")
+    __slots__ = ("cursor", "entry", "id_prefix", "interval", "removed", "upcoming")
 
     def __init__(self, entry: PeriodicEntry, cursor: datetime | None) -> None:
         self.entry = entry
@@ -30,6 +30,7 @@ class _Slot:
         self.upcoming: datetime | None = None  # the first fire time after the cursor, once known
         self.interval = entry.schedule if isinstance(entry.schedule, timedelta) else None
         self.id_prefix = entry.name.replace(".", "/") + TICK_SEP
+        self.removed = False  # removed (or disabled) while leading: its heap items are dropped when popped
 
 
 class Timetable:
@@ -39,7 +40,8 @@ class Timetable:
     caller then reports each acknowledged tick with ``handled`` and ends the pass with ``finish``
     (every tick handled) or ``abandon`` (interrupted: the entries of the pass are looked at again,
     from their cursors, in the next pass). Handled ticks wait in ``unrecorded`` (the latest per entry)
-    until ``recorded`` says they were written to the bucket.
+    until ``recorded`` says they were written to the bucket. Between passes, ``add`` and ``remove``
+    change the entries (live schedules).
     """
 
     def __init__(self, entries: Sequence[PeriodicEntry], cursors: Mapping[str, datetime | None],
@@ -51,9 +53,57 @@ class Timetable:
         self._pass: list[tuple[int, datetime]] = []  # (slot, its next fire time after the pass)
         self._unrecorded: dict[int, datetime] = {}  # slot -> its latest handled fire time not yet recorded
         self._stamps: dict[datetime, str] = {}
+        self._index = {e.name: i for i, e in enumerate(self.entries)}
+        self._removed = 0
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def add(self, entry: PeriodicEntry, cursor: datetime | None) -> None:
+        """Fire ``entry`` from now on, after ``cursor``; looked at in the next pass. An entry of the
+        same name is replaced (its next fire time recomputed from ``cursor``)."""
+        if self._pass:
+            raise RuntimeError("entries change between passes only")
+        old = self._index.get(entry.name)
+        if old is not None:
+            previous = self._slots[old].cursor  # never back: a fire time handled stays handled
+            if cursor is None or (previous is not None and previous > cursor):
+                cursor = previous
+            self.remove(entry.name)
+        i = len(self._slots)
+        self.entries.append(entry)
+        self._slots.append(_Slot(entry, cursor))
+        self._index[entry.name] = i
+        heapq.heappush(self._heap, (_UNKNOWN, i))
+
+    def remove(self, name: str) -> bool:
+        """Fire ``name`` no more (False: not in the timetable). Its last handled tick is still recorded."""
+        if self._pass:
+            raise RuntimeError("entries change between passes only")
+        i = self._index.pop(name, None)
+        if i is None:
+            return False
+        self._slots[i].removed = True
+        self._removed += 1
+        if self._removed > len(self._index) + 64:
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        """Drop removed slots whose records are written (slot numbers change: between passes only)."""
+        slots = self._slots
+        keep = [i for i, slot in enumerate(slots) if not slot.removed or i in self._unrecorded]
+        moved = {old: new for new, old in enumerate(keep)}
+        self._heap = [(at, moved[i]) for at, i in self._heap if not slots[i].removed]
+        heapq.heapify(self._heap)
+        self._slots = [slots[i] for i in keep]
+        self.entries = [self.entries[i] for i in keep]
+        self._index = {name: moved[i] for name, i in self._index.items()}
+        self._unrecorded = {moved[i]: fire for i, fire in self._unrecorded.items()}
+        self._removed = sum(slot.removed for slot in self._slots)
 
     def next_at(self) -> datetime | None:
         """The earliest fire time not yet handled (``_UNKNOWN`` if an entry must be looked at now)."""
@@ -72,6 +122,8 @@ class Timetable:
         while heap and heap[0][0] <= now:
             _, i = heapq.heappop(heap)
             slot = slots[i]
+            if slot.removed:
+                continue
             fire = slot.upcoming
             if fire is not None and fire > horizon:
                 # Nothing between the cursor and `fire` (its next fire time) and nothing to catch up on.
@@ -109,17 +161,21 @@ class Timetable:
         """Every tick of the pass was handled: each entry's cursor moves to ``now``."""
         for i, upcoming in self._pass:
             slot = self._slots[i]
+            if slot.removed:
+                continue
             if slot.cursor is None or slot.cursor < now:
                 slot.cursor = now
             slot.upcoming = upcoming
             heapq.heappush(self._heap, (upcoming, i))
         self._pass = []
-        if len(self._stamps) > 4 * len(self._slots) + 64:
+        if len(self._stamps) > 4 * len(self._index) + 64:
             self._stamps.clear()
 
     def abandon(self) -> None:
         """The pass stopped part-way: its entries continue from their cursors in the next pass."""
         for i, _ in self._pass:
+            if self._slots[i].removed:
+                continue
             self._slots[i].upcoming = None
             heapq.heappush(self._heap, (_UNKNOWN, i))
         self._pass = []

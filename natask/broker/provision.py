@@ -199,14 +199,17 @@ class Provisioning(Publishing):
         """A bucket natask owns, created if missing (``config``: by default one revision per key,
         kept ``result_ttl``). Its handle heals: a call that finds the bucket deleted on the server
         recreates it and is made again."""
-        if config is None:
-            config = KeyValueConfig(bucket=bucket, history=1, ttl=self.config.result_ttl, storage=StorageType.FILE,
-                                    replicas=self.config.stream_replicas, direct=True)
-        self._owned[f"KV_{bucket}"] = lambda: self._create_bucket(config)
+        stream = f"KV_{bucket}"
+        if config is not None or stream not in self._owned:  # a watch keeps the settings given by `bucket`
+            if config is None:
+                config = KeyValueConfig(bucket=bucket, history=1, ttl=self.config.result_ttl, storage=StorageType.FILE,
+                                        replicas=self.config.stream_replicas, direct=True)
+            self._owned[stream] = lambda: self._create_bucket(config)
+        create = self._owned[stream]
         try:
             kv = await self.api(lambda: self.js.key_value(bucket))
         except nats.js.errors.BucketNotFoundError:
-            kv = await self._create_bucket(config)
+            kv = await create()
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e
         return Bucket(self, kv)

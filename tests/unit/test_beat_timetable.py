@@ -155,3 +155,73 @@ def test_handled_ticks_wait_to_be_recorded_latest_per_entry(sig: Signature[Any])
     table.recorded(pending[:1])
     assert table.unrecorded() == pending[1:]
     assert [t.fire - START for t in table.due(now, START)] == [timedelta(seconds=3)] * 2  # the rest, then
+
+
+def run_pass(table: Timetable, now: datetime) -> list[tuple[str, datetime]]:
+    ticks = table.due(now, now - LATE_WINDOW)
+    for tick in ticks:
+        table.handled(tick)
+    table.finish(now)
+    return [(table.entries[t.slot].name, t.fire) for t in ticks]
+
+
+def test_entries_added_changed_and_removed_between_passes(sig: Signature[Any]) -> None:
+    every = make_entry(timedelta(seconds=1), sig, name="a", tz=None)
+    table = Timetable([every], {"a": START}, catch_up=1)
+    now = START
+    assert run_pass(table, now) == []
+    now += timedelta(seconds=1)
+    assert run_pass(table, now) == [("a", now)]
+
+    table.add(make_entry(timedelta(seconds=1), sig, name="b", tz=None), now)  # fires after its cursor
+    assert len(table) == 2 and "b" in table
+    now += timedelta(seconds=1)
+    assert run_pass(table, now) == [("a", now), ("b", now)]
+
+    changed = now
+    table.add(make_entry(timedelta(seconds=2), sig, name="a", tz=None), now)  # a new schedule, same name
+    fired: list[tuple[str, datetime]] = []
+    for _ in range(4):
+        now += timedelta(seconds=1)
+        fired += run_pass(table, now)
+    seconds = [changed + timedelta(seconds=s) for s in (1, 2, 3, 4)]
+    assert [f for n, f in fired if n == "a"] == [t for t in seconds if t.timestamp() % 2 == 0]
+    assert [f for n, f in fired if n == "b"] == seconds
+
+    assert table.remove("b") and not table.remove("b") and "b" not in table
+    now += timedelta(seconds=10)
+    assert {n for n, _ in run_pass(table, now)} == {"a"}  # a removed entry fires no more
+
+
+def test_a_changed_entry_never_moves_its_cursor_back(sig: Signature[Any]) -> None:
+    table = Timetable([make_entry(timedelta(seconds=1), sig, name="a", tz=None)], {"a": START}, catch_up=1)
+    now = START + timedelta(seconds=3)
+    assert [f for _, f in run_pass(table, now)] == [START + timedelta(seconds=s) for s in (1, 2, 3)]
+    table.add(make_entry(timedelta(seconds=1), sig, name="a", tz=None), START)  # an older cursor is ignored
+    now += timedelta(seconds=1)
+    assert [f for _, f in run_pass(table, now)] == [now]  # nothing fired twice
+
+
+def test_removed_entries_are_compacted_and_their_last_tick_still_recorded(sig: Signature[Any]) -> None:
+    names = [f"e{i}" for i in range(200)]
+    table = Timetable([make_entry(timedelta(seconds=1), sig, name=n, tz=None) for n in names], {}, catch_up=1)
+    run_pass(table, START)
+    ticks = table.due(START + timedelta(seconds=1), START)
+    for tick in ticks:
+        table.handled(tick)
+    table.finish(START + timedelta(seconds=1))
+    for name in names[:150]:
+        table.remove(name)
+    assert len(table) == 50
+    recorded = {table.entries[t.slot].name for t in table.unrecorded()}
+    assert recorded == set(names)  # removed entries' ticks are facts: still written
+    table.recorded(table.unrecorded())
+    table.remove(names[150])  # compacts now that nothing is owed
+    assert len(table.entries) < 200 and len(table) == 49
+    now = START + timedelta(seconds=2)
+    assert sorted(n for n, _ in run_pass(table, now)) == sorted(names[151:])
+    table.due(now + timedelta(seconds=1), now)  # a pass is open
+    with pytest.raises(RuntimeError, match="between passes"):
+        table.add(make_entry(timedelta(seconds=1), sig, name="late", tz=None), now)
+    with pytest.raises(RuntimeError, match="between passes"):
+        table.remove("e151")

@@ -64,6 +64,14 @@ class Dashboard:
     def summary(self) -> dict[str, Any]:
         return self.asgi.web.summary()
 
+    def state(self) -> dict[str, Any]:
+        """What ``/api/state`` answers."""
+        return self.asgi.web.snapshot()
+
+    async def read(self) -> None:
+        """Read queues, dead letters and workers now (the feed does every ``refresh`` seconds)."""
+        await self.feed.read()
+
     async def start(self) -> None:
         # Listen first: a busy port fails at once, before a connection or a background job exists.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET

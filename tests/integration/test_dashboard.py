@@ -35,7 +35,7 @@ async def http(url: str, method: str = "GET", path: str = "/", headers: dict[str
     """One HTTP/1.1 request with the standard library; (status, headers, body)."""
     host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()  # type: ignore[union-attr]
     reader, writer = await asyncio.open_connection(host, int(port))
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0",
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0", "Connection: close",
              *(f"{k}: {v}" for k, v in (headers or {}).items())]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     try:
@@ -130,7 +130,7 @@ async def test_api_state_events_and_replay(dash_app: Natask) -> None:
 
         # Host check: a DNS-rebinding page reaches 127.0.0.1 under a name of its own.
         reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
-        writer.write(b"GET /api/state HTTP/1.1\r\nHost: attacker.example:80\r\n\r\n")
+        writer.write(b"GET /api/state HTTP/1.1\r\nHost: attacker.example:80\r\nConnection: close\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 403")
         writer.close()
         await writer.wait_closed()
@@ -140,8 +140,11 @@ async def test_api_state_events_and_replay(dash_app: Natask) -> None:
         writer.write(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert b"text/event-stream" in head
+        assert b"transfer-encoding: chunked" in head.lower()
         first = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
-        message = json.loads(first.removeprefix(b"data: "))
+        size, _, event = first.partition(b"\r\n")  # one chunk per event
+        assert int(size, 16) == len(event)
+        message = json.loads(event.removeprefix(b"data: "))
         assert message["full"] and {t["id"] for t in message["tasks"]} >= {result.id, lost.id}
         # ... and stays open through a stop (the dashboard ends it).
     assert await asyncio.wait_for(reader.read(), 10) is not None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from natask import Natask
-from natask.dashboard import PREVIEW_CHARS, REDACTED, Dashboard, is_secret, preview, redact
+from natask.dashboard import PREVIEW_CHARS, REDACTED, Model, Query, is_secret, preview, redact
 
 
 def test_secret_looking_keys() -> None:
@@ -56,26 +55,26 @@ def test_preview_is_bounded() -> None:
     assert preview([dt.date(2026, 1, 2)], {}) == "(datetime.date(2026, 1, 2))"
 
 
-def _dashboard() -> Dashboard:
-    return Dashboard(Natask("unit", servers=["nats://127.0.0.1:1"]))  # never connects
+def _dashboard() -> Model:
+    return Model()
 
 
 def test_events_make_a_row_with_runtime_whatever_the_order() -> None:
     d = _dashboard()
     d.on_event({"type": "task-started", "id": "a", "name": "t.add", "ts": 100.0, "worker": "w1", "retries": 0})
-    assert d.tasks["a"].state == "STARTED"
+    assert d.rows["a"].state == "STARTED"
     d.on_event({"type": "task-succeeded", "id": "a", "name": "t.add", "ts": 100.25, "worker": "w1"})
-    row = d.tasks["a"]
+    row = d.rows["a"]
     assert (row.state, row.runtime, row.worker) == ("SUCCESS", 0.25, "w1")
 
     # The outcome may overtake the start (different subjects): the row stays final, runtime still known.
     d.on_event({"type": "task-failed", "id": "b", "name": "t.div", "ts": 200.5, "worker": "w1",
                 "exc_type": "ZeroDivisionError", "message": "division by zero"})
     d.on_event({"type": "task-started", "id": "b", "name": "t.div", "ts": 200.0, "worker": "w1"})
-    assert (d.tasks["b"].state, d.tasks["b"].runtime) == ("FAILURE", 0.5)
-    assert list(d.failed) == ["b"]
-    assert {t["id"] for t in d.tasks_since(0)} == {"a", "b"}
-    assert [t["id"] for t in d.tasks_since(d.tasks["a"].version)] == ["b"]
+    assert (d.rows["b"].state, d.rows["b"].runtime) == ("FAILURE", 0.5)
+    assert [t["id"] for t in d.search(Query(state="FAILURE"))[0]] == ["b"]
+    assert {t["id"] for t in d.changes(0)} == {"a", "b"}
+    assert [t["id"] for t in d.changes(d.rows["a"].version)] == ["b"]
 
 
 def test_worker_events() -> None:
@@ -83,7 +82,7 @@ def test_worker_events() -> None:
     d.on_event({"type": "worker-online", "ts": 1.0, "worker": "h:1", "queues": ["default"], "concurrency": 4})
     assert d.workers["h:1"]["status"] == "online" and d.workers["h:1"]["concurrency"] == 4
     d.on_event({"type": "worker-offline", "ts": 2.0, "worker": "h:1"})
-    assert d.summary()["workers"][0]["status"] == "offline"
+    assert d.summary("unit", "p")["workers"][0]["status"] == "offline"
 
 
 def test_events_with_odd_values_never_raise_nor_reach_the_page() -> None:
@@ -97,12 +96,12 @@ def test_events_with_odd_values_never_raise_nor_reach_the_page() -> None:
     d.on_event({"type": "task-finished", "id": "a", "ts": 3.0, "state": {"not": "a state"}})
     d.on_event({"type": "task-started", "id": ">", "ts": 1.0})
     d.on_event({"type": 7, "id": "b"})
-    row = d.tasks["a"]
+    row = d.rows["a"]
     assert (row.name, row.retries, row.state, row.finished) == ("t.add", 0, "FINISHED", 3.0)
-    assert isinstance(row.started, float) and list(d.tasks) == ["a"]
+    assert isinstance(row.started, float) and list(d.rows) == ["a"]
 
 
 def test_state_json_never_carries_nan() -> None:
-    from natask.dashboard import _json
+    from natask.dashboard.web import dumps
 
-    assert _json({"a": [float("nan"), 1.5, {"b": float("inf")}]}) == b'{"a":[null,1.5,{"b":null}]}'
+    assert dumps({"a": [float("nan"), 1.5, {"b": float("inf")}]}) == b'{"a":[null,1.5,{"b":null}]}'

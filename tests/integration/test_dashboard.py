@@ -228,14 +228,20 @@ class Browser:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})  # type: ignore[no-any-return]
 
-    async def open(self, url: str) -> Page:
+    async def open(self, url: str, headers: dict[str, str] | None = None, width: int = 1400) -> Page:
+        """A new tab on ``url``; ``headers`` sent with every request (credentials), ``width``: of the
+        window in CSS pixels (a phone's is about 375, shown as mobile)."""
         target = (await self.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
         session = (await self.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
         page = Page(self, session)
         await page.send("Runtime.enable")
         await page.send("Page.enable")
+        if headers:
+            await page.send("Network.enable")
+            await page.send("Network.setExtraHTTPHeaders", {"headers": headers})
         await page.send("Emulation.setDeviceMetricsOverride",
-                        {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+                        {"width": width, "height": 1000 if width > 700 else 800, "deviceScaleFactor": 1,
+                         "mobile": width <= 700})
         await page.send("Page.navigate", {"url": url})
         return page
 

@@ -5,6 +5,7 @@ the charts agree however many rows the index has let go."""
 
 from __future__ import annotations
 
+import bisect
 import random
 import re
 import time
@@ -219,7 +220,8 @@ class Model:
         self.rows: OrderedDict[str, TaskRow] = OrderedDict()
         """By last change, oldest first (what a live update and eviction walk)."""
         self.seen = 0
-        """Distinct tasks seen since the history starts (rows let go included)."""
+        """Calls published since the history starts (rows let go included): retries and replays
+        are not new calls."""
         self.totals: Counter[str] = Counter()
         """Outcome and retry events seen, by state: the one source of every count shown."""
         self.by_worker: dict[str, Counter[str]] = {}
@@ -246,7 +248,6 @@ class Model:
         row = self.rows.get(task_id)
         if row is None:
             row = self.rows[task_id] = TaskRow(id=task_id, name=name or "?")
-            self.seen += 1
             while len(self.rows) > self.limit:
                 self.rows.popitem(last=False)
         elif name and row.name == "?":
@@ -269,7 +270,9 @@ class Model:
         if msg_id and msg_id == row.msg_id:
             return  # a duplicate publish, which JetStream dropped
         ts = time.time() if ts is None else ts
-        row.msg_id = msg_id
+        if not row.msg_id and not retries and not replayed:
+            self.seen += 1  # a new call (a row made again after the index let it go is not counted twice)
+        row.msg_id = msg_id or row.msg_id or "?"
         row.queue, row.args, row.sent = queue or row.queue, args or row.args, ts
         row.parent_id, row.root_id = parent_id or row.parent_id, root_id or row.root_id
         row.retries = max(row.retries, retries)
@@ -335,13 +338,25 @@ class Model:
 
     def _sent_event(self, task_id: str, ts: float, event: Mapping[str, Any]) -> None:
         """A publish the dashboard recorded in the history (events carry no arguments otherwise)."""
-        row = self.rows.get(task_id)
-        if row is not None and row.sent is not None and row.sent >= ts:
-            return
+
         def text(key: str) -> str:
             value = event.get(key)
             return value if isinstance(value, str) else ""
 
+        row = self.rows.get(task_id)
+        if row is not None and row.sent is not None and row.sent >= ts:
+            return
+        if row is not None and row.activity > ts:
+            # Recorded after the worker's events of the same call (the dashboard batches its records):
+            # fill in what only the publish carries, keep the state the events gave.
+            row.queue = row.queue or text("queue")[:200]
+            row.args = row.args or text("args")[:1000]
+            row.parent_id = row.parent_id or text("parent_id")[:100]
+            row.root_id = row.root_id or text("root_id")[:100]
+            row.sent = ts
+            bisect.insort(row.timeline, (ts, "sent", row.queue))
+            self.changed(row)
+            return
         self.publish(task_id, task_name(event.get("name")), text("queue")[:200], text("args")[:1000],
                      retries=r if type(r := event.get("retries")) is int and r >= 0 else 0,
                      scheduled=event.get("scheduled") is True, replayed=event.get("replayed") is True,

@@ -213,6 +213,17 @@ class Browser:
                 future.set_result(msg)
             elif msg.get("method") == "Runtime.exceptionThrown":
                 self.errors.append(json.dumps(msg["params"]["exceptionDetails"])[:2000])
+            elif msg.get("method") == "Fetch.authRequired":  # as a user who dismisses the login prompt
+                self._next += 1
+                await self.ws.send(json.dumps({"id": self._next, "method": "Fetch.continueWithAuth",
+                                               "sessionId": msg["sessionId"], "params": {
+                                                   "requestId": msg["params"]["requestId"],
+                                                   "authChallengeResponse": {"response": "CancelAuth"}}}))
+            elif msg.get("method") == "Fetch.requestPaused":
+                self._next += 1
+                await self.ws.send(json.dumps({"id": self._next, "method": "Fetch.continueRequest",
+                                               "sessionId": msg["sessionId"],
+                                               "params": {"requestId": msg["params"]["requestId"]}}))
 
     async def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
                    ) -> dict[str, Any]:
@@ -228,14 +239,18 @@ class Browser:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})  # type: ignore[no-any-return]
 
-    async def open(self, url: str, headers: dict[str, str] | None = None, width: int = 1400) -> Page:
+    async def open(self, url: str, headers: dict[str, str] | None = None, width: int = 1400,
+                   dismiss_login: bool = False) -> Page:
         """A new tab on ``url``; ``headers`` sent with every request (credentials), ``width``: of the
-        window in CSS pixels (a phone's is about 375, shown as mobile)."""
+        window in CSS pixels (a phone's is about 375, shown as mobile); ``dismiss_login``: cancel
+        the browser's basic-auth prompt, which then shows the 401 page."""
         target = (await self.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
         session = (await self.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
         page = Page(self, session)
         await page.send("Runtime.enable")
         await page.send("Page.enable")
+        if dismiss_login:
+            await page.send("Fetch.enable", {"handleAuthRequests": True})
         if headers:
             await page.send("Network.enable")
             await page.send("Network.setExtraHTTPHeaders", {"headers": headers})

@@ -186,13 +186,13 @@ async def test_cli_serves_beyond_loopback_with_basic_auth(nats_server: NatsServe
 async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, tmp_path: Path) -> None:
     async with Dashboard(app, port=0, refresh=0.2, basic_auth=[f"{USER}:{PASSWORD}"]) as dash, \
             worker(app) as w, Browser(tmp_path / "chromium") as browser:
-        refused = await browser.open(dash.url)
+        refused = await browser.open(dash.url, dismiss_login=True)
         await refused.wait_for("document.body?.innerText.includes('authentication required')", "the 401 page")
 
         page = await browser.open(dash.url, headers={"Authorization": BASIC})
         await page.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
         ok = await app.asend_task("w.add", [20, 22])
-        bad = await app.asend_task("w.boom", ["order-9"], {"password": "hunter2"})
+        bad = await app.asend_task("w.boom", ["order-9"], {"api_key": "hunter2"})
         assert await ok.aget(timeout=10) == 42
         with pytest.raises(TaskFailed):
             await bad.aget(timeout=10)
@@ -215,7 +215,7 @@ async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, t
         await page.wait_for("document.getElementById('d-traceback').textContent.includes('cannot ship order-9')",
                             "the traceback")
         text = await page.evaluate("document.getElementById('page-task').innerText")
-        assert "password='***'" in text and w.ident in text and "started" in text and "failure" in text, text
+        assert "api_key='***'" in text and w.ident in text and "started" in text and "failure" in text, text
         assert "hunter2" not in await page.evaluate("document.documentElement.outerHTML")
 
         slow = await app.asend_task("w.add", [1, 1], countdown=3600)  # scheduled: still revocable

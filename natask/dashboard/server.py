@@ -22,6 +22,8 @@ DEFAULT_PORT: Final = 5555
 """Flower's port: an operator's muscle memory."""
 STOP_TIMEOUT: Final = 5
 """Seconds a stop waits for open connections (event streams end first) before closing them."""
+MAX_CONNECTIONS: Final = 100
+"""Connections served at once (each open page holds one for its event stream); beyond, 503."""
 
 
 class _Server(uvicorn.Server):
@@ -90,8 +92,11 @@ class Dashboard:
         self.asgi._guarded.hosts = self.asgi.hosts
         try:
             await self.asgi.start()
+            # No access log: a browser's first visit may carry ?token=. No log_config: the app's
+            # logging setup stays as it is (uvicorn's records go to the root logger).
             config = uvicorn.Config(self.asgi, lifespan="off", log_level="warning", access_log=False,
-                                    timeout_graceful_shutdown=STOP_TIMEOUT, server_header=False)
+                                    log_config=None, timeout_graceful_shutdown=STOP_TIMEOUT, server_header=False,
+                                    limit_concurrency=MAX_CONNECTIONS)
             self._server = _Server(config)
             self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
             while not self._server.started:

@@ -397,8 +397,32 @@ class Feed:
                 "history": {"stream": names.events_stream, "max_age": self.history.max_age,
                             "max_bytes": self.history.max_bytes, "enabled": self.history.enabled}}
 
-    async def schedules(self) -> list[dict[str, Any]]:
-        """The app's periodic entries (read-only; live editing comes with the beat's KV entries)."""
+    async def schedules(self) -> dict[str, Any]:
+        """The app's periodic entries with the beat's records (last fire, its task id, the leader).
+        Read-only: editing comes with live schedules (entries kept in the beat's bucket); this is the
+        one place to extend."""
         from ..beat import describe
+        from ..beat.leader import LEASE_KEY
+        from ..beat.records import RECORD_PREFIX
 
-        return [{"name": n, "schedule": s, "next": t.isoformat()} for n, s, t in describe(self.app)]
+        broker = await self.app._broker()
+        kv = await broker.existing_bucket(self.app.names.beat_bucket)  # a dashboard never creates it
+
+        async def record(key: str) -> dict[str, Any]:
+            entry = await kv.get(key) if kv is not None else None
+            try:
+                value = loads(entry.value) if entry is not None and entry.value else {}
+            except NataskError:
+                return {}
+            return value if isinstance(value, dict) else {}
+
+        entries = []
+        for name, schedule, at in describe(self.app):
+            last = await record(RECORD_PREFIX + name)
+            fire, tick = last.get("fire"), last.get("id")
+            entries.append({"name": name, "schedule": schedule, "next": at.isoformat(),
+                            "last": fire if isinstance(fire, (int, float)) else None,
+                            "last_id": tick if isinstance(tick, str) and TASK_ID_RE.match(tick) else None})
+        lease = await record(LEASE_KEY)
+        holder = lease.get("holder")
+        return {"entries": entries, "leader": holder if isinstance(holder, str) else None, "editable": False}

@@ -319,7 +319,10 @@ class Web:
                       **series.keys()})
 
     async def schedules(self, request: Request) -> Response:
-        return _json({"entries": await self.feed.schedules(), "editable": False})
+        try:
+            return _json(await self.feed.schedules())
+        except NataskError as e:
+            return _error(503, str(e))
 
 
 def _float(value: str | None) -> float | None:

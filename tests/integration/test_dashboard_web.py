@@ -279,3 +279,31 @@ async def _true(value: bool) -> bool:
     return value
 
 
+
+
+async def test_workers_charts_broker_and_schedules_pages_read_what_exists(app: Natask) -> None:
+    from datetime import timedelta
+
+    app.periodic(timedelta(hours=1), name="w.hourly")(lambda: None)
+    async with Dashboard(app, port=0, refresh=0.2) as dash, worker(app, concurrency=3) as w, \
+            httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+        done = await app.asend_task("w.add", [1, 1])
+        assert await done.aget(timeout=10) == 2
+
+        async def counted() -> bool:
+            return dash.model.counts()["succeeded"] == 1
+
+        await until(counted, "the success counted")
+        workers = (await http.get("/api/workers")).json()["workers"]
+        [mine] = [x for x in workers if x["worker"] == w.ident]
+        assert mine["concurrency"] == 3 and mine["succeeded"] == 1 and mine["active"] == []
+        charts = (await http.get("/api/charts", params={"task": "w.add"})).json()
+        assert sum(p["succeeded"] for p in charts["points"]) == 1 and charts["tasks"] == ["w.add"]
+        assert charts["queues"] == ["default"] and charts["points"][-1]["p50"] is not None
+        broker = (await http.get("/api/broker")).json()
+        assert {"NATASK_WEB", "NATASK_EVENTS_WEB"} <= {s["name"] for s in broker["streams"]}
+        assert [c["name"] for c in broker["consumers"]] == ["default"]
+        assert "natask_results_web" in {b["name"] for b in broker["buckets"]}
+        schedules = (await http.get("/api/schedules")).json()
+        [entry] = schedules["entries"]
+        assert entry["name"] == "w.hourly" and entry["last"] is None and schedules["editable"] is False

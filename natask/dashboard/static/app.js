@@ -328,8 +328,12 @@ async function brokerPage() {
 
 async function schedulesPage() {
   const body = await api("api/schedules");
-  fill("schedules", arr(body.entries).map((e) => el("tr", {}, td(e.name, "mono"), td(e.schedule),
-    td(e.next ? new Date(str(e.next)).toLocaleString() : ""))), "no periodic entry", 3);
+  fill("schedules", arr(body.entries).map((e) => el("tr", {data: {entry: str(e.name)}}, td(e.name, "mono"),
+    td(e.schedule), td(e.next ? new Date(str(e.next)).toLocaleString() : ""),
+    el("td", {}, fin(e.last) ? (e.last_id ? el("a", {href: `#/task/${encodeURIComponent(str(e.last_id))}`},
+      new Date(e.last * 1000).toLocaleString()) : new Date(e.last * 1000).toLocaleString()) : ""))),
+    "no periodic entry", 4);
+  $("beat-leader").textContent = body.leader ? `Beat leader: ${str(body.leader)}` : "No beat holds the lease.";
 }
 
 $("filter").addEventListener("input", render);

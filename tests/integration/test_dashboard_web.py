@@ -201,6 +201,10 @@ async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, t
         assert await page.evaluate(
             f"document.querySelector('#workers tr[data-worker=\"{w.ident}\"]').cells[5].textContent") == "1"
 
+        # The tile shows the server's tally, not the failed rows the page holds (it stuck at 100 once).
+        assert await page.evaluate("""apply({full: false, tasks: [], summary: {...S.summary,
+            counts: {...S.summary.counts, failed: 779}}}); render(); $("c-failed").textContent""") == "779"
+
         # Search by argument text: server-side, one page.
         await page.evaluate("location.hash = '#/tasks'")
         await page.evaluate("document.querySelector('#search [name=q]').value = 'order-9';"

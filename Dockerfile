@@ -3,7 +3,7 @@ FROM python:3.12-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY natask ./natask
-RUN pip install --no-cache-dir ".[metrics]"
+RUN pip install --no-cache-dir ".[metrics,dashboard]"
 # Your own tasks module would be copied here too, e.g.: COPY shop ./shop
 ENV PYTHONUNBUFFERED=1
 USER nobody

@@ -26,7 +26,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-APP_PROTOCOLS = re.compile(r"\bapp: (App|StatusApp|Scheduled)\b")
+APP_PROTOCOLS = re.compile(r"\bapp: (App|Scheduled)\b")
 """What lower layers call the app they are given (small Protocols, see docs/ARCHITECTURE.md): users pass a Natask."""
 
 

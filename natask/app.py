@@ -22,7 +22,7 @@ from .task import AsyncTask, Task, TaskOptions
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .beat import PeriodicEntry
+    from .beat.schedule import PeriodicEntry
     from .beat.schedules import Schedules
 
 P = ParamSpec("P")
@@ -186,7 +186,7 @@ class Natask:
         ``timedelta`` interval aligned to the Unix epoch: ``@app.periodic("*/5 * * * *", name="cleanup")``."""
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
-            from .beat import make_entry
+            from .beat.schedule import make_entry
 
             task_name = name or self._default_name(fn)
             # Validate the schedule before registering anything, so a fixed retry is not a duplicate.
@@ -208,7 +208,7 @@ class Natask:
     ) -> PeriodicEntry:
         """Fire ``signature`` on ``schedule`` from ``natask beat``; ``name`` identifies the entry
         (defaults to the task name) and must be unique in the app."""
-        from .beat import make_entry
+        from .beat.schedule import make_entry
 
         entry = make_entry(schedule, signature, name=name or signature.task, tz=tz)
         if entry.name in self.periodic_entries:

@@ -500,29 +500,57 @@ def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
 @main.command()
 @app_option
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to listen on; anything but loopback needs --insecure-no-auth")
+              help="address to listen on; anything but loopback needs --basic-auth, --auth-token or --auth-header")
 @click.option("-p", "--port", default=5555, show_default=True, help="HTTP port (0: any free port)")
+@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASSWORD",
+              envvar="NATASK_DASHBOARD_BASIC_AUTH",
+              help="accept HTTP basic auth with these credentials; repeatable (environment: "
+                   "NATASK_DASHBOARD_BASIC_AUTH, space-separated, keeps them out of `ps`)")
+@click.option("--auth-token", metavar="TOKEN", envvar="NATASK_DASHBOARD_TOKEN",
+              help="accept `Authorization: Bearer TOKEN` (a browser opens URL?token=TOKEN once); at least 16 "
+                   "characters (environment: NATASK_DASHBOARD_TOKEN)")
+@click.option("--auth-header", metavar="HEADER",
+              help="trust this header set by an authenticating proxy (e.g. X-Forwarded-User): any request "
+                   "carrying it is let in, so the proxy must strip it from clients' requests")
 @click.option("--insecure-no-auth", is_flag=True,
-              help="serve a non-loopback --host although the dashboard has no authentication yet "
-                   "(--basic-auth/--auth-token/--auth-header are coming): anyone who reaches it can read "
-                   "tasks and replay dead letters")
+              help="serve a non-loopback --host without any authentication: anyone who reaches it can read "
+                   "tasks, revoke them and replay dead letters")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="with a non-loopback --host: one more name (e.g. a proxy's) the page may be reached by; "
                    "other Host headers than this machine's names and addresses get 403 (DNS rebinding). "
                    "Repeatable")
+@click.option("--history/--no-history", default=True, show_default=True,
+              help="keep lifecycle events in the NATASK_EVENTS_<prefix> stream (created now) and rebuild the "
+                   "task list from it when the dashboard starts")
+@click.option("--history-max-age", type=click.FloatRange(min=60), default=7 * 24 * 3600.0, show_default=True,
+              metavar="SECONDS", help="seconds the history stream keeps an event")
+@click.option("--history-max-bytes", type=click.IntRange(min=1024 * 1024), default=1024**3, show_default=True,
+              metavar="BYTES", help="bytes the history stream holds at most (oldest events dropped first)")
+@click.option("--history-limit", type=click.IntRange(min=1), default=100_000, show_default=True, metavar="N",
+              help="tasks kept in memory for search (an index: id, name, state, times, argument preview)")
 @loglevel_option
-def dashboard(app_spec: str | None, host: str, port: int, insecure_no_auth: bool, allowed_hosts: tuple[str, ...],
-              loglevel: str) -> None:
-    """A web page: queues, workers, recent and failed tasks, dead letters to replay; live."""
-    from .dashboard import check_binding, serve
+def dashboard(app_spec: str | None, host: str, port: int, basic_auth: tuple[str, ...], auth_token: str | None,
+              auth_header: str | None, insecure_no_auth: bool, allowed_hosts: tuple[str, ...], history: bool,
+              history_max_age: float, history_max_bytes: int, history_limit: int, loglevel: str) -> None:
+    """A web page: queues, workers, tasks (history, search, detail), charts, dead letters to replay; live."""
+    from .dashboard import Auth, History, check_binding, require_web
     from .logs import setup_logging
 
     try:
-        check_binding(host, insecure_no_auth, "--insecure-no-auth")
+        require_web()
+        if len(basic_auth) == 1 and " " in basic_auth[0]:
+            basic_auth = tuple(basic_auth[0].split())  # from the environment variable
+        auth = Auth.of(basic_auth, auth_token, auth_header)
+        check_binding(host, insecure_no_auth, "--insecure-no-auth", authenticated=auth.enabled)
     except ConfigError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
+    from .dashboard.server import serve
+
     setup_logging(loglevel)
+    if insecure_no_auth and not auth.enabled:
+        click.echo(f"WARNING: serving the dashboard on {host} WITHOUT AUTHENTICATION (--insecure-no-auth)",
+                   err=True)
     app = load_app(app_spec)
 
     def ready(url: str) -> None:
@@ -531,7 +559,9 @@ def dashboard(app_spec: str | None, host: str, port: int, insecure_no_auth: bool
 
     try:
         run_until_signalled(serve(app, host, port, ready, allow_insecure=insecure_no_auth,
-                                  allowed_hosts=allowed_hosts))
+                                  allowed_hosts=allowed_hosts, basic_auth=basic_auth, auth_token=auth_token,
+                                  auth_header=auth_header, history_limit=history_limit,
+                                  history=History(history_max_age, history_max_bytes, history)))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .beat.schedule import Scheduled, describe
 from .client import App
@@ -69,11 +69,7 @@ async def purge(app: App, queue: str) -> int:
     return sum(state.subjects.values()) if state is not None else 0
 
 
-class StatusApp(App, Scheduled, Protocol):
-    """What ``status`` reads: the client and the periodic entries."""
-
-
-async def status(app: StatusApp, timeout: float = 1.0) -> dict[str, Any]:
+async def status(app: Scheduled, timeout: float = 1.0) -> dict[str, Any]:
     """Everything ``natask status`` shows: queues, DLQ size, live workers, periodic entries."""
     qs, dead, workers = await asyncio.gather(queues(app), dlq_size(app), inspect(app, "stats", timeout))
     return {

@@ -201,6 +201,16 @@ class Names:
         return [f"{self.prefix}.>"]
 
     @property
+    def events_stream(self) -> str:
+        """The dashboard's history of lifecycle events (a limits stream, created by the dashboard)."""
+        return f"NATASK_EVENTS_{self.prefix.upper()}"
+
+    @property
+    def events_filter(self) -> str:
+        """Every lifecycle event subject of this app (``natask.events.<prefix>.<kind>``)."""
+        return f"natask.events.{self.prefix}.>"
+
+    @property
     def results_bucket(self) -> str:
         return f"natask_results_{self.prefix}"
 

@@ -44,6 +44,9 @@ def test_workers_beat_and_dashboard_use_the_cluster_with_three_replicas() -> Non
         assert set(svc["depends_on"]) == {"n1", "n2", "n3"}
         assert svc["command"][:2] == ["natask", name] and "-A" in svc["command"]
     assert services["beat"]["deploy"]["replicas"] >= 2  # HA beat: several may run
+    dashboard = services["dashboard"]
+    assert "--insecure-no-auth" not in dashboard["command"]  # behind auth, from the environment
+    assert dashboard["environment"]["NATASK_DASHBOARD_BASIC_AUTH"].startswith("admin:${DASHBOARD_PASSWORD:?")
     assert services["worker"]["stop_grace_period"] == "40s"  # longer than the worker's 30 s drain
 
 

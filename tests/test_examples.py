@@ -36,13 +36,15 @@ EXPECTED: dict[str, str] = {
     "canvas.py": "chord  prices -> total: 2.5",
     "fastapi_app.py": "GET /quote?items=1,2,3 -> 200",
     "django_style.py": "none of them with an event loop",
+    "dashboard_mount.py": "search 'A-17' -> shop.checkout SUCCESS args=('A-17', card_number='***')",
 }
 """Example file -> a substring of its standard output."""
 
 STANDALONE = ("quickstart.py", "persistence.py")
 """Also run without ``$NATS_URL`` (they start the bundled server; persistence.py then restarts it)."""
 
-NEEDS: dict[str, tuple[str, ...]] = {"fastapi_app.py": ("fastapi", "httpx")}
+NEEDS: dict[str, tuple[str, ...]] = {"fastapi_app.py": ("fastapi", "httpx"),
+                                     "dashboard_mount.py": ("fastapi", "httpx", "starlette", "uvicorn")}
 """Modules an example imports beyond natask's test extra (``pip install "natask[examples]"``)."""
 
 TIMEOUT = 60.0

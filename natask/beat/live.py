@@ -73,7 +73,7 @@ class LiveEntries:
         bucket = self.app.names.schedules_bucket
         while True:
             try:
-                broker = await self.app._broker()
+                broker = await self.app.client.broker()
                 await open_bucket(self.app)  # with its settings, before the watch would create it with others
                 await self._follow(broker.watch(bucket))
             except asyncio.CancelledError:

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from ..canvas import Signature
+from ..client import App
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -310,7 +311,7 @@ def schedule_text(entry: PeriodicEntry) -> str:
     return "every " + "".join(parts)
 
 
-class Scheduled(Protocol):
+class Scheduled(App, Protocol):
     """An app with periodic entries (``Natask`` is one)."""
 
     @property

@@ -19,9 +19,9 @@ from .schedule import UTC, PeriodicEntry, make_entry, next_fire, schedule_text
 from .stored import ENTRY, MAX_EVERY, OVERRIDE, StoredEntry, decode
 
 if TYPE_CHECKING:
-    from ..app import Natask
     from ..broker.kv import Bucket
     from ..task import Task
+    from .schedule import Scheduled
 
 DESCRIPTION: Final = "natask: periodic entries stored at run time (app.beat, natask beat add)"
 """Description of the schedules bucket on the server."""
@@ -32,9 +32,9 @@ STORED: Final = "stored"
 _CAS_TRIES: Final = 20
 
 
-async def open_bucket(app: Natask) -> Bucket:
+async def open_bucket(app: Scheduled) -> Bucket:
     """The schedules bucket, created if missing: values kept without end, reads from the stream leader."""
-    broker = await app._broker()
+    broker = await app.client.broker()
     return await broker.bucket(app.names.schedules_bucket, ttl=None, direct=False, description=DESCRIPTION)
 
 
@@ -61,7 +61,7 @@ class Schedules:
     removed here, and ``disable``/``enable`` of one stores an override under its name that every beat
     applies. Sync methods run through the app's portal; each has an async twin (``aadd``...)."""
 
-    def __init__(self, app: Natask) -> None:
+    def __init__(self, app: Scheduled) -> None:
         self.app = app
 
     def add(self, name: str, task: str | Signature[Any] | Task[..., Any], *, every: float | timedelta | None = None,
@@ -71,7 +71,7 @@ class Schedules:
 
         ``task``: a task name, a task, or a signature (``add.s(1, 2)``); ``every``: seconds or a
         ``timedelta`` (whole seconds, aligned to the Unix epoch), or ``cron`` in ``tz`` (default UTC)."""
-        return self.app._portal.run(self.aadd(name, task, every=every, cron=cron, args=args, kwargs=kwargs,
+        return self.app.client.portal.run(self.aadd(name, task, every=every, cron=cron, args=args, kwargs=kwargs,
                                               queue=queue, tz=tz))
 
     async def aadd(self, name: str, task: str | Signature[Any] | Task[..., Any], *,
@@ -100,7 +100,7 @@ class Schedules:
 
     def remove(self, name: str) -> None:
         """Delete stored entry ``name``: beats fire it no more."""
-        self.app._portal.run(self.aremove(name))
+        self.app.client.portal.run(self.aremove(name))
 
     async def aremove(self, name: str) -> None:
         """Async ``remove``."""
@@ -114,7 +114,7 @@ class Schedules:
 
     def enable(self, name: str) -> None:
         """Let beats fire entry ``name`` again (from the next fire time on: missed ones are not replayed)."""
-        self.app._portal.run(self.aenable(name))
+        self.app.client.portal.run(self.aenable(name))
 
     async def aenable(self, name: str) -> None:
         """Async ``enable``."""
@@ -122,7 +122,7 @@ class Schedules:
 
     def disable(self, name: str) -> None:
         """Stop beats firing entry ``name`` (stored or defined in code) until ``enable``."""
-        self.app._portal.run(self.adisable(name))
+        self.app.client.portal.run(self.adisable(name))
 
     async def adisable(self, name: str) -> None:
         """Async ``disable``."""
@@ -232,7 +232,7 @@ class Schedules:
     async def alist(self) -> list[ScheduleInfo]:
         """Async ``list``."""
         app = self.app
-        broker = await app._broker()
+        broker = await app.client.broker()
         kv = await broker.existing_bucket(app.names.schedules_bucket)
         values: dict[str, bytes] = {}
         if kv is not None:
@@ -266,7 +266,7 @@ class Schedules:
     # Last: from here on, ``list`` in an annotation would name this method.
     def list(self) -> list[ScheduleInfo]:
         """Every entry: code-defined and stored, with its source, enabled state and next fire time."""
-        return self.app._portal.run(self.alist())
+        return self.app.client.portal.run(self.alist())
 
 
 def _info(entry: PeriodicEntry, source: str, enabled: bool, now: datetime) -> ScheduleInfo:
@@ -276,7 +276,7 @@ def _info(entry: PeriodicEntry, source: str, enabled: bool, now: datetime) -> Sc
                         sig.options.get("queue"))
 
 
-def _created(name: str, data: bytes, app: Natask) -> float | None:
+def _created(name: str, data: bytes, app: Scheduled) -> float | None:
     try:
         stored, _ = decode(name, data, app)
     except Exception:

@@ -16,7 +16,7 @@ from ..naming import is_queue_name, is_task_name
 from .schedule import PeriodicEntry, make_entry
 
 if TYPE_CHECKING:
-    from ..app import Natask
+    from ..client import App
 
 STORED_VERSION: Final = 1
 """Version of a stored entry's value (``"v"``); another version is refused (written by a newer natask)."""
@@ -52,7 +52,7 @@ class StoredEntry:
     updated: float = 0.0
     kind: str = ENTRY
 
-    def to_entry(self, app: Natask) -> PeriodicEntry:
+    def to_entry(self, app: App) -> PeriodicEntry:
         """The entry the beat fires (``ConfigError`` if the schedule is not valid after all)."""
         if self.kind != ENTRY:
             raise ConfigError(f"stored value {self.name!r} is an override, not an entry")
@@ -75,7 +75,7 @@ class StoredEntry:
         return data
 
 
-def decode(name: str, data: bytes, app: Natask) -> tuple[StoredEntry, PeriodicEntry | None]:
+def decode(name: str, data: bytes, app: App) -> tuple[StoredEntry, PeriodicEntry | None]:
     """Validate a value read from the bucket under key ``name``: the stored value and, for a whole
     entry, the entry it fires (its cron parses, its time zone exists); ``ConfigError`` says what is wrong."""
     if len(data) > MAX_STORED_BYTES:

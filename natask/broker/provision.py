@@ -91,6 +91,20 @@ class Provisioning(Publishing):
         await self._ensure(config)
         self._dlq_ready = True
 
+    async def ensure_events_stream(self, max_age: float, max_bytes: int) -> None:
+        """Create the lifecycle-event history stream if missing (the dashboard calls this: apps
+        without a dashboard pay nothing). Limits retention: events age out or make room, oldest first."""
+        await self._ensure(StreamConfig(
+            name=self.names.events_stream,
+            subjects=[self.names.events_filter],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=self.config.stream_replicas,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            allow_direct=True,
+        ))
+
     async def _ensure(self, config: StreamConfig) -> None:
         assert config.name is not None
         try:

@@ -401,7 +401,7 @@ async def test_a_watched_bucket_is_healed_with_the_settings_it_was_made_with(nat
     name = app.names.schedules_bucket
     nc = await nats.connect(nats_server.url)
     try:
-        broker = await app._broker()
+        broker = await app.client.broker()
         await broker.bucket(name, ttl=None, direct=False)
         watch = broker.watch(name)  # opens the bucket again, without settings
         assert await anext(watch) is None

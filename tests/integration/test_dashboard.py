@@ -35,7 +35,7 @@ async def http(url: str, method: str = "GET", path: str = "/", headers: dict[str
     """One HTTP/1.1 request with the standard library; (status, headers, body)."""
     host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()  # type: ignore[union-attr]
     reader, writer = await asyncio.open_connection(host, int(port))
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0",
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0", "Connection: close",
              *(f"{k}: {v}" for k, v in (headers or {}).items())]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     try:
@@ -130,7 +130,7 @@ async def test_api_state_events_and_replay(dash_app: Natask) -> None:
 
         # Host check: a DNS-rebinding page reaches 127.0.0.1 under a name of its own.
         reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
-        writer.write(b"GET /api/state HTTP/1.1\r\nHost: attacker.example:80\r\n\r\n")
+        writer.write(b"GET /api/state HTTP/1.1\r\nHost: attacker.example:80\r\nConnection: close\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 403")
         writer.close()
         await writer.wait_closed()
@@ -140,8 +140,11 @@ async def test_api_state_events_and_replay(dash_app: Natask) -> None:
         writer.write(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert b"text/event-stream" in head
+        assert b"transfer-encoding: chunked" in head.lower()
         first = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
-        message = json.loads(first.removeprefix(b"data: "))
+        size, _, event = first.partition(b"\r\n")  # one chunk per event
+        assert int(size, 16) == len(event)
+        message = json.loads(event.removeprefix(b"data: "))
         assert message["full"] and {t["id"] for t in message["tasks"]} >= {result.id, lost.id}
         # ... and stays open through a stop (the dashboard ends it).
     assert await asyncio.wait_for(reader.read(), 10) is not None
@@ -210,6 +213,17 @@ class Browser:
                 future.set_result(msg)
             elif msg.get("method") == "Runtime.exceptionThrown":
                 self.errors.append(json.dumps(msg["params"]["exceptionDetails"])[:2000])
+            elif msg.get("method") == "Fetch.authRequired":  # as a user who dismisses the login prompt
+                self._next += 1
+                await self.ws.send(json.dumps({"id": self._next, "method": "Fetch.continueWithAuth",
+                                               "sessionId": msg["sessionId"], "params": {
+                                                   "requestId": msg["params"]["requestId"],
+                                                   "authChallengeResponse": {"response": "CancelAuth"}}}))
+            elif msg.get("method") == "Fetch.requestPaused":
+                self._next += 1
+                await self.ws.send(json.dumps({"id": self._next, "method": "Fetch.continueRequest",
+                                               "sessionId": msg["sessionId"],
+                                               "params": {"requestId": msg["params"]["requestId"]}}))
 
     async def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
                    ) -> dict[str, Any]:
@@ -225,14 +239,24 @@ class Browser:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})  # type: ignore[no-any-return]
 
-    async def open(self, url: str) -> Page:
+    async def open(self, url: str, headers: dict[str, str] | None = None, width: int = 1400,
+                   dismiss_login: bool = False) -> Page:
+        """A new tab on ``url``; ``headers`` sent with every request (credentials), ``width``: of the
+        window in CSS pixels (a phone's is about 375, shown as mobile); ``dismiss_login``: cancel
+        the browser's basic-auth prompt, which then shows the 401 page."""
         target = (await self.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
         session = (await self.send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
         page = Page(self, session)
         await page.send("Runtime.enable")
         await page.send("Page.enable")
+        if dismiss_login:
+            await page.send("Fetch.enable", {"handleAuthRequests": True})
+        if headers:
+            await page.send("Network.enable")
+            await page.send("Network.setExtraHTTPHeaders", {"headers": headers})
         await page.send("Emulation.setDeviceMetricsOverride",
-                        {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+                        {"width": width, "height": 1000 if width > 700 else 800, "deviceScaleFactor": 1,
+                         "mobile": width <= 700})
         await page.send("Page.navigate", {"url": url})
         return page
 

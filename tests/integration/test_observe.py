@@ -325,7 +325,7 @@ async def test_the_dashboard_keeps_its_event_subscription_through_malformed_even
                 # One message, the bad row first: a ValueError on it ended the subscription (and lost
                 # the good row) every time. Sent until the dashboard's subscription has taken one.
                 async def send() -> None:
-                    while dash.tasks.get(result.id) is None or dash.tasks[result.id].retries != 3:
+                    while dash.model.task(result.id) is None or dash.model.rows[result.id].retries != 3:
                         await nc.publish("natask.events.dev.task-started", _events("task-started", rows))
                         await nc.publish("natask.events.dev.worker-online",
                                          _events("worker-online", [[1.0, None, None, {"queues": 5}]], "evil:1"))
@@ -333,7 +333,7 @@ async def test_the_dashboard_keeps_its_event_subscription_through_malformed_even
                         await asyncio.sleep(0.1)
 
                 await asyncio.wait_for(send(), 20)
-            assert "evil:1" not in dash.workers and dash.summary()["dropped"] >= 2
+            assert "evil:1" not in dash.model.workers and dash.summary()["dropped"] >= 2
             json.dumps(dash.state(), allow_nan=False)
     finally:
         await nc.close()

@@ -1,0 +1,313 @@
+"""The Starlette dashboard against a real server: auth on every route, CSRF on top, history that
+survives a restart, counts that agree beyond the index, the CLI's auth flags; then the pages in a
+real headless Chromium: auth, search, a task's detail, a phone-width window, and the app mounted
+under a prefix in someone else's FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from natask import Natask, TaskFailed
+from natask.dashboard import Dashboard, History, asgi_app
+from natask.server import NatsServer
+from natask.testing import worker
+
+from .test_dashboard import CHROMIUM, Browser
+from .test_operator_surface import APP, Cli
+
+USER, PASSWORD = "admin", "s3cret-pw"
+TOKEN = "tok-0123456789abcdef"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                    reason="needs headless Chromium at /usr/bin/chromium (apt-get install chromium)")
+
+
+@pytest.fixture
+async def app(nats_server: NatsServer) -> AsyncIterator[Natask]:
+    app = Natask("web", servers=[nats_server.url], subject_prefix="web")
+
+    @app.task(name="w.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="w.boom")
+    def boom(order: str, api_key: str = "") -> None:
+        raise ValueError(f"cannot ship {order}")
+
+    try:
+        yield app
+    finally:
+        await app.aclose()
+
+
+async def until(check: Any, what: str, timeout: float = 20) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_every_route_needs_credentials_and_posts_also_need_the_csrf_header(
+        app: Natask, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with Dashboard(app, port=0, basic_auth=[f"{USER}:{PASSWORD}"], auth_token=TOKEN,
+                         auth_header="X-Forwarded-User") as dash:
+        async with httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+            for path in ("/", "/api/state", "/api/events", "/api/tasks", "/api/tasks/abc", "/api/workers",
+                         "/api/broker", "/api/charts", "/api/schedules", "/static/app.js"):
+                refused = await http.get(path)
+                assert refused.status_code == 401, path
+                assert refused.headers["www-authenticate"].startswith("Basic realm=")
+            assert (await http.get("/", auth=(USER, "wrong"))).status_code == 401
+            assert (await http.post("/api/dlq/x/replay", headers={"X-Natask-Dashboard": "1"})).status_code == 401
+
+            page = await http.get("/", auth=(USER, PASSWORD))
+            assert page.status_code == 200 and 'src="static/app.js"' in page.text
+            assert page.headers["x-frame-options"] == "DENY"
+            assert (await http.get("/api/state", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 200
+            assert (await http.get("/api/state", headers={"X-Forwarded-User": "alice"})).status_code == 200
+
+            # A browser opens ?token= once: a cookie for the path, and the token leaves the address bar.
+            opened = await http.get("/?token=" + TOKEN)
+            assert opened.status_code == 303 and opened.headers["location"] == "/"
+            assert "httponly" in opened.headers["set-cookie"].lower()
+            assert (await http.get("/api/state")).status_code == 200  # the cookie
+            http.cookies.clear()
+
+            # Authenticated is not enough for a state change: a cross-site form has the user's credentials.
+            auth = {"Authorization": BASIC}
+            assert (await http.post("/api/tasks/abc/revoke", headers=auth)).status_code == 403
+            assert (await http.post("/api/tasks/abc/revoke", headers={**auth, "X-Natask-Dashboard": "1",
+                                                                      "Origin": "http://evil.test"})).status_code == 403
+            ok = await http.post("/api/tasks/abc/revoke", headers={**auth, "X-Natask-Dashboard": "1"})
+            assert ok.status_code == 200 and ok.json() == {"revoked": "abc", "terminate": False}
+            assert (await http.get("/api/tasks/abc/revoke", headers=auth)).status_code == 405
+        assert PASSWORD not in repr(dash) and TOKEN not in repr(dash)
+    # The server's logs (the test's own HTTP client logs the URLs it asks for, ?token= included).
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("natask", "uvicorn")))
+    assert PASSWORD not in logged and TOKEN not in logged
+
+
+async def test_history_survives_a_restart_and_is_searchable(app: Natask) -> None:
+    async with Dashboard(app, port=0, refresh=0.2) as dash, worker(app) as w:
+        ok = await app.asend_task("w.add", [2, 3])
+        bad = await app.asend_task("w.boom", ["order-77"], {"api_key": "sk_live_1"})
+        assert await ok.aget(timeout=10) == 5
+        with pytest.raises(TaskFailed):
+            await bad.aget(timeout=10)
+
+        async def both_final() -> bool:
+            rows = [dash.model.task(ok.id), dash.model.task(bad.id)]
+            # the dashboard's record of the publishes is in the history stream too
+            return all(r is not None and r.finished is not None for r in rows) and not dash.feed._sent
+
+        await until(both_final, "both outcomes in the model")
+        before = dash.model.counts()
+    await app.aclose()
+
+    # A new dashboard (a new process, as far as the model goes) rebuilds from the history stream.
+    async with Dashboard(app, port=0) as again, httpx.AsyncClient(base_url=again.url, timeout=10) as http:
+        assert again.model.counts()["failed"] == before["failed"] == 1
+        found = (await http.get("/api/tasks", params={"q": "order-77"})).json()
+        assert [t["id"] for t in found["tasks"]] == [bad.id] and found["total"] == 1
+        row = found["tasks"][0]
+        assert row["args"] == "('order-77', api_key='***')" and row["state"] == "FAILURE"
+        assert row["worker"] == w.ident and row["queue"] == "default"
+        for params, expected in (({"name": "w.add"}, [ok.id]), ({"state": "SUCCESS"}, [ok.id]),
+                                 ({"worker": w.ident, "limit": "1"}, [bad.id]),
+                                 ({"since": str(row["sent"] + 3600)}, [])):
+            assert [t["id"] for t in (await http.get("/api/tasks", params=params)).json()["tasks"]] == expected, params
+        detail = (await http.get(f"/api/tasks/{bad.id}")).json()
+        assert detail["exc_type"] == "ValueError" and "cannot ship order-77" in detail["traceback"]
+        # "sent" is when the dashboard saw the publish: the worker may have started a moment before.
+        assert sorted(e["what"] for e in detail["timeline"]) == ["failure", "sent", "started"]
+        assert detail["timeline"][-1]["what"] == "failure"
+        assert (await http.get(f"/api/tasks/{ok.id}")).json()["result"] == "5"
+        broker = (await http.get("/api/broker")).json()
+        assert "NATASK_EVENTS_WEB" in [s["name"] for s in broker["streams"]]
+
+
+async def test_counts_agree_when_more_tasks_ran_than_the_index_holds(app: Natask) -> None:
+    async with Dashboard(app, port=0, refresh=0.2, history_limit=10, history=History(enabled=False)) as dash:
+        async with worker(app, concurrency=8):
+            calls = [await app.asend_task("w.boom" if i % 3 == 0 else "w.add", [f"o{i}"] if i % 3 == 0 else [i, i])
+                     for i in range(30)]
+            for call in calls:
+                with pytest.raises(TaskFailed) if call.task_name == "w.boom" else contextlib.nullcontext():
+                    await call.aget(timeout=20)
+
+            async def all_counted() -> bool:
+                c = dash.model.counts()
+                return c["failed"] == 10 and c["succeeded"] == 20
+
+            await until(all_counted, "30 outcomes counted")
+        async with httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+            state = (await http.get("/api/state")).json()
+        counts, workers = state["summary"]["counts"], state["summary"]["workers"]
+        assert counts["seen"] == 30 and counts["indexed"] == 10
+        assert sum(w["failed"] for w in workers) == counts["failed"] == 10
+        assert sum(w["succeeded"] for w in workers) == counts["succeeded"] == 20
+
+
+async def test_cli_serves_beyond_loopback_with_basic_auth(nats_server: NatsServer) -> None:
+    cli = await Cli.start(nats_server.url, "dashboard", "-A", APP, "--host", "0.0.0.0", "-p", "0",
+                          "--basic-auth", f"{USER}:{PASSWORD}", "--no-history")
+    url = await cli.stdout_line()
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            assert (await http.get("/api/state")).status_code == 401
+            assert (await http.get("/api/state", auth=(USER, PASSWORD))).status_code == 200
+    finally:
+        cli.proc.terminate()
+        code, err = await cli.finish()
+    assert code == 0 and PASSWORD not in err, err
+
+
+# -- in a real browser -----------------------------------------------------------------------------
+@pytest.mark.timeout(180)
+@needs_chromium
+async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, tmp_path: Path) -> None:
+    async with Dashboard(app, port=0, refresh=0.2, basic_auth=[f"{USER}:{PASSWORD}"]) as dash, \
+            worker(app) as w, Browser(tmp_path / "chromium") as browser:
+        refused = await browser.open(dash.url, dismiss_login=True)
+        await refused.wait_for("document.body?.innerText.includes('authentication required')", "the 401 page")
+
+        page = await browser.open(dash.url, headers={"Authorization": BASIC})
+        await page.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
+        ok = await app.asend_task("w.add", [20, 22])
+        bad = await app.asend_task("w.boom", ["order-9"], {"api_key": "hunter2"})
+        assert await ok.aget(timeout=10) == 42
+        with pytest.raises(TaskFailed):
+            await bad.aget(timeout=10)
+        await page.wait_for("document.getElementById('c-failed').textContent === '1'", "the FAILED tile at 1")
+        await page.wait_for(f"!!document.querySelector('#workers tr[data-worker=\"{w.ident}\"]')", "the worker")
+        assert await page.evaluate(
+            f"document.querySelector('#workers tr[data-worker=\"{w.ident}\"]').cells[5].textContent") == "1"
+
+        # The tile shows the server's tally, not the failed rows the page holds (it stuck at 100 once).
+        assert await page.evaluate("""apply({full: false, tasks: [], summary: {...S.summary,
+            counts: {...S.summary.counts, failed: 779}}}); render(); $("c-failed").textContent""") == "779"
+
+        # Search by argument text: server-side, one page.
+        await page.evaluate("location.hash = '#/tasks'")
+        await page.evaluate("document.querySelector('#search [name=q]').value = 'order-9';"
+                            "document.querySelector('#search button').click(); true")
+        await page.wait_for(f"document.querySelectorAll('#search-results tr[data-id]').length === 1 && "
+                            f"!!document.querySelector('#search-results tr[data-id=\"{bad.id}\"]')", "one search hit")
+        assert await page.evaluate("document.getElementById('search-count').textContent") == "1 matching"
+
+        # The detail page: redacted arguments, traceback, timeline, the worker; a click revokes.
+        await page.evaluate(f"document.querySelector('#search-results tr[data-id=\"{bad.id}\"] a').click(), true")
+        await page.wait_for(f"document.getElementById('d-id').textContent === '{bad.id}'", "the detail page")
+        await page.wait_for("document.getElementById('d-traceback').textContent.includes('cannot ship order-9')",
+                            "the traceback")
+        text = await page.evaluate("document.getElementById('page-task').innerText")
+        assert "api_key='***'" in text and w.ident in text and "started" in text and "failure" in text, text
+        assert "hunter2" not in await page.evaluate("document.documentElement.outerHTML")
+
+        slow = await app.asend_task("w.add", [1, 1], countdown=3600)  # scheduled: still revocable
+        await page.evaluate(f"location.hash = '#/task/{slow.id}'")
+        await page.wait_for(f"document.getElementById('d-id').textContent === '{slow.id}'", "the scheduled task")
+        await page.evaluate("window.confirm = () => true; document.getElementById('revoke').click(); true")
+        revoked = await app.client.broker()
+
+        async def recorded() -> bool:
+            return await (await revoked.revoked()).get(slow.id) is not None
+
+        await until(recorded, "the revoke recorded where workers read it")
+
+        # A phone-width window: the main layout never scrolls sideways (wide tables scroll inside).
+        phone = await browser.open(dash.url, headers={"Authorization": BASIC}, width=375)
+        await phone.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
+        for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker"):
+            await phone.evaluate(f"location.hash = '{route}'")
+            await asyncio.sleep(0.3)  # the page renders on hashchange; nothing to await on the server
+            width = await phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], (route, width)
+        assert browser.errors == []
+
+
+@pytest.mark.timeout(180)
+@needs_chromium
+async def test_mounted_under_a_prefix_in_a_fastapi_app(app: Natask, tmp_path: Path) -> None:
+    dashboard = asgi_app(app, auth_header="X-Forwarded-User", history=False)
+    web = FastAPI()
+    web.mount("/ops/natask", dashboard)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: _true(server.started), "uvicorn to listen")
+        base = f"http://127.0.0.1:{port}/ops/natask/"
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(base + "api/state")).status_code == 401
+            redirected = await http.get(base.rstrip("/"), headers={"X-Forwarded-User": "a"})
+            assert redirected.status_code in (307, 308) and redirected.headers["location"].endswith("/ops/natask/")
+        async with worker(app), Browser(tmp_path / "chromium") as browser:
+            page = await browser.open(base, headers={"X-Forwarded-User": "alice"})
+            await page.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
+            done = await app.asend_task("w.add", [1, 2])
+            assert await done.aget(timeout=10) == 3
+            await page.wait_for(f"!!document.querySelector('#tasks tr[data-id=\"{done.id}\"]')", "the task")
+            await page.evaluate("location.hash = '#/broker'")
+            await page.wait_for("document.querySelectorAll('#streams tr').length > 1", "the broker page")
+            urls = await page.evaluate("performance.getEntriesByType('resource').map((e) => e.name)")
+            assert urls and all(u.startswith(base) for u in urls), urls
+            assert browser.errors == []
+    finally:
+        server.should_exit = True
+        await dashboard.stop()
+        await asyncio.wait_for(serving, 20)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+
+
+async def test_workers_charts_broker_and_schedules_pages_read_what_exists(app: Natask) -> None:
+    from datetime import timedelta
+
+    app.periodic(timedelta(hours=1), name="w.hourly")(lambda: None)
+    async with Dashboard(app, port=0, refresh=0.2) as dash, worker(app, concurrency=3) as w, \
+            httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+        done = await app.asend_task("w.add", [1, 1])
+        assert await done.aget(timeout=10) == 2
+
+        async def counted() -> bool:
+            return dash.model.counts()["succeeded"] == 1
+
+        await until(counted, "the success counted")
+        workers = (await http.get("/api/workers")).json()["workers"]
+        [mine] = [x for x in workers if x["worker"] == w.ident]
+        assert mine["concurrency"] == 3 and mine["succeeded"] == 1 and mine["active"] == []
+        charts = (await http.get("/api/charts", params={"task": "w.add"})).json()
+        assert sum(p["succeeded"] for p in charts["points"]) == 1 and charts["tasks"] == ["w.add"]
+        assert charts["queues"] == ["default"] and charts["points"][-1]["p50"] is not None
+        broker = (await http.get("/api/broker")).json()
+        assert {"NATASK_WEB", "NATASK_EVENTS_WEB"} <= {s["name"] for s in broker["streams"]}
+        assert [c["name"] for c in broker["consumers"]] == ["default"]
+        assert "natask_results_web" in {b["name"] for b in broker["buckets"]}
+        schedules = (await http.get("/api/schedules")).json()
+        [entry] = schedules["entries"]
+        assert entry["name"] == "w.hourly" and entry["last"] is None and schedules["editable"] is False

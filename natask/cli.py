@@ -143,6 +143,10 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
             os.environ["NATASK_SUPERVISED"] = "1"
             sys.exit(Supervisor(child_argv(sys.argv[1:]), processes, grace).run())
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    if os.environ.get("NATASK_SUPERVISED") == "1":
+        from . import signals
+
+        signals.worker_process_init.send(None)  # a child of --processes, its app (and receivers) loaded
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
+from .. import signals
 from ..broker import SequenceConflict
 from ..broker.kv import Bucket
 from ..config import Seconds, seconds
@@ -163,6 +164,7 @@ class Beat:
         self._started = self._clock()
         self._lease_due = 0.0
         self._task = asyncio.get_running_loop().create_task(self._run(kv), name=f"natask-beat-{self.id}")
+        signals.beat_init.send(self)
         log.info("beat %s started with %d entries", self.id, len(self.entries))
 
     async def stop(self, *, release: bool = True) -> None:
@@ -434,12 +436,15 @@ class Beat:
         by the stream)."""
         broker = await self.app.client.broker()
         entries = table.entries
+        hooks = self.app.hooks
         messages: list[Message] = []
         sent: list[tuple[Tick, str]] = []
         skipped: list[Tick] = []  # handled as enqueued, as when apply_async fails
         for tick in ticks:
             entry = entries[tick.slot]
             task_id = table.tick_id(tick)
+            if hooks.before_tick:
+                await hooks.call("before_tick", entry.name, entry.signature.task, tick.fire.timestamp())
             try:
                 messages.append(self._enqueuer.message(broker, entry, task_id))
             except Exception:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import signals
 from ..broker import Broker, Message, attempt
 from ..broker.fetch import DEFAULT_PREFETCH_BYTES, Fetcher
 from ..config import check_queue_name
@@ -126,7 +127,7 @@ class Worker:
         self._revokes = Revokes(broker, self._inflight)
         await self._revokes.start()
         self._outcome = outcome = Outcome(self.app, broker, self.store, self.ident, self.inboxes, self._events, self)
-        execution = Execution(self._runner, outcome, self._events, self, self.ident)
+        execution = Execution(self._runner, outcome, self._events, self, self.ident, self.app.hooks)
         gate = Gate(self.app, broker, self.store, outcome, execution.task, self._revokes.revoked, self.inboxes,
                     self.unknown_grace)
         self._process = gate.process
@@ -147,6 +148,7 @@ class Worker:
                                                          cb=self._on_rpc))
         self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
+        await self.app.hooks.call("on_worker_start", self)
         log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
                  self.concurrency, self.app.config.safe_servers)
 
@@ -165,6 +167,7 @@ class Worker:
             await self._stopped.wait()
             return
         self._stopping = True
+        signals.worker_shutting_down.send(self.ident, sig=None, how="warm", exitcode=0)
         grace = self.grace if grace is None else grace
         for sub in self._rpc_subs:
             await quietly(sub.unsubscribe())
@@ -196,6 +199,7 @@ class Worker:
         await self._slots.close()
         if self._runner is not None:
             self._runner.shutdown()
+        await self.app.hooks.call("on_worker_stop", self)
         if self.broker is not None:
             await self.broker.close()
         self._stopped.set()

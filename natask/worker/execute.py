@@ -4,10 +4,16 @@ within its time limit; an admitted task's run ends in its outcome (``Outcome``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
+import reprlib
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TimeLimitExceeded
+from ..hooks import Hooks
+from ..hooks import Outcome as Ended
 from ..message import Envelope, dumps
 from ..options import Request, current_request
 from ..states import State
@@ -19,12 +25,18 @@ from .threads import ThreadRunner
 if TYPE_CHECKING:
     from ..task import Task
 
+log = logging.getLogger("natask.worker")
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 200
+
 
 class Execution:
     """Runs the tasks of one started worker."""
 
-    def __init__(self, runner: ThreadRunner, outcome: Outcome, events: EventLog, tally: Tally, ident: str) -> None:
+    def __init__(self, runner: ThreadRunner, outcome: Outcome, events: EventLog, tally: Tally, ident: str,
+                 hooks: Hooks) -> None:
         self.runner = runner
+        self.hooks = hooks
         self.outcome = outcome
         self.events = events
         self.tally = tally
@@ -34,7 +46,13 @@ class Execution:
                    kwargs: dict[str, Any], request: Request, retries: int) -> None:
         """Run an admitted task and settle its outcome: the one place a task message starts running
         and the one where its run ends."""
-        events = self.events
+        events, hooks = self.events, self.hooks
+        if hooks.before_task:
+            # In this delivery's own asyncio task: context variables a hook sets are the task's.
+            await hooks.call("before_task", request)
+        info = log.isEnabledFor(logging.INFO)
+        if info:
+            log.info("task %s[%s] received", env.task, env.id)
         if events.listeners:
             events.started.append((delivery.started_at, env.id, env.task, retries))
             if events.timer is None:
@@ -42,21 +60,30 @@ class Execution:
         options = task.options
         if options.track_started and not options.ignore_result:
             self.outcome.write_state(delivery, dumps({"state": State.STARTED.value, "info": {"worker": self.ident}}))
+        started = time.perf_counter()
         try:
             value = await self.run(task, args, kwargs, request)
         except asyncio.CancelledError:
             delivery.finished = True
             if not delivery.revoked:
                 raise
+            if hooks.on_revoked:
+                await hooks.call("on_revoked", request, True, False)
             await self.outcome.finish(delivery, env, task, {"state": State.REVOKED.value,
                                                             "info": {"reason": "terminated"}})
             return
         except Exception as exc:
             delivery.finished = True
-            await self.outcome.failed(delivery, env, task, exc, retries)
+            await self.outcome.failed(delivery, env, task, exc, retries, request, time.perf_counter() - started)
             return
         delivery.finished = True
         self.tally.processed += 1
+        if info or hooks.after_task:
+            runtime = time.perf_counter() - started
+            if info:
+                log.info("task %s[%s] succeeded in %.3fs: %s", env.task, env.id, runtime, _short.repr(value))
+            if hooks.after_task:
+                await hooks.call("after_task", request, Ended(State.SUCCESS.value, value, runtime=runtime))
         await self.outcome.finish(delivery, env, task, {"state": State.SUCCESS.value, "result": value}, retries)
 
     async def run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any], request: Request) -> Any:
@@ -72,7 +99,9 @@ class Execution:
                 return await asyncio.wait_for(fn(*args, **kwargs), limit)
             except asyncio.TimeoutError:
                 raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
-        future = self.runner.run(fn, args, kwargs, request)
+        # With hooks before a task, its thread runs in the context they set (a copy per run).
+        context = contextvars.copy_context() if self.hooks.before_task else None
+        future = self.runner.run(fn, args, kwargs, request, context)
         if limit is None:
             return await future
         try:

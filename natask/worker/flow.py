@@ -202,16 +202,20 @@ class _Flow:
         return await self.publish(expand(node, (value,)))
 
     async def publish(self, steps: Sequence[Step]) -> list[str]:
-        env, names, broker = self.env, self.broker.names, self.broker
-        items = []
+        env, names, broker, hooks = self.env, self.broker.names, self.broker, self.app.hooks
+        items, calls = [], []
         for step in steps:
             sig = step.sig
             opts = dict(sig["options"])
             call = self.app.client.prepare(sig["task"], step.args, step.kwargs, task_id=sig["id"],
-                                     headers=opts.pop("headers", None), parent_id=env.id,
-                                     root_id=env.root_id or env.id, links=sig.get("link"), meta=step.meta, **opts)
+                                           headers=opts.pop("headers", None), parent_id=env.id,
+                                           root_id=env.root_id or env.id, links=sig.get("link"), meta=step.meta,
+                                           **opts)
             if sig.get("reply"):
                 call.headers[HDR_REPLY] = sig["reply"]
+            if hooks.before_publish:
+                await hooks.call("before_publish", call)  # in the finished task's context
+            calls.append(call)
             subject = names.task_subject(call.queue, call.task)
             if call.eta is not None and call.eta > time.time():
                 call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
@@ -224,6 +228,9 @@ class _Flow:
         elif items:
             subjects, payloads, headers_list = zip(*items, strict=True)
             await broker.publish_many(subjects, payloads, headers_list)
+        if hooks.after_publish:
+            for call in calls:
+                await hooks.call("after_publish", call)
         return [step.sig["id"] for step in steps]
 
     # -- chord state ------------------------------------------------------------------------

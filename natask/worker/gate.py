@@ -50,6 +50,7 @@ class Gate:
         self.app = app
         self.names = app.names
         self.tasks = app.tasks
+        self.hooks = app.hooks
         self.broker = broker
         self.store = store
         self.outcome = outcome
@@ -107,11 +108,15 @@ class Gate:
         delivered = attempt(msg)
         retries = retried + delivered - 1
         now = time.time()
-        if env.id in self.revoked:
-            await outcome.finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": "revoked"}})
-            return
-        if env.expires is not None and now > env.expires:
-            await outcome.finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": "expired"}})
+        revoked = env.id in self.revoked
+        expired = not revoked and env.expires is not None and now > env.expires
+        if revoked or expired:
+            if self.hooks.on_revoked:
+                request = Request(id=env.id, task=env.task, retries=retries, args=env.args, kwargs=env.kwargs,
+                                  queue=route[0], parent_id=env.parent_id, root_id=env.root_id, headers=headers)
+                await self.hooks.call("on_revoked", request, False, expired)
+            reason = "expired" if expired else "revoked"
+            await outcome.finish(delivery, env, task, {"state": State.REVOKED.value, "info": {"reason": reason}})
             return
         if env.eta is not None and env.eta > now + 0.001:
             await self.early(delivery, env, now)

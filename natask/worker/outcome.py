@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..broker import Broker, attempt, stream_sequence
 from ..dlq import index_dead_letter
 from ..errors import EncodeError, PayloadTooLarge, StorageFull, failure_record, type_name
+from ..hooks import Outcome as Ended
 from ..message import Envelope, at_schedule, dumps
 from ..naming import (
     HDR_DLQ_ATTEMPTS,
@@ -28,6 +29,7 @@ from ..naming import (
     HDR_SCHEDULE_TARGET,
     HDR_TASK,
 )
+from ..options import Request
 from ..retry import Action, decide
 from ..states import State
 from .delivery import Delivery, Tally, header_int, one_line, queue_token
@@ -67,6 +69,7 @@ class Outcome:
     def __init__(self, app: Natask, broker: Broker, store: ResultStore, ident: str, inboxes: tuple[str, ...],
                  events: EventLog, tally: Tally) -> None:
         self.app = app
+        self.hooks = app.hooks
         self.broker = broker
         self.store = store
         self.ident = ident
@@ -107,15 +110,25 @@ class Outcome:
         await msg.ack()
 
     async def failed(self, delivery: Delivery, env: Envelope, task: Task[Any, Any], exc: Exception,
-                     retries: int) -> None:
+                     retries: int, request: Request, runtime: float) -> None:
         """A run raised ``exc``: retry, dead-letter or store the failure, as the task's options decide."""
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
+        hooks = self.hooks
         if decision.action is Action.RETRY:
+            if hooks.after_task:
+                await hooks.call("after_task", request, Ended(State.RETRY.value, exception=cause,
+                                                              traceback=failure_record(cause)["traceback"],
+                                                              runtime=runtime))
+            if hooks.on_retry:
+                await hooks.call("on_retry", request, cause, decision.countdown)
             await self.retry(delivery, env, task, cause, retries, decision.countdown)
             return
         self.tally.failed += 1
         record = failure_record(cause)
+        if hooks.after_task:
+            await hooks.call("after_task", request, Ended(State.FAILURE.value, exception=cause,
+                                                          traceback=record.get("traceback"), runtime=runtime))
         if decision.action is Action.REJECT:
             await self.dead_letter(delivery, "rejected", decision.reason, env=env, record=record)
             return
@@ -123,7 +136,8 @@ class Outcome:
             await self.dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                    env=env, record=record)
             return
-        log.warning("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"])
+        log.error("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"],
+                  exc_info=cause)
         await self.finish(delivery, env, task, record, retries)
 
     def encode(self, record: dict[str, Any], what: str) -> tuple[bytes, dict[str, Any]]:
@@ -244,7 +258,7 @@ class Outcome:
             info = {"retries": n, "countdown": countdown, "exc_type": type_name(type(exc)), "message": str(exc)}
             self.write_state(delivery, dumps({"state": State.RETRY.value, "info": info}))
             await self.writes_of(delivery)
-        log.info("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
+        log.warning("task %s[%s] retry %d in %.2fs: %r", env.task, env.id, n, countdown, exc)
         if self.events.listeners:
             self.events.event("task-retried", env.id, env.task, retries=n, countdown=countdown,
                               exc_type=type_name(type(exc)), message=str(exc)[:EVENT_TEXT])
@@ -281,6 +295,11 @@ class Outcome:
         route = self.app.names.task_from_subject(msg.subject)
         queue, name = route if route is not None else (queue_token(msg.subject, broker.names.prefix), "_invalid")
         task_id = env.id if env is not None else task_id
+        if self.hooks.on_dead_letter:
+            request = None if env is None else Request(id=env.id, task=env.task, args=env.args, kwargs=env.kwargs,
+                                                       queue=queue, parent_id=env.parent_id, root_id=env.root_id,
+                                                       headers=msg.headers or {})
+            await self.hooks.call("on_dead_letter", request, reason, msg.subject)
         retried = header_int(msg.headers or {}, HDR_RETRIES) or 0
         ours = {
             HDR_TASK: name,  # the name its subject proves, not whatever a header claimed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,8 @@ from typing import Any
 from ..options import Request, current_request
 from ..portal import use_io_thread
 
-_Item = tuple[asyncio.Future[Any], Callable[..., Any], Sequence[Any], Mapping[str, Any], Request]
+_Item = tuple[asyncio.Future[Any], Callable[..., Any], Sequence[Any], Mapping[str, Any], Request,
+              "contextvars.Context | None"]
 
 
 class ThreadRunner:
@@ -33,15 +35,16 @@ class ThreadRunner:
         self._busy = 0
 
     def run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
-            request: Request) -> asyncio.Future[Any]:
-        """Run ``fn`` on a thread with ``request`` as the current request; the future resolves on the loop."""
+            request: Request, context: contextvars.Context | None = None) -> asyncio.Future[Any]:
+        """Run ``fn`` on a thread with ``request`` as the current request (in ``context``, if given);
+        the future resolves on the loop."""
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._busy += 1
         if self._busy > len(self._threads) and len(self._threads) < self.size:
             thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
             self._threads.append(thread)
             thread.start()
-        self._queue.put((fut, fn, args, kwargs, request))
+        self._queue.put((fut, fn, args, kwargs, request, context))
         return fut
 
     def _work(self) -> None:
@@ -51,10 +54,11 @@ class ThreadRunner:
             item = get()
             if item is None:
                 return
-            fut, fn, args, kwargs, request = item
+            fut, fn, args, kwargs, request, context = item
             token = current_request.set(request)
             try:
-                outcome = (fut, True, fn(*args, **kwargs))
+                value = fn(*args, **kwargs) if context is None else context.run(fn, *args, **kwargs)
+                outcome = (fut, True, value)
             except BaseException as e:
                 outcome = (fut, False, e)
             finally:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from natask import Natask, signals
-from natask.hooks import Middleware
+from natask import Natask, Reject, TaskFailed, TaskRevoked, signals
+from natask.canvas import Signature
+from natask.hooks import Middleware, Outcome, WorkerInfo
 from natask.message import Call
 from natask.naming import HDR_MSG_ID
+from natask.options import Request
+from natask.testing import worker
 
 
 class Recorder(Middleware):
@@ -134,3 +140,266 @@ def test_after_setup_logger_sees_the_configured_root_logger(clean_signals: None)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+# -- the worker's points ---------------------------------------------------------------------------
+TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("trace", default="-")
+
+
+class WorkerRecorder(Middleware):
+    """Every worker point, sync and async mixed; sets a context variable the task reads."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def on_worker_start(self, worker: WorkerInfo) -> None:
+        self.seen.append(("start", worker.ident))
+
+    async def on_worker_stop(self, worker: WorkerInfo) -> None:
+        self.seen.append(("stop", worker.ident))
+
+    async def before_task(self, request: Request) -> None:
+        TRACE.set("trace-" + request.id)
+        self.seen.append(("before", request.task, tuple(request.args)))
+
+    def after_task(self, request: Request, outcome: Outcome) -> None:
+        self.seen.append(("after", request.task, outcome.state, outcome.result,
+                          type(outcome.exception).__name__ if outcome.exception else None, TRACE.get()))
+
+    def on_retry(self, request: Request, exception: BaseException | None, countdown: float) -> None:
+        self.seen.append(("retry", request.task, str(exception), countdown >= 0))
+
+    async def on_dead_letter(self, request: Request | None, reason: str, subject: str) -> None:
+        self.seen.append(("dead", request.task if request else None, reason, subject))
+
+    def on_revoked(self, request: Request, terminated: bool, expired: bool) -> None:
+        self.seen.append(("revoked", request.id, terminated, expired))
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        return [s for s in self.seen if s[0] == kind]
+
+
+async def test_worker_points_in_order_with_context_for_sync_and_async_tasks(app: Natask) -> None:
+    rec = WorkerRecorder()
+    app.add_middleware(rec)
+
+    @app.task(name="w.sync")
+    def sync_task(x: int) -> str:
+        return f"{x}:{TRACE.get()}"  # on a worker thread: the hook's context came along
+
+    @app.task(name="w.async")
+    async def async_task(x: int) -> str:
+        return f"{x}:{TRACE.get()}"
+
+    async with worker(app) as w:
+        r1 = await sync_task.adelay(1)
+        assert await r1.aget(timeout=10) == f"1:trace-{r1.id}"
+        r2 = await async_task.adelay(2)
+        assert await r2.aget(timeout=10) == f"2:trace-{r2.id}"
+        ident = w.ident
+    assert rec.seen == [
+        ("start", ident),
+        ("before", "w.sync", (1,)),
+        ("after", "w.sync", "SUCCESS", f"1:trace-{r1.id}", None, f"trace-{r1.id}"),
+        ("before", "w.async", (2,)),
+        ("after", "w.async", "SUCCESS", f"2:trace-{r2.id}", None, f"trace-{r2.id}"),
+        ("stop", ident),
+    ]
+
+
+async def test_failure_retry_dead_letter_and_revoke_points(app: Natask) -> None:
+    rec = WorkerRecorder()
+    app.add_middleware(rec)
+    attempts: list[int] = []
+
+    @app.task(name="w.boom", max_retries=0)
+    def boom() -> None:
+        raise ValueError("boom")
+
+    @app.task(name="w.flaky", max_retries=2, retry_backoff=0, autoretry_for=(KeyError,))
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise KeyError("once")
+        return "ok"
+
+    @app.task(name="w.never")
+    def never() -> None:
+        raise AssertionError("a revoked task ran")
+
+    async with worker(app, unknown_grace=0):
+        with pytest.raises(TaskFailed):
+            await (await boom.adelay()).aget(timeout=10)
+        assert await (await flaky.adelay()).aget(timeout=10) == "ok"
+        revoked = app.AsyncResult("0" * 32)
+        await revoked.arevoke()
+        await never.aapply_async(task_id="0" * 32)
+        with pytest.raises(TaskRevoked):
+            await revoked.aget(timeout=10)
+        unknown = await app.asend_task("w.unknown", (1,))
+        with pytest.raises(TaskFailed):
+            await unknown.aget(timeout=10)
+    boom_after = [s for s in rec.of("after") if s[1] == "w.boom"]
+    assert [s[2:5] for s in boom_after] == [("FAILURE", None, "ValueError")]
+    assert rec.of("retry") == [("retry", "w.flaky", "'once'", True)]
+    flaky_after = [s[2] for s in rec.of("after") if s[1] == "w.flaky"]
+    assert flaky_after == ["RETRY", "SUCCESS"]
+    assert rec.of("revoked") == [("revoked", "0" * 32, False, False)]
+    assert rec.of("dead") == [("dead", "w.unknown", "unknown task", app.names.task_subject("default", "w.unknown"))]
+
+
+class RaisingEverywhere(Middleware):
+    def before_task(self, request: Request) -> None:
+        raise RuntimeError("before")
+
+    async def after_task(self, request: Request, outcome: Outcome) -> None:
+        raise RuntimeError("after")
+
+    def on_worker_start(self, worker: WorkerInfo) -> None:
+        raise RuntimeError("start")
+
+
+async def test_raising_worker_hooks_lose_nothing(app: Natask, caplog: pytest.LogCaptureFixture) -> None:
+    app.add_middleware(RaisingEverywhere())
+
+    @app.task(name="w.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    with caplog.at_level(logging.ERROR, logger="natask.hooks"):
+        async with worker(app):
+            results = [await add.adelay(i, i) for i in range(5)]
+            assert [await r.aget(timeout=10) for r in results] == [0, 2, 4, 6, 8]
+    stored = await (await (await app.client.broker()).results()).get(results[0].id)
+    assert stored is not None  # stored and acked as without the hooks
+    failed = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "natask.hooks"]
+    assert failed.count("middleware hook before_task") == 5 and failed.count("middleware hook after_task") == 5
+    assert "middleware hook on_worker_start" in failed
+
+
+async def test_task_signals_with_celery_arguments(app: Natask, clean_signals: None) -> None:
+    got: list[tuple[Any, ...]] = []
+
+    @app.task(name="sig.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="sig.fail", max_retries=0)
+    def fail() -> None:
+        raise ValueError("nope")
+
+    @signals.task_prerun.connect
+    def prerun(sender: Any, task_id: str, task: Any, args: Any, kwargs: Any, **kw: Any) -> None:
+        got.append(("prerun", sender.name, task is sender, tuple(args)))
+
+    @signals.task_postrun.connect
+    def postrun(sender: Any, retval: Any, state: str, **kw: Any) -> None:
+        got.append(("postrun", sender.name, state, retval if state == "SUCCESS" else type(retval).__name__))
+
+    @signals.task_success.connect(sender="sig.add")
+    def success(sender: Any, result: Any, **kw: Any) -> None:
+        got.append(("success", sender.name, result))
+
+    @signals.task_failure.connect(sender=fail)
+    def failure(sender: Any, task_id: str, exception: BaseException, traceback: str, **kw: Any) -> None:
+        got.append(("failure", sender.name, str(exception), "ValueError" in traceback))
+
+    worker_events: list[str] = []
+    for name in ("worker_init", "worker_ready", "worker_shutting_down", "worker_shutdown"):
+        getattr(signals, name).connect(lambda sender, _n=name, **kw: worker_events.append(_n))
+
+    async with worker(app):
+        assert await (await add.adelay(2, 3)).aget(timeout=10) == 5
+        with pytest.raises(TaskFailed):
+            await (await fail.adelay()).aget(timeout=10)
+    assert got == [
+        ("prerun", "sig.add", True, (2, 3)), ("success", "sig.add", 5), ("postrun", "sig.add", "SUCCESS", 5),
+        ("prerun", "sig.fail", True, ()), ("failure", "sig.fail", "nope", True),
+        ("postrun", "sig.fail", "FAILURE", "ValueError"),
+    ]
+    assert worker_events == ["worker_init", "worker_ready", "worker_shutting_down", "worker_shutdown"]
+
+
+async def test_revoked_unknown_and_rejected_signals(app: Natask, clean_signals: None) -> None:
+    got: list[tuple[Any, ...]] = []
+    signals.task_revoked.connect(lambda sender, request, terminated, expired, **kw: got.append(
+        ("revoked", request.id, terminated, expired)))
+    signals.task_unknown.connect(lambda sender, name, id, **kw: got.append(("unknown", name, id)))
+    signals.task_rejected.connect(lambda sender, message, exc, **kw: got.append(("rejected", message.task, exc)))
+
+    @app.task(name="sig.reject")
+    def reject() -> None:
+        raise Reject("not for us")
+
+    @app.task(name="sig.late")
+    def late() -> None:
+        raise AssertionError("an expired task ran")
+
+    async with worker(app, unknown_grace=0):
+        expired = await late.aapply_async(expires=datetime.now(timezone.utc) - timedelta(seconds=5))
+        with pytest.raises(TaskRevoked):
+            await expired.aget(timeout=10)
+        unknown = await app.asend_task("sig.nobody")
+        with pytest.raises(TaskFailed):
+            await unknown.aget(timeout=10)
+        rejected = await reject.adelay()
+        with pytest.raises(TaskFailed):
+            await rejected.aget(timeout=10)
+    assert got == [("revoked", expired.id, False, True), ("unknown", "sig.nobody", unknown.id),
+                   ("rejected", "sig.reject", "rejected")]
+
+
+async def test_before_tick_and_beat_init(app: Natask, clean_signals: None) -> None:
+    from natask.beat import Beat
+
+    ticked: asyncio.Queue[tuple[str, str, float]] = asyncio.Queue()
+
+    class Ticks(Middleware):
+        async def before_tick(self, entry: str, task: str, fire_time: float) -> None:
+            await ticked.put((entry, task, fire_time))
+
+    app.add_middleware(Ticks())
+    inits: list[Any] = []
+    signals.beat_init.connect(lambda sender, **kw: inits.append(sender))
+    app.add_periodic_task(timedelta(seconds=1), Signature(app, "b.ping"), name="ping")
+    beat = Beat(app)
+    await beat.start()
+    try:
+        entry, task, fire_time = await asyncio.wait_for(ticked.get(), 10)
+    finally:
+        await beat.stop()
+    assert (entry, task) == ("ping", "b.ping") and fire_time == int(fire_time)  # aligned to the second
+    assert inits == [beat]
+
+
+async def test_log_levels_celery_style(app: Natask, caplog: pytest.LogCaptureFixture) -> None:
+    @app.task(name="l.ok")
+    def ok() -> int:
+        return 42
+
+    @app.task(name="l.bad", max_retries=0)
+    def bad() -> None:
+        raise ValueError("bad input")
+
+    @app.task(name="l.flaky", max_retries=1, retry_backoff=0, autoretry_for=(KeyError,))
+    def flaky() -> None:
+        raise KeyError("again")
+
+    with caplog.at_level(logging.INFO, logger="natask.worker"):
+        async with worker(app):
+            good = await ok.adelay()
+            await good.aget(timeout=10)
+            failing = await bad.adelay()
+            with pytest.raises(TaskFailed):
+                await failing.aget(timeout=10)
+            retried = await flaky.adelay()
+            with pytest.raises(TaskFailed):
+                await retried.aget(timeout=10)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "natask.worker"]
+    assert (logging.INFO, f"task l.ok[{good.id}] received") in lines
+    assert any(level == logging.INFO and msg.startswith(f"task l.ok[{good.id}] succeeded in ") and msg.endswith(": 42")
+               for level, msg in lines)
+    failure = [r for r in caplog.records if r.getMessage() == f"task l.bad[{failing.id}] failed: ValueError: bad input"]
+    assert failure and failure[0].levelno == logging.ERROR and failure[0].exc_info is not None  # traceback attached
+    assert any(level == logging.WARNING and msg.startswith(f"task l.flaky[{retried.id}] retry 1 in ")
+               for level, msg in lines)

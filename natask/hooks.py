@@ -59,8 +59,9 @@ class Middleware:
     """Override any of these points; the defaults do nothing and are never called."""
 
     def before_publish(self, call: Call) -> Awaitable[None] | None:
-        """A task message is about to be published (by a producer, a canvas step sent by a worker,
-        or a retry); ``call.headers`` may be changed (e.g. to carry a trace context)."""
+        """A task message is about to be published (by a producer, or a workflow step a worker sends
+        in the context of the task that finished); ``call.headers`` may be changed (e.g. to carry a
+        trace context). A retry is the same message again: its headers go along."""
 
     def after_publish(self, call: Call) -> Awaitable[None] | None:
         """The server stored the message of ``call``."""
@@ -77,7 +78,9 @@ class Middleware:
         are seen by the task (for a ``def`` task, on its thread)."""
 
     def after_task(self, request: Request, outcome: Outcome) -> Awaitable[None] | None:
-        """The run ended; its outcome is about to be stored and the message acknowledged."""
+        """The run ended and was settled: workflow follow-ups sent, the outcome stored, the message
+        acknowledged (or a retry scheduled, or the message dead-lettered). Runs in the same context
+        as ``before_task``."""
 
     def on_retry(self, request: Request, exception: BaseException | None, countdown: float) -> Awaitable[None] | None:
         """The run raised and will run again in ``countdown`` seconds."""

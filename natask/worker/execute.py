@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TimeLimitExceeded
+from ..errors import TimeLimitExceeded, failure_record
 from ..hooks import Hooks
 from ..hooks import Outcome as Ended
 from ..message import Envelope, dumps
@@ -74,7 +74,12 @@ class Execution:
             return
         except Exception as exc:
             delivery.finished = True
-            await self.outcome.failed(delivery, env, task, exc, retries, request, time.perf_counter() - started)
+            runtime = time.perf_counter() - started
+            state = await self.outcome.failed(delivery, env, task, exc, retries, request)
+            if hooks.after_task:
+                cause = getattr(exc, "exc", None) or exc
+                await hooks.call("after_task", request, Ended(state, exception=cause, runtime=runtime,
+                                                              traceback=failure_record(cause)["traceback"]))
             return
         delivery.finished = True
         self.tally.processed += 1
@@ -82,9 +87,11 @@ class Execution:
             runtime = time.perf_counter() - started
             if info:
                 log.info("task %s[%s] succeeded in %.3fs: %s", env.task, env.id, runtime, _short.repr(value))
-            if hooks.after_task:
-                await hooks.call("after_task", request, Ended(State.SUCCESS.value, value, runtime=runtime))
+        # Settled first (follow-ups sent in the run's context, outcome stored, message acked): a hook
+        # after the task can neither delay nor lose it.
         await self.outcome.finish(delivery, env, task, {"state": State.SUCCESS.value, "result": value}, retries)
+        if hooks.after_task:
+            await hooks.call("after_task", request, Ended(State.SUCCESS.value, value, runtime=runtime))
 
     async def run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any], request: Request) -> Any:
         """The task's return value (``TimeLimitExceeded`` past its time limit)."""

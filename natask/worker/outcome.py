@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Final
 from ..broker import Broker, attempt, stream_sequence
 from ..dlq import index_dead_letter
 from ..errors import EncodeError, PayloadTooLarge, StorageFull, failure_record, type_name
-from ..hooks import Outcome as Ended
 from ..message import Envelope, at_schedule, dumps
 from ..naming import (
     HDR_DLQ_ATTEMPTS,
@@ -110,35 +109,28 @@ class Outcome:
         await msg.ack()
 
     async def failed(self, delivery: Delivery, env: Envelope, task: Task[Any, Any], exc: Exception,
-                     retries: int, request: Request, runtime: float) -> None:
-        """A run raised ``exc``: retry, dead-letter or store the failure, as the task's options decide."""
+                     retries: int, request: Request) -> str:
+        """A run raised ``exc``: retry, dead-letter or store the failure, as the task's options decide;
+        the state it ended in (``RETRY`` or ``FAILURE``)."""
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
-        hooks = self.hooks
         if decision.action is Action.RETRY:
-            if hooks.after_task:
-                await hooks.call("after_task", request, Ended(State.RETRY.value, exception=cause,
-                                                              traceback=failure_record(cause)["traceback"],
-                                                              runtime=runtime))
-            if hooks.on_retry:
-                await hooks.call("on_retry", request, cause, decision.countdown)
+            if self.hooks.on_retry:
+                await self.hooks.call("on_retry", request, cause, decision.countdown)
             await self.retry(delivery, env, task, cause, retries, decision.countdown)
-            return
+            return State.RETRY.value
         self.tally.failed += 1
         record = failure_record(cause)
-        if hooks.after_task:
-            await hooks.call("after_task", request, Ended(State.FAILURE.value, exception=cause,
-                                                          traceback=record.get("traceback"), runtime=runtime))
         if decision.action is Action.REJECT:
             await self.dead_letter(delivery, "rejected", decision.reason, env=env, record=record)
-            return
-        if decision.reason:  # retries exhausted
+        elif decision.reason:  # retries exhausted
             await self.dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                    env=env, record=record)
-            return
-        log.error("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"],
-                  exc_info=cause)
-        await self.finish(delivery, env, task, record, retries)
+        else:
+            log.error("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"],
+                      exc_info=cause)
+            await self.finish(delivery, env, task, record, retries)
+        return State.FAILURE.value
 
     def encode(self, record: dict[str, Any], what: str) -> tuple[bytes, dict[str, Any]]:
         """A record and its bytes; a result that cannot be encoded, or too large for the server's

@@ -107,7 +107,7 @@ class Natask:
         ignore_result: bool = ...,
         track_started: bool = ...,
     ) -> _Decorator: ...
-    def task(
+    def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
         fn: Callable[..., Any] | None = None,
         *,
@@ -238,7 +238,7 @@ class Natask:
         self.hooks.add(middleware)
 
     # -- calling ----------------------------------------------------------------------------
-    def send_task(
+    def send_task(  # noqa: PLR0913 - Celery's call options, keyword-only
         self,
         name: str,
         args: Sequence[Any] = (),
@@ -258,7 +258,7 @@ class Natask:
                                    headers=headers, ignore_result=ignore_result)
         return self.client.portal.run(self.client.publish(call))
 
-    async def asend_task(
+    async def asend_task(  # noqa: PLR0913 - Celery's call options, keyword-only
         self,
         name: str,
         args: Sequence[Any] = (),

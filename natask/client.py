@@ -102,7 +102,7 @@ class Client(Generic[H]):
         _CLIENTS.add(self)
 
     # -- calls ------------------------------------------------------------------------------
-    def prepare(
+    def prepare(  # noqa: PLR0913 - every call option, keyword-only
         self,
         name: str,
         args: Sequence[Any],

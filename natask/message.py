@@ -63,7 +63,7 @@ _FROZENSET_MARK: Final = _Mark(_EXT_MARK_FROZENSET, frozenset)
 _MARKS: Final = {m.ext.code: m for m in (_TUPLE_MARK, _SET_MARK, _FROZENSET_MARK)}
 
 
-def _default(obj: Any) -> Any:
+def _default(obj: Any) -> Any:  # noqa: C901 - one branch per wire type, the hot path
     if type(obj) is tuple:  # the common case first: a tuple costs this one call, nothing nested
         return [_TUPLE_MARK.ext, *obj]
     # Order matters: datetime is a subclass of date.

@@ -114,7 +114,7 @@ class Task(Generic[P, R]):
         """Async ``delay``."""
         return await self.aapply_async(args, kwargs)
 
-    def apply_async(
+    def apply_async(  # noqa: PLR0913 - Celery's call options, keyword-only
         self,
         args: Args = (),
         kwargs: Kwargs | None = None,
@@ -138,7 +138,7 @@ class Task(Generic[P, R]):
         client = self._client
         return client.portal.run(client.publish(call))
 
-    async def aapply_async(
+    async def aapply_async(  # noqa: PLR0913 - Celery's call options, keyword-only
         self,
         args: Args = (),
         kwargs: Kwargs | None = None,

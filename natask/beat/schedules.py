@@ -167,7 +167,7 @@ class Schedules:
             return f" (did you mean {close[0]!r}?)"
         return f" (known: {', '.join(names)})" if names else " (there are none: add one with natask beat add)"
 
-    def _stored(self, name: str, task: str | Signature[Any] | Task[..., Any], every: float | timedelta | None,
+    def _stored(self, name: str, task: str | Signature[Any] | Task[..., Any], every: float | timedelta | None,  # noqa: C901 - one check per field of a hostile value
                 cron: str | None, args: Sequence[Any], kwargs: Mapping[str, Any] | None, queue: str | None,
                 tz: str | None) -> StoredEntry:
         """Validate an entry to store (as strictly as a beat validates what it reads)."""

@@ -75,7 +75,7 @@ class StoredEntry:
         return data
 
 
-def decode(name: str, data: bytes, app: App) -> tuple[StoredEntry, PeriodicEntry | None]:
+def decode(name: str, data: bytes, app: App) -> tuple[StoredEntry, PeriodicEntry | None]:  # noqa: C901 - one check per field of a hostile value
     """Validate a value read from the bucket under key ``name``: the stored value and, for a whole
     entry, the entry it fires (its cron parses, its time zone exists); ``ConfigError`` says what is wrong."""
     if len(data) > MAX_STORED_BYTES:

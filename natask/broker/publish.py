@@ -37,7 +37,7 @@ class Published(NamedTuple):
 
 
 class Publishing(Connection):
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:  # noqa: C901 - the hot path, inlined
         """Publish to JetStream and await the PubAck, retrying with the same message id on
         reconnects and leader elections until ``publish_timeout``; never reports success without
         the server's ack. ``PayloadTooLarge`` (payload + headers over ``max_payload``) before sending:

@@ -262,7 +262,7 @@ class Model:
         row.version = self.touch()
         self.rows.move_to_end(row.id)
 
-    def publish(self, task_id: str, name: str, queue: str, args: str, *, msg_id: str = "", retries: int = 0,
+    def publish(self, task_id: str, name: str, queue: str, args: str, *, msg_id: str = "", retries: int = 0,  # noqa: PLR0913 - the fields of an event, keyword-only
                 scheduled: bool = False, replayed: bool = False, parent_id: str = "", root_id: str = "",
                 ts: float | None = None) -> None:
         """A task message published (a new call, a retry, a replay or a schedule)."""

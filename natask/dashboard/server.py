@@ -37,7 +37,7 @@ class _Server(uvicorn.Server):
 class Dashboard:
     """The dashboard on ``host:port``: ``async with Dashboard(app, port=0) as dash: dash.url``."""
 
-    def __init__(self, app: Natask, host: str = "127.0.0.1", port: int = DEFAULT_PORT, refresh: float = REFRESH,
+    def __init__(self, app: Natask, host: str = "127.0.0.1", port: int = DEFAULT_PORT, refresh: float = REFRESH,  # noqa: PLR0913 - the dashboard's options, keyword-only
                  *, allow_insecure: bool = False, allowed_hosts: Iterable[str] = (),
                  basic_auth: Iterable[str | tuple[str, str]] = (), auth_token: str | None = None,
                  auth_header: str | None = None, history: History | None = None,

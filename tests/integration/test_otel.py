@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from natask import Natask, TaskFailed, chain
 from natask.otel import instrument
 from natask.server import NatsServer
+from natask.testing import worker
 
 from .helpers import WorkerProcess
 from .otelapp import fail, flaky, span_dict, step
@@ -143,3 +144,35 @@ async def test_a_retry_is_a_second_run_span_and_a_failure_records_its_exception(
     assert failed["status"] == "ERROR" and failed["trace_id"] == local[ids["fail"]]["trace_id"]
     (exc,) = [e for e in failed["events"] if e["name"] == "exception"]
     assert exc["attributes"]["exception.type"] == "ValueError" and exc["attributes"]["exception.message"] == "boom"
+
+
+@pytest.mark.parametrize("kind", ["def", "async def"])
+async def test_a_task_that_calls_delay_continues_its_trace(app: Natask, kind: str) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrument(app, tracer_provider=provider)
+
+    @app.task(name="ot.child")
+    def child(x: int) -> int:
+        return x
+
+    if kind == "def":
+        @app.task(name="ot.parent")
+        def parent() -> str:
+            return child.delay(1).id  # a sync call from a worker thread
+    else:
+        @app.task(name="ot.parent")
+        async def parent() -> str:
+            return (await child.adelay(1)).id
+
+    async with worker(app):
+        child_id = await (await parent.adelay()).aget(timeout=10)
+        assert await app.AsyncResult(child_id).aget(timeout=10) == 1
+    spans = {(s.kind.name, s.attributes["natask.task.name"] if s.attributes else ""): s
+             for s in exporter.get_finished_spans()}
+    parent_run = spans["CONSUMER", "ot.parent"]
+    child_sent = spans["PRODUCER", "ot.child"]
+    assert parent_run.context is not None and child_sent.parent is not None
+    assert child_sent.parent.span_id == parent_run.context.span_id
+    assert spans["CONSUMER", "ot.child"].parent.span_id == child_sent.context.span_id  # type: ignore[union-attr]

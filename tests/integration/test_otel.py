@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from natask import Natask, TaskFailed, chain
+from natask import Natask, TaskFailed, TaskRevoked, chain
 from natask.otel import instrument
 from natask.server import NatsServer
 from natask.testing import worker
@@ -176,3 +176,43 @@ async def test_a_task_that_calls_delay_continues_its_trace(app: Natask, kind: st
     assert parent_run.context is not None and child_sent.parent is not None
     assert child_sent.parent.span_id == parent_run.context.span_id
     assert spans["CONSUMER", "ot.child"].parent.span_id == child_sent.context.span_id  # type: ignore[union-attr]
+
+
+async def test_dead_letters_and_revokes_show_as_span_events(app: Natask) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrument(app, tracer_provider=provider)
+
+    @app.task(name="ot.never")
+    def never() -> None:
+        raise AssertionError("a revoked task ran")
+
+    @app.task(name="ot.broken", max_retries=1, retry_backoff=0, autoretry_for=(KeyError,))
+    def broken() -> None:
+        raise KeyError("always")
+
+    async with worker(app, unknown_grace=0):
+        revoked = app.AsyncResult("0" * 32)
+        await revoked.arevoke()
+        await never.aapply_async(task_id="0" * 32)
+        unknown = await app.asend_task("ot.unknown", (1,))
+        exhausted = await broken.adelay()
+        for result in (revoked, unknown, exhausted):
+            with pytest.raises((TaskFailed, TaskRevoked)):
+                await result.aget(timeout=10)
+    runs: dict[str, list[Any]] = {}
+    for s in exporter.get_finished_spans():
+        if s.kind.name == "CONSUMER" and s.attributes:
+            runs.setdefault(str(s.attributes["natask.task.id"]), []).append(s)
+    (run,) = runs["0" * 32]  # revoked before it ran: a short run span carrying the event
+    assert [(e.name, dict(e.attributes or {})) for e in run.events] == [
+        ("natask.revoked", {"natask.revoked.terminated": False, "natask.revoked.expired": False})]
+    (run,) = runs[unknown.id]
+    assert run.name == "process ot.unknown" and run.status.status_code.name == "ERROR"
+    assert [e.name for e in run.events] == ["natask.dead_letter"]
+    assert run.events[0].attributes["natask.dead_letter.reason"] == "unknown task"  # type: ignore[index]
+    first, last = sorted(runs[exhausted.id], key=lambda s: s.attributes["natask.task.retries"])
+    assert [e.name for e in first.events] == ["natask.retry", "exception"]
+    assert [e.name for e in last.events] == ["natask.dead_letter", "exception"]  # the last run's own span
+    assert last.status.status_code.name == "ERROR" and last.attributes["natask.task.state"] == "FAILURE"

@@ -37,6 +37,7 @@ EXPECTED: dict[str, str] = {
     "fastapi_app.py": "GET /quote?items=1,2,3 -> 200",
     "django_style.py": "none of them with an event loop",
     "dashboard_mount.py": "search 'A-17' -> shop.checkout SUCCESS args=('A-17', card_number='***')",
+    "tracing.py": "        process tracing.invoice  [consumer, OK]",
 }
 """Example file -> a substring of its standard output."""
 

@@ -27,7 +27,7 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     ("app",),
     # 5 services
     ("worker", "beat", "control", "dlq", "events", "metrics", "http", "dashboard", "supervisor", "server",
-     "testing"),
+     "testing", "otel", "sentry"),
     # 6 the command line and the package's own re-exports
     ("cli", "demo", "__main__", ""),
 )

@@ -22,11 +22,11 @@ class WorkerProcess:
 
     def __init__(self, url: str, prefix: str, log: Path, queues: Sequence[str] = ("default",),
                  concurrency: int = 4, ack_wait: float = 30, extra: Sequence[str] = (),
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, app: str = "tests.integration.workerapp:app") -> None:
         env = {**os.environ, "NATS_URL": url, "NATASK_TEST_PREFIX": prefix, "NATASK_TEST_LOG": str(log),
                "NATASK_TEST_ACK_WAIT": str(ack_wait), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "natask", "worker", "-A", "tests.integration.workerapp:app",
+            [sys.executable, "-m", "natask", "worker", "-A", app,
              "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", "info", *extra],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=new_session,  # its own process group, for a signal to the whole group

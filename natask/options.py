@@ -41,8 +41,7 @@ class TaskOptions:
     """Set from the three limits above: the worker's gate asks ``worker.limits`` first."""
 
     def __post_init__(self) -> None:
-        for what in ("rate_limit", "global_rate_limit"):
-            parse_rate(getattr(self, what), what)
+        rates = [parse_rate(getattr(self, what), what) for what in ("rate_limit", "global_rate_limit")]
         if self.max_concurrency is not None and (
                 isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int)
                 or not 1 <= self.max_concurrency <= MAX_CONCURRENCY):
@@ -51,7 +50,7 @@ class TaskOptions:
         if self.broadcast and (self.rate_limit or self.global_rate_limit or self.max_concurrency):
             raise ConfigError("broadcast=True tasks run once on every worker, outside rate limits and caps: "
                               "drop rate_limit, global_rate_limit and max_concurrency, or broadcast")
-        object.__setattr__(self, "limited", bool(self.rate_limit or self.global_rate_limit or self.max_concurrency))
+        object.__setattr__(self, "limited", any(rates) or bool(self.max_concurrency))
         if self.queue is not None:
             check_queue_name(self.queue)
         if self.max_retries is not None and self.max_retries < 0:

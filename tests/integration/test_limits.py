@@ -6,11 +6,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from natask import Natask, Worker
 from natask.server import NatsServer
+from natask.testing import worker
 
 from .helpers import WorkerProcess
 from .workerapp import capped, hello, paced
@@ -115,3 +117,17 @@ async def test_queue_options_set_the_queue_consumers_max_ack_pending(nats_server
     await app.aclose()
     assert orders.config.max_ack_pending == 50
     assert default.config.max_ack_pending == app.config.max_ack_pending
+
+
+async def test_rate_limit_is_per_worker_and_waiting_tasks_are_not_lost(app: Natask) -> None:
+    @app.task(name="t.local", rate_limit="10/s", max_retries=0)
+    async def local(i: int) -> float:
+        return time.time()
+
+    # Two workers at 10/s each: together about 20/s. 40 tasks take ~2 s rather than an instant;
+    # those beyond the first ~0.25 s of reservations wait as schedules and come back.
+    async with worker(app), worker(app):
+        results = await local.adelay_many([(i,) for i in range(40)])
+        starts = sorted([await r.aget(timeout=60) for r in results])
+    span = starts[-1] - starts[0]
+    assert 0.9 * (40 / 20 - 0.1) <= span  # never faster than two workers' limits together

@@ -219,7 +219,8 @@ class Limits:
     async def release(self, name: str, lease: str) -> None:
         """Give the place back (if this fails, the lease runs out within ``CAP_LEASE``)."""
         try:
-            await self._change(name, lambda leases, now: leases.pop(lease, None) is not None)
+            async with self._locks.setdefault(f"c:{name}", asyncio.Lock()):  # not racing our own takes
+                await self._change(name, lambda leases, now: leases.pop(lease, None) is not None)
         except Exception as e:
             log.warning("cannot release a max_concurrency lease of %s (%s): it runs out within %gs", name, e,
                         CAP_LEASE)

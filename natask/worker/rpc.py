@@ -40,7 +40,7 @@ class Rpc:
         self.encode = encode
         self.tally = tally
         self.done = done
-        self.broadcasts = app.names.broadcast_subject("", "")[:-2]
+        self.broadcasts = app.names.broadcast_subject("", "")[:-1]
         """``natask.bcast.<prefix>.``: calls on these subjects are broadcasts (no reply, no result)."""
 
     async def answer(self, delivery: Delivery) -> None:

@@ -61,6 +61,8 @@ class Limits:
         """Per task: this worker's next free start (``rate_limit``)."""
         self.intervals: dict[tuple[str, str], float | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, list[asyncio.Future[float | None]]] = {}
+        """Per task: this worker's global-rate reservations waiting for the next compare-and-set."""
         self._rates: Bucket | None = None
         self._caps: Bucket | None = None
         self._token = os.urandom(6).hex()
@@ -141,31 +143,45 @@ class Limits:
             self.local[task.name] = start + local
         shared = self.interval(task, "global_rate_limit")
         if shared is not None:
-            reserved = await self.reserve_global(task.name, shared, now)
+            reserved = await self.reserve_global(task.name, shared)
             if reserved is None:
                 return None
             start = max(start, reserved)
         return start
 
-    async def reserve_global(self, name: str, interval: float, now: float) -> float | None:
-        """Reserve the next free start of the cluster-wide bucket of ``name`` (compare-and-set)."""
-        lock = self._locks.setdefault(f"r:{name}", asyncio.Lock())
-        async with lock:  # this worker's reservations queue here instead of racing each other
-            kv = await self.rates()
-            for _ in range(CAS_TRIES):
-                rev, entry = await kv.last(name, leader=True)
-                tat = _float(entry.value) if entry is not None else 0.0
-                start = max(tat, now)
-                value = f"{start + interval:.6f}".encode()
-                try:
-                    if rev:
-                        await kv.update(name, value, rev)
-                    else:
-                        await kv.create(name, value)
-                except SequenceConflict:
-                    now = time.time()
-                    continue
-                return start
+    async def reserve_global(self, name: str, interval: float) -> float | None:
+        """Reserve the next free start of the cluster-wide bucket of ``name``. This worker's
+        concurrent reservations of one task share one compare-and-set: whoever gets the lock
+        reserves a start for everyone queued behind it."""
+        future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(name, []).append(future)
+        async with self._locks.setdefault(f"r:{name}", asyncio.Lock()):
+            if future.done():
+                return future.result()
+            batch = self._queued.pop(name)
+            starts: list[float] | None = None
+            try:
+                starts = await self._reserve_many(name, interval, len(batch))
+            finally:
+                for i, waiting in enumerate(batch):  # None (interrupted, contended): they wait a little
+                    if not waiting.done():
+                        waiting.set_result(None if starts is None else starts[i])
+        return future.result()
+
+    async def _reserve_many(self, name: str, interval: float, count: int) -> list[float] | None:
+        kv = await self.rates()
+        for _ in range(CAS_TRIES):
+            rev, entry = await kv.last(name, leader=True)
+            start = max(_float(entry.value) if entry is not None else 0.0, time.time())
+            value = f"{start + count * interval:.6f}".encode()
+            try:
+                if rev:
+                    await kv.update(name, value, rev)
+                else:
+                    await kv.create(name, value)
+            except SequenceConflict:
+                continue
+            return [start + i * interval for i in range(count)]
         return None
 
     async def rates(self) -> Bucket:

@@ -169,12 +169,16 @@ class Task(Generic[P, R]):
     def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Pipelined bulk enqueue: each item is a tuple of positional arguments (or a dict of
         keyword arguments); one ``AsyncResult`` each, in order."""
+        if self.options.broadcast:
+            raise ConfigError(f"{self.name} is a broadcast task: send it with delay() or apply_async()")
         calls = [self._prepare_item(item) for item in arglist]
         client = self._client
         return client.portal.run(client.publish_many(calls))
 
     async def adelay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Async ``delay_many``."""
+        if self.options.broadcast:
+            raise ConfigError(f"{self.name} is a broadcast task: send it with delay() or apply_async()")
         calls = [self._prepare_item(item) for item in arglist]
         return await self._client.publish_many(calls)
 

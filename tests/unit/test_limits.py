@@ -43,6 +43,12 @@ def test_broadcast_tasks_take_no_limits() -> None:
         TaskOptions(broadcast=True, max_concurrency=2)
 
 
+def test_broadcast_tasks_are_not_sent_in_bulk() -> None:
+    task = Natask("limits").task(name="t.b", broadcast=True)(lambda: None)
+    with pytest.raises(ConfigError, match="broadcast task"):
+        task.delay_many([()])
+
+
 def test_only_tasks_with_a_limit_are_limited() -> None:
     assert not TaskOptions().limited and not TaskOptions(broadcast=True).limited
     assert TaskOptions(rate_limit="1/s").limited and TaskOptions(max_concurrency=1).limited

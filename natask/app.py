@@ -89,6 +89,10 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        rate_limit: str | None = ...,
+        global_rate_limit: str | None = ...,
+        max_concurrency: int | None = ...,
+        broadcast: bool = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -106,6 +110,10 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        rate_limit: str | None = ...,
+        global_rate_limit: str | None = ...,
+        max_concurrency: int | None = ...,
+        broadcast: bool = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -123,6 +131,10 @@ class Natask:
         expires: Seconds | None = None,
         ignore_result: bool = False,
         track_started: bool = False,
+        rate_limit: str | None = None,
+        global_rate_limit: str | None = None,
+        max_concurrency: int | None = None,
+        broadcast: bool = False,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -141,6 +153,10 @@ class Natask:
             ignore_result=ignore_result,
             track_started=track_started,
             bind=bind,
+            rate_limit=rate_limit,
+            global_rate_limit=global_rate_limit,
+            max_concurrency=max_concurrency,
+            broadcast=broadcast,
         )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:

@@ -225,6 +225,21 @@ class Client(Generic[H]):
                 await hooks.call("after_publish", call)
         return results
 
+    async def broadcast(self, call: Call) -> H:
+        """Send a broadcast task over core NATS to every worker of its queue listening now (each
+        runs it once; at-most-once: nothing is stored, a worker away misses it). Its handle stores
+        no result (``ignore_result``)."""
+        if call.eta is not None:
+            raise ConfigError(f"{call.task} is a broadcast task: it runs when sent (no countdown or eta)")
+        hooks = self.hooks
+        if hooks.before_publish:
+            await hooks.call("before_publish", call)
+        broker = await self.broker()
+        await broker.publish_core(self.names.broadcast_subject(call.queue, call.task), call.payload, call.headers)
+        if hooks.after_publish:
+            await hooks.call("after_publish", call)
+        return self._result_type(self._owner, call.task_id, call.task, ignore_result=True, route=None)
+
     async def call(self, call: Call, timeout: float) -> Any:
         """Core NATS request-reply to the queue group: at-most-once, nothing stored."""
         broker = await self.broker()

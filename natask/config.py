@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any, Final, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
@@ -75,11 +77,39 @@ def _prefix(value: str) -> str:
     return value
 
 
+QUEUE_OPTIONS: Final = {"max_ack_pending": (1, 1_000_000)}
+"""What ``queue_options`` may set per queue, with the bounds of each."""
+
+
+def _queue_options(value: Any) -> Mapping[str, Mapping[str, int]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"queue_options must map queue names to dicts of options, got {value!r:.100}")
+    checked: dict[str, Mapping[str, int]] = {}
+    for queue, opts in value.items():
+        check_queue_name(queue)
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"queue_options[{queue!r}] must be a dict like {{'max_ack_pending': 50}}, "
+                              f"got {opts!r:.100}")
+        for key, given in opts.items():
+            if key not in QUEUE_OPTIONS:
+                raise ConfigError(f"unknown queue option {key!r} for queue {queue!r}: natask takes "
+                                  f"{', '.join(QUEUE_OPTIONS)}")
+            low, high = QUEUE_OPTIONS[key]
+            if isinstance(given, bool) or not isinstance(given, int) or not low <= given <= high:
+                raise ConfigError(f"queue_options[{queue!r}][{key!r}] must be an int from {low} to {high}, "
+                                  f"got {given!r:.100}")
+        checked[queue] = MappingProxyType(dict(opts))
+    return MappingProxyType(checked)
+
+
 def option(default: Any, env: str, doc: str, *, minimum: float | None = None, maximum: float | None = None,
            check: Callable[[Any], Any] | None = None) -> Any:
     """A ``Config`` field that is an app option: its default, environment variable, bounds and
     meaning, described once (``Natask(name, **options)``, the environment and the docs read it)."""
-    return field(default=default, metadata={"env": env, "doc": doc, "min": minimum, "max": maximum, "check": check})
+    metadata = {"env": env, "doc": doc, "min": minimum, "max": maximum, "check": check}
+    if default is None and check is not None:  # a mapping: built by its check, {} by default
+        return field(default_factory=lambda: check({}), metadata={**metadata, "mapping": True})
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, repr=False)
@@ -111,6 +141,10 @@ class Config:
     duplicate_window: float = option(120.0, "NATASK_DUPLICATE_WINDOW", "Seconds the task stream remembers message "
                                      "ids (dedupe); the server keeps ~200 bytes per task published within it. "
                                      "At least publish_timeout.", minimum=1.0)
+    queue_options: Mapping[str, Mapping[str, int]] = option(
+        None, "NATASK_QUEUE_OPTIONS", "Per-queue settings: {queue: {\"max_ack_pending\": N}} "
+        "caps the tasks of that queue delivered and not yet acked across all its workers (JSON in the "
+        "environment).", check=lambda value: _queue_options(value))
     connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
         "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
@@ -173,6 +207,7 @@ class Options(TypedDict, total=False):
     publish_timeout: Seconds
     connect_timeout: Seconds
     duplicate_window: Seconds
+    queue_options: Mapping[str, Mapping[str, int]]
     connect_options: Mapping[str, Any]
 
 
@@ -181,6 +216,14 @@ def _value(spec: Field[Any], given: Any) -> Any:
     kind, env, what = type(spec.default), spec.metadata["env"], spec.name
     if given is None:
         raw = os.environ.get(env, "")
+        if spec.metadata.get("mapping"):
+            if raw == "":
+                return spec.metadata["check"]({})
+            try:
+                given = json.loads(raw)
+            except ValueError:
+                raise ConfigError(f"${env} ({what}) must be JSON, got {raw!r:.100}") from None
+            return spec.metadata["check"](given)
         if raw == "":
             return spec.default
         try:
@@ -191,6 +234,8 @@ def _value(spec: Field[Any], given: Any) -> Any:
             raise ConfigError(f"${env} ({what}) must be a finite number, got {raw!r}")
         if kind is int:
             given = int(given)
+    elif spec.metadata.get("mapping"):
+        return spec.metadata["check"](given)
     elif kind is float:
         given = seconds(given, what)
     elif kind is int and (isinstance(given, bool) or not isinstance(given, int)):

@@ -71,6 +71,11 @@ HDR_DLQ_TRUNCATED: Final = "Natask-Dlq-Truncated"
 dead-letter headers)."""
 HDR_REPLAYS: Final = "Natask-Replays"
 """How many times this task was replayed from the DLQ (derives the replay's message id)."""
+HDR_RATE_START: Final = "Natask-Rate-Start"
+"""``<unix time>/<retries>``: the start this message reserved under its rate limits before it was
+handed back to wait as a schedule (trusted only on a message a schedule fired, for the same retry)."""
+HDR_CAP_WAITS: Final = "Natask-Cap-Waits"
+"""How many times this message found its task's ``max_concurrency`` full (sets the next wait)."""
 HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 """Compare-and-set: the server stores the message only if the subject's last sequence is this
 (``0``: the subject holds no message). A KV key is a subject, so this is the KV revision check."""
@@ -247,6 +252,16 @@ class Names:
         return f"natask_dlq_{self.prefix}"
 
     @property
+    def rates_bucket(self) -> str:
+        """Global rate limits: one key per task, its next free start (GCRA's theoretical arrival time)."""
+        return f"natask_rates_{self.prefix}"
+
+    @property
+    def caps_bucket(self) -> str:
+        """``max_concurrency`` semaphores: one key per task, the leases of its running runs."""
+        return f"natask_caps_{self.prefix}"
+
+    @property
     def dlq_filter(self) -> str:
         """This app's part of the shared dead-letter stream."""
         return f"natask.dlq.{self.prefix}.>"
@@ -272,6 +287,18 @@ class Names:
     def rpc_filter(self, queue: str) -> str:
         """The subjects of every RPC call to ``queue`` (a worker subscribes to them in the queue's group)."""
         return f"natask.rpc.{self.prefix}.{queue}.>"
+
+    def broadcast_subject(self, queue: str, task: str) -> str:
+        """Core NATS subject of a broadcast task (outside the task stream: never stored)."""
+        return f"natask.bcast.{self.prefix}.{queue}.{task}"
+
+    def broadcast_filter(self, queue: str) -> str:
+        """Every broadcast to ``queue`` (each worker subscribes without a queue group)."""
+        return f"natask.bcast.{self.prefix}.{queue}.>"
+
+    def task_from_broadcast_subject(self, subject: str) -> tuple[str, str] | None:
+        """(queue, task name) of a broadcast subject; None if it is not one."""
+        return _split(subject, f"natask.bcast.{self.prefix}.")
 
     def control_subject(self, command: str = "*") -> str:
         """The subject of the control ``command`` (ping, stats, active); ``*``: every command, as

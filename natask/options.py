@@ -4,9 +4,11 @@ call (``Request``, the current one in a context variable)."""
 from __future__ import annotations
 
 import contextvars
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .config import check_queue_name
 from .errors import ConfigError
@@ -27,8 +29,28 @@ class TaskOptions:
     ignore_result: bool = False
     track_started: bool = False
     bind: bool = False
+    rate_limit: str | None = None
+    """Starts per second/minute/hour in each worker (Celery's meaning): ``"100/m"``."""
+    global_rate_limit: str | None = None
+    """Starts per window across all workers together (a KV token bucket): ``"100/m"``."""
+    max_concurrency: int | None = None
+    """Runs of this task at once across the cluster (KV semaphore with leases)."""
+    broadcast: bool = False
+    """Sent over core NATS to every live worker of its queue: each runs it once, at most once."""
+    limited: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set from the three limits above: the worker's gate asks ``worker.limits`` first."""
 
     def __post_init__(self) -> None:
+        rates = [parse_rate(getattr(self, what), what) for what in ("rate_limit", "global_rate_limit")]
+        if self.max_concurrency is not None and (
+                isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int)
+                or not 1 <= self.max_concurrency <= MAX_CONCURRENCY):
+            raise ConfigError(f"max_concurrency must be an int from 1 to {MAX_CONCURRENCY} (or None: no cap), "
+                              f"got {self.max_concurrency!r}")
+        if self.broadcast and (self.rate_limit or self.global_rate_limit or self.max_concurrency):
+            raise ConfigError("broadcast=True tasks run once on every worker, outside rate limits and caps: "
+                              "drop rate_limit, global_rate_limit and max_concurrency, or broadcast")
+        object.__setattr__(self, "limited", any(rates) or bool(self.max_concurrency))
         if self.queue is not None:
             check_queue_name(self.queue)
         if self.max_retries is not None and self.max_retries < 0:
@@ -40,6 +62,31 @@ class TaskOptions:
             value = getattr(self, what)
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0 seconds, got {value}")
+
+
+MAX_CONCURRENCY: Final = 10_000
+"""Largest ``max_concurrency``: the cap's leases live in one KV value."""
+_RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([smh]))?\s*$")
+_PER: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_rate(value: object, what: str = "rate_limit") -> float | None:
+    """Starts per second of a Celery rate string (``"100/m"``, ``"10/s"``, ``"5/h"``; a plain number
+    is per second); None for None, ``0`` or ``""`` (no limit, as in Celery). ``ConfigError`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    match = _RATE_RE.match(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not value.strip():
+        return None
+    if match is None:
+        raise ConfigError(f"{what} must look like '100/m' (a number of starts per s, m or h; a plain number is "
+                          f"per second), got {value!r:.60}")
+    count = float(match.group(1))
+    if not math.isfinite(count):
+        raise ConfigError(f"{what} must be finite, got {value!r:.60}")
+    return count / _PER[match.group(2)] if count else None
 
 
 @dataclass

@@ -108,6 +108,8 @@ class Task(Generic[P, R]):
         """Enqueue a call; returns its ``AsyncResult`` once the server acknowledged it."""
         call = self._prepare(args, kwargs, None, None, None, None, None, None)
         client = self._client
+        if self.options.broadcast:
+            return client.portal.run(client.broadcast(call))
         return client.portal.run(client.publish(call))
 
     async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
@@ -136,6 +138,8 @@ class Task(Generic[P, R]):
                 link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
         client = self._client
+        if self.options.broadcast:
+            return client.portal.run(client.broadcast(call))
         return client.portal.run(client.publish(call))
 
     async def aapply_async(  # noqa: PLR0913 - Celery's call options, keyword-only
@@ -158,17 +162,23 @@ class Task(Generic[P, R]):
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        if self.options.broadcast:
+            return await self._client.broadcast(call)  # type: ignore[no-any-return]
         return await self._client.publish(call)  # type: ignore[no-any-return]
 
     def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Pipelined bulk enqueue: each item is a tuple of positional arguments (or a dict of
         keyword arguments); one ``AsyncResult`` each, in order."""
+        if self.options.broadcast:
+            raise ConfigError(f"{self.name} is a broadcast task: send it with delay() or apply_async()")
         calls = [self._prepare_item(item) for item in arglist]
         client = self._client
         return client.portal.run(client.publish_many(calls))
 
     async def adelay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
         """Async ``delay_many``."""
+        if self.options.broadcast:
+            raise ConfigError(f"{self.name} is a broadcast task: send it with delay() or apply_async()")
         calls = [self._prepare_item(item) for item in arglist]
         return await self._client.publish_many(calls)
 

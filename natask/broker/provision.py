@@ -146,7 +146,8 @@ class Provisioning(Publishing):
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.config.ack_wait,
-            max_ack_pending=self.config.max_ack_pending,
+            max_ack_pending=self.config.queue_options.get(queue, {}).get("max_ack_pending",
+                                                                         self.config.max_ack_pending),
             max_deliver=-1,  # retry limits are per task, enforced by the worker
             max_waiting=512,
             num_replicas=self.config.stream_replicas,

@@ -146,6 +146,8 @@ class Worker:
             # RPC: core request-reply beside the stream, same queue group name, same slots.
             self._rpc_subs.append(await broker.subscribe(broker.names.rpc_filter(queue), queue=queue,
                                                          cb=self._on_rpc))
+            # Broadcasts: the same slots, but no queue group, so every worker of the queue gets each one.
+            self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue), cb=self._on_rpc))
         self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
         await self.app.hooks.call("on_worker_start", self)

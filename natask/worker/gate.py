@@ -26,6 +26,7 @@ from ..naming import (
 from ..options import Request, current_request
 from ..states import State
 from .delivery import MAX_CLOCK_SKEW, MAX_HEADER_INT, Delivery, cut, header_int, header_time
+from .limits import Limits
 from .outcome import Outcome
 from .store import ResultStore, is_final
 
@@ -59,6 +60,8 @@ class Gate:
         """Revoked task ids (mirrored from the revoked bucket by ``Revokes``, shared, never replaced)."""
         self.inboxes = inboxes
         self.unknown_grace = unknown_grace
+        self.limits = Limits(broker, outcome)
+        """Rate limits and concurrency caps (used only by tasks that set one)."""
 
     async def process(self, delivery: Delivery) -> None:  # noqa: C901 - one check per gate rule, read top to bottom
         """Gate a delivery (the subject decides which task it may run; every header and body field
@@ -145,6 +148,10 @@ class Gate:
                           eta=env.eta, expires=env.expires, headers=headers,
                           report=lambda state, meta: outcome.report(delivery, state, meta))
         current_request.set(request)  # log lines about this task, from here on, carry its id and name
+        if task.options.limited:
+            await self.limits.run(delivery, env, task,
+                                  lambda: self.execute(delivery, env, task, args, kwargs, request, retries))
+            return
         await self.execute(delivery, env, task, args, kwargs, request, retries)
 
     async def done_before(self, delivery: Delivery, env: Envelope, reply: str | None) -> bool:

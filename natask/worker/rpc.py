@@ -40,11 +40,16 @@ class Rpc:
         self.encode = encode
         self.tally = tally
         self.done = done
+        self.broadcasts = app.names.broadcast_subject("", "")[:-1]
+        """``natask.bcast.<prefix>.``: calls on these subjects are broadcasts (no reply, no result)."""
 
     async def answer(self, delivery: Delivery) -> None:
         """Run an RPC call and reply with its outcome record; nothing is stored or acked."""
         msg = delivery.msg
         try:
+            if msg.subject.startswith(self.broadcasts):
+                await self.broadcast(msg)
+                return
             if not is_reply_subject(msg.reply, self.inboxes):
                 # The reply subject is the sender's choice: answering elsewhere would write with our rights.
                 log.warning("RPC on %s without an inbox reply subject: not run", cut(msg.subject))
@@ -57,9 +62,20 @@ class Rpc:
         finally:
             self.done(delivery)
 
-    async def call(self, msg: Message) -> dict[str, Any]:
+    async def broadcast(self, msg: Message) -> None:
+        """Run a broadcast task (this worker's one run of it): nothing is stored or answered, a
+        failure is logged."""
+        try:
+            record = await self.call(msg, self.app.names.task_from_broadcast_subject(msg.subject))
+        except Exception:
+            log.exception("broadcast %s failed", cut(msg.subject))
+            self.tally.failed += 1
+            return
+        log.info("broadcast %s ran: %s", cut(msg.subject), record.get("state"))
+
+    async def call(self, msg: Message, route: tuple[str, str] | None = None) -> dict[str, Any]:
         """The outcome record of the call ``msg`` carries (``Forged`` if its subject and body disagree)."""
-        route = self.app.names.task_from_rpc_subject(msg.subject)
+        route = route or self.app.names.task_from_rpc_subject(msg.subject)
         if route is None:
             raise Forged(f"invalid RPC subject {cut(msg.subject)}")
         env = Envelope.decode(msg.data, msg.headers)

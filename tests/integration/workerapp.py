@@ -83,3 +83,24 @@ def ledger(self, seconds: float, hold: str = "") -> dict[str, object]:  # type: 
         time.sleep(seconds)
     record(f"ran {self.request.id}")
     return {"id": self.request.id, "pid": os.getpid()}
+
+
+@app.task(name="it.paced", global_rate_limit="30/s", max_retries=0)
+async def paced(tag: int) -> float:
+    """Records when it started (issue 17: 3 workers together stay within the global rate)."""
+    return time.time()
+
+
+@app.task(name="it.capped", max_concurrency=2, max_retries=0)
+async def capped(seconds: float) -> tuple[float, float]:
+    """Its run's start and end, read inside the task (issue 17: the cap holds across workers)."""
+    start = time.time()
+    await asyncio.sleep(seconds)
+    return start, time.time()
+
+
+@app.task(name="it.hello", broadcast=True)
+async def hello(subject: str, token: str) -> None:
+    """Says which worker process ran it, over the worker's own client connection (in order)."""
+    broker = await app.client.broker()
+    await broker.publish_core(subject, f"{token} {os.getpid()}".encode())

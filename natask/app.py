@@ -89,6 +89,7 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        soft_time_limit: Seconds | None = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -106,6 +107,7 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        soft_time_limit: Seconds | None = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -123,6 +125,7 @@ class Natask:
         expires: Seconds | None = None,
         ignore_result: bool = False,
         track_started: bool = False,
+        soft_time_limit: Seconds | None = None,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -141,6 +144,7 @@ class Natask:
             ignore_result=ignore_result,
             track_started=track_started,
             bind=bind,
+            soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
         )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:

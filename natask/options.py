@@ -27,6 +27,7 @@ class TaskOptions:
     ignore_result: bool = False
     track_started: bool = False
     bind: bool = False
+    soft_time_limit: float | None = None
 
     def __post_init__(self) -> None:
         if self.queue is not None:
@@ -36,7 +37,7 @@ class TaskOptions:
         for exc in self.autoretry_for:
             if not (isinstance(exc, type) and issubclass(exc, BaseException)):
                 raise ConfigError(f"autoretry_for must hold exception classes, got {exc!r}")
-        for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires"):
+        for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires", "soft_time_limit"):
             value = getattr(self, what)
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0 seconds, got {value}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from .canvas.signature import Canvas, Signature
 from .errors import ConfigError, Retry
 from .message import Call
-from .naming import check_task_name
+from .naming import HDR_SOFT_TIME_LIMIT, check_task_name
 from .options import Request, TaskOptions, current_request
 
 __all__ = ["AsyncTask", "Request", "Task", "TaskOptions", "current_request"]
@@ -127,9 +127,12 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        soft_time_limit: float | None = None,
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
+        if soft_time_limit is not None:
+            headers = with_soft_limit(headers, soft_time_limit)
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
@@ -151,8 +154,11 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        soft_time_limit: float | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
+        if soft_time_limit is not None:
+            headers = with_soft_limit(headers, soft_time_limit)
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
@@ -277,6 +283,14 @@ class AsyncTask(Task[P, R]):
         if self.options.bind:
             return self.fn(self, *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def with_soft_limit(headers: Mapping[str, str] | None, soft_time_limit: float) -> dict[str, str]:
+    """The call's headers with its ``soft_time_limit`` (seconds > 0), which workers apply over the task's."""
+    if isinstance(soft_time_limit, bool) or not isinstance(soft_time_limit, (int, float)) or not (
+            0 < soft_time_limit < float("inf")):
+        raise ConfigError(f"soft_time_limit must be a number of seconds > 0, got {soft_time_limit!r}")
+    return {**(headers or {}), HDR_SOFT_TIME_LIMIT: repr(float(soft_time_limit))}
 
 
 def _dataclass_params(fn: Callable[..., Any]) -> dict[str, type]:

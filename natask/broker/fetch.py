@@ -314,9 +314,8 @@ class Fetcher:
         last, q.last = q.last, None
         if last is not None:
             q.size = len(last.data) + MSG_OVERHEAD
+            q.backlog = pending_of(last.reply)  # once a batch; autoscale reads it on one queue too
         if not self.single:
-            if last is not None:
-                q.backlog = pending_of(last.reply)
             if q.look:
                 self.looking -= q.look
                 q.look = 0

@@ -41,7 +41,7 @@ class SoftLimited:
             self.task.cancel()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        return self  # type: ignore[return-value]
+        return self
 
     def __iter__(self) -> SoftLimited:
         return self

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from .canvas.signature import Canvas, Signature
 from .errors import ConfigError, Retry
 from .message import Call
-from .naming import HDR_SOFT_TIME_LIMIT, check_task_name
+from .naming import check_task_name
 from .options import Request, TaskOptions, current_request
 
 __all__ = ["AsyncTask", "Request", "Task", "TaskOptions", "current_request"]
@@ -131,13 +131,14 @@ class Task(Generic[P, R]):
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
-        if soft_time_limit is not None:
-            headers = with_soft_limit(headers, soft_time_limit)
+        if soft_time_limit is not None and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
+                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
         client = self._client
         return client.portal.run(client.publish(call))
 
@@ -157,13 +158,14 @@ class Task(Generic[P, R]):
         soft_time_limit: float | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
-        if soft_time_limit is not None:
-            headers = with_soft_limit(headers, soft_time_limit)
+        if soft_time_limit is not None and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
+                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
         return await self._client.publish(call)  # type: ignore[no-any-return]
 
     def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
@@ -187,7 +189,7 @@ class Task(Generic[P, R]):
             raise TypeError(f"delay_many() takes tuples of arguments, got {type(item).__name__}: wrap it in a tuple")
         return self._prepare(item, None, None, None, None, None, None, None)
 
-    def _prepare(
+    def _prepare(  # noqa: PLR0913 - the call options, passed on
         self,
         args: Args,
         kwargs: Kwargs | None,
@@ -197,6 +199,7 @@ class Task(Generic[P, R]):
         task_id: str | None,
         queue: str | None,
         headers: Mapping[str, str] | None,
+        soft_time_limit: float | None = None,
     ) -> Call:
         kwargs = kwargs or {}
         self.check_args(args, kwargs)
@@ -211,6 +214,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             headers=headers,
             ignore_result=self.options.ignore_result,
+            soft_time_limit=soft_time_limit,
         )
 
     # -- RPC --------------------------------------------------------------------------------
@@ -283,14 +287,6 @@ class AsyncTask(Task[P, R]):
         if self.options.bind:
             return self.fn(self, *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
-
-
-def with_soft_limit(headers: Mapping[str, str] | None, soft_time_limit: float) -> dict[str, str]:
-    """The call's headers with its ``soft_time_limit`` (seconds > 0), which workers apply over the task's."""
-    if isinstance(soft_time_limit, bool) or not isinstance(soft_time_limit, (int, float)) or not (
-            0 < soft_time_limit < float("inf")):
-        raise ConfigError(f"soft_time_limit must be a number of seconds > 0, got {soft_time_limit!r}")
-    return {**(headers or {}), HDR_SOFT_TIME_LIMIT: repr(float(soft_time_limit))}
 
 
 def _dataclass_params(fn: Callable[..., Any]) -> dict[str, type]:

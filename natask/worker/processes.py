@@ -10,7 +10,8 @@ the worker with its event loop and threads). Every message is one natask-msgpack
                       ["ok", value, max rss KB]                the task returned
                       ["err", pickled exception, traceback text, max rss KB]
 
-The child imports the app (``module:attr``) once, looks tasks up by name, rebuilds ``Request``
+The forkserver imports the app's module once (children are forks of it); a child takes the app
+(``module:attr``) from it, looks tasks up by name, rebuilds ``Request``
 (id, task, retries, args, kwargs, queue, parent/root id, eta, expires, headers; ``report`` sends
 ``["state", ...]``), runs one task at a time in its main thread and answers. Exceptions cross
 pickled (the child runs this app's own code; an unpicklable one comes back as a ``RuntimeError``
@@ -84,7 +85,9 @@ class ProcessPool:
         self.loop = asyncio.get_running_loop()
         self.context = multiprocessing.get_context("forkserver")
         # Not "__main__" (the default): `python -m natask` would run the CLI again in the server.
-        self.context.set_forkserver_preload(["natask.worker.processes"])
+        # The app's module is imported once in the server: a child is a fork of it, ready at once
+        # (importing it in each child costs tens of ms of CPU per child).
+        self.context.set_forkserver_preload(["natask.worker.processes", app_spec.partition(":")[0]])
         self.idle: list[_Child] = []
         self.children: set[_Child] = set()
         self.replaced = 0

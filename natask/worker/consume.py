@@ -157,6 +157,7 @@ class Worker:
                 raise ValueError("pool='processes' needs the app's module:attr for its children to import: pass "
                                  "app_spec (the CLI passes -A)")
             self._pool = ProcessPool(spec, self.concurrency, self.max_memory_per_child)
+            await self._pool.start()
         self._revokes = Revokes(broker, self._inflight)
         await self._revokes.start()
         self._outcome = outcome = Outcome(self.app, broker, self.store, self.ident, self.inboxes, self._events, self)

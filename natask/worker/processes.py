@@ -93,6 +93,12 @@ class ProcessPool:
         self.replaced = 0
         """Children retired for memory, killed for a time limit, or lost."""
 
+    async def start(self) -> None:
+        """Start the fork server (it imports the app's module) off the loop: the first task does not wait for it."""
+        from multiprocessing import forkserver
+
+        await self.loop.run_in_executor(None, forkserver.ensure_running)
+
     # -- running ----------------------------------------------------------------------------
     async def run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: Mapping[str, Any], request: Request,
                   soft: float | None, hard: float | None) -> Any:

@@ -101,6 +101,8 @@ def metrics(s: Sizes) -> list[Metric]:
         Metric("drain_def_noevents", "drain, `def` task, `--without-events`", "/s", True),
         Metric("drain_def_p2", f"drain, `def` task, `--processes 2` (2 children -c {s.concurrency} each)", "/s",
                True),
+        Metric("drain_def_pool", f"drain, `def` task, `--pool processes` (child processes, {workers})", "/s",
+               True),
         Metric("drain_async", f"drain, `async def` task ({s.drain:,} queued, {workers})", "/s", True),
         Metric("delay", f"sync `delay()` loop ({s.delay:,} sequential, PubAck each)", "/s", True),
         Metric("delay_many", f"`delay_many` ({s.many:,} pipelined)", "/s", True),
@@ -149,6 +151,7 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("events_only", "events on (default) / `--without-events`", "drain_def", "drain_def_noevents"),
     ("metrics_only", "events + metrics on / events on (default)", "drain_def_metrics", "drain_def"),
     ("processes_2", "`--processes 2` / 1 process (both events on)", "drain_def_p2", "drain_def"),
+    ("pool_processes", "`--pool processes` / `--pool threads` (the default)", "drain_def_pool", "drain_def"),
 ]
 
 
@@ -312,6 +315,7 @@ DRAIN_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "def_metrics": (ADD, ("--metrics-port", "{port}")),
     "def_noevents": (ADD, ("--without-events",)),
     "def_p2": (ADD, ("--processes", "2")),
+    "def_pool": (ADD, ("--pool", "processes")),
 }
 
 
@@ -863,6 +867,7 @@ PAIRS: list[tuple[str, str, str]] = [
     ("drain_def_metrics", "natask_drain:def_metrics", "raw_drain"),
     ("drain_def_noevents", "natask_drain:def_noevents", "raw_drain"),
     ("drain_def_p2", "natask_drain:def_p2", "raw_drain"),
+    ("drain_def_pool", "natask_drain:def_pool", "raw_drain"),
     ("drain_async", "natask_drain:async", "raw_drain"),
     ("delay", "natask_delay", "raw_delay"),
     ("delay_many", "natask_delay_many", "raw_delay_many"),

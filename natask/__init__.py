@@ -15,12 +15,14 @@ from .errors import (
     ResultError,
     ResultTimeout,
     Retry,
+    SoftTimeLimitExceeded,
     StorageFull,
     TaskControl,
     TaskFailed,
     TaskNotFound,
     TaskRevoked,
     TimeLimitExceeded,
+    WorkerLostError,
 )
 from .result import AsyncResult
 from .task import AsyncTask, Request, Task
@@ -46,6 +48,7 @@ __all__ = [
     "ResultError",
     "ResultTimeout",
     "Retry",
+    "SoftTimeLimitExceeded",
     "StorageFull",
     "Task",
     "TaskControl",
@@ -54,6 +57,7 @@ __all__ = [
     "TaskRevoked",
     "TimeLimitExceeded",
     "Worker",
+    "WorkerLostError",
     "chain",
     "chord",
     "group",

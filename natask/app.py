@@ -93,6 +93,7 @@ class Natask:
         global_rate_limit: str | None = ...,
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
+        soft_time_limit: Seconds | None = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -114,6 +115,7 @@ class Natask:
         global_rate_limit: str | None = ...,
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
+        soft_time_limit: Seconds | None = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -135,6 +137,7 @@ class Natask:
         global_rate_limit: str | None = None,
         max_concurrency: int | None = None,
         broadcast: bool = False,
+        soft_time_limit: Seconds | None = None,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -157,6 +160,7 @@ class Natask:
             global_rate_limit=global_rate_limit,
             max_concurrency=max_concurrency,
             broadcast=broadcast,
+            soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
         )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:

@@ -124,12 +124,18 @@ def main() -> None:
 @click.option("--prefetch-bytes", type=ByteSize(), default="16MiB", show_default=True,
               help="bytes of task messages this process holds and has asked for at most (large arguments); keep "
                    "it well under the server's max_pending (64MB by default), at least its max_payload")
+@click.option("--pool", type=click.Choice(["threads", "processes"]), default="threads", show_default=True,
+              help="where def tasks run: threads, or child processes (a time_limit kills the child)")
+@click.option("--max-memory-per-child", type=click.IntRange(min=1), default=None, metavar="KB",
+              help="--pool processes: a child above this resident memory (KB) is replaced after its task")
+@click.option("--autoscale", default=None, metavar="MAX,MIN",
+              help="grow the concurrency up to MAX while every slot is busy and tasks wait, shrink to MIN when idle")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
-           http_host: str, without_events: bool, unknown_grace: float, prefetch_bytes: int, loglevel: str,
-           log_format: str) -> None:
+           http_host: str, without_events: bool, unknown_grace: float, prefetch_bytes: int, pool: str,
+           max_memory_per_child: int | None, autoscale: str | None, loglevel: str, log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -150,10 +156,22 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace,
-                   prefetch_bytes=prefetch_bytes)
+                   prefetch_bytes=prefetch_bytes, pool=pool, app_spec=app_spec or os.environ.get("NATASK_APP"),
+                   max_memory_per_child=max_memory_per_child, autoscale=_autoscale(autoscale))
         run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:  # an option the Worker refused (--max-memory-per-child without --pool processes)
+        raise click.UsageError(str(e)) from None
+
+
+def _autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if match is None or not 1 <= int(match.group(2)) <= int(match.group(1)):
+        raise click.BadParameter(f"{text!r}: give MAX,MIN with 1 <= MIN <= MAX (e.g. 10,2)", param_hint="--autoscale")
+    return int(match.group(1)), int(match.group(2))
 
 
 async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,

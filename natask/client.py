@@ -25,6 +25,7 @@ from .naming import (
     HDR_REPLY,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_SOFT_TIME_LIMIT,
     TASK_ID_RE,
     Names,
     check_kv_key,
@@ -119,6 +120,7 @@ class Client(Generic[H]):
         root_id: str | None = None,
         links: list[Any] | None = None,
         meta: dict[str, Any] | None = None,
+        soft_time_limit: float | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -161,6 +163,8 @@ class Client(Generic[H]):
         hdrs = {HDR_MSG_ID: task_id}  # the task's name is in the subject (a header would cost ~40 B a task)
         if explicit_id:
             hdrs[HDR_CHECK_STORED] = "1"  # this id may have run before: the worker looks first
+        if soft_time_limit is not None:
+            hdrs[HDR_SOFT_TIME_LIMIT] = _soft_limit(soft_time_limit)
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -444,6 +448,12 @@ def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) 
             raise ConfigError("eta must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
         return eta.timestamp()
     return None
+
+
+def _soft_limit(value: float) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"soft_time_limit must be a number of seconds > 0, got {value!r}")
+    return repr(float(value))
 
 
 def _expires(start: float, expires: float | timedelta | datetime | None) -> float | None:

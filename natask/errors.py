@@ -18,6 +18,8 @@
        ├─ Retry
        ├─ Reject
        └─ TimeLimitExceeded
+    SoftTimeLimitExceeded          raised inside a task past its soft_time_limit (an Exception, as Celery's)
+    WorkerLostError                the process running a task died before it ended
 """
 
 from __future__ import annotations
@@ -143,6 +145,17 @@ class Reject(TaskControl):
 
 class TimeLimitExceeded(TaskControl):
     """The task ran longer than its ``time_limit``."""
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task that ran past its ``soft_time_limit``, so it can clean up; the hard
+    ``time_limit`` still ends it after. An ``Exception`` as Celery's: a task that does not catch it
+    fails with it (then its retry policy)."""
+
+
+class WorkerLostError(NataskError):
+    """The child process running a task of ``--pool processes`` died before the task ended (a
+    segfault, ``os._exit``, the OOM killer): the task fails with it (then its retry policy)."""
 
 
 class Forged(NataskError):

@@ -46,6 +46,8 @@ HDR_SCHEDULER: Final = "Nats-Scheduler"
 schedule's subject."""
 HDR_RETRIES: Final = "Natask-Retries"
 """How many times the task was retried before this message (republishes carry it)."""
+HDR_SOFT_TIME_LIMIT: Final = "Natask-Soft-Time-Limit"
+"""A call's ``soft_time_limit`` (seconds, decimal), over the task's own."""
 HDR_CHECK_STORED: Final = "Natask-Check-Stored"
 """``1``: this task id may have been published before (an id the caller chose, a workflow step, a
 beat tick, a publish retried across a reconnect), so a worker first looks for a stored final

@@ -39,6 +39,7 @@ class TaskOptions:
     """Sent over core NATS to every live worker of its queue: each runs it once, at most once."""
     limited: bool = field(default=False, init=False, repr=False, compare=False)
     """Set from the three limits above: the worker's gate asks ``worker.limits`` first."""
+    soft_time_limit: float | None = None
 
     def __post_init__(self) -> None:
         rates = [parse_rate(getattr(self, what), what) for what in ("rate_limit", "global_rate_limit")]
@@ -58,7 +59,7 @@ class TaskOptions:
         for exc in self.autoretry_for:
             if not (isinstance(exc, type) and issubclass(exc, BaseException)):
                 raise ConfigError(f"autoretry_for must hold exception classes, got {exc!r}")
-        for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires"):
+        for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires", "soft_time_limit"):
             value = getattr(self, what)
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0 seconds, got {value}")

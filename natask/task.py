@@ -129,14 +129,18 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        soft_time_limit: float | None = None,
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
+        if soft_time_limit is not None and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
+                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
         client = self._client
         if self.options.broadcast:
             return client.portal.run(client.broadcast(call))
@@ -155,13 +159,17 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        soft_time_limit: float | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
+        if soft_time_limit is not None and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
+                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
         if self.options.broadcast:
             return await self._client.broadcast(call)  # type: ignore[no-any-return]
         return await self._client.publish(call)  # type: ignore[no-any-return]
@@ -191,7 +199,7 @@ class Task(Generic[P, R]):
             raise TypeError(f"delay_many() takes tuples of arguments, got {type(item).__name__}: wrap it in a tuple")
         return self._prepare(item, None, None, None, None, None, None, None)
 
-    def _prepare(
+    def _prepare(  # noqa: PLR0913 - the call options, passed on
         self,
         args: Args,
         kwargs: Kwargs | None,
@@ -201,6 +209,7 @@ class Task(Generic[P, R]):
         task_id: str | None,
         queue: str | None,
         headers: Mapping[str, str] | None,
+        soft_time_limit: float | None = None,
     ) -> Call:
         kwargs = kwargs or {}
         self.check_args(args, kwargs)
@@ -215,6 +224,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             headers=headers,
             ignore_result=self.options.ignore_result,
+            soft_time_limit=soft_time_limit,
         )
 
     # -- RPC --------------------------------------------------------------------------------

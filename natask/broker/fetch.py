@@ -278,6 +278,16 @@ class Fetcher:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def resize(self, capacity: int) -> None:
+        """Run up to ``capacity`` messages at once (autoscale); requests already open stay."""
+        self.capacity = capacity
+        self.min_batch = max(1, capacity // 4)
+        self._wakeup.set()
+
+    def backlog(self) -> int:
+        """Messages waiting on the queues, as their latest deliveries said (unknown counts 0)."""
+        return sum(max(0, q.backlog) for q in self.queues)
+
     # -- bookkeeping ------------------------------------------------------------------------
     def _take(self, q: _Queue, n: int, nbytes: int) -> None:
         n = max(0, min(n, q.credit))
@@ -304,9 +314,8 @@ class Fetcher:
         last, q.last = q.last, None
         if last is not None:
             q.size = len(last.data) + MSG_OVERHEAD
+            q.backlog = pending_of(last.reply)  # once a batch; autoscale reads it on one queue too
         if not self.single:
-            if last is not None:
-                q.backlog = pending_of(last.reply)
             if q.look:
                 self.looking -= q.look
                 q.look = 0

@@ -27,8 +27,10 @@ from .events import EventLog
 from .execute import Execution
 from .gate import Gate
 from .outcome import Outcome
+from .processes import ProcessPool, find_app_spec
 from .revokes import Revokes
 from .rpc import Rpc
+from .scale import AUTOSCALE_IDLE, Autoscaler
 from .store import ResultStore
 from .threads import ThreadRunner
 
@@ -41,6 +43,8 @@ DEFAULT_CONCURRENCY: Final = 32
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between worker-heartbeat events."""
 DEFAULT_GRACE: Final = 30.0
+POOLS: Final = ("threads", "processes")
+"""Where ``def`` tasks run: the worker's threads, or child processes (killable at ``time_limit``)."""
 UNKNOWN_GRACE: Final = 20.0
 """Seconds a message naming an unknown task keeps coming back (a rolling deploy: a worker with
 newer code may know it) before it is dead-lettered; under SPEC's 30 s bound."""
@@ -58,7 +62,7 @@ class Worker:
     of task messages it holds and has asked for at most (README, "Workers": fetching).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the worker's options, as the CLI gives them
         self,
         app: Natask,
         queues: Sequence[str] | None = None,
@@ -68,8 +72,29 @@ class Worker:
         events: bool = True,
         unknown_grace: float = UNKNOWN_GRACE,
         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        pool: str = "threads",
+        app_spec: str | None = None,
+        max_memory_per_child: int | None = None,
+        autoscale: tuple[int, int] | None = None,
+        autoscale_idle: float = AUTOSCALE_IDLE,
     ) -> None:
         self.app = app
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool = pool
+        self.app_spec = app_spec
+        """``module:attr`` the process pool's children import (None: found among the imported modules)."""
+        if max_memory_per_child is not None and (max_memory_per_child < 1 or pool != "processes"):
+            raise ValueError("max_memory_per_child must be >= 1 KB and needs pool='processes', got "
+                             f"{max_memory_per_child} with pool={pool!r}")
+        self.max_memory_per_child = max_memory_per_child
+        if autoscale is not None:
+            high, low = autoscale
+            if not 1 <= low <= high:
+                raise ValueError(f"autoscale is (max, min) with 1 <= min <= max, got {autoscale}")
+            concurrency = low
+        self.autoscale = autoscale
+        self.autoscale_idle = autoscale_idle
         self.unknown_grace = unknown_grace
         self.max_tasks = max_tasks
         self.send_events = events
@@ -88,6 +113,8 @@ class Worker:
         self._waiting: collections.deque[Delivery] = collections.deque()
         """Deliveries that arrived while RPC calls held every slot: they start as slots free up."""
         self._runner: ThreadRunner | None = None
+        self._pool: ProcessPool | None = None
+        self._scaler: Autoscaler | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
@@ -124,10 +151,17 @@ class Worker:
         await broker.ensure_dlq()
         await broker.results()  # fire-and-forget state writes need the bucket to exist
         self._runner = ThreadRunner(self.concurrency)
+        if self.pool == "processes":
+            spec = self.app_spec or find_app_spec(self.app)
+            if spec is None:
+                raise ValueError("pool='processes' needs the app's module:attr for its children to import: pass "
+                                 "app_spec (the CLI passes -A)")
+            self._pool = ProcessPool(spec, self.concurrency, self.max_memory_per_child)
+            await self._pool.start()
         self._revokes = Revokes(broker, self._inflight)
         await self._revokes.start()
         self._outcome = outcome = Outcome(self.app, broker, self.store, self.ident, self.inboxes, self._events, self)
-        execution = Execution(self._runner, outcome, self._events, self, self.ident, self.app.hooks)
+        execution = Execution(self._runner, outcome, self._events, self, self.ident, self.app.hooks, self._pool)
         gate = Gate(self.app, broker, self.store, outcome, execution.task, self._revokes.revoked, self.inboxes,
                     self.unknown_grace)
         self._process = gate.process
@@ -150,9 +184,11 @@ class Worker:
             self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue), cb=self._on_rpc))
         self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
+        if self.autoscale is not None:
+            self._scaler = Autoscaler(self, *self.autoscale, idle=self.autoscale_idle)
         await self.app.hooks.call("on_worker_start", self)
-        log.info("worker %s consuming %s (concurrency %d) on %s", self.ident, ", ".join(self.queues),
-                 self.concurrency, self.app.config.safe_servers)
+        log.info("worker %s consuming %s (concurrency %d, %s pool) on %s", self.ident, ", ".join(self.queues),
+                 self.concurrency, self.pool, self.app.config.safe_servers)
 
     async def run(self) -> None:
         """Start (unless started) and block until ``stop()`` completes; ``BrokerError`` if the
@@ -190,6 +226,8 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._scaler is not None:
+            self._scaler.stop()
         if self._revokes is not None:
             self._revokes.stop()
         if self._control is not None:
@@ -201,6 +239,8 @@ class Worker:
         await self._slots.close()
         if self._runner is not None:
             self._runner.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
         await self.app.hooks.call("on_worker_stop", self)
         if self.broker is not None:
             await self.broker.close()
@@ -226,6 +266,26 @@ class Worker:
         log.error("worker %s lost its NATS connection for good: stopping (in-flight tasks go back to the "
                   "queue after ack_wait); restart the worker", self.ident)
         self._background(self.stop(grace=0))
+
+    def resize(self, concurrency: int) -> None:
+        """Run up to ``concurrency`` tasks at once from now on (``--autoscale``): more slots are
+        requested at once; fewer take effect as running tasks end."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self._slots.resize(concurrency)
+        if self._runner is not None:
+            self._runner.size = max(self._runner.size, concurrency)  # idle threads cost nothing
+        if self._pool is not None:
+            self._pool.resize(concurrency)
+
+    def running(self) -> int:
+        """Tasks and RPC calls holding a slot now."""
+        return len(self._inflight)
+
+    def backlog(self) -> int:
+        """Messages waiting in this worker's queues, as their latest deliveries said (0: none known)."""
+        return self._slots.backlog()
 
     # -- what others read -------------------------------------------------------------------
     @property

@@ -15,11 +15,14 @@ from ..errors import TimeLimitExceeded, failure_record
 from ..hooks import Hooks
 from ..hooks import Outcome as Ended
 from ..message import Envelope, dumps
+from ..naming import HDR_SOFT_TIME_LIMIT
 from ..options import Request, current_request
 from ..states import State
 from .delivery import Delivery, Tally
 from .events import EventLog
 from .outcome import Outcome
+from .processes import ProcessPool
+from .soft import ThreadAlarm, run_async, soft_error
 from .threads import ThreadRunner
 
 if TYPE_CHECKING:
@@ -34,8 +37,10 @@ class Execution:
     """Runs the tasks of one started worker."""
 
     def __init__(self, runner: ThreadRunner, outcome: Outcome, events: EventLog, tally: Tally, ident: str,
-                 hooks: Hooks) -> None:
+                 hooks: Hooks, pool: ProcessPool | None = None) -> None:
         self.runner = runner
+        self.pool = pool
+        """The process pool of ``--pool processes`` (None: ``def`` tasks run on ``runner``'s threads)."""
         self.hooks = hooks
         self.outcome = outcome
         self.events = events
@@ -95,24 +100,58 @@ class Execution:
 
     async def run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any], request: Request) -> Any:
         """The task's return value (``TimeLimitExceeded`` past its time limit)."""
-        fn, limit = task.fn, task.options.time_limit
-        if task.options.bind:
+        options = task.options
+        fn, limit, soft = task.fn, options.time_limit, options.soft_time_limit
+        if request.headers:
+            raw = request.headers.get(HDR_SOFT_TIME_LIMIT)
+            if raw is not None:
+                soft = soft_limit_of(raw, soft)
+        if not task.is_async and self.pool is not None:
+            return await self.pool.run(task, args, kwargs, request, soft, limit)
+        if options.bind:
             args = (task, *args)
         if task.is_async:
             current_request.set(request)
-            if limit is None:
+            if limit is None and soft is None:
                 return await fn(*args, **kwargs)
+            coro = fn(*args, **kwargs)
+            if soft is not None:
+                coro = run_async(coro, soft, soft_error(task.name, soft))
+            if limit is None:
+                return await coro
             try:
-                return await asyncio.wait_for(fn(*args, **kwargs), limit)
+                return await asyncio.wait_for(coro, limit)
             except asyncio.TimeoutError:
                 raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
+        alarm = None
+        if soft is not None:
+            fn = alarm = ThreadAlarm(fn, soft_error(task.name, soft))
         # With hooks before a task, its thread runs in the context they set (a copy per run).
         context = contextvars.copy_context() if self.hooks.before_task else None
         future = self.runner.run(fn, args, kwargs, request, context)
-        if limit is None:
+        if limit is None and alarm is None:
             return await future
+        timer = None if alarm is None else asyncio.get_running_loop().call_later(soft or 0.0, alarm.fire)
         try:
+            if limit is None:
+                return await future
             # The thread cannot be stopped: it runs on, its outcome is ignored (see README).
             return await asyncio.wait_for(asyncio.shield(future), limit)
         except asyncio.TimeoutError:
             raise TimeLimitExceeded(f"{task.name} exceeded its time limit of {limit:g}s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def soft_limit_of(raw: str, default: float | None) -> float | None:
+    """The ``soft_time_limit`` a call carries (header): seconds > 0, else the task's own (logged)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        log.warning("ignoring malformed %s header %r: the task's own soft time limit applies", HDR_SOFT_TIME_LIMIT,
+                    raw[:40])
+        return default
+    return value

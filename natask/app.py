@@ -89,6 +89,7 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        priority: int = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -106,6 +107,7 @@ class Natask:
         expires: Seconds | None = ...,
         ignore_result: bool = ...,
         track_started: bool = ...,
+        priority: int = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -123,6 +125,7 @@ class Natask:
         expires: Seconds | None = None,
         ignore_result: bool = False,
         track_started: bool = False,
+        priority: int = 0,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -141,6 +144,7 @@ class Natask:
             ignore_result=ignore_result,
             track_started=track_started,
             bind=bind,
+            priority=priority,
         )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
@@ -251,11 +255,12 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        priority: int = 0,
     ) -> AsyncResult[Any]:
         """Enqueue a task by name without consulting the local registry."""
         call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+                                   headers=headers, ignore_result=ignore_result, priority=priority)
         return self.client.portal.run(self.client.publish(call))
 
     async def asend_task(  # noqa: PLR0913 - Celery's call options, keyword-only
@@ -271,11 +276,12 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        priority: int = 0,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
         call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+                                   headers=headers, ignore_result=ignore_result, priority=priority)
         return await self.client.publish(call)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name

@@ -6,6 +6,7 @@ registry and one client."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from .naming import (
     HDR_REPLY,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_TTL,
+    MAX_PRIORITY,
     TASK_ID_RE,
     Names,
     check_kv_key,
@@ -119,6 +122,7 @@ class Client(Generic[H]):
         root_id: str | None = None,
         links: list[Any] | None = None,
         meta: dict[str, Any] | None = None,
+        priority: int = 0,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -132,6 +136,8 @@ class Client(Generic[H]):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
         if kwargs and (not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)):
             raise TypeError("kwargs must be a dict with string keys")
+        if priority and not (type(priority) is int and 0 < priority <= MAX_PRIORITY):
+            raise ConfigError(f"priority must be an int from 0 to {MAX_PRIORITY} (higher runs first), got {priority!r}")
         now = time.time()
         when = None if countdown is None and eta is None else _eta(now, countdown, eta)
         explicit_id = task_id is not None
@@ -169,11 +175,12 @@ class Client(Generic[H]):
                     raise ConfigError(f"header {key!r} is reserved: natask and NATS own the 'Natask-' and "
                                       "'Nats-' headers (use task_id= for the message id)")
                 hdrs[key] = value
-        return Call(task_id, name, queue, payload, hdrs, when, ignore_result)
+        return Call(task_id, name, queue, payload, hdrs, when, ignore_result, priority, envelope.expires)
 
     def route(self, broker: Broker, call: Call) -> tuple[H, str]:
         """The result handle and the subject of a call; registers the reply fast path."""
-        subject = self.names.task_subject(call.queue, call.task)
+        subject = (self.names.task_subject(call.queue, call.task) if not call.priority
+                   else self.names.priority_subject(call.queue, call.task, call.priority))
         if call.eta is not None and call.eta > time.time():
             call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
             call.headers[HDR_SCHEDULE_TARGET] = subject
@@ -197,6 +204,8 @@ class Client(Generic[H]):
         broker = await self.broker()
         result, subject = self.route(broker, call)
         await broker.ensure_stream()
+        if call.priority or call.expires is not None:
+            await self._before_wire(broker, call)
         published = await broker.publish(subject, call.payload, call.headers)
         if published.duplicate and self.pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
@@ -219,11 +228,23 @@ class Client(Generic[H]):
             results.append(result)
             subjects.append(subject)
         await broker.ensure_stream()
+        for call in calls:
+            if call.priority or call.expires is not None:
+                await self._before_wire(broker, call)
         await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls])
         if hooks.after_publish:
             for call in calls:
                 await hooks.call("after_publish", call)
         return results
+
+    @staticmethod
+    async def _before_wire(broker: Broker, call: Call) -> None:
+        """What a call with a priority or an expiry needs before its publish: its level's consumer
+        (created once per connection), and ``Nats-TTL`` where the stream removes expired messages."""
+        if call.priority:
+            await broker.ensure_level(call.queue, call.priority)
+        if call.expires is not None and HDR_SCHEDULE not in call.headers and broker.msg_ttl:
+            call.headers[HDR_TTL] = expiry_ttl(call.expires, time.time())
 
     async def call(self, call: Call, timeout: float) -> Any:
         """Core NATS request-reply to the queue group: at-most-once, nothing stored."""
@@ -429,6 +450,12 @@ def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) 
             raise ConfigError("eta must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
         return eta.timestamp()
     return None
+
+
+def expiry_ttl(expires: float, now: float) -> str:
+    """``Nats-TTL`` for a task expiring at ``expires``: whole seconds (the server takes no less than
+    1), rounded up so that the server never removes a task before its expiry (SPEC §2)."""
+    return str(max(1, math.ceil(expires - now)))
 
 
 def _expires(start: float, expires: float | timedelta | datetime | None) -> float | None:

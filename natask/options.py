@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import check_queue_name
 from .errors import ConfigError
+from .naming import MAX_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,15 @@ class TaskOptions:
     ignore_result: bool = False
     track_started: bool = False
     bind: bool = False
+    priority: int = 0
+    """0..9, higher runs first (the call's ``priority=`` wins)."""
 
     def __post_init__(self) -> None:
         if self.queue is not None:
             check_queue_name(self.queue)
+        if type(self.priority) is not int or not 0 <= self.priority <= MAX_PRIORITY:
+            raise ConfigError(f"priority must be an int from 0 to {MAX_PRIORITY} (higher runs first), "
+                              f"got {self.priority!r}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0 or None (forever), got {self.max_retries}")
         for exc in self.autoretry_for:

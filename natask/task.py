@@ -127,14 +127,15 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
-                link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+                link=link, link_error=link_error, priority=priority)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, priority)
         client = self._client
         return client.portal.run(client.publish(call))
 
@@ -151,13 +152,14 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None = None,
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
-                link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers)
+                link=link, link_error=link_error, priority=priority)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, priority)
         return await self._client.publish(call)  # type: ignore[no-any-return]
 
     def delay_many(self, arglist: Iterable[Args | Kwargs]) -> list[AsyncResult[R]]:
@@ -181,7 +183,7 @@ class Task(Generic[P, R]):
             raise TypeError(f"delay_many() takes tuples of arguments, got {type(item).__name__}: wrap it in a tuple")
         return self._prepare(item, None, None, None, None, None, None, None)
 
-    def _prepare(
+    def _prepare(  # noqa: PLR0913 - the call options, positional for the hot path
         self,
         args: Args,
         kwargs: Kwargs | None,
@@ -191,6 +193,7 @@ class Task(Generic[P, R]):
         task_id: str | None,
         queue: str | None,
         headers: Mapping[str, str] | None,
+        priority: int | None = None,
     ) -> Call:
         kwargs = kwargs or {}
         self.check_args(args, kwargs)
@@ -205,6 +208,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             headers=headers,
             ignore_result=self.options.ignore_result,
+            priority=self.options.priority if priority is None else priority,
         )
 
     # -- RPC --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .delivery import Delivery, quietly
 from .events import EventLog
 from .execute import Execution
 from .gate import Gate
+from .levels import Levels
 from .outcome import Outcome
 from .revokes import Revokes
 from .rpc import Rpc
@@ -91,6 +92,7 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
+        self._levels: Levels | None = None
         self._slot_freed = asyncio.Event()
         self._events = EventLog()
         self.listeners: list[Callable[[Batch], None]] = self._events.listeners
@@ -146,6 +148,8 @@ class Worker:
             # RPC: core request-reply beside the stream, same queue group name, same slots.
             self._rpc_subs.append(await broker.subscribe(broker.names.rpc_filter(queue), queue=queue,
                                                          cb=self._on_rpc))
+        self._levels = Levels(broker, self._slots, self.queues)
+        await self._levels.start()
         self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
         await self.app.hooks.call("on_worker_start", self)
@@ -171,6 +175,8 @@ class Worker:
         grace = self.grace if grace is None else grace
         for sub in self._rpc_subs:
             await quietly(sub.unsubscribe())
+        if self._levels is not None:
+            await self._levels.stop()
         await self._slots.stop()  # also ends the open pull requests: nothing comes back to us
         while self._waiting:  # never started: straight back to the queue
             waiting = self._waiting.popleft()

@@ -204,9 +204,10 @@ class Client(Generic[H]):
         broker = await self.broker()
         result, subject = self.route(broker, call)
         await broker.ensure_stream()
-        if call.priority or call.expires is not None:
-            await self._before_wire(broker, call)
+        ttl = (call.priority or call.expires is not None) and await self._before_wire(broker, call)
         published = await broker.publish(subject, call.payload, call.headers)
+        if ttl and call.expires is not None:
+            result._expiry = (call.expires, published.seq)
         if published.duplicate and self.pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
             result._route = None
@@ -228,23 +229,31 @@ class Client(Generic[H]):
             results.append(result)
             subjects.append(subject)
         await broker.ensure_stream()
-        for call in calls:
-            if call.priority or call.expires is not None:
-                await self._before_wire(broker, call)
-        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls])
+        ttl = [i for i, call in enumerate(calls) if (call.priority or call.expires is not None)
+               and await self._before_wire(broker, call)]
+        seqs = [0] * len(calls) if ttl else None
+        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls], seqs)
+        if seqs is not None:
+            for i in ttl:
+                expires = calls[i].expires
+                if expires is not None:
+                    results[i]._expiry = (expires, seqs[i])
         if hooks.after_publish:
             for call in calls:
                 await hooks.call("after_publish", call)
         return results
 
     @staticmethod
-    async def _before_wire(broker: Broker, call: Call) -> None:
+    async def _before_wire(broker: Broker, call: Call) -> bool:
         """What a call with a priority or an expiry needs before its publish: its level's consumer
-        (created once per connection), and ``Nats-TTL`` where the stream removes expired messages."""
+        (created once per connection), and ``Nats-TTL`` where the stream removes expired messages
+        (True: set; a delayed call has none, its schedule message would expire instead)."""
         if call.priority:
             await broker.ensure_level(call.queue, call.priority)
         if call.expires is not None and HDR_SCHEDULE not in call.headers and broker.msg_ttl:
             call.headers[HDR_TTL] = expiry_ttl(call.expires, time.time())
+            return not call.ignore_result
+        return False
 
     async def call(self, call: Call, timeout: float) -> Any:
         """Core NATS request-reply to the queue group: at-most-once, nothing stored."""

@@ -114,9 +114,9 @@ class Publishing(Connection):
             raise nats.errors.NoRespondersError
         return msg.data
 
-    async def publish_many(self, subjects: Sequence[str], payloads: Sequence[bytes],
-                           headers: Sequence[dict[str, str]],
-                           seqs: list[int] | None = None) -> None:
+    async def publish_many(  # noqa: C901 - the bulk hot path, inlined
+            self, subjects: Sequence[str], payloads: Sequence[bytes], headers: Sequence[dict[str, str]],
+            seqs: list[int] | None = None) -> None:
         """Pipelined publishes (the i-th subject, payload and headers each): up to ``PIPELINE``
         unacknowledged at a time; a message without a PubAck after all goes through ``publish``.
 

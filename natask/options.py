@@ -63,6 +63,8 @@ class Request:
     eta: float | None = None
     expires: float | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    """The priority it was sent with (0..9), as the subject it arrived on says."""
     report: Callable[[str, Any], None] | None = field(default=None, repr=False, compare=False)
     """Set by the worker: stores a custom state (``Task.update_state``)."""
 

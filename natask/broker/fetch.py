@@ -226,6 +226,16 @@ class Fetcher:
         q = _Queue(self, queue, durable, f"$JS.API.CONSUMER.MSG.NEXT.{names.stream}.{durable}", broker.nc.new_inbox(),
                    priority)
         q.sub = await broker.subscribe(f"{q.inbox}.*", cb=q.deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        if self.single and self.queues:
+            # Single-queue requests never learnt whether the first queue has a backlog: unknown
+            # counts as busy (a batch finds out), and the new queue's looks come first.
+            first = self.queues[0]
+            if first.where is not None:
+                first.where.remove(first)
+                first.where = None
+            first.busy = True
+            self.busy_count += 1
+            self._ready(first)
         self.queues.append(q)
         self.single = len(self.queues) == 1
         if siblings:
@@ -519,12 +529,13 @@ class Fetcher:
                 break  # collect a sizeable batch first
             if levels is None:
                 ready.popleft()
+                q.where = None
             else:
                 ready.remove(q)
+                q.where = None
                 self._rotate(levels)
                 if share:
                     size = min(size, max(1, self.capacity // LOW_SHARE))
-            q.where = None
             if not q.busy or q.credit:
                 self._ready(q)
                 continue

@@ -159,3 +159,27 @@ async def test_an_expired_task_is_removed_by_the_server_never_delivered_and_read
         assert await (await task.adelay("after")).aget(timeout=20) == "after"
         assert w.processed == 1
     assert ran == ["after"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_stream_made_without_message_ttl_gets_it_and_expired_tasks_are_removed(app: Natask) -> None:
+    import nats
+    from nats.js.api import RetentionPolicy, StreamConfig
+
+    nc = await nats.connect(app.config.servers[0])
+    try:  # the task stream as a natask without per-message TTL made it
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=app.names.stream, subjects=app.names.stream_subjects,
+                                         retention=RetentionPolicy.WORK_QUEUE, allow_msg_schedules=True,
+                                         allow_direct=True))
+
+        @app.task(name="exp.old")
+        async def task() -> None: ...
+
+        expiring = await task.aapply_async(expires=1)
+        assert (await js.stream_info(app.names.stream)).config.allow_msg_ttl
+        with pytest.raises(TaskRevoked, match="expired"):
+            await expiring.aget(timeout=20)
+        assert (await js.stream_info(app.names.stream)).state.messages == 0
+    finally:
+        await nc.close()

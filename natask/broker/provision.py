@@ -37,6 +37,8 @@ log = logging.getLogger("natask.broker")
 
 _CHECK_TIMEOUT: Final = 2.0
 """Seconds a check whether a stream or consumer exists may take (an election answers slowly or not)."""
+_LIST_PAGE: Final = 256
+"""Consumers the server lists per request."""
 _PRESENT_FOR: Final = 1.0
 """Seconds a stream seen to exist is not asked about again (no-responders during an election repeat)."""
 T = TypeVar("T")
@@ -171,10 +173,15 @@ class Provisioning(Publishing):
     async def levels(self, queues: Sequence[str]) -> list[tuple[str, int]]:
         """The priority levels (queue, 1..9) of ``queues`` that have a consumer on the server."""
         queues_set = set(queues)
-        try:
-            infos = await self.api(lambda: self.js.consumers_info(self.names.stream))
-        except Exception as e:
-            raise self._translate(e, f"$JS.API.CONSUMER.LIST.{self.names.stream}") from e
+        infos: list[Any] = []
+        while True:  # the server answers a page (256) at a time
+            try:
+                page = await self.api(lambda: self.js.consumers_info(self.names.stream, offset=len(infos)))
+            except Exception as e:
+                raise self._translate(e, f"$JS.API.CONSUMER.LIST.{self.names.stream}") from e
+            infos.extend(page)
+            if len(page) < _LIST_PAGE:
+                break
         found = [self.names.level_of_consumer(info.name) for info in infos]
         return sorted(level for level in found if level is not None and level[0] in queues_set)
 

@@ -23,6 +23,7 @@ class Levels:
         self.fetcher = fetcher
         self.queues = frozenset(queues)
         self._sub: Any = None
+        self._known: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -34,8 +35,16 @@ class Levels:
 
     async def add(self, queue: str, priority: int) -> None:
         """Fetch one level: its consumer gets this worker's settings (as the queue's does)."""
-        await self.broker.ensure_consumer(queue, priority)
-        await self.fetcher.add(self.broker, queue, priority)
+        level = (queue, priority)
+        if level in self._known:
+            return  # creating it again (ours or another worker's update) announces it again
+        self._known.add(level)  # before the first await: an advisory may announce it meanwhile
+        try:
+            await self.broker.ensure_consumer(queue, priority)
+            await self.fetcher.add(self.broker, queue, priority)
+        except BaseException:
+            self._known.discard(level)
+            raise
         log.info("fetching priority %d of queue %s", priority, queue)
 
     async def _created(self, msg: Message) -> None:

@@ -94,6 +94,7 @@ class Natask:
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
+        priority: int = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -116,6 +117,7 @@ class Natask:
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
+        priority: int = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -138,6 +140,7 @@ class Natask:
         max_concurrency: int | None = None,
         broadcast: bool = False,
         soft_time_limit: Seconds | None = None,
+        priority: int = 0,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
@@ -161,6 +164,7 @@ class Natask:
             max_concurrency=max_concurrency,
             broadcast=broadcast,
             soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
+            priority=priority,
         )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
@@ -271,11 +275,12 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        priority: int = 0,
     ) -> AsyncResult[Any]:
         """Enqueue a task by name without consulting the local registry."""
         call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+                                   headers=headers, ignore_result=ignore_result, priority=priority)
         return self.client.portal.run(self.client.publish(call))
 
     async def asend_task(  # noqa: PLR0913 - Celery's call options, keyword-only
@@ -291,11 +296,12 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        priority: int = 0,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
         call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+                                   headers=headers, ignore_result=ignore_result, priority=priority)
         return await self.client.publish(call)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name

@@ -6,6 +6,7 @@ registry and one client."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from .naming import (
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     HDR_SOFT_TIME_LIMIT,
+    HDR_TTL,
+    MAX_PRIORITY,
     TASK_ID_RE,
     Names,
     check_kv_key,
@@ -121,6 +124,7 @@ class Client(Generic[H]):
         links: list[Any] | None = None,
         meta: dict[str, Any] | None = None,
         soft_time_limit: float | None = None,
+        priority: int = 0,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -134,6 +138,8 @@ class Client(Generic[H]):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
         if kwargs and (not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)):
             raise TypeError("kwargs must be a dict with string keys")
+        if priority and not (type(priority) is int and 0 < priority <= MAX_PRIORITY):
+            raise ConfigError(f"priority must be an int from 0 to {MAX_PRIORITY} (higher runs first), got {priority!r}")
         now = time.time()
         when = None if countdown is None and eta is None else _eta(now, countdown, eta)
         explicit_id = task_id is not None
@@ -173,11 +179,12 @@ class Client(Generic[H]):
                     raise ConfigError(f"header {key!r} is reserved: natask and NATS own the 'Natask-' and "
                                       "'Nats-' headers (use task_id= for the message id)")
                 hdrs[key] = value
-        return Call(task_id, name, queue, payload, hdrs, when, ignore_result)
+        return Call(task_id, name, queue, payload, hdrs, when, ignore_result, priority, envelope.expires)
 
     def route(self, broker: Broker, call: Call) -> tuple[H, str]:
         """The result handle and the subject of a call; registers the reply fast path."""
-        subject = self.names.task_subject(call.queue, call.task)
+        subject = (self.names.task_subject(call.queue, call.task) if not call.priority
+                   else self.names.priority_subject(call.queue, call.task, call.priority))
         if call.eta is not None and call.eta > time.time():
             call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
             call.headers[HDR_SCHEDULE_TARGET] = subject
@@ -201,7 +208,10 @@ class Client(Generic[H]):
         broker = await self.broker()
         result, subject = self.route(broker, call)
         await broker.ensure_stream()
+        ttl = (call.priority or call.expires is not None) and await self._before_wire(broker, call)
         published = await broker.publish(subject, call.payload, call.headers)
+        if ttl and call.expires is not None:
+            result._expiry = (call.expires, published.seq)
         if published.duplicate and self.pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
             result._route = None
@@ -223,7 +233,15 @@ class Client(Generic[H]):
             results.append(result)
             subjects.append(subject)
         await broker.ensure_stream()
-        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls])
+        ttl = [i for i, call in enumerate(calls) if (call.priority or call.expires is not None)
+               and await self._before_wire(broker, call)]
+        seqs = [0] * len(calls) if ttl else None
+        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls], seqs)
+        if seqs is not None:
+            for i in ttl:
+                expires = calls[i].expires
+                if expires is not None:
+                    results[i]._expiry = (expires, seqs[i])
         if hooks.after_publish:
             for call in calls:
                 await hooks.call("after_publish", call)
@@ -243,6 +261,17 @@ class Client(Generic[H]):
         if hooks.after_publish:
             await hooks.call("after_publish", call)
         return self._result_type(self._owner, call.task_id, call.task, ignore_result=True, route=None)
+    @staticmethod
+    async def _before_wire(broker: Broker, call: Call) -> bool:
+        """What a call with a priority or an expiry needs before its publish: its level's consumer
+        (created once per connection), and ``Nats-TTL`` where the stream removes expired messages
+        (True: set; a delayed call has none, its schedule message would expire instead)."""
+        if call.priority:
+            await broker.ensure_level(call.queue, call.priority)
+        if call.expires is not None and HDR_SCHEDULE not in call.headers and broker.msg_ttl:
+            call.headers[HDR_TTL] = expiry_ttl(call.expires, time.time())
+            return not call.ignore_result
+        return False
 
     async def call(self, call: Call, timeout: float) -> Any:
         """Core NATS request-reply to the queue group: at-most-once, nothing stored."""
@@ -454,6 +483,10 @@ def _soft_limit(value: float) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ConfigError(f"soft_time_limit must be a number of seconds > 0, got {value!r}")
     return repr(float(value))
+def expiry_ttl(expires: float, now: float) -> str:
+    """``Nats-TTL`` for a task expiring at ``expires``: whole seconds (the server takes no less than
+    1), rounded up so that the server never removes a task before its expiry (SPEC §2)."""
+    return str(max(1, math.ceil(expires - now)))
 
 
 def _expires(start: float, expires: float | timedelta | datetime | None) -> float | None:

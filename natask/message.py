@@ -218,6 +218,10 @@ class Call(NamedTuple):
     headers: dict[str, str]
     eta: float | None
     ignore_result: bool
+    priority: int = 0
+    """0..9, higher first: routes the call to its level's subject (``Names.priority_subject``)."""
+    expires: float | None = None
+    """When the task expires (Unix time), if it does: sets ``Nats-TTL`` where the stream allows it."""
 
 
 @dataclass(slots=True)

@@ -81,8 +81,16 @@ HDR_CAP_WAITS: Final = "Natask-Cap-Waits"
 HDR_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 """Compare-and-set: the server stores the message only if the subject's last sequence is this
 (``0``: the subject holds no message). A KV key is a subject, so this is the KV revision check."""
+HDR_TTL: Final = "Nats-TTL"
+"""Per-message TTL in whole seconds (nats-server >= 2.11, stream ``allow_msg_ttl``): the server removes
+a task message with ``expires`` once it is due, so no worker ever fetches it."""
 HDR_KV_OPERATION: Final = "KV-Operation"
 """Header of a KV delete/purge marker (``DEL``/``PURGE``): no record, but a revision."""
+
+MAX_PRIORITY: Final = 9
+"""Highest task priority (``priority=0..9``, higher runs first; 0 is the default)."""
+_LEVEL_RE: Final = re.compile(r"^_p([1-9])$")
+_LEVEL_CONSUMER_RE: Final = re.compile(r"^_p([1-9])_(.+)$")
 
 DLQ_STREAM: Final = "NATASK_DLQ"
 """The dead-letter stream, shared by every app on the account."""
@@ -274,6 +282,33 @@ class Names:
     def queue_filter(self, queue: str) -> str:
         return f"{self.prefix}.{queue}.>"
 
+    def priority_subject(self, queue: str, task: str, priority: int) -> str:
+        """The subject of a task sent with ``priority`` 1..9: ``<prefix>._p<N>.<queue>.<task>`` (priority 0
+        keeps ``task_subject``). Queue names never start with ``_``, so no queue's filter overlaps it."""
+        return f"{self.prefix}._p{priority}.{queue}.{task}"
+
+    def priority_filter(self, queue: str, priority: int) -> str:
+        """What the consumer of one priority level of ``queue`` takes."""
+        return f"{self.prefix}._p{priority}.{queue}.>"
+
+    def priority_consumer(self, queue: str, priority: int) -> str:
+        """The durable consumer of one priority level (1..9) of ``queue``; ``consumer(queue)`` for 0."""
+        return f"_p{priority}_{queue}" if priority else queue
+
+    @property
+    def consumer_created(self) -> str:
+        """The server's advisory subject for every consumer created on the task stream (the consumer's
+        name is the last token): workers learn of new priority levels from it."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{self.stream}.*"
+
+    @staticmethod
+    def level_of_consumer(consumer: str) -> tuple[str, int] | None:
+        """(queue, priority) of a priority level's consumer name; None for any other name."""
+        match = _LEVEL_CONSUMER_RE.match(consumer)
+        if match is None or not is_queue_name(match.group(2)):
+            return None
+        return match.group(2), int(match.group(1))
+
     def consumer(self, queue: str) -> str:
         return queue
 
@@ -315,11 +350,33 @@ class Names:
         route = routes.get(subject)
         if route is None:
             route = _split(subject, self.prefix + ".")
+            if route is None:
+                route = self._split_level(subject)
             if route is not None:
                 if len(routes) >= _VALID_MAX:
                     routes.clear()
                 routes[subject] = route
         return route
+
+    def _split_level(self, subject: str) -> tuple[str, str] | None:
+        """(queue, task name) of a priority subject ``<prefix>._p<N>.<queue>.<task name>``."""
+        head = self.prefix + "._p"
+        if not subject.startswith(head):
+            return None
+        level, _, rest = subject[len(self.prefix) + 1:].partition(".")
+        if _LEVEL_RE.match(level) is None:
+            return None
+        return _split(rest, "")
+
+    def priority_from_subject(self, subject: str) -> int:
+        """The priority a task subject says (0 for ``<prefix>.<queue>.<task>``): read from the
+        subject, never the body, like the task's name."""
+        head = self.prefix + "._p"
+        if subject.startswith(head) and len(subject) > len(head) + 1 and subject[len(head) + 1] == ".":
+            digit = subject[len(head)]
+            if "1" <= digit <= "9":
+                return int(digit)
+        return 0
 
     def is_task_subject(self, subject: str) -> bool:
         """Whether ``subject`` is a task subject of this prefix (``<prefix>.<queue>.<task name>``, no

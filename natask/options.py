@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from .config import check_queue_name
 from .errors import ConfigError
+from .naming import MAX_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TaskOptions:
     limited: bool = field(default=False, init=False, repr=False, compare=False)
     """Set from the three limits above: the worker's gate asks ``worker.limits`` first."""
     soft_time_limit: float | None = None
+    priority: int = 0
+    """0..9, higher runs first (the call's ``priority=`` wins)."""
 
     def __post_init__(self) -> None:
         rates = [parse_rate(getattr(self, what), what) for what in ("rate_limit", "global_rate_limit")]
@@ -54,6 +57,9 @@ class TaskOptions:
         object.__setattr__(self, "limited", any(rates) or bool(self.max_concurrency))
         if self.queue is not None:
             check_queue_name(self.queue)
+        if type(self.priority) is not int or not 0 <= self.priority <= MAX_PRIORITY:
+            raise ConfigError(f"priority must be an int from 0 to {MAX_PRIORITY} (higher runs first), "
+                              f"got {self.priority!r}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0 or None (forever), got {self.max_retries}")
         for exc in self.autoretry_for:
@@ -105,6 +111,8 @@ class Request:
     eta: float | None = None
     expires: float | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    """The priority it was sent with (0..9), as the subject it arrived on says."""
     report: Callable[[str, Any], None] | None = field(default=None, repr=False, compare=False)
     """Set by the worker: stores a custom state (``Task.update_state``)."""
 

@@ -11,9 +11,12 @@ import asyncio
 import logging
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Generic, TypeGuard, TypeVar
+import time
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
 
+from .broker import SequenceConflict
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
+from .message import dumps
 from .naming import TASK_ID_RE, check_task_id
 from .portal import Portal, blocking
 from .states import FINAL_STATES, State
@@ -27,6 +30,10 @@ R = TypeVar("R")
 log = logging.getLogger("natask.result")
 
 
+EXPIRY_MARGIN: Final = 1.5
+"""Seconds after a task's expiry its handle looks whether the server removed it: ``Nats-TTL`` is
+rounded up to whole seconds, and the server's expiry runs on a timer."""
+
 _LOCK = threading.Lock()
 """Guards every handle's record and waiters (held for a few bytecodes: one lock, not one per handle)."""
 
@@ -39,7 +46,8 @@ class AsyncResult(Generic[R]):
     """
 
     # A producer may hold 100,000 handles waiting: no __dict__, no lock of their own.
-    __slots__ = ("__weakref__", "_ignore_result", "_record", "_route", "_waiters", "app", "id", "task_name")
+    __slots__ = ("__weakref__", "_expiry", "_ignore_result", "_record", "_route", "_waiters", "app", "id",
+                 "task_name")
 
     def __init__(
         self,
@@ -60,6 +68,8 @@ class AsyncResult(Generic[R]):
         self._route = route
         # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
         self._waiters: tuple[asyncio.Future[None], ...] = ()
+        self._expiry: tuple[float, int] | None = None
+        """(expires, stream sequence) of a call the server removes at its expiry (``Nats-TTL``)."""
 
     @property
     def _portal(self) -> Portal:
@@ -213,11 +223,41 @@ class AsyncResult(Generic[R]):
         broker = await self.app.client.broker()
         entry = await (await broker.results()).get(self.id)
         if entry is None:
-            return None
+            return await self._expired() if self._expiry is not None and time.time() > self._expiry[0] else None
         record = parse_record(entry.value)
         if record is not None:
             self._deliver(record)
         return record
+
+    async def _expired(self) -> Record | None:
+        """After the expiry of a call published with ``Nats-TTL``, with no state stored: if its message
+        is gone from the stream, the server removed it unrun (a task that started stores STARTED),
+        so record REVOKED/expired for every reader (once: a state a worker stored first wins)."""
+        assert self._expiry is not None
+        broker = await self.app.client.broker()
+        if await broker.read_at(self.app.names.stream, self._expiry[1]) is not None:
+            return None  # still queued, or running
+        record: Record = {"state": State.REVOKED.value, "info": {"reason": "expired"}}
+        kv = await broker.results()
+        try:
+            await kv.create(self.id, dumps(record))
+        except SequenceConflict:  # a worker stored a state meanwhile: that one counts
+            return await self._fetch()
+        self._deliver(record)
+        return record
+
+    async def _expire_later(self) -> None:
+        """While waiting on a call the server removes at its expiry: look once it is due."""
+        assert self._expiry is not None
+        delay = self._expiry[0] - time.time() + EXPIRY_MARGIN
+        while not self._final:
+            await asyncio.sleep(max(0.0, delay))  # a timer until the expiry, not a wait for an event
+            delay = EXPIRY_MARGIN
+            try:
+                if await self._fetch() is not None:
+                    return  # a state is stored (it started, or expired): the usual wait goes on
+            except BrokerError as e:
+                log.debug("cannot check the expiry of task %s yet: %s", self.id, e)
 
     # -- waiting ----------------------------------------------------------------------------
     def get(self, timeout: float | None = None, propagate: bool = True) -> R:
@@ -259,6 +299,16 @@ class AsyncResult(Generic[R]):
             raise ResultTimeout(f"no result for task {self.id} within {timeout:g}s") from None
 
     async def _wait_final(self) -> None:
+        if self._expiry is None:
+            await self._wait_outcome()
+            return
+        expiry = asyncio.get_running_loop().create_task(self._expire_later())
+        try:
+            await self._wait_outcome()
+        finally:
+            expiry.cancel()
+
+    async def _wait_outcome(self) -> None:
         loop = asyncio.get_running_loop()
         read = False
         while not self._final:

@@ -130,6 +130,7 @@ class Task(Generic[P, R]):
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
         soft_time_limit: float | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
@@ -139,8 +140,9 @@ class Task(Generic[P, R]):
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
-                link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
+                link=link, link_error=link_error, priority=priority)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit,
+                             priority)
         client = self._client
         if self.options.broadcast:
             return client.portal.run(client.broadcast(call))
@@ -160,6 +162,7 @@ class Task(Generic[P, R]):
         link: Canvas | Sequence[Canvas] | None = None,
         link_error: Canvas | Sequence[Canvas] | None = None,
         soft_time_limit: float | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
         if soft_time_limit is not None and (link is not None or link_error is not None):
@@ -168,8 +171,9 @@ class Task(Generic[P, R]):
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
-                link=link, link_error=link_error)
-        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit)
+                link=link, link_error=link_error, priority=priority)
+        call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit,
+                             priority)
         if self.options.broadcast:
             return await self._client.broadcast(call)  # type: ignore[no-any-return]
         return await self._client.publish(call)  # type: ignore[no-any-return]
@@ -210,6 +214,7 @@ class Task(Generic[P, R]):
         queue: str | None,
         headers: Mapping[str, str] | None,
         soft_time_limit: float | None = None,
+        priority: int | None = None,
     ) -> Call:
         kwargs = kwargs or {}
         self.check_args(args, kwargs)
@@ -225,6 +230,7 @@ class Task(Generic[P, R]):
             headers=headers,
             ignore_result=self.options.ignore_result,
             soft_time_limit=soft_time_limit,
+            priority=self.options.priority if priority is None else priority,
         )
 
     # -- RPC --------------------------------------------------------------------------------

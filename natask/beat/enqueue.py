@@ -70,7 +70,8 @@ class Enqueuer:
             task.check_args(step.args, step.kwargs)
         options = step.sig["options"]
         return _Plan(step.sig["task"], step.args, step.kwargs, step.sig.get("link"), step.meta, options,
-                     self.app.names.task_subject(options["queue"], step.sig["task"]))
+                     self.app.names.priority_subject(options["queue"], step.sig["task"], options["priority"])
+                     if options.get("priority") else self.app.names.task_subject(options["queue"], step.sig["task"]))
 
     async def publish(self, broker: Broker, messages: Sequence[Message]) -> None:
         """Publish pipelined; returns once the server acknowledged every message (a message it did
@@ -78,5 +79,11 @@ class Enqueuer:
         if not messages:
             return
         await broker.ensure_stream()
+        names = self.app.names
+        for m in messages:
+            level = names.priority_from_subject(m.subject)
+            route = names.task_from_subject(m.subject) if level else None
+            if route is not None:  # a tick with a priority: its level's consumer must exist
+                await broker.ensure_level(route[0], level)
         await broker.publish_many([m.subject for m in messages], [m.payload for m in messages],
                                   [m.headers for m in messages])

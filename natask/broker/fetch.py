@@ -26,6 +26,13 @@ The policy (the README's "Workers" section says the same for users):
   can use (its backlog, within the free slots and bytes: the server's cost is mostly per request),
   a batch of at least a quarter of the capacity unless nothing else is requested, lasting
   ``BUSY_EXPIRES`` (it fills at once; an unused rest must come back soon).
+- **Priorities.** Each priority level 1..9 of a queue in use has its own consumer (priority 0 is the
+  queue's own), fetched like a queue of its own, with one difference: busy levels of a queue take
+  one turn of the round between them, and that turn goes to the highest busy level, so a backlog of
+  a lower level never delays a higher one by more than the tasks already running, while the other
+  queues keep their share. Starvation: every ``LOW_SHARE``-th turn of a queue goes to its lowest
+  busy level instead, with a batch of at most ``capacity / LOW_SHARE``, so a flood of high
+  priority slows lower levels down and never stops them.
 - A finished task releases its slot and bytes and wakes the fetcher's one pump.
 - Stopping unsubscribes the inboxes: the server skips requests nobody listens to, so messages are
   not handed to a worker that would only return them.
@@ -83,6 +90,9 @@ server counts them against ``max_bytes`` too)."""
 MAX_LINE: Final = 4096
 """Bytes added to ``max_payload`` for the smallest useful ``max_bytes``: a message's subject and
 ack subject, bounded by the server's default ``max_control_line``."""
+LOW_SHARE: Final = 10
+"""One turn in this many of a queue with several busy priority levels goes to the lowest of them
+(the starvation policy: lower levels keep about this share of the queue's pull requests)."""
 _TICK: Final = 1.0
 """Seconds between two checks for requests the server never closed."""
 _GRACE: Final = 3.0
@@ -106,16 +116,29 @@ def pending_of(reply: str | None) -> int:
     return int(raw) if raw.isdigit() else -1
 
 
+class _Levels:
+    """The priority levels of one queue that have consumers: busy ones share one turn of the round."""
+
+    __slots__ = ("members", "turns")
+
+    def __init__(self, members: list[_Queue]) -> None:
+        self.members = members  # highest priority first
+        self.turns = 0  # pull requests made for the queue's busy levels
+
+
 class _Queue:
     """One queue's consumer as the fetcher sees it: its inbox, its open credit, busy or idle."""
 
     __slots__ = ("backlog", "busy", "bytes", "credit", "deadline", "durable", "fetcher", "heal_failed", "healing",
-                 "inbox", "last", "look", "lost", "name", "next_subject", "requests", "retry_at", "size", "streak",
-                 "sub", "suspect", "where")
+                 "inbox", "last", "levels", "look", "lost", "name", "next_subject", "priority", "requests",
+                 "retry_at", "size", "streak", "sub", "suspect", "where")
 
-    def __init__(self, fetcher: Fetcher, name: str, durable: str, next_subject: str, inbox: str) -> None:
+    def __init__(self, fetcher: Fetcher, name: str, durable: str, next_subject: str, inbox: str,
+                 priority: int = 0) -> None:
         self.fetcher = fetcher
         self.name = name
+        self.priority = priority
+        self.levels: _Levels | None = None  # set once the queue has a priority level besides this one
         self.durable = durable
         self.next_subject = next_subject
         self.inbox = inbox
@@ -191,16 +214,38 @@ class Fetcher:
         self.paused = True
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def add(self, broker: Broker, queue: str) -> None:
-        """Subscribe a queue's inbox; requests start with ``start()``."""
+    async def add(self, broker: Broker, queue: str, priority: int = 0) -> None:
+        """Subscribe the inbox of a queue (or of one of its priority levels); requests start with
+        ``start()``, or at once for a level added later."""
+        siblings = [o for o in self.queues if o.name == queue]
+        if any(o.priority == priority for o in siblings):
+            return
         self.broker = broker
         names = broker.names
-        durable = names.consumer(queue)
-        q = _Queue(self, queue, durable, f"$JS.API.CONSUMER.MSG.NEXT.{names.stream}.{durable}", broker.nc.new_inbox())
+        durable = names.priority_consumer(queue, priority)
+        q = _Queue(self, queue, durable, f"$JS.API.CONSUMER.MSG.NEXT.{names.stream}.{durable}", broker.nc.new_inbox(),
+                   priority)
         q.sub = await broker.subscribe(f"{q.inbox}.*", cb=q.deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        if self.single and self.queues:
+            # Single-queue requests never learnt whether the first queue has a backlog: unknown
+            # counts as busy (a batch finds out), and the new queue's looks come first.
+            first = self.queues[0]
+            if first.where is not None:
+                first.where.remove(first)
+                first.where = None
+            first.busy = True
+            self.busy_count += 1
+            self._ready(first)
         self.queues.append(q)
         self.single = len(self.queues) == 1
+        if siblings:
+            levels = siblings[0].levels or _Levels(siblings)
+            levels.members.append(q)
+            levels.members.sort(key=lambda m: -m.priority)
+            for member in levels.members:
+                member.levels = levels
         self._ready(q)
+        self.wake()
 
     def start(self) -> None:
         """Start asking for messages on every added queue."""
@@ -470,6 +515,11 @@ class Fetcher:
             q.look = size
             self.looking += size
             await self._request(q, size, max_bytes, expires)
+        await self._batches(now)
+
+    async def _batches(self, now: float) -> None:
+        """Batches for busy queues, round robin, least recently served first."""
+        unit = self.unit
         ready = self.ready
         while ready:
             free = self.capacity - self.running - self.requested
@@ -477,20 +527,49 @@ class Fetcher:
             if free <= 0 or free_bytes < unit:
                 break
             q = ready[0]
+            levels, share = q.levels, False
+            if levels is not None:  # the queue's turn goes to one of its busy levels
+                q, share = self._level(levels)
             want = q.backlog if q.backlog > 0 else self.min_batch
             fit = max(1, free_bytes // q.size)  # large messages: bytes, not slots, bound the batch
             # The head of the round gets all it can use: the server's cost is mostly per request.
             size = min(free, want, fit)
             if size < min(self.min_batch, want, fit) and self.requested:
                 break  # collect a sizeable batch first
-            ready.popleft()
-            q.where = None
+            if levels is None:
+                ready.popleft()
+                q.where = None
+            else:
+                ready.remove(q)
+                q.where = None
+                self._rotate(levels)
+                if share:
+                    size = min(size, max(1, self.capacity // LOW_SHARE))
             if not q.busy or q.credit:
                 self._ready(q)
                 continue
             if not self._available(q, now):
                 continue
             await self._request(q, size, max(unit, min(free_bytes, size * q.size)), BUSY_EXPIRES)
+
+    def _level(self, levels: _Levels) -> tuple[_Queue, bool]:
+        """The level of a queue a turn goes to: its highest busy one, or every ``LOW_SHARE``-th turn
+        its lowest (True: the starvation share)."""
+        ready = self.ready
+        waiting = [m for m in levels.members if m.where is ready]
+        if len(waiting) > 1 and (levels.turns + 1) % LOW_SHARE == 0:
+            return waiting[-1], True
+        return waiting[0], False
+
+    def _rotate(self, levels: _Levels) -> None:
+        """A queue had its turn: its other busy levels wait behind the other queues (fairness is
+        per queue, not per level)."""
+        levels.turns += 1
+        ready = self.ready
+        for member in levels.members:
+            if member.where is ready:
+                ready.remove(member)
+                ready.append(member)
 
     async def _request(self, q: _Queue, batch: int, max_bytes: int, expires: float) -> None:
         broker = self.broker
@@ -523,7 +602,7 @@ class Fetcher:
         assert broker is not None
         q.suspect, q.lost = False, 0
         try:
-            healed = await broker.heal_consumer(q.name)
+            healed = await broker.heal_consumer(q.name, q.priority)
         except Exception as e:
             if not q.heal_failed:
                 log.warning("consumer %s is gone and cannot be recreated yet (%s): trying again", q.durable, e)

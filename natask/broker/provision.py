@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Final, TypeVar
 
 import nats
@@ -36,6 +37,8 @@ log = logging.getLogger("natask.broker")
 
 _CHECK_TIMEOUT: Final = 2.0
 """Seconds a check whether a stream or consumer exists may take (an election answers slowly or not)."""
+_LIST_PAGE: Final = 256
+"""Consumers the server lists per request."""
 _PRESENT_FOR: Final = 1.0
 """Seconds a stream seen to exist is not asked about again (no-responders during an election repeat)."""
 T = TypeVar("T")
@@ -49,6 +52,10 @@ class Provisioning(Publishing):
                  on_closed: Callable[[BrokerError], None] | None = None) -> None:
         super().__init__(config, on_result, on_reconnect, on_closed)
         self._stream_ready = False
+        self.msg_ttl = False
+        """The task stream removes messages at their ``Nats-TTL`` (``allow_msg_ttl``): tasks with
+        ``expires`` carry one, so an expired task never reaches a worker."""
+        self._levels: set[tuple[str, int]] = set()  # priority levels whose consumer exists (this connection)
         self._dlq_ready = False
         self._kv: Bucket | None = None
         self._revoked: Bucket | None = None
@@ -70,11 +77,26 @@ class Provisioning(Publishing):
             storage=StorageType.FILE,
             num_replicas=self.config.stream_replicas,
             allow_msg_schedules=True,
+            allow_msg_ttl=True,
             allow_direct=True,
             duplicate_window=self.config.duplicate_window,
         )
-        await self._ensure(config)
+        have = await self._ensure(config)
+        self.msg_ttl = bool(have.allow_msg_ttl) or await self._allow_msg_ttl(have)
         self._stream_ready = True
+
+    async def _allow_msg_ttl(self, have: StreamConfig) -> bool:
+        """Turn on per-message TTL on a task stream created before natask used it (a stream
+        update, which nats-server >= 2.11 accepts); without the right to, expiry stays the
+        worker's check."""
+        try:
+            await self.api(lambda: self.js.update_stream(replace(have, allow_msg_ttl=True)))
+        except Exception as e:
+            log.warning("cannot enable per-message TTL on stream %s (%s): expired tasks are dropped by the "
+                        "worker that receives them, not by the server", have.name, describe(e))
+            return False
+        log.info("enabled per-message TTL on stream %s: expired tasks are removed by the server", have.name)
+        return True
 
     async def ensure_dlq(self) -> None:
         """Create the dead-letter stream if missing (workers and the dlq CLI call this)."""
@@ -105,18 +127,19 @@ class Provisioning(Publishing):
             allow_direct=True,
         ))
 
-    async def _ensure(self, config: StreamConfig) -> None:
+    async def _ensure(self, config: StreamConfig) -> StreamConfig:
+        """Create the stream if missing; the configuration it has on the server."""
         assert config.name is not None
         try:
             info = await self.api(lambda: self.js.stream_info(config.name))  # type: ignore[arg-type]
         except nats.js.errors.NotFoundError:
             try:
                 await self.api(lambda: self.js.add_stream(config))
-                return
+                return config
             except nats.js.errors.BadRequestError as e:
                 if e.err_code != 10058:  # created concurrently by another process: fine
                     raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
-                return
+                return config
             except Exception as e:
                 raise self._translate(e, f"$JS.API.STREAM.CREATE.{config.name}") from e
         except Exception as e:
@@ -133,16 +156,45 @@ class Provisioning(Publishing):
             log.warning("stream %s keeps message ids for %gs, not the duplicate_window of %gs this app asks for: "
                         "natask does not change an existing stream (nats stream edit %s --dupe-window %gs)",
                         config.name, kept, wanted, config.name, wanted)
+        return have
 
-    async def ensure_consumer(self, queue: str) -> str:
-        """Create or update the durable pull consumer of a queue (workers only)."""
+    async def ensure_level(self, queue: str, priority: int) -> None:
+        """Make sure the consumer of a priority level (1..9) of ``queue`` exists, once per connection
+        (producers call this before their first publish to the level). An existing one is left as
+        it is: workers set its configuration, and find it when it is created (``levels``)."""
+        if (queue, priority) in self._levels:
+            return
+        try:
+            await self.ensure_consumer(queue, priority, update=False)
+        except BrokerError as e:
+            raise BrokerError(f"cannot create the consumer of priority {priority} of queue {queue!r}: {e}") from e
+        self._levels.add((queue, priority))
+
+    async def levels(self, queues: Sequence[str]) -> list[tuple[str, int]]:
+        """The priority levels (queue, 1..9) of ``queues`` that have a consumer on the server."""
+        queues_set = set(queues)
+        infos: list[Any] = []
+        while True:  # the server answers a page (256) at a time
+            try:
+                page = await self.api(lambda: self.js.consumers_info(self.names.stream, offset=len(infos)))
+            except Exception as e:
+                raise self._translate(e, f"$JS.API.CONSUMER.LIST.{self.names.stream}") from e
+            infos.extend(page)
+            if len(page) < _LIST_PAGE:
+                break
+        found = [self.names.level_of_consumer(info.name) for info in infos]
+        return sorted(level for level in found if level is not None and level[0] in queues_set)
+
+    async def ensure_consumer(self, queue: str, priority: int = 0, *, update: bool = True) -> str:
+        """Create or update the durable pull consumer of a queue (workers only), or of one of its
+        priority levels."""
         await self.ensure_stream()
         names = self.names
-        durable = names.consumer(queue)
+        durable = names.priority_consumer(queue, priority)
         config = ConsumerConfig(
             durable_name=durable,
             name=durable,
-            filter_subject=names.queue_filter(queue),
+            filter_subject=names.priority_filter(queue, priority) if priority else names.queue_filter(queue),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.config.ack_wait,
@@ -157,6 +209,8 @@ class Provisioning(Publishing):
         except nats.js.errors.BadRequestError as e:
             if e.err_code not in (10148, 10013):  # 10148: exists with another config
                 raise BrokerError(f"cannot create consumer {durable}: {e.description}") from e
+            if not update:
+                return durable
             await self.api(lambda: self._update_consumer(config))
         except Exception as e:
             raise self._translate(e, f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}") from e
@@ -311,10 +365,10 @@ class Provisioning(Publishing):
             return self.names.stream
         return None
 
-    async def heal_consumer(self, queue: str) -> bool:
-        """Recreate a queue's consumer (and the task stream) if the server lost it: True if it
-        was recreated, False if it exists or cannot be checked now."""
-        stream, durable = self.names.stream, self.names.consumer(queue)
+    async def heal_consumer(self, queue: str, priority: int = 0) -> bool:
+        """Recreate a queue's consumer, or its priority level's (and the task stream), if the server
+        lost it: True if it was recreated, False if it exists or cannot be checked now."""
+        stream, durable = self.names.stream, self.names.priority_consumer(queue, priority)
         try:
             msg = await self.nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", timeout=_CHECK_TIMEOUT)
             error = json.loads(msg.data).get("error")
@@ -327,7 +381,7 @@ class Provisioning(Publishing):
             await self.heal(stream)
         elif error.get("err_code") != CONSUMER_NOT_FOUND:
             return False
-        await self.ensure_consumer(queue)
+        await self.ensure_consumer(queue, priority)
         log.warning("consumer %s of stream %s was deleted on the server: recreated it", durable, stream)
         return True
 

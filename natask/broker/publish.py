@@ -114,14 +114,16 @@ class Publishing(Connection):
             raise nats.errors.NoRespondersError
         return msg.data
 
-    async def publish_many(self, subjects: Sequence[str], payloads: Sequence[bytes],
-                           headers: Sequence[dict[str, str]]) -> None:
+    async def publish_many(  # noqa: C901 - the bulk hot path, inlined
+            self, subjects: Sequence[str], payloads: Sequence[bytes], headers: Sequence[dict[str, str]],
+            seqs: list[int] | None = None) -> None:
         """Pipelined publishes (the i-th subject, payload and headers each): up to ``PIPELINE``
         unacknowledged at a time; a message without a PubAck after all goes through ``publish``.
 
         Leaner than ``js.publish_async``: one inbox subscription for the batch and the message's
         index as reply token; an ack is checked for an error without being parsed, and no future
         is made per message. A republish keeps its ``Nats-Msg-Id``, so it never enqueues twice.
+        ``seqs``, if given, receives each message's stream sequence.
         """
         n = len(subjects)
         if n == 0:
@@ -138,6 +140,9 @@ class Publishing(Connection):
                 return
             # A PubAck is {"stream", "seq"...}; a refusal {"error"...}, or a 503 status with no body.
             acked[i] = 2 if not msg.data or b'"error"' in msg.data else 1
+            if seqs is not None and acked[i] == 1:
+                seq = _SEQ_RE.search(msg.data)
+                seqs[i] = int(seq.group(1)) if seq else 0
             state["acks"] += 1
             if state["acks"] >= state["need"]:
                 progress.set()
@@ -173,7 +178,9 @@ class Publishing(Connection):
             if acked[i] != 1:
                 if subjects[i].startswith(self._task_subjects):
                     headers[i][HDR_CHECK_STORED] = "1"  # as in publish: the first try may be stored
-                await self.publish(subjects[i], payloads[i], headers[i])
+                published = await self.publish(subjects[i], payloads[i], headers[i])
+                if seqs is not None:
+                    seqs[i] = published.seq
 
     async def publish_core(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget core publish (replies, events); ``PayloadTooLarge`` as ``publish``."""

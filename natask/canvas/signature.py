@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-CALL_OPTIONS: Final = frozenset({"queue", "countdown", "eta", "expires", "task_id", "headers", "ignore_result"})
+CALL_OPTIONS: Final = frozenset({"queue", "countdown", "eta", "expires", "task_id", "headers", "ignore_result",
+                                 "priority"})
 """Options a signature (or ``apply_async``) accepts besides ``link`` and ``link_error``."""
 CALLBACK_OPTIONS: Final = frozenset({"link", "link_error"})
 _FIRST_ONLY: Final = frozenset({"countdown", "eta"})
@@ -391,6 +392,8 @@ class Freezer:
             opts.setdefault("ignore_result", task.options.ignore_result)
             if task.options.expires is not None:
                 opts.setdefault("expires", task.options.expires)
+            if task.options.priority:
+                opts.setdefault("priority", task.options.priority)
             if self.check and not entry:
                 task.check_args(sig.args if sig.immutable else (None, *sig.args), sig.kwargs)
         opts.setdefault("queue", self.app.config.default_queue)

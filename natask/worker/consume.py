@@ -26,6 +26,7 @@ from .delivery import Delivery, quietly
 from .events import EventLog
 from .execute import Execution
 from .gate import Gate
+from .levels import Levels
 from .outcome import Outcome
 from .processes import ProcessPool, find_app_spec
 from .revokes import Revokes
@@ -118,6 +119,7 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
+        self._levels: Levels | None = None
         self._slot_freed = asyncio.Event()
         self._events = EventLog()
         self.listeners: list[Callable[[Batch], None]] = self._events.listeners
@@ -182,6 +184,8 @@ class Worker:
                                                          cb=self._on_rpc))
             # Broadcasts: the same slots, but no queue group, so every worker of the queue gets each one.
             self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue), cb=self._on_rpc))
+        self._levels = Levels(broker, self._slots, self.queues)
+        await self._levels.start()
         self._slots.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
         if self.autoscale is not None:
@@ -209,21 +213,10 @@ class Worker:
         grace = self.grace if grace is None else grace
         for sub in self._rpc_subs:
             await quietly(sub.unsubscribe())
+        if self._levels is not None:
+            await self._levels.stop()
         await self._slots.stop()  # also ends the open pull requests: nothing comes back to us
-        while self._waiting:  # never started: straight back to the queue
-            waiting = self._waiting.popleft()
-            self._slots.release(waiting.msg)
-            await quietly(waiting.msg.nak())
-        if self._inflight:
-            log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
-            try:
-                await asyncio.wait_for(self._idle.wait(), grace)
-            except asyncio.TimeoutError:
-                pending = [d.handler for d in self._inflight if d.handler is not None]
-                log.warning("grace period over: returning %d unfinished task(s) to the queue", len(pending))
-                for handler in pending:
-                    handler.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        await self._drain(grace)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self._scaler is not None:
@@ -246,6 +239,25 @@ class Worker:
             await self.broker.close()
         self._stopped.set()
         log.info("worker %s stopped after %d task(s)", self.ident, self.processed)
+
+    async def _drain(self, grace: float) -> None:
+        """Hand back what never started; let what runs finish within ``grace`` seconds, then
+        cancel it (its message goes back to the queue)."""
+        while self._waiting:  # never started: straight back to the queue
+            waiting = self._waiting.popleft()
+            self._slots.release(waiting.msg)
+            await quietly(waiting.msg.nak())
+        if not self._inflight:
+            return
+        log.info("draining %d in-flight task(s) (grace %.0fs)", len(self._inflight), grace)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            pending = [d.handler for d in self._inflight if d.handler is not None]
+            log.warning("grace period over: returning %d unfinished task(s) to the queue", len(pending))
+            for handler in pending:
+                handler.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def __aenter__(self) -> Worker:
         await self.start()

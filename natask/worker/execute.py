@@ -63,7 +63,9 @@ class Execution:
             if events.timer is None:
                 events.arm()
         options = task.options
-        if options.track_started and not options.ignore_result:
+        # A task with an expiry says it started: its caller reads a missing state after the expiry
+        # as "expired" once the server removed the message (README, "Expiry").
+        if (options.track_started or request.expires is not None) and not options.ignore_result:
             self.outcome.write_state(delivery, dumps({"state": State.STARTED.value, "info": {"worker": self.ident}}))
         started = time.perf_counter()
         try:

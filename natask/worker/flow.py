@@ -216,7 +216,10 @@ class _Flow:
             if hooks.before_publish:
                 await hooks.call("before_publish", call)  # in the finished task's context
             calls.append(call)
-            subject = names.task_subject(call.queue, call.task)
+            subject = (names.task_subject(call.queue, call.task) if not call.priority
+                       else names.priority_subject(call.queue, call.task, call.priority))
+            if call.priority:
+                await broker.ensure_level(call.queue, call.priority)
             if call.eta is not None and call.eta > time.time():
                 call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
                 call.headers[HDR_SCHEDULE_TARGET] = subject

@@ -146,6 +146,7 @@ class Gate:
         request = Request(id=env.id, task=env.task, retries=retries, args=args, kwargs=kwargs,
                           queue=route[0], parent_id=env.parent_id, root_id=env.root_id,
                           eta=env.eta, expires=env.expires, headers=headers,
+                          priority=self.names.priority_from_subject(msg.subject),
                           report=lambda state, meta: outcome.report(delivery, state, meta))
         current_request.set(request)  # log lines about this task, from here on, carry its id and name
         if task.options.limited:

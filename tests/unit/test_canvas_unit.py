@@ -176,8 +176,8 @@ def test_unencodable_argument_of_a_later_step_fails_at_send_naming_it(app: Natas
 
 
 def test_unknown_options_are_refused(app: Natask) -> None:
-    with pytest.raises(TypeError, match="priority"):
-        Freezer(app).freeze(add(app, 1, 2).set(priority=3))
+    with pytest.raises(TypeError, match="urgency"):
+        Freezer(app).freeze(add(app, 1, 2).set(urgency=3))
 
 
 def test_derived_ids_are_deterministic_task_ids() -> None:

@@ -1,0 +1,73 @@
+"""Priority levels a worker fetches: the consumers of its queues' levels 1..9 found at start, and
+those producers create later (the server's consumer-created advisory says so)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ..broker import Broker, Message
+from ..broker.fetch import Fetcher
+
+log = logging.getLogger("natask.worker")
+
+
+class Levels:
+    """Adds each priority level of the worker's queues to its fetcher, once it has a consumer.
+    A queue nobody sent a priority to has none: it costs nothing."""
+
+    def __init__(self, broker: Broker, fetcher: Fetcher, queues: Sequence[str]) -> None:
+        self.broker = broker
+        self.fetcher = fetcher
+        self.queues = frozenset(queues)
+        self._sub: Any = None
+        self._known: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Fetch the levels that exist, and watch for new ones (subscribed first: none is missed)."""
+        broker = self.broker
+        self._sub = await broker.subscribe(broker.names.consumer_created, cb=self._created)
+        for queue, priority in await broker.levels(sorted(self.queues)):
+            await self.add(queue, priority)
+
+    async def add(self, queue: str, priority: int) -> None:
+        """Fetch one level: its consumer gets this worker's settings (as the queue's does)."""
+        level = (queue, priority)
+        if level in self._known:
+            return  # creating it again (ours or another worker's update) announces it again
+        self._known.add(level)  # before the first await: an advisory may announce it meanwhile
+        try:
+            await self.broker.ensure_consumer(queue, priority)
+            await self.fetcher.add(self.broker, queue, priority)
+        except BaseException:
+            self._known.discard(level)
+            raise
+        log.info("fetching priority %d of queue %s", priority, queue)
+
+    async def _created(self, msg: Message) -> None:
+        level = self.broker.names.level_of_consumer(msg.subject.rpartition(".")[2])
+        if level is None or level[0] not in self.queues or self._sub is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._add_later(*level))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _add_later(self, queue: str, priority: int) -> None:
+        try:
+            await self.add(queue, priority)
+        except Exception as e:  # the level's tasks wait in the stream: a restart finds them
+            log.warning("cannot fetch priority %d of queue %s (%s): its tasks wait until this worker restarts",
+                        priority, queue, e)
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as e:
+                log.debug("advisory unsubscribe failed: %s", e)
+        for task in list(self._tasks):
+            task.cancel()

@@ -73,3 +73,21 @@ async def test_max_tasks_per_child_recycles_the_process(nats_server: NatsServer,
         await app.aclose()
     per_pid = collections.Counter(line.split()[-1] for line in log_lines(log))
     assert sorted(per_pid.values()) == [2, 4, 4]
+
+
+async def test_worker_command_with_the_process_pool_runs_def_tasks_in_children(nats_server: NatsServer,
+                                                                              tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    app = producer(nats_server.url, "pool")
+    sup = await WorkerProcess(nats_server.url, "pool", log, concurrency=2, extra=["--pool", "processes"]).ready()
+    try:
+        results = await app.tasks["it.add"].adelay_many([(i, 1) for i in range(6)])
+        assert [await r.aget(timeout=30) for r in results] == [i + 1 for i in range(6)]
+    finally:
+        sup.signal(signal.SIGTERM)
+        code = await sup.wait()
+        await app.aclose()
+    assert code == 0
+    pids = {int(line.split()[-1]) for line in log.read_text().splitlines()}
+    assert pids and sup.proc.pid not in pids  # run by the pool's children, not the worker process
+    assert "processes pool" in sup.output()

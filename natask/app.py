@@ -294,7 +294,8 @@ class Natask:
         ignore_result: bool = False,
     ) -> AsyncResult[Any]:
         """Enqueue a task by name without consulting the local registry."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.client.default_queue(name, args, kwargs or {}),
+        queue = queue or self.client.default_queue(name, args, kwargs or {})
+        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
                                    headers=headers, ignore_result=ignore_result)
         return self.client.portal.run(self.client.publish(call))
@@ -314,7 +315,8 @@ class Natask:
         ignore_result: bool = False,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.client.default_queue(name, args, kwargs or {}),
+        queue = queue or self.client.default_queue(name, args, kwargs or {})
+        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
                                    headers=headers, ignore_result=ignore_result)
         return await self.client.publish(call)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from .app import Natask
 from .canvas import GroupResult, Signature, chain, chord, group
@@ -35,7 +35,7 @@ class Celery(Natask):
     NATS KV. Other keywords are natask options (``Natask(...)``) or Celery settings (``app.conf``).
     """
 
-    def __init__(  # noqa: PLR0913 - Celery's constructor arguments
+    def __init__(
         self,
         main: str | None = None,
         *,
@@ -208,7 +208,7 @@ def signature(varies: Any, *args: Any, **kwargs: Any) -> Signature[Any]:
     if isinstance(varies, Mapping):
         from .canvas import from_dict
 
-        return from_dict(current_app(), dict(varies))  # type: ignore[arg-type]
+        return cast("Signature[Any]", from_dict(current_app(), dict(varies)))
     call_args = args[0] if args else kwargs.pop("args", ())
     call_kwargs = args[1] if len(args) > 1 else kwargs.pop("kwargs", None)
     app = kwargs.pop("app", None) or current_app()

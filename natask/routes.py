@@ -125,7 +125,7 @@ def _router(spec: object) -> RouterFn:
         obj = spec() if isinstance(spec, type) else spec
         return lambda name, args, kwargs, options, task=None, **kw: obj.route_for_task(name, args, kwargs)
     if callable(spec):
-        return spec  # type: ignore[no-any-return]
+        return spec
     raise ConfigError(f"task_routes: expected a dict, a list of (pattern, route) pairs or a router function, "
                       f"got {spec!r:.100}")
 

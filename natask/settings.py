@@ -78,6 +78,7 @@ IGNORED: Final = {
     "cache_backend": "results live in NATS KV",
 }
 
+_CONTENT: Final = frozenset({"json", "msgpack", "application/json", "application/x-msgpack"})
 OK_VALUES: Final[dict[str, Callable[[Any], bool]]] = {
     "task_acks_late": lambda v: bool(v),  # natask always acks after the task ran
     "task_create_missing_queues": lambda v: bool(v),  # queues are subjects: they always exist
@@ -95,7 +96,12 @@ OK_VALUES: Final[dict[str, Callable[[Any], bool]]] = {
 }
 """Settings whose value natask always has (or whose given value changes nothing observable): other
 values log a warning."""
-_CONTENT: Final = frozenset({"json", "msgpack", "application/json", "application/x-msgpack"})
+
+_APPLIED: Final = frozenset({"task_routes", "task_default_queue", "result_expires", "broker_url",
+                             "broker_connection_timeout", "beat_schedule", "timezone", "include", "imports",
+                             "task_always_eager", "task_eager_propagates", "task_store_eager_result",
+                             *TASK_DEFAULTS})
+"""The settings natask honours (``_apply_honoured``)."""
 
 DEFAULTS: Final[dict[str, Any]] = {
     "task_routes": None,
@@ -172,7 +178,7 @@ class Settings(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"<Settings of {self._app.name}: {', '.join(sorted(self._values))}>"
 
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Apply settings (a mapping or pairs, and keywords); each is checked and applied at once."""
         items = dict(other.items() if isinstance(other, Mapping) else other)
         items.update(kwargs)
@@ -183,7 +189,23 @@ class Settings(MutableMapping[str, Any]):
             self._values[key] = value
 
     # -- applying ---------------------------------------------------------------------------
-    def _apply(self, key: str, value: Any) -> None:  # noqa: PLR0912 - one branch per setting family
+    def _apply(self, key: str, value: Any) -> None:
+        if key in _APPLIED:
+            self._apply_honoured(key, value)
+        elif key in IGNORED:
+            if value:
+                self._warn(key, f"ignored: {IGNORED[key]}")
+        elif key in OK_VALUES:
+            if not OK_VALUES[key](value):
+                self._warn(key, f"natask cannot honour {key}={value!r} (docs/celery.md says what it does instead)")
+        elif key in NOT_HERE:
+            self._warn(key, f"not read from the configuration: {NOT_HERE[key]}")
+        elif key in CELERY_SETTINGS:
+            self._warn(key, "natask has no equivalent (docs/celery.md)")
+        else:
+            self._warn(key, "not a Celery setting natask knows; kept in app.conf for your own code")
+
+    def _apply_honoured(self, key: str, value: Any) -> None:  # noqa: C901 - one branch per setting
         app = self._app
         if key == "task_routes":
             from .routes import Router
@@ -221,18 +243,6 @@ class Settings(MutableMapping[str, Any]):
 
             if value and not hasattr(Task, "apply"):
                 self._warn(key, "this natask has no eager mode yet (issue 18): tasks still go through NATS")
-        elif key in IGNORED:
-            if value:
-                self._warn(key, f"ignored: {IGNORED[key]}")
-        elif key in OK_VALUES:
-            if not OK_VALUES[key](value):
-                self._warn(key, f"natask cannot honour {key}={value!r} (docs/celery.md says what it does instead)")
-        elif key in NOT_HERE:
-            self._warn(key, f"not read from the configuration: {NOT_HERE[key]}")
-        elif key in CELERY_SETTINGS:
-            self._warn(key, "natask has no equivalent (docs/celery.md)")
-        else:
-            self._warn(key, "not a Celery setting natask knows; kept in app.conf for your own code")
 
     def _warn(self, key: str, why: str) -> None:
         if key not in self._warned:

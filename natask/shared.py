@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 from .errors import ConfigError
 
@@ -19,24 +19,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _App(Protocol):
-    @property
-    def tasks(self) -> Any: ...
-    def task(self, **options: Any) -> Callable[[Callable[..., Any]], Any]: ...
-
-
 _SHARED: Final[dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {}
 """Every ``@shared_task`` by task name: the function and its options."""
-_current: weakref.ref[_App] | None = None
+_current: weakref.ref[Any] | None = None
 
 
-def set_current(app: _App) -> None:
+def set_current(app: Any) -> None:
     """Make ``app`` the one ``@shared_task`` proxies use (every new app calls it)."""
-    global _current  # noqa: PLW0603 - one current app per process, as Celery's
+    global _current
     _current = weakref.ref(app)
 
 
-def current_app() -> _App:
+def current_app() -> Any:  # a Natask: this layer cannot name it
     """The app shared tasks resolve to; ``ConfigError`` when none exists."""
     app = _current() if _current is not None else None
     if app is None:
@@ -50,7 +44,7 @@ def current_or_none() -> Any:
     return _current() if _current is not None else None
 
 
-def register_shared(app: _App) -> None:
+def register_shared(app: Any) -> None:
     """Register every shared task the app does not have yet."""
     for name, (fn, options) in list(_SHARED.items()):
         if name not in app.tasks:

@@ -193,3 +193,13 @@ def test_shared_task_follows_the_current_app() -> None:
     assert "shared.double" in third.tasks  # every app that finalizes registers shared tasks
     first.set_current()
     assert double.app is first
+
+
+def test_find_app_in_a_package_as_celery_does() -> None:
+    from natask.app import find_app
+
+    app = find_app("tests.integration.celeryproj")  # no app attribute: found in celeryproj.celery
+    assert isinstance(app, Celery) and app.name == "proj"
+    assert find_app("tests.integration.celeryproj.celery:app") is app
+    with pytest.raises(LookupError, match="no natask app"):
+        find_app("tests.integration.celeryproj.tasks")

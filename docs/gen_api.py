@@ -11,6 +11,8 @@ OUT = Path(__file__).with_name("API.md")
 
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Application", "natask.app", ["Natask"]),
+    ("Celery entry points", "natask.celery", ["Celery", "shared_task", "crontab", "signature"]),
+    ("Settings (app.conf)", "natask.settings", ["Settings"]),
     ("Tasks", "natask.task", ["Task", "AsyncTask", "Request", "TaskOptions"]),
     ("Results", "natask.result", ["AsyncResult"]),
     ("Canvas", "natask.canvas", ["Signature", "chain", "group", "chord", "GroupResult"]),

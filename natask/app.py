@@ -17,6 +17,8 @@ from .hooks import Hooks, Middleware
 from .naming import Names, check_task_name
 from .portal import Portal, blocking
 from .result import AsyncResult
+from .settings import Settings
+from .shared import register_shared, set_current
 from .task import AsyncTask, Task, TaskOptions
 
 if TYPE_CHECKING:
@@ -64,6 +66,23 @@ class Natask:
         """The registered middleware (``add_middleware``), compiled per hook point."""
         self.client: Client[AsyncResult[Any]] = Client(self.config, self.names, AsyncResult, self, self.hooks)
         """Connections, publishing and waiting (``natask.client.Client``)."""
+        self._conf: Settings | None = None
+        set_current(self)
+
+    @property
+    def conf(self) -> Settings:
+        """Celery's settings by name (``app.conf.task_routes = {...}``, ``app.conf.update(...)``),
+        each applied to this app at once (``natask.settings``, docs/celery.md)."""
+        if self._conf is None:
+            self._conf = Settings(self)
+        return self._conf
+
+    def finalize(self) -> None:
+        """Register the tasks of ``include``, ``imports``, ``autodiscover_tasks`` and ``@shared_task``
+        (imported now, once); workers and beat call it when they start."""
+        if self._conf is not None:
+            self._conf.import_tasks()
+        register_shared(self)
 
     def __repr__(self) -> str:
         return f"<Natask {self.name} servers={self.config.safe_servers}>"
@@ -178,6 +197,8 @@ class Natask:
             if existing is not None and existing.fn is not func:
                 raise ConfigError(f"two tasks are named {task.name!r}: give one of them another name=")
             self.tasks[task.name] = task
+            if self._conf is not None:
+                self._conf.configure_task(task)
             return task
 
         return register(fn) if fn is not None else register
@@ -278,7 +299,8 @@ class Natask:
         priority: int = 0,
     ) -> AsyncResult[Any]:
         """Enqueue a task by name without consulting the local registry."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+        queue = queue or self.client.default_queue(name, args, kwargs or {})
+        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
                                    headers=headers, ignore_result=ignore_result, priority=priority)
         return self.client.portal.run(self.client.publish(call))
@@ -299,7 +321,8 @@ class Natask:
         priority: int = 0,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+        queue = queue or self.client.default_queue(name, args, kwargs or {})
+        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
                                    headers=headers, ignore_result=ignore_result, priority=priority)
         return await self.client.publish(call)
@@ -344,4 +367,38 @@ class Natask:
         await self.aclose()
 
 
-__all__ = ["Natask"]
+def find_app(spec: str) -> Natask:
+    """The app ``-A`` names, found as Celery finds it: ``module:attr``; else the module's ``app`` or
+    ``celery`` attribute; else, for a package, the same in ``<package>.celery``; else the one app among
+    the module's attributes. ``ImportError`` if the module is missing, ``LookupError`` if no app."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if attr:
+        found = getattr(module, attr, None)
+        if found is None:
+            raise LookupError(f"module {module_name!r} has no attribute {attr!r}")
+        if not isinstance(found, Natask):
+            raise LookupError(f"{spec} is a {type(found).__name__}, not a natask app")
+        return found
+    candidates = [module]
+    if hasattr(module, "__path__"):  # a package: Celery's proj/celery.py convention
+        try:
+            candidates.append(importlib.import_module(f"{module_name}.celery"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{module_name}.celery":
+                raise
+    for mod in candidates:
+        for name in ("app", "celery"):
+            if isinstance(getattr(mod, name, None), Natask):
+                return getattr(mod, name)  # type: ignore[no-any-return]
+    for mod in candidates:
+        apps = {id(v): v for v in vars(mod).values() if isinstance(v, Natask)}
+        if len(apps) == 1:
+            return next(iter(apps.values()))
+    raise LookupError(f"no natask app in {module_name!r}: name it `app` (or `celery`), or pass -A "
+                      f"{module_name}:<attribute>")
+
+
+__all__ = ["Natask", "find_app"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from typing import Any, Final
 
 import click
 
-from .app import Natask
+from .app import Natask, find_app
 from .errors import ConfigError, NataskError
 from .shutdown import Interrupts, exit_code, run_until_signalled
 from .states import State
@@ -53,19 +52,16 @@ def load_app(spec: str | None) -> Natask:
     spec = spec or os.environ.get("NATASK_APP")
     if not spec:
         raise click.UsageError("no app given: pass -A package.module:app or set $NATASK_APP")
-    module_name, _, attr = spec.partition(":")
+    module_name = spec.partition(":")[0]
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`, find modules in the current directory
     try:
-        module = importlib.import_module(module_name)
+        app = find_app(spec)
     except ImportError as e:
         raise click.UsageError(f"cannot import {module_name!r} (from -A {spec}): {e}") from None
-    try:
-        app = getattr(module, attr or "app")
-    except AttributeError:
-        raise click.UsageError(f"module {module_name!r} has no attribute {attr or 'app'!r}") from None
-    if not isinstance(app, Natask):
-        raise click.UsageError(f"{spec} is a {type(app).__name__}, not a natask.Natask")
+    except LookupError as e:
+        raise click.UsageError(str(e)) from None
+    app.finalize()
     return app
 
 

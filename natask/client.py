@@ -103,7 +103,20 @@ class Client(Generic[H]):
         """Handles of the calls whose reply may still come over a connection, by task id."""
         self._watches: dict[asyncio.AbstractEventLoop, KeyWatch] = {}  # per loop, of its broker
         self._rechecks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self.router: Callable[..., str | None] | None = None
+        """``task_routes`` compiled (``natask.routes.Router``): the queue of calls that name none."""
         _CLIENTS.add(self)
+
+    def default_queue(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                      options: Mapping[str, Any] | None = None) -> str:
+        """The queue of a call when neither it nor its task names one: the first route of
+        ``task_routes`` that matches, else the app's default queue (Celery's order)."""
+        router = self.router
+        if router is not None:
+            queue = router(name, args, kwargs, options or {})
+            if queue:
+                return queue
+        return self.config.default_queue
 
     # -- calls ------------------------------------------------------------------------------
     def prepare(  # noqa: PLR0913 - every call option, keyword-only

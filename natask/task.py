@@ -50,7 +50,7 @@ class Task(Generic[P, R]):
 
     @property
     def queue(self) -> str:
-        """The queue this task routes to unless a call says otherwise."""
+        """The queue this task goes to unless a call says otherwise (or ``task_routes`` routes it)."""
         return self.options.queue or self.app.config.default_queue
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -222,7 +222,7 @@ class Task(Generic[P, R]):
             self.name,
             args,
             kwargs,
-            queue=queue or self.queue,
+            queue=queue or self.options.queue or self._client.default_queue(self.name, args, kwargs),
             countdown=countdown,
             eta=eta,
             expires=expires if expires is not None else self.options.expires,

@@ -16,7 +16,7 @@ NATS_LAYER: Final = "natask.broker"
 LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # 0 pure: no I/O, nothing of natask above it
     ("errors", "states", "naming", "config", "message", "options", "retry", "hooks", "signals", "logs",
-     "shutdown"),
+     "shutdown", "routes"),
     # 1 the NATS layer
     ("broker",),
     # 2 the client: connections per loop, publishing, waiting, the sync portal
@@ -24,12 +24,12 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # 3 what users hold: tasks, result handles, workflows, periodic entries
     ("result", "task", "canvas", "beat.schedule", "beat.stored", "beat.schedules"),
     # 4 the app: configuration, registry, one client
-    ("app",),
+    ("app", "settings", "shared"),
     # 5 services
     ("worker", "beat", "control", "dlq", "events", "metrics", "http", "dashboard", "supervisor", "server",
      "testing", "otel", "sentry"),
     # 6 the command line and the package's own re-exports
-    ("cli", "demo", "__main__", ""),
+    ("cli", "demo", "__main__", "celery", ""),
 )
 """natask's layers, bottom to top (module names under ``natask.``; a package covers its modules,
 the longest match wins): a module imports only from its own layer or below (docs/ARCHITECTURE.md)."""

@@ -388,7 +388,8 @@ class Freezer:
         opts = {k: v for k, v in opts.items() if v is not None}
         task = self.app.tasks.get(sig.task)
         if task is not None:
-            opts.setdefault("queue", task.queue)
+            if task.options.queue:
+                opts.setdefault("queue", task.options.queue)
             opts.setdefault("ignore_result", task.options.ignore_result)
             if task.options.expires is not None:
                 opts.setdefault("expires", task.options.expires)
@@ -396,7 +397,8 @@ class Freezer:
                 opts.setdefault("priority", task.options.priority)
             if self.check and not entry:
                 task.check_args(sig.args if sig.immutable else (None, *sig.args), sig.kwargs)
-        opts.setdefault("queue", self.app.config.default_queue)
+        if "queue" not in opts:
+            opts["queue"] = self.app.client.default_queue(sig.task, sig.args, sig.kwargs, opts)
         if self.check and not entry:
             try:
                 dumps([sig.args, sig.kwargs])

@@ -80,6 +80,7 @@ class Worker:
         autoscale_idle: float = AUTOSCALE_IDLE,
     ) -> None:
         self.app = app
+        app.finalize()  # import include/autodiscover_tasks modules and @shared_task tasks before serving
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.pool = pool

@@ -24,7 +24,6 @@ task. A child that dies by itself fails its task with ``WorkerLostError``.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -263,8 +262,10 @@ def child_main(app_spec: str, conn: Connection) -> None:
     global _running
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the worker decides
     signal.signal(signal.SIGALRM, _soft_alarm)
-    module, _, attr = app_spec.partition(":")
-    app = getattr(importlib.import_module(module), attr or "app")
+    from ..app import find_app
+
+    app = find_app(app_spec)  # `-A proj` finds proj.celery:app as the parent did
+    app.finalize()
     while True:
         try:
             message = loads(conn.recv_bytes())

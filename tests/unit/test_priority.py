@@ -38,7 +38,7 @@ def test_a_priority_outside_0_to_9_is_refused(app: Natask, bad: object) -> None:
         app.task(name="p.bad", priority=bad)(lambda: None)  # type: ignore[call-overload]
     task = app.task(name="p.ok")(lambda: None)
     with pytest.raises(ConfigError, match="priority"):
-        task._prepare((), None, None, None, None, None, None, None, bad)  # type: ignore[arg-type]
+        task._prepare((), None, None, None, None, None, None, None, priority=bad)  # type: ignore[arg-type]
 
 
 def test_the_ttl_is_whole_seconds_rounded_up_and_at_least_one() -> None:

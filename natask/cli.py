@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Any, Final
 
 import click
@@ -18,7 +20,21 @@ from .errors import ConfigError, NataskError
 from .shutdown import Interrupts, exit_code, run_until_signalled
 from .states import State
 
-APP_HELP = "the app as 'package.module:attribute' (attribute defaults to 'app'); or $NATASK_APP"
+APP_HELP = ("the app as 'package.module:attribute' or 'path/to/file.py:attribute' (attribute defaults to 'app'); "
+            "or $NATASK_APP")
+
+_APP_KEY: Final = "natask.app_spec"
+"""Where ``natask -A SPEC COMMAND`` leaves SPEC for the command (``click.Context.meta``, shared by the chain)."""
+WORKER_CONNECT_TIMEOUT: Final = 300.0
+"""Seconds ``natask worker`` keeps trying a NATS server it cannot reach, by default."""
+CONNECT_NOTICE: Final = 1.0
+"""Seconds of connecting after which a command says on stderr what it is waiting for."""
+EXIT_FAILED: Final = 1
+"""``natask result``: the task failed (FAILURE)."""
+EXIT_REVOKED: Final = 3
+"""``natask result``: the task was revoked (REVOKED), or expired before it ran."""
+EXIT_TIMEOUT: Final = 4
+"""``natask result --wait --timeout``: no outcome within the timeout."""
 
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 """Characters a terminal acts on instead of showing: C0/C1 controls (escape sequences, newlines,
@@ -48,9 +64,31 @@ def _number(value: object, spec: str = "") -> str:
     return format(value, spec) if is_number(value) else "?"
 
 
+def app_spec_of(spec: str | None) -> str | None:
+    """The app spec a command uses: its own ``-A``, else ``natask -A`` before the command, else
+    ``$NATASK_APP``; a file path (``path/to/tasks.py:app``) as ``module:attr`` with its directory on
+    ``sys.path`` (so process-pool children import it by name too)."""
+    ctx = click.get_current_context(silent=True)
+    spec = spec or (ctx.meta.get(_APP_KEY) if ctx is not None else None) or os.environ.get("NATASK_APP")
+    if not spec:
+        return None
+    head, colon, attr = spec.rpartition(":")
+    module_name = head if colon else spec
+    if not (module_name.endswith(".py") or "/" in module_name or os.sep in module_name):
+        return spec
+    path = Path(module_name)
+    if path.suffix != ".py" or not path.is_file():
+        raise click.UsageError(f"-A {spec}: no Python file {module_name!r} (give path/to/file.py:app or "
+                               "package.module:app)")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return f"{path.stem}{colon}{attr}"
+
+
 def load_app(spec: str | None) -> Natask:
     """Import ``module:attr`` and return the Natask it names, with errors a person can act on."""
-    spec = spec or os.environ.get("NATASK_APP")
+    spec = app_spec_of(spec)
     if not spec:
         raise click.UsageError("no app given: pass -A package.module:app or set $NATASK_APP")
     module_name, _, attr = spec.partition(":")
@@ -91,16 +129,64 @@ app_option = click.option("-A", "--app", "app_spec", metavar="MODULE:APP", help=
 loglevel_option = click.option(
     "--loglevel", "-l", default="info", show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="the least severe log lines shown",
 )
 logformat_option = click.option("--log-format", default="text", show_default=True,
                                 type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
-@click.group()
+class _Main(click.Group):
+    """The ``natask`` group: each command's first sentence in full, Ctrl-C exits 130 without a traceback."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))  # click cuts at ~45 characters
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # outside run_until_signalled (importing the app, a prompt): as a shell reports it
+            raise click.exceptions.Exit(exit_code(signal.SIGINT)) from None
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="natask")
-def main() -> None:
+@click.option("-A", "--app", "app_spec", metavar="MODULE:APP",
+              help=APP_HELP + "; for every command, which may also take it after its name")
+@click.pass_context
+def main(ctx: click.Context, app_spec: str | None) -> None:
     """natask: a Celery-style task queue on NATS JetStream."""
+    ctx.meta[_APP_KEY] = app_spec
+
+
+async def connect(app: Natask, retry_for: float = 0.0) -> None:
+    """Connect ``app``, saying on stderr what it waits for once that takes a second; while the server
+    cannot be reached, try again for ``retry_for`` seconds (each try lasts the app's connect_timeout)."""
+    from .errors import BrokerError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    notice = loop.call_later(CONNECT_NOTICE, lambda: click.echo(
+        f"connecting to NATS at {app.config.safe_servers}...", err=True))
+    try:
+        while True:
+            try:
+                await app.client.broker()
+                return
+            except BrokerError as e:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                click.echo(f"{e} Trying again for {left:.0f}s more (--connect-timeout).", err=True)
+    finally:
+        notice.cancel()
 
 
 @main.command()
@@ -130,12 +216,16 @@ def main() -> None:
               help="--pool processes: a child above this resident memory (KB) is replaced after its task")
 @click.option("--autoscale", default=None, metavar="MAX,MIN",
               help="grow the concurrency up to MAX while every slot is busy and tasks wait, shrink to MIN when idle")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=WORKER_CONNECT_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="keep trying a NATS server that cannot be reached for this long before exiting "
+                                      "(servers starting after their workers, a restart); 0: one try")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
            http_host: str, without_events: bool, unknown_grace: float, prefetch_bytes: int, pool: str,
-           max_memory_per_child: int | None, autoscale: str | None, loglevel: str, log_format: str) -> None:
+           max_memory_per_child: int | None, autoscale: str | None, connect_timeout: float, loglevel: str,
+           log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -156,13 +246,23 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace,
-                   prefetch_bytes=prefetch_bytes, pool=pool, app_spec=app_spec or os.environ.get("NATASK_APP"),
+                   prefetch_bytes=prefetch_bytes, pool=pool, app_spec=app_spec_of(app_spec),
                    max_memory_per_child=max_memory_per_child, autoscale=_autoscale(autoscale))
-        run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host))
+        run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host, connect_timeout))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:  # an option the Worker refused (--max-memory-per-child without --pool processes)
         raise click.UsageError(str(e)) from None
+
+
+def _banner(w: Any) -> None:
+    """What a started worker does, in the log: queues, concurrency, pool, the tasks it knows."""
+    import logging
+
+    log = logging.getLogger("natask")
+    tasks = sorted(w.app.tasks)
+    log.info("app %r: queues %s; concurrency %d; %s pool", w.app.name, ", ".join(w.queues), w.concurrency, w.pool)
+    log.info("%d registered task(s): %s", len(tasks), ", ".join(tasks) or "none (is -A the module defining them?)")
 
 
 def _autoscale(text: str | None) -> tuple[int, int] | None:
@@ -175,7 +275,7 @@ def _autoscale(text: str | None) -> tuple[int, int] | None:
 
 
 async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,
-                 health_port: int | None = None, http_host: str = "127.0.0.1") -> None:
+                 health_port: int | None = None, http_host: str = "127.0.0.1", connect_timeout: float = 0.0) -> None:
     """Run a worker (and beat, HTTP endpoints) until cancelled (``run_until_signalled``: the first
     SIGTERM/SIGINT), then drain."""
     from .metrics import serve
@@ -188,7 +288,9 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
     servers = []
     try:
         servers = await serve(w, metrics_port, health_port, http_host)  # listening before the first task arrives
+        await connect(w.app, connect_timeout)
         await w.start()
+        _banner(w)
         if beat is not None:
             await beat.start()
         await w.run()
@@ -258,6 +360,7 @@ def _edit_schedules(app: Natask, fn: Any) -> Any:
     from .errors import TaskNotFound
 
     async def go() -> Any:
+        await connect(app)
         async with app:
             return await fn(app.beat)
 
@@ -430,30 +533,60 @@ def purge(app_spec: str | None, queue: str, yes: bool) -> None:
 @click.argument("name")
 @click.option("--args", "args_json", default="[]", help="positional arguments as a JSON list")
 @click.option("--kwargs", "kwargs_json", default="{}", help="keyword arguments as a JSON object")
-@click.option("-Q", "--queue", default=None)
-@click.option("--countdown", type=float, default=None)
+@click.option("-Q", "--queue", default=None, help="queue to send to (default: the task's, else the app's default)")
+@click.option("--countdown", type=float, default=None, metavar="SECONDS", help="run it no sooner than this from now")
+@click.option("--unregistered", is_flag=True,
+              help="send NAME even if this app does not register it (a task only another codebase's workers know); "
+                   "its arguments are then not checked")
 def call(app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None,
-         countdown: float | None) -> None:
-    """Enqueue task NAME by name; prints only the new task id."""
-    try:
-        args, kwargs = json.loads(args_json), json.loads(kwargs_json)
-    except json.JSONDecodeError as e:
-        raise click.UsageError(f"--args/--kwargs must be JSON: {e}") from None
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise click.UsageError("--args takes a JSON list, --kwargs a JSON object")
-    result = _run_app(app_spec, lambda app: app.asend_task(name, args, kwargs, queue=queue, countdown=countdown))
+         countdown: float | None, unregistered: bool) -> None:
+    """Enqueue task NAME by name; prints only the new task id.
+
+    NAME must be a task of the app and the arguments must fit its signature, as for .delay():
+    a mistake exits 2 with the reason."""
+    args, kwargs = _json_arg(args_json, "--args", list), _json_arg(kwargs_json, "--kwargs", dict)
+    app = load_app(app_spec)
+    if unregistered:
+        result = _run_app(app_spec, lambda app: app.asend_task(name, args, kwargs, queue=queue, countdown=countdown))
+    else:
+        _check_call(app, name, args, kwargs)
+        task = app.tasks[name]  # its own options (queue, priority, expires) apply, as for .delay()
+        result = _run_app(app_spec, lambda _: task.aapply_async(args, kwargs, queue=queue, countdown=countdown))
     click.echo(result.id)
+
+
+def _check_call(app: Natask, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse (exit 2) a name the app does not register, with the nearest names, and arguments its
+    signature does not take."""
+    import difflib
+
+    task = app.tasks.get(name)
+    if task is None:
+        close = difflib.get_close_matches(name, list(app.tasks), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise click.UsageError(printable(
+            f"no task named {name!r} in app {app.name!r}: {hint}registered: {', '.join(sorted(app.tasks)) or 'none'} "
+            "(--unregistered sends it anyway)"))
+    try:
+        task.check_args(args, kwargs)
+    except TypeError as e:
+        raise click.UsageError(printable(f"arguments do not fit: {e}")) from None
 
 
 @main.command()
 @app_option
 @click.argument("task_id")
 @click.option("--wait", is_flag=True, help="wait for the outcome")
-@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds (exit 4)")
 @json_option
 def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Print a task's result (or its state); exits 1 if it failed."""
-    from .errors import ResultError, TaskFailed
+    """Print a task's result (or its state).
+
+    Exits 0 for a result or a state that is not final, 1 if the task failed, 3 if it was revoked (or
+    expired), 4 if --wait --timeout passed without an outcome, 130 on Ctrl-C."""
+    from .errors import ResultError, ResultTimeout, TaskFailed
+
+    timed_out: list[ResultTimeout] = []  # raised inside _run_app, which turns every NataskError into exit 1
 
     async def read(app: Natask) -> dict[str, Any]:
         res = app.AsyncResult(task_id)
@@ -465,7 +598,10 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
                 if not waiting.done() and sys.stderr.isatty():
                     elapsed = asyncio.get_running_loop().time() - started
                     click.echo(f"\rwaiting for {task_id}... {elapsed:.0f}s", err=True, nl=False)
-            await waiting
+            try:
+                await waiting
+            except ResultTimeout as e:
+                timed_out.append(e)
         else:
             await res._fetch()
         record = res._record or {"state": State.PENDING.value}
@@ -477,6 +613,9 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         raise click.ClickException(str(e)) from None
     if wait and sys.stderr.isatty():
         click.echo("", err=True)
+    if timed_out:
+        click.echo(f"Error: {timed_out[0]}", err=True)
+        sys.exit(EXIT_TIMEOUT)
     state = record.get("state")
     if as_json:
         click.echo(json.dumps(record, default=str))
@@ -490,7 +629,9 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         info = json.dumps(record.get("info"), default=str) if record.get("info") else ""
         click.echo(printable(f"{state} {info}".strip()))
     if state == State.FAILURE:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+    if state == State.REVOKED:
+        sys.exit(EXIT_REVOKED)
 
 
 @main.command()
@@ -603,6 +744,7 @@ def _run_app(app_spec: str | None, fn: Any, service: bool = False) -> Any:
     app = load_app(app_spec)
 
     async def go() -> Any:
+        await connect(app)
         async with app:
             return await fn(app)
 

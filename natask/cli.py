@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -454,7 +455,9 @@ def beat_disable(app_spec: str | None, entry: str) -> None:
 @app_option
 @json_option
 def status(app_spec: str | None, as_json: bool) -> None:
-    """Queues (pending, in flight, redelivered), DLQ size, live workers, periodic entries."""
+    """Queues (pending, in flight, redelivered), DLQ size, live workers, periodic entries.
+
+    Every queue holding tasks is listed, those no worker consumes flagged STRANDED."""
     from .control import status as read_status
 
     info = _run_app(app_spec, read_status)
@@ -463,10 +466,12 @@ def status(app_spec: str | None, as_json: bool) -> None:
         return
     click.echo("queues:")
     for q in info["queues"] or []:
+        stranded = (f"  STRANDED: {q['stranded']} task(s) no worker consumes (start one with -Q {q['name']})"
+                    if q["stranded"] else "")
         click.echo(printable(f"  {q['name']:<20} pending={q['pending']} in_flight={q['in_flight']} "
-                             f"redelivered={q['redelivered']}"))
+                             f"redelivered={q['redelivered']}{stranded}"))
     if not info["queues"]:
-        click.echo("  (none: no worker has consumed yet)")
+        click.echo("  (none: no task sent, no worker started)")
     click.echo(f"dead letters: {info['dlq']}")
     click.echo("workers:")
     for w in info["workers"]:  # replies of whoever answers on the control subject: checked as printed
@@ -640,24 +645,110 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
 @click.option("-n", "--count", type=int, default=0, help="stop after this many events (0: never)")
 @json_option
 def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
-    """Follow the app's lifecycle events live."""
+    """Follow the app's lifecycle events live, in time order.
+
+    One line per event: local time, worker, event, task name[id], then how long the task waited
+    (task-started) or ran (when it ends) as seen in the events, and the event's fields."""
     from .events import follow
 
     async def tail(app: Natask) -> None:
         seen = 0
-        async for event in follow(app, kind):
+        lines = _EventLines()
+        async for event in _in_time_order(follow(app, kind)):
             # Events were checked on receipt (malformed ones dropped); their texts are still anyone's.
-            if as_json:
-                click.echo(json.dumps(event, default=str))
-            else:
-                fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker"))
-                click.echo(printable(f"{_number(event.get('ts'), '.3f')} {event.get('worker')} {event.get('type')} "
-                                     f"{fields}"))
+            click.echo(json.dumps(event, default=str) if as_json else printable(lines.format(event)))
             seen += 1
             if count and seen >= count:
                 return
 
     _run_app(app_spec, tail, service=True)
+
+
+EVENT_HOLD: Final = 0.25
+"""Seconds ``natask events`` holds an event before printing it: workers send events in batches per
+kind every 50 ms, so a task's end may arrive before its start; held events go out in time order."""
+_DURATIONS_KEPT: Final = 10_000
+"""Task start/send times ``natask events`` remembers to print durations."""
+
+
+async def _in_time_order(source: Any) -> Any:
+    """The events of ``source`` (an async iterator), each held ``EVENT_HOLD`` seconds and released
+    in the order of their times."""
+    import heapq
+    import itertools
+
+    order = itertools.count()  # ties in time keep the arrival order
+    loop = asyncio.get_running_loop()
+    held: list[tuple[float, int, float, dict[str, Any]]] = []  # (event time, arrival number, arrival, event)
+    arrived = asyncio.Event()
+    done: list[BaseException | None] = []
+
+    async def pump() -> None:
+        try:
+            async for event in source:
+                ts = event.get("ts")
+                heapq.heappush(held, (float(ts) if ts is not None else 0.0, next(order), loop.time(), event))
+                arrived.set()
+            done.append(None)
+        except BaseException as e:  # re-raised by the consumer below
+            done.append(e)
+        arrived.set()
+
+    reader = loop.create_task(pump())
+    try:
+        while True:
+            now = loop.time()
+            while held and (done or min(h[2] for h in held) + EVENT_HOLD <= now):
+                yield heapq.heappop(held)[3]
+            if done and not held:
+                if done[0] is not None:
+                    raise done[0]
+                return
+            arrived.clear()
+            wait = EVENT_HOLD if not held else max(0.0, min(h[2] for h in held) + EVENT_HOLD - now)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), wait)
+    finally:
+        reader.cancel()
+
+
+class _EventLines:
+    """``natask events`` lines: local times, and durations from the events seen before."""
+
+    def __init__(self) -> None:
+        self.day = ""
+        self.since: dict[tuple[str, str], float] = {}  # (task id, "sent" | "started") -> event time
+
+    def format(self, event: dict[str, Any]) -> str:
+        from datetime import datetime
+
+        ts, kind, task_id = event.get("ts"), str(event.get("type")), event.get("id")
+        when = datetime.fromtimestamp(ts) if isinstance(ts, (int, float)) else None
+        head = ""
+        if when is not None and when.strftime("%Y-%m-%d") != self.day:
+            self.day = when.strftime("%Y-%m-%d")
+            head = f"-- {self.day} {when.astimezone().tzname() or ''}\n"
+        clock = when.strftime("%H:%M:%S.%f")[:-3] if when is not None else "?"
+        task = f"{event.get('name')}[{task_id}]" if task_id else ""
+        took = self._duration(kind, task_id, ts)
+        fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker", "id", "name"))
+        return head + "  ".join(x for x in (clock, str(event.get("worker")), f"{kind:<15}", task, took, fields) if x)
+
+    def _duration(self, kind: str, task_id: object, ts: object) -> str:
+        if not isinstance(task_id, str) or not isinstance(ts, (int, float)):
+            return ""
+        if len(self.since) >= _DURATIONS_KEPT:
+            self.since.pop(next(iter(self.since)))
+        if kind == "task-sent":
+            self.since[(task_id, "sent")] = ts
+        elif kind == "task-started":
+            self.since[(task_id, "started")] = ts
+            sent = self.since.pop((task_id, "sent"), None)
+            return f"waited {ts - sent:.3f}s" if sent is not None else ""
+        elif kind != "task-received":
+            started = self.since.pop((task_id, "started"), None)
+            return f"ran {ts - started:.3f}s" if started is not None else ""
+        return ""
 
 
 @main.command()

@@ -170,6 +170,7 @@ def main(ctx: click.Context, app_spec: str | None) -> None:
 async def connect(app: Natask, retry_for: float = 0.0) -> None:
     """Connect ``app``, saying on stderr what it waits for once that takes a second; while the server
     cannot be reached, try again for ``retry_for`` seconds (each try lasts the app's connect_timeout)."""
+    from .client import FAILURE_MEMORY
     from .errors import BrokerError
 
     loop = asyncio.get_running_loop()
@@ -186,6 +187,8 @@ async def connect(app: Natask, retry_for: float = 0.0) -> None:
                 if left <= 0:
                     raise
                 click.echo(f"{e} Trying again for {left:.0f}s more (--connect-timeout).", err=True)
+                # A failed connect is remembered for FAILURE_MEMORY seconds (calls fail fast meanwhile).
+                await asyncio.sleep(min(left, FAILURE_MEMORY))
     finally:
         notice.cancel()
 

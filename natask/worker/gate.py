@@ -198,7 +198,8 @@ class Gate:
         """Warn once per module when an unknown task's name shares its first part with no task of this
         app: likely another app's task, sent to the same queues because both use the same subject prefix."""
         module = name.partition(".")[0]
-        if module in self.foreign or len(self.foreign) >= 100 or any(known.partition(".")[0] == module for known in self.tasks):
+        if module in self.foreign or len(self.foreign) >= 100 or any(
+                known.partition(".")[0] == module for known in self.tasks):
             return
         self.foreign.add(module)
         log.warning("task %s is not one of app %r's tasks, and none of them starts with %r: is another app sending "

@@ -881,7 +881,7 @@ def dlq_list(app_spec: str | None, limit: int, before: int | None, as_json: bool
 @dlq.command("show")
 @app_option
 @click.argument("entry_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
 def dlq_show(app_spec: str | None, entry_id: str, as_json: bool) -> None:
     """Everything about one dead letter, with its decoded call when it has one."""
     from .dlq import DeadLetters
@@ -938,7 +938,7 @@ def revoke(app_spec: str | None, task_id: str, terminate: bool) -> None:
 
 @main.command()
 @click.option("-p", "--port", default=4222, show_default=True, help="client port (0: any free port)")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--store-dir", default=None, help="JetStream data dir (default: a temp dir, deleted on exit)")
 def server(port: int, host: str, store_dir: str | None) -> None:
     """Run the bundled nats-server with JetStream, for development."""

@@ -99,6 +99,8 @@ def load_app(spec: str | None) -> Natask:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise click.UsageError(f"cannot import {module_name!r} (from -A {spec}): {e}") from None
+    except NataskError as e:  # the app refused its configuration (an http:// $NATS_URL) as it was created
+        raise click.ClickException(f"{module_name} (from -A {spec}): {e}") from None
     try:
         app = getattr(module, attr or "app")
     except AttributeError:

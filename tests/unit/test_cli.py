@@ -105,3 +105,10 @@ async def test_events_come_out_in_time_order() -> None:
 
     got = [e["type"] async for e in _in_time_order(source())]
     assert arrived.is_set() and got == ["task-started", "task-succeeded"]
+
+
+def test_ctrl_c_outside_the_event_loop_exits_130_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "interrupted_tasks.py").write_text("raise KeyboardInterrupt  # Ctrl-C while the app imports\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = CliRunner().invoke(main, ["status", "-A", "interrupted_tasks:app"])
+    assert out.exit_code == 130 and out.output == ""

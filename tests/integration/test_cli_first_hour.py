@@ -151,3 +151,10 @@ async def test_a_worker_warns_once_when_it_meets_another_apps_tasks(nats_server:
 async def test_a_command_without_a_server_fails_with_the_reason(args: list[str]) -> None:
     out = await natask_cli(f"nats://127.0.0.1:{free_port()}", *args, "-A", APP)
     assert out.returncode == 1 and "cannot connect to NATS" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_empty_listings_say_so(nats_server: NatsServer) -> None:
+    dead = await natask_cli(nats_server.url, "dlq", "list", "-A", APP, prefix="empty")
+    assert dead.returncode == 0 and dead.stdout == "" and dead.stderr.strip() == "no dead letters"
+    beat = await natask_cli(nats_server.url, "-A", APP, "beat", "--list", prefix="empty")
+    assert beat.returncode == 0 and beat.stdout.startswith("no periodic entries"), beat.stderr

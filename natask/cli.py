@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Any, Final
 
 import click
@@ -17,7 +20,21 @@ from .errors import ConfigError, NataskError
 from .shutdown import Interrupts, exit_code, run_until_signalled
 from .states import State
 
-APP_HELP = "the app as 'package.module:attribute' (attribute defaults to 'app'); or $NATASK_APP"
+APP_HELP = ("the app as 'package.module:attribute' or 'path/to/file.py:attribute' (attribute defaults to 'app'); "
+            "or $NATASK_APP")
+
+_APP_KEY: Final = "natask.app_spec"
+"""Where ``natask -A SPEC COMMAND`` leaves SPEC for the command (``click.Context.meta``, shared by the chain)."""
+WORKER_CONNECT_TIMEOUT: Final = 300.0
+"""Seconds ``natask worker`` keeps trying a NATS server it cannot reach, by default."""
+CONNECT_NOTICE: Final = 1.0
+"""Seconds of connecting after which a command says on stderr what it is waiting for."""
+EXIT_FAILED: Final = 1
+"""``natask result``: the task failed (FAILURE)."""
+EXIT_REVOKED: Final = 3
+"""``natask result``: the task was revoked (REVOKED), or expired before it ran."""
+EXIT_TIMEOUT: Final = 4
+"""``natask result --wait --timeout``: no outcome within the timeout."""
 
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 """Characters a terminal acts on instead of showing: C0/C1 controls (escape sequences, newlines,
@@ -47,9 +64,31 @@ def _number(value: object, spec: str = "") -> str:
     return format(value, spec) if is_number(value) else "?"
 
 
+def app_spec_of(spec: str | None) -> str | None:
+    """The app spec a command uses: its own ``-A``, else ``natask -A`` before the command, else
+    ``$NATASK_APP``; a file path (``path/to/tasks.py:app``) as ``module:attr`` with its directory on
+    ``sys.path`` (so process-pool children import it by name too)."""
+    ctx = click.get_current_context(silent=True)
+    spec = spec or (ctx.meta.get(_APP_KEY) if ctx is not None else None) or os.environ.get("NATASK_APP")
+    if not spec:
+        return None
+    head, colon, attr = spec.rpartition(":")
+    module_name = head if colon else spec
+    if not (module_name.endswith(".py") or "/" in module_name or os.sep in module_name):
+        return spec
+    path = Path(module_name)
+    if path.suffix != ".py" or not path.is_file():
+        raise click.UsageError(f"-A {spec}: no Python file {module_name!r} (give path/to/file.py:app or "
+                               "package.module:app)")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return f"{path.stem}{colon}{attr}"
+
+
 def load_app(spec: str | None) -> Natask:
     """Import ``module:attr`` and return the Natask it names, with errors a person can act on."""
-    spec = spec or os.environ.get("NATASK_APP")
+    spec = app_spec_of(spec)
     if not spec:
         raise click.UsageError("no app given: pass -A package.module:app or set $NATASK_APP")
     module_name = spec.partition(":")[0]
@@ -61,6 +100,8 @@ def load_app(spec: str | None) -> Natask:
         raise click.UsageError(f"cannot import {module_name!r} (from -A {spec}): {e}") from None
     except LookupError as e:
         raise click.UsageError(str(e)) from None
+    except NataskError as e:  # the app refused its configuration (an http:// $NATS_URL) as it was created
+        raise click.ClickException(f"{module_name} (from -A {spec}): {e}") from None
     app.finalize()
     return app
 
@@ -87,16 +128,67 @@ app_option = click.option("-A", "--app", "app_spec", metavar="MODULE:APP", help=
 loglevel_option = click.option(
     "--loglevel", "-l", default="info", show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="the least severe log lines shown",
 )
 logformat_option = click.option("--log-format", default="text", show_default=True,
                                 type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 
-@click.group()
+class _Main(click.Group):
+    """The ``natask`` group: each command's first sentence in full, Ctrl-C exits 130 without a traceback."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))  # click cuts at ~45 characters
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # outside run_until_signalled (importing the app, a prompt): as a shell reports it
+            raise click.exceptions.Exit(exit_code(signal.SIGINT)) from None
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="natask")
-def main() -> None:
+@click.option("-A", "--app", "app_spec", metavar="MODULE:APP",
+              help=APP_HELP + "; for every command, which may also take it after its name")
+@click.pass_context
+def main(ctx: click.Context, app_spec: str | None) -> None:
     """natask: a Celery-style task queue on NATS JetStream."""
+    ctx.meta[_APP_KEY] = app_spec
+
+
+async def connect(app: Natask, retry_for: float = 0.0) -> None:
+    """Connect ``app``, saying on stderr what it waits for once that takes a second; while the server
+    cannot be reached, try again for ``retry_for`` seconds (each try lasts the app's connect_timeout)."""
+    from .client import FAILURE_MEMORY
+    from .errors import BrokerError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    notice = loop.call_later(CONNECT_NOTICE, lambda: click.echo(
+        f"connecting to NATS at {app.config.safe_servers}...", err=True))
+    try:
+        while True:
+            try:
+                await app.client.broker()
+                return
+            except BrokerError as e:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                click.echo(f"{e} Trying again for {left:.0f}s more (--connect-timeout).", err=True)
+                # A failed connect is remembered for FAILURE_MEMORY seconds (calls fail fast meanwhile).
+                await asyncio.sleep(min(left, FAILURE_MEMORY))
+    finally:
+        notice.cancel()
 
 
 @main.command()
@@ -126,12 +218,16 @@ def main() -> None:
               help="--pool processes: a child above this resident memory (KB) is replaced after its task")
 @click.option("--autoscale", default=None, metavar="MAX,MIN",
               help="grow the concurrency up to MAX while every slot is busy and tasks wait, shrink to MIN when idle")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=WORKER_CONNECT_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="keep trying a NATS server that cannot be reached for this long before exiting "
+                                      "(servers starting after their workers, a restart); 0: one try")
 @loglevel_option
 @logformat_option
 def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: float, processes: int,
            max_tasks_per_child: int, with_beat: bool, metrics_port: int | None, health_port: int | None,
            http_host: str, without_events: bool, unknown_grace: float, prefetch_bytes: int, pool: str,
-           max_memory_per_child: int | None, autoscale: str | None, loglevel: str, log_format: str) -> None:
+           max_memory_per_child: int | None, autoscale: str | None, connect_timeout: float, loglevel: str,
+           log_format: str) -> None:
     """Consume the given queues and run their tasks."""
     from .logs import setup_logging
     from .worker import Worker
@@ -152,13 +248,23 @@ def worker(app_spec: str | None, queues: str | None, concurrency: int, grace: fl
     try:
         w = Worker(app, queues=queue_list, concurrency=concurrency, grace=grace,
                    max_tasks=max_tasks_per_child or None, events=not without_events, unknown_grace=unknown_grace,
-                   prefetch_bytes=prefetch_bytes, pool=pool, app_spec=app_spec or os.environ.get("NATASK_APP"),
+                   prefetch_bytes=prefetch_bytes, pool=pool, app_spec=app_spec_of(app_spec),
                    max_memory_per_child=max_memory_per_child, autoscale=_autoscale(autoscale))
-        run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host))
+        run_until_signalled(_serve(w, with_beat, metrics_port, health_port, http_host, connect_timeout))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:  # an option the Worker refused (--max-memory-per-child without --pool processes)
         raise click.UsageError(str(e)) from None
+
+
+def _banner(w: Any) -> None:
+    """What a started worker does, in the log: queues, concurrency, pool, the tasks it knows."""
+    import logging
+
+    log = logging.getLogger("natask")
+    tasks = sorted(w.app.tasks)
+    log.info("app %r: queues %s; concurrency %d; %s pool", w.app.name, ", ".join(w.queues), w.concurrency, w.pool)
+    log.info("%d registered task(s): %s", len(tasks), ", ".join(tasks) or "none (is -A the module defining them?)")
 
 
 def _autoscale(text: str | None) -> tuple[int, int] | None:
@@ -171,7 +277,7 @@ def _autoscale(text: str | None) -> tuple[int, int] | None:
 
 
 async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = None,
-                 health_port: int | None = None, http_host: str = "127.0.0.1") -> None:
+                 health_port: int | None = None, http_host: str = "127.0.0.1", connect_timeout: float = 0.0) -> None:
     """Run a worker (and beat, HTTP endpoints) until cancelled (``run_until_signalled``: the first
     SIGTERM/SIGINT), then drain."""
     from .metrics import serve
@@ -184,7 +290,9 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
     servers = []
     try:
         servers = await serve(w, metrics_port, health_port, http_host)  # listening before the first task arrives
+        await connect(w.app, connect_timeout)
         await w.start()
+        _banner(w)
         if beat is not None:
             await beat.start()
         await w.run()
@@ -254,6 +362,7 @@ def _edit_schedules(app: Natask, fn: Any) -> Any:
     from .errors import TaskNotFound
 
     async def go() -> Any:
+        await connect(app)
         async with app:
             return await fn(app.beat)
 
@@ -347,7 +456,9 @@ def beat_disable(app_spec: str | None, entry: str) -> None:
 @app_option
 @json_option
 def status(app_spec: str | None, as_json: bool) -> None:
-    """Queues (pending, in flight, redelivered), DLQ size, live workers, periodic entries."""
+    """Queues (pending, in flight, redelivered), DLQ size, live workers, periodic entries.
+
+    Every queue holding tasks is listed, those no worker consumes flagged STRANDED."""
     from .control import status as read_status
 
     info = _run_app(app_spec, read_status)
@@ -356,10 +467,12 @@ def status(app_spec: str | None, as_json: bool) -> None:
         return
     click.echo("queues:")
     for q in info["queues"] or []:
+        stranded = (f"  STRANDED: {q['stranded']} task(s) no worker consumes (start one with -Q {q['name']})"
+                    if q["stranded"] else "")
         click.echo(printable(f"  {q['name']:<20} pending={q['pending']} in_flight={q['in_flight']} "
-                             f"redelivered={q['redelivered']}"))
+                             f"redelivered={q['redelivered']}{stranded}"))
     if not info["queues"]:
-        click.echo("  (none: no worker has consumed yet)")
+        click.echo("  (none: no task sent, no worker started)")
     click.echo(f"dead letters: {info['dlq']}")
     click.echo("workers:")
     for w in info["workers"]:  # replies of whoever answers on the control subject: checked as printed
@@ -426,30 +539,60 @@ def purge(app_spec: str | None, queue: str, yes: bool) -> None:
 @click.argument("name")
 @click.option("--args", "args_json", default="[]", help="positional arguments as a JSON list")
 @click.option("--kwargs", "kwargs_json", default="{}", help="keyword arguments as a JSON object")
-@click.option("-Q", "--queue", default=None)
-@click.option("--countdown", type=float, default=None)
+@click.option("-Q", "--queue", default=None, help="queue to send to (default: the task's, else the app's default)")
+@click.option("--countdown", type=float, default=None, metavar="SECONDS", help="run it no sooner than this from now")
+@click.option("--unregistered", is_flag=True,
+              help="send NAME even if this app does not register it (a task only another codebase's workers know); "
+                   "its arguments are then not checked")
 def call(app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None,
-         countdown: float | None) -> None:
-    """Enqueue task NAME by name; prints only the new task id."""
-    try:
-        args, kwargs = json.loads(args_json), json.loads(kwargs_json)
-    except json.JSONDecodeError as e:
-        raise click.UsageError(f"--args/--kwargs must be JSON: {e}") from None
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise click.UsageError("--args takes a JSON list, --kwargs a JSON object")
-    result = _run_app(app_spec, lambda app: app.asend_task(name, args, kwargs, queue=queue, countdown=countdown))
+         countdown: float | None, unregistered: bool) -> None:
+    """Enqueue task NAME by name; prints only the new task id.
+
+    NAME must be a task of the app and the arguments must fit its signature, as for .delay():
+    a mistake exits 2 with the reason."""
+    args, kwargs = _json_arg(args_json, "--args", list), _json_arg(kwargs_json, "--kwargs", dict)
+    app = load_app(app_spec)
+    if unregistered:
+        result = _run_app(app_spec, lambda app: app.asend_task(name, args, kwargs, queue=queue, countdown=countdown))
+    else:
+        _check_call(app, name, args, kwargs)
+        task = app.tasks[name]  # its own options (queue, priority, expires) apply, as for .delay()
+        result = _run_app(app_spec, lambda _: task.aapply_async(args, kwargs, queue=queue, countdown=countdown))
     click.echo(result.id)
+
+
+def _check_call(app: Natask, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse (exit 2) a name the app does not register, with the nearest names, and arguments its
+    signature does not take."""
+    import difflib
+
+    task = app.tasks.get(name)
+    if task is None:
+        close = difflib.get_close_matches(name, list(app.tasks), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise click.UsageError(printable(
+            f"no task named {name!r} in app {app.name!r}: {hint}registered: {', '.join(sorted(app.tasks)) or 'none'} "
+            "(--unregistered sends it anyway)"))
+    try:
+        task.check_args(args, kwargs)
+    except TypeError as e:
+        raise click.UsageError(printable(f"arguments do not fit: {e}")) from None
 
 
 @main.command()
 @app_option
 @click.argument("task_id")
 @click.option("--wait", is_flag=True, help="wait for the outcome")
-@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds (exit 4)")
 @json_option
 def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
-    """Print a task's result (or its state); exits 1 if it failed."""
-    from .errors import ResultError, TaskFailed
+    """Print a task's result (or its state).
+
+    Exits 0 for a result or a state that is not final, 1 if the task failed, 3 if it was revoked (or
+    expired), 4 if --wait --timeout passed without an outcome, 130 on Ctrl-C."""
+    from .errors import ResultError, ResultTimeout, TaskFailed
+
+    timed_out: list[ResultTimeout] = []  # raised inside _run_app, which turns every NataskError into exit 1
 
     async def read(app: Natask) -> dict[str, Any]:
         res = app.AsyncResult(task_id)
@@ -461,7 +604,10 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
                 if not waiting.done() and sys.stderr.isatty():
                     elapsed = asyncio.get_running_loop().time() - started
                     click.echo(f"\rwaiting for {task_id}... {elapsed:.0f}s", err=True, nl=False)
-            await waiting
+            try:
+                await waiting
+            except ResultTimeout as e:
+                timed_out.append(e)
         else:
             await res._fetch()
         record = res._record or {"state": State.PENDING.value}
@@ -473,6 +619,9 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         raise click.ClickException(str(e)) from None
     if wait and sys.stderr.isatty():
         click.echo("", err=True)
+    if timed_out:
+        click.echo(f"Error: {timed_out[0]}", err=True)
+        sys.exit(EXIT_TIMEOUT)
     state = record.get("state")
     if as_json:
         click.echo(json.dumps(record, default=str))
@@ -486,7 +635,9 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         info = json.dumps(record.get("info"), default=str) if record.get("info") else ""
         click.echo(printable(f"{state} {info}".strip()))
     if state == State.FAILURE:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+    if state == State.REVOKED:
+        sys.exit(EXIT_REVOKED)
 
 
 @main.command()
@@ -495,24 +646,110 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
 @click.option("-n", "--count", type=int, default=0, help="stop after this many events (0: never)")
 @json_option
 def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
-    """Follow the app's lifecycle events live."""
+    """Follow the app's lifecycle events live, in time order.
+
+    One line per event: local time, worker, event, task name[id], then how long the task waited
+    (task-started) or ran (when it ends) as seen in the events, and the event's fields."""
     from .events import follow
 
     async def tail(app: Natask) -> None:
         seen = 0
-        async for event in follow(app, kind):
+        lines = _EventLines()
+        async for event in _in_time_order(follow(app, kind)):
             # Events were checked on receipt (malformed ones dropped); their texts are still anyone's.
-            if as_json:
-                click.echo(json.dumps(event, default=str))
-            else:
-                fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker"))
-                click.echo(printable(f"{_number(event.get('ts'), '.3f')} {event.get('worker')} {event.get('type')} "
-                                     f"{fields}"))
+            click.echo(json.dumps(event, default=str) if as_json else printable(lines.format(event)))
             seen += 1
             if count and seen >= count:
                 return
 
     _run_app(app_spec, tail, service=True)
+
+
+EVENT_HOLD: Final = 0.25
+"""Seconds ``natask events`` holds an event before printing it: workers send events in batches per
+kind every 50 ms, so a task's end may arrive before its start; held events go out in time order."""
+_DURATIONS_KEPT: Final = 10_000
+"""Task start/send times ``natask events`` remembers to print durations."""
+
+
+async def _in_time_order(source: Any) -> Any:
+    """The events of ``source`` (an async iterator), each held ``EVENT_HOLD`` seconds and released
+    in the order of their times."""
+    import heapq
+    import itertools
+
+    order = itertools.count()  # ties in time keep the arrival order
+    loop = asyncio.get_running_loop()
+    held: list[tuple[float, int, float, dict[str, Any]]] = []  # (event time, arrival number, arrival, event)
+    arrived = asyncio.Event()
+    done: list[BaseException | None] = []
+
+    async def pump() -> None:
+        try:
+            async for event in source:
+                ts = event.get("ts")
+                heapq.heappush(held, (float(ts) if ts is not None else 0.0, next(order), loop.time(), event))
+                arrived.set()
+            done.append(None)
+        except BaseException as e:  # re-raised by the consumer below
+            done.append(e)
+        arrived.set()
+
+    reader = loop.create_task(pump())
+    try:
+        while True:
+            now = loop.time()
+            while held and (done or min(h[2] for h in held) + EVENT_HOLD <= now):
+                yield heapq.heappop(held)[3]
+            if done and not held:
+                if done[0] is not None:
+                    raise done[0]
+                return
+            arrived.clear()
+            wait = EVENT_HOLD if not held else max(0.0, min(h[2] for h in held) + EVENT_HOLD - now)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), wait)
+    finally:
+        reader.cancel()
+
+
+class _EventLines:
+    """``natask events`` lines: local times, and durations from the events seen before."""
+
+    def __init__(self) -> None:
+        self.day = ""
+        self.since: dict[tuple[str, str], float] = {}  # (task id, "sent" | "started") -> event time
+
+    def format(self, event: dict[str, Any]) -> str:
+        from datetime import datetime
+
+        ts, kind, task_id = event.get("ts"), str(event.get("type")), event.get("id")
+        when = datetime.fromtimestamp(ts) if isinstance(ts, (int, float)) else None
+        head = ""
+        if when is not None and when.strftime("%Y-%m-%d") != self.day:
+            self.day = when.strftime("%Y-%m-%d")
+            head = f"-- {self.day} {when.astimezone().tzname() or ''}\n"
+        clock = when.strftime("%H:%M:%S.%f")[:-3] if when is not None else "?"
+        task = f"{event.get('name')}[{task_id}]" if task_id else ""
+        took = self._duration(kind, task_id, ts)
+        fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker", "id", "name"))
+        return head + "  ".join(x for x in (clock, str(event.get("worker")), f"{kind:<15}", task, took, fields) if x)
+
+    def _duration(self, kind: str, task_id: object, ts: object) -> str:
+        if not isinstance(task_id, str) or not isinstance(ts, (int, float)):
+            return ""
+        if len(self.since) >= _DURATIONS_KEPT:
+            self.since.pop(next(iter(self.since)))
+        if kind == "task-sent":
+            self.since[(task_id, "sent")] = ts
+        elif kind == "task-started":
+            self.since[(task_id, "started")] = ts
+            sent = self.since.pop((task_id, "sent"), None)
+            return f"waited {ts - sent:.3f}s" if sent is not None else ""
+        elif kind != "task-received":
+            started = self.since.pop((task_id, "started"), None)
+            return f"ran {ts - started:.3f}s" if started is not None else ""
+        return ""
 
 
 @main.command()
@@ -599,6 +836,7 @@ def _run_app(app_spec: str | None, fn: Any, service: bool = False) -> Any:
     app = load_app(app_spec)
 
     async def go() -> Any:
+        await connect(app)
         async with app:
             return await fn(app)
 
@@ -641,7 +879,7 @@ def dlq_list(app_spec: str | None, limit: int, before: int | None, as_json: bool
 @dlq.command("show")
 @app_option
 @click.argument("entry_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
 def dlq_show(app_spec: str | None, entry_id: str, as_json: bool) -> None:
     """Everything about one dead letter, with its decoded call when it has one."""
     from .dlq import DeadLetters
@@ -698,7 +936,7 @@ def revoke(app_spec: str | None, task_id: str, terminate: bool) -> None:
 
 @main.command()
 @click.option("-p", "--port", default=4222, show_default=True, help="client port (0: any free port)")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--store-dir", default=None, help="JetStream data dir (default: a temp dir, deleted on exit)")
 def server(port: int, host: str, store_dir: str | None) -> None:
     """Run the bundled nats-server with JetStream, for development."""

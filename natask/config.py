@@ -161,6 +161,11 @@ class Config:
         server_list = tuple(servers)
         if not server_list:
             raise ConfigError("servers= is empty: give at least one nats:// URL")
+        for url in server_list:
+            if url.lower().startswith(("http://", "https://")):
+                raise ConfigError(f"{redact_url(url)} is an HTTP URL, but NATS clients speak the NATS protocol: "
+                                  "give nats://HOST:4222 (the client port; 8222 is the monitoring page), "
+                                  "tls://HOST:4222 for TLS, or ws://HOST:PORT for a websocket listener")
         unknown = set(options) - {f.name for f in OPTIONS} - {"connect_options"}
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}: natask takes "

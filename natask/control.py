@@ -35,20 +35,52 @@ async def inspect(app: App, command: str, timeout: float = 1.0) -> list[dict[str
 
 @dataclass
 class QueueStatus:
-    """One queue as the server sees it."""
+    """One queue as the server sees it, its priority levels (consumers ``_p<N>_<queue>``) counted in."""
 
     name: str
     pending: int
+    """Tasks waiting: not yet delivered by a consumer, plus ``stranded``."""
     in_flight: int
     redelivered: int
     waiting_pulls: int
+    consumed: bool = True
+    """A worker has consumed the queue: it has the consumer workers create (producers create those of
+    priority levels)."""
+    stranded: int = 0
+    """Tasks waiting in subjects no consumer takes (a queue, or a priority level, no worker has consumed):
+    they wait until a worker starts with ``-Q <queue>``."""
+    delivered: int = 0
+    """Deliveries so far, by every consumer of the queue."""
 
 
 async def queues(app: App) -> list[QueueStatus]:
-    """Every queue that has a consumer (created by a worker), with its counters."""
+    """Every queue that has a consumer or holds tasks, with its counters (``natask status``, the dashboard)."""
     broker = await app.client.broker()
-    return sorted((QueueStatus(c.name, c.pending, c.in_flight, c.redelivered, c.waiting_pulls)
-                   for c in await broker.consumer_states(app.names.stream)), key=lambda q: q.name)
+    names = app.names
+    consumers, state = await asyncio.gather(broker.consumer_states(names.stream),
+                                            broker.stream_state(names.stream, names.stream_subjects[0]))
+    found: dict[str, QueueStatus] = {}
+    levels: set[tuple[str, int]] = set()
+    for c in consumers:
+        queue, level = Names.level_of_consumer(c.name) or (c.name, 0)
+        levels.add((queue, level))
+        q = found.setdefault(queue, QueueStatus(queue, 0, 0, 0, 0, consumed=False))
+        q.consumed = q.consumed or level == 0
+        q.pending, q.in_flight, q.redelivered = q.pending + c.pending, q.in_flight + c.in_flight, \
+            q.redelivered + c.redelivered
+        q.waiting_pulls, q.delivered = q.waiting_pulls + c.waiting_pulls, q.delivered + c.delivered
+    # The task stream is a work queue: a subject's messages are the tasks not yet acked, so a subject
+    # no consumer filters holds tasks nobody will run (subjects of scheduled calls excluded).
+    for subject, count in (state.subjects if state is not None else {}).items():
+        route = names.task_from_subject(subject)
+        if route is None or (route[0], names.priority_from_subject(subject)) in levels:
+            continue
+        q = found.setdefault(route[0], QueueStatus(route[0], 0, 0, 0, 0, consumed=False))
+        q.pending, q.stranded = q.pending + count, q.stranded + count
+    for q in found.values():
+        if not q.consumed:  # priority levels a producer created: no worker fetches them either
+            q.stranded = q.pending
+    return sorted(found.values(), key=lambda q: q.name)
 
 
 async def dlq_size(app: App) -> int:

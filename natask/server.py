@@ -104,7 +104,12 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {self._tail(start_offset)}")
+                text = self._tail(start_offset)
+                if "address already in use" in text:
+                    self.stop()
+                    raise ConfigError(f"port {self.port} on {self.host} is in use (another nats-server?): stop "
+                                      "that one, or pick another port (-p 0: any free port)")
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {text}")
             text = self._tail(start_offset)
             if re.search(r"Server is ready", text):
                 return self

@@ -19,6 +19,7 @@ import msgpack
 
 from ..broker import Message
 from ..control import inspect
+from ..control import queues as read_queues
 from ..dlq import DeadLetter, DeadLetters, parse_count
 from ..errors import NataskError
 from ..events import EventStream, decode_batch, events_subject
@@ -306,20 +307,16 @@ class Feed:
                 raise result
 
     async def _read_queues(self) -> None:
-        broker = await self.app.client.broker()
         now = time.monotonic()
         queues = []
-        for c in await broker.consumer_states(self.app.names.stream):
-            queues.append({"name": c.name, "pending": c.pending, "in_flight": c.in_flight,
-                           "redelivered": c.redelivered, "waiting_pulls": c.waiting_pulls,
-                           "consumer": True, **self._rates(c.name, now, c.delivered - c.in_flight)})
+        for q in await read_queues(self.app):  # the numbers of `natask status`, priority levels counted in
+            queues.append({"name": q.name, "pending": q.pending, "in_flight": q.in_flight,
+                           "redelivered": q.redelivered, "waiting_pulls": q.waiting_pulls, "stranded": q.stranded,
+                           "consumer": q.consumed, **self._rates(q.name, now, q.delivered - q.in_flight)})
         known = {q["name"] for q in queues}
-        for name in sorted(set(self._sent_by_queue) - known):  # sent to, but no worker has consumed yet
-            subject = self.app.names.queue_filter(name)
-            state = await broker.stream_state(self.app.names.stream, subject)
-            waiting = sum(state.subjects.values()) if state is not None else 0
-            queues.append({"name": name, "pending": waiting, "in_flight": 0, "redelivered": 0,
-                           "waiting_pulls": 0, "consumer": False, **self._rates(name, now, 0)})
+        for name in sorted(set(self._sent_by_queue) - known):  # sent to, nothing waits, no worker has consumed
+            queues.append({"name": name, "pending": 0, "in_flight": 0, "redelivered": 0, "waiting_pulls": 0,
+                           "stranded": 0, "consumer": False, **self._rates(name, now, 0)})
         self.model.queues = sorted(queues, key=lambda q: str(q["name"]))
 
     def _rates(self, queue: str, now: float, done: int) -> dict[str, float]:

@@ -62,6 +62,8 @@ class Gate:
         self.unknown_grace = unknown_grace
         self.limits = Limits(broker, outcome)
         """Rate limits and concurrency caps (used only by tasks that set one)."""
+        self.foreign: set[str] = set()
+        """First name parts of unknown tasks warned about as another app's (``warn_foreign``)."""
 
     async def process(self, delivery: Delivery) -> None:  # noqa: C901 - one check per gate rule, read top to bottom
         """Gate a delivery (the subject decides which task it may run; every header and body field
@@ -175,6 +177,7 @@ class Gate:
         may know it, so the message goes back (held by the server, not by a slot) until
         ``unknown_grace`` has passed since a worker first met it; then it is dead-lettered."""
         msg, now = delivery.msg, time.time()
+        self.warn_foreign(env.task)
         raw = (msg.headers or {}).get(HDR_UNKNOWN_SINCE)
         since = now if raw is None else header_time(raw, now)
         if since is None:
@@ -190,6 +193,19 @@ class Gate:
                     env.task, env.id, self.unknown_grace - (now - since))
         await self.outcome.schedule_again(delivery, env, now + UNKNOWN_STEP, "grace",
                                           {HDR_UNKNOWN_SINCE: f"{since:.6f}"})
+
+    def warn_foreign(self, name: str) -> None:
+        """Warn once per module when an unknown task's name shares its first part with no task of this
+        app: likely another app's task, sent to the same queues because both use the same subject prefix."""
+        module = name.partition(".")[0]
+        if module in self.foreign or len(self.foreign) >= 100 or any(
+                known.partition(".")[0] == module for known in self.tasks):
+            return
+        self.foreign.add(module)
+        log.warning("task %s is not one of app %r's tasks, and none of them starts with %r: is another app sending "
+                    "to queues of subject prefix %r on this server? Apps sharing a server need their own "
+                    "subject_prefix (Natask(..., subject_prefix=...) or $NATASK_SUBJECT_PREFIX)", name, self.app.name,
+                    module + ".", self.app.config.subject_prefix)
 
     async def early(self, delivery: Delivery, env: Envelope, now: float) -> None:
         """Delivered before its eta. By a little: the server's clock is behind ours, wait it out.

@@ -177,6 +177,7 @@ class Worker:
             self._publisher = EventPublisher(broker, self.ident)
             self.listeners.append(self._publisher)
         self.event("worker-online", **self._control.stats())
+        broadcasts = any(task.options.broadcast for task in self.app.tasks.values())
         for queue in self.queues:
             await broker.ensure_consumer(queue)
             await self._slots.add(broker, queue)
@@ -184,7 +185,10 @@ class Worker:
             self._rpc_subs.append(await broker.subscribe(broker.names.rpc_filter(queue), queue=queue,
                                                          cb=self._on_rpc))
             # Broadcasts: the same slots, but no queue group, so every worker of the queue gets each one.
-            self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue), cb=self._on_rpc))
+            # Only an app with broadcast tasks listens (and needs the grant for it).
+            if broadcasts:
+                self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue),
+                                                             cb=self._on_rpc))
         self._levels = Levels(broker, self._slots, self.queues)
         await self._levels.start()
         self._slots.start()

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..broker import Broker, Message
 from ..broker.fetch import Fetcher
+from ..errors import PermissionDenied
 
 log = logging.getLogger("natask.worker")
 
@@ -29,7 +30,11 @@ class Levels:
     async def start(self) -> None:
         """Fetch the levels that exist, and watch for new ones (subscribed first: none is missed)."""
         broker = self.broker
-        self._sub = await broker.subscribe(broker.names.consumer_created, cb=self._created)
+        try:
+            self._sub = await broker.subscribe(broker.names.consumer_created, cb=self._created)
+        except PermissionDenied as e:
+            log.warning("%s: priority levels producers create after this worker started are fetched once it "
+                        "restarts", e)
         for queue, priority in await broker.levels(sorted(self.queues)):
             await self.add(queue, priority)
 

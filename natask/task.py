@@ -304,11 +304,12 @@ class Task(Generic[P, R]):
     def map(self, it: Iterable[Any]) -> Signature[list[R]]:
         """One task (``natask.map``) that calls this one with each item of ``it`` in turn, in one
         worker, and returns the list of results (Celery's ``task.map``)."""
-        return Signature(self.app, MAP_TASK, (self.name, list(it)), {"queue": self.queue})
+        return Signature(self.app, MAP_TASK, (self.name, list(it)), None, {"queue": self.queue})
 
     def starmap(self, it: Iterable[Args]) -> Signature[list[R]]:
         """As ``map``, each item being a tuple of positional arguments (``natask.starmap``)."""
-        return Signature(self.app, STARMAP_TASK, (self.name, [list(item) for item in it]), {"queue": self.queue})
+        return Signature(self.app, STARMAP_TASK, (self.name, [list(item) for item in it]), None,
+                         {"queue": self.queue})
 
     def chunks(self, it: Iterable[Args], n: int) -> group:
         """Split ``it`` (tuples of arguments) into parts of ``n`` items, each part one ``starmap`` task,

@@ -180,7 +180,7 @@ class Eager:
         else:
             args, kwargs = (*args, *node["args"]), {**node["kwargs"], **kwargs}
         name = node["task"]
-        task: Any = self.app.tasks.get(name)
+        task: Any = self.app.tasks.get(name) or self.app.builtins.get(name)
         if task is None:
             raise ConfigError(f"cannot run {name} eagerly: it is not registered in this process "
                               "(import the module that defines it)")
@@ -224,8 +224,8 @@ class Eager:
         """Run an errback: Celery's new style ``(request, exc, traceback)`` when its task takes more
         than one positional argument, else with the failed task's id."""
         node = self.freeze(data)
-        task: Any = self.app.tasks.get(node.get("task", ""))
-        if node.get("kind") is None and task is not None and takes_request(task):
+        if new_style_errback(self.app, data):
+            task: Any = self.app.tasks[node["task"]]
             req = request or Request(task_id, str(node["task"]))
             args = (req, exc, text, *node["args"])
             call(task, args, node["kwargs"], Request(node["id"], node["task"], 0, args, node["kwargs"]))
@@ -233,9 +233,14 @@ class Eager:
         self.run(node, (task_id,), {})
 
 
-def takes_request(task: Any) -> bool:
-    """True if the errback task ``task`` takes Celery's new-style ``(request, exc, traceback)``:
-    more than one positional parameter (Celery's own rule)."""
+def new_style_errback(app: App, data: Mapping[str, Any]) -> bool:
+    """True if the errback ``data`` (a signature's dict) is called Celery's new way, ``(request, exc,
+    traceback)``: a task registered here taking more than one positional parameter (Celery's rule)."""
+    if data.get("kind") is not None:
+        return False
+    task: Any = app.tasks.get(data.get("task", ""))
+    if task is None:
+        return False
     params = task.call_signature.parameters.values()
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) > 1 or any(p.kind is p.VAR_POSITIONAL for p in params)

@@ -9,7 +9,7 @@ from ..errors import ConfigError, EncodeError
 from ..message import dumps, find_unencodable
 from ..naming import check_task_id, check_task_name
 from ..result import AsyncResult
-from .eager import Eager, EagerResult
+from .eager import Eager, EagerResult, new_style_errback
 from .plan import Node, new_id
 from .send import GroupResult, ResultSet, launch
 
@@ -342,7 +342,7 @@ class chunks(group):  # noqa: N801 - Celery's name
         items = [list(item) for item in it]
         queue = app.tasks[task].queue if task in app.tasks else None
         options = {"queue": queue} if queue else {}
-        parts: list[Canvas] = [Signature(app, "natask.starmap", (task, items[i:i + n]), options)
+        parts: list[Canvas] = [Signature(app, "natask.starmap", (task, items[i:i + n]), None, options)
                                for i in range(0, len(items), n)]
         super().__init__(parts, app=app)
 
@@ -540,6 +540,8 @@ class Freezer:
                       "immutable": sig.immutable, "id": inherited.get("task_id") or own_id or self.ids()}
         if self.check:
             for callback in (*links, *errbacks):  # each receives one value: a result or a task id
+                if callback in errbacks and new_style_errback(self.app, callback):
+                    continue  # called with (request, exc, traceback) instead
                 Freezer(self.app, new_id).freeze(from_dict(self.app, callback), entry=False)
         if links:
             node["link"] = links

@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar
 
-from .canvas.eager import Eager, EagerResult, run_coroutine
+from .canvas.eager import Eager, EagerResult, Replaced, run_coroutine
 from .canvas.signature import Canvas, Freezer, Signature, callback_freezer, chunks, group
 from .errors import ConfigError, Retry, TaskNotFound
 from .message import Call
@@ -335,6 +335,15 @@ class Task(Generic[P, R]):
             raise RuntimeError("update_state is only available while the task runs in a worker")
         request.report(state, meta)
 
+    def replace(self, sig: Canvas) -> typing.NoReturn:
+        """End this run and put ``sig`` in its place (Celery's ``Task.replace``): the task's result is
+        ``sig``'s (a group's list of results), a chain this task is in goes on after ``sig``, and the
+        task's links and errbacks move to ``sig``. Raises at once; ``return self.replace(...)`` reads well."""
+        self.request  # noqa: B018 - only inside a running task
+        if not isinstance(sig, Canvas):
+            raise TypeError(f"replace() takes a signature, chain, group or chord, got {type(sig).__name__}")
+        raise Replaced(sig.to_dict())
+
     def retry(
         self,
         exc: BaseException | None = None,
@@ -360,6 +369,8 @@ MAP_TASK: Final = "natask.map"
 """The built-in task behind ``Task.map``."""
 STARMAP_TASK: Final = "natask.starmap"
 """The built-in task behind ``Task.starmap`` and ``Task.chunks``."""
+ACCUMULATE_TASK: Final = "natask.accumulate"
+"""The built-in body that returns a group's list when ``Task.replace`` is given a group."""
 
 
 def builtin_tasks(app: App) -> dict[str, Task[Any, Any]]:
@@ -371,8 +382,12 @@ def builtin_tasks(app: App) -> dict[str, Task[Any, Any]]:
     def xstarmap(task: str, it: list[list[Any]]) -> list[Any]:
         return _each(app, task, [tuple(item) for item in it])
 
+    def accumulate(values: list[Any]) -> list[Any]:
+        return values
+
     return {MAP_TASK: Task(app, xmap, MAP_TASK, TaskOptions()),
-            STARMAP_TASK: Task(app, xstarmap, STARMAP_TASK, TaskOptions())}
+            STARMAP_TASK: Task(app, xstarmap, STARMAP_TASK, TaskOptions()),
+            ACCUMULATE_TASK: Task(app, accumulate, ACCUMULATE_TASK, TaskOptions())}
 
 
 def _each(app: App, name: str, items: list[tuple[Any, ...]]) -> list[Any]:

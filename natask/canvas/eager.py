@@ -15,7 +15,7 @@ import traceback as tb
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ..errors import ConfigError, Retry, failure_record
+from ..errors import ConfigError, Retry, TaskControl, failure_record
 from ..options import Request, current_request
 from ..result import AsyncResult
 from ..retry import Action, decide
@@ -30,6 +30,26 @@ R = TypeVar("R")
 
 Freeze = Callable[[Mapping[str, Any]], Node]
 """Freezes a callback's canvas dict (``link``/``link_error`` data) into a node."""
+
+
+class Replaced(TaskControl):
+    """Raised by ``Task.replace``: the running task ends and ``sig`` (a canvas dict) takes its place."""
+
+    def __init__(self, sig: Mapping[str, Any]) -> None:
+        super().__init__(f"replaced by {sig.get('task') or sig.get('kind')}")
+        self.sig = dict(sig)
+
+
+def replacement(sig: Mapping[str, Any], accumulate: str, queue: str | None = None) -> dict[str, Any]:
+    """The canvas that takes a replaced task's place: a group becomes a chord whose body (the
+    ``accumulate`` built-in) returns the group's list, so one task's result stands for it."""
+    if sig.get("kind") == "group":
+        return {"kind": "chord", "header": dict(sig), "options": {},
+                "body": {"task": accumulate, "args": [], "kwargs": {}, "options": {"queue": queue} if queue else {},
+                         "immutable": False}}
+    if sig.get("kind") == "chain" and not sig.get("tasks"):
+        raise ConfigError("cannot replace a task with an empty chain")
+    return dict(sig)
 
 
 class EagerResult(AsyncResult[R], Generic[R]):
@@ -195,6 +215,8 @@ class Eager:
                               headers=dict(opts.get("headers") or {}))
             try:
                 value = call(task, args, kwargs, request)
+            except Replaced as replaced:
+                return self.replace(node, replaced, request, parent)
             except Exception as exc:
                 decision = decide(exc, task.options, retries)
                 if decision.action is Action.RETRY:
@@ -217,6 +239,25 @@ class Eager:
             child = self.run(self.freeze(link), (value,), {}, result)
             if isinstance(child, AsyncResult):
                 result._children.append(child)
+        return result
+
+    def replace(self, node: Node, replaced: Replaced, request: Request,
+                parent: AsyncResult[Any] | None) -> EagerResult[Any]:
+        """Run the replacement now with the replaced task's callbacks; its outcome under the task's id."""
+        sig = replacement(replaced.sig, "natask.accumulate")
+        data = {**sig, "options": {**sig.get("options", {}), "link": node.get("link") or [],
+                                   "link_error": node.get("link_error") or []}}
+        token = current_request.set(request)  # the replacement's tasks are the replaced task's children
+        try:
+            handle = self.run(self.freeze(data), (), {}, parent)
+        finally:
+            current_request.reset(token)
+        exc = _failed(handle)
+        if exc is not None:
+            return EagerResult(self.app, node["id"], node["task"], State.FAILURE.value, exc=exc,
+                               traceback=getattr(handle, "traceback", None))
+        result: EagerResult[Any] = EagerResult(self.app, node["id"], node["task"], State.SUCCESS.value, _value(handle))
+        result._parent = parent
         return result
 
     def errback(self, data: Mapping[str, Any], task_id: str, exc: BaseException, text: str | None,

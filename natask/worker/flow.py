@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..broker import Broker, SequenceConflict
+from ..canvas.eager import Replaced, new_style_errback, replacement
 from ..canvas.eager import call as eager_call
-from ..canvas.eager import new_style_errback
 from ..canvas.plan import Node, Step, derived_id, expand, seeded_ids, walk
 from ..canvas.signature import Freezer, from_dict
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, TaskFailed, failure_record
 from ..message import at_schedule, dumps, loads
-from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
+from ..naming import HDR_MSG_ID, HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
 from ..options import Request, current_request
 from ..states import State
 
@@ -67,6 +67,26 @@ async def on_outcome(site: Site, envelope: Envelope, record: dict[str, Any]) -> 
     except (KeyError, TypeError, ValueError, IndexError, ConfigError, PayloadTooLarge):
         # Malformed workflow data (or a callback too large to send) cannot get better on redelivery.
         log.exception("task %s[%s]: malformed workflow data; follow-ups skipped", envelope.task, envelope.id)
+
+
+async def replace(site: Site, envelope: Envelope, replaced: Replaced, request: Request) -> None:
+    """Send what replaces a task (``Task.replace``): its last task takes the replaced task's id (and
+    its caller's reply route), then the rest of the replaced task's chain, chord and callbacks follow.
+    Ids and message ids derive from the replaced message's: a redelivery re-sends the same ones."""
+    env, app, headers = envelope, site.app, request.headers
+    mid = headers.get(HDR_MSG_ID) or env.id
+    data = replacement(replaced.sig, "natask.accumulate", request.queue or None)
+    inherited = {"task_id": env.id, "link": list(env.links), "link_error": list(env.meta.get("errbacks") or [])}
+    node = Freezer(app, seeded_ids(f"{mid}/replace"), check=False).freeze(from_dict(app, data), inherited, entry=False)
+    for leaf in walk(node):
+        if leaf["id"] == env.id:
+            # Not the task id as message id: the replaced message used it within the dedupe window.
+            leaf["mid"] = derived_id(f"{mid}/replaced")
+            reply = headers.get(HDR_REPLY)
+            if reply:
+                leaf["reply"] = reply
+    flow = _Flow(site, env)
+    await flow.publish(expand(node, (), {}, list(env.meta.get("chain") or []), env.meta.get("chord")))
 
 
 class _Flow:
@@ -243,6 +263,8 @@ class _Flow:
                                            **opts)
             if sig.get("reply"):
                 call.headers[HDR_REPLY] = sig["reply"]
+            if sig.get("mid"):
+                call.headers[HDR_MSG_ID] = sig["mid"]
             if hooks.before_publish:
                 await hooks.call("before_publish", call)  # in the finished task's context
             calls.append(call)

@@ -140,3 +140,32 @@ async def test_group_result_save_and_restore(app: Natask) -> None:
         await res.adelete()
         with pytest.raises(ResultError, match="no saved group"):
             await GroupResult.arestore(app, res.id)
+
+
+async def test_replace_takes_the_tasks_place_and_the_chain_goes_on(app: Natask) -> None:
+    add, _, total = tasks(app)
+    calls = Calls()
+
+    @app.task(name="c.record")
+    def record(value: Any) -> None:
+        calls.add(value)
+
+    @app.task(name="c.fan", bind=True)
+    def fan(self: Any, n: int, how: str) -> Any:
+        if how == "task":
+            return self.replace(add.s(n, 1))
+        if how == "chain":
+            return self.replace(add.s(n, 1) | add.s(100))
+        return self.replace(group(add.s(n, 1), add.s(n, 2)))
+
+    async with worker(app):
+        assert await (await fan.adelay(1, "task")).aget(timeout=20) == 2
+        assert await (await fan.adelay(1, "chain")).aget(timeout=20) == 102
+        assert await (await fan.adelay(1, "group")).aget(timeout=20) == [2, 3]
+        piped = await (fan.s(1, "task") | add.s(10) | add.s(100)).adelay()
+        assert await piped.aget(timeout=20) == 112
+        linked = await fan.aapply_async((5, "task"), link=record.s())
+        assert await linked.aget(timeout=20) == 6
+        assert await calls.wait(1) == [6]  # the replaced task's link moved to its replacement
+        # A replacement in a chord header completes that member.
+        assert await (await chord([fan.s(1, "task"), add.s(1, 2)], total.s()).adelay()).aget(timeout=20) == 5

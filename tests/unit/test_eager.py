@@ -224,3 +224,25 @@ def test_always_eager_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         Natask("env", servers="nats://127.0.0.1:1")
     with pytest.raises(ConfigError, match="always_eager"):
         Natask("env", servers="nats://127.0.0.1:1", always_eager="yes")  # type: ignore[arg-type]
+
+
+def test_replace_eagerly(app: Natask) -> None:
+    @app.task(name="e.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="e.fan", bind=True)
+    def fan(self: Any, n: int, how: str) -> Any:
+        if how == "task":
+            return self.replace(add.s(n, 1))
+        if how == "chain":
+            return self.replace(add.s(n, 1) | add.s(100))
+        return self.replace(group(add.s(n, 1), add.s(n, 2)))
+
+    res = fan.delay(1, "task")
+    assert res.get() == 2 and res.task_name == "e.fan"
+    assert fan.delay(1, "chain").get() == 102
+    assert fan.delay(1, "group").get() == [2, 3]
+    assert chain(fan.s(1, "task"), add.s(10)).delay().get() == 12
+    with pytest.raises(RuntimeError):
+        fan.replace(add.s(1, 1))  # only inside a running task

@@ -1,7 +1,7 @@
 """natask: a Celery-style distributed task queue on NATS JetStream."""
 
 from .app import Natask
-from .canvas import GroupResult, chain, chord, group
+from .canvas import EagerResult, GroupResult, ResultSet, chain, chord, chunks, group
 from .errors import (
     BrokerError,
     ConfigError,
@@ -36,6 +36,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "DecodeError",
+    "EagerResult",
     "EncodeError",
     "GroupResult",
     "Natask",
@@ -45,6 +46,7 @@ __all__ = [
     "PermissionDenied",
     "Reject",
     "Request",
+    "ResultSet",
     "ResultError",
     "ResultTimeout",
     "Retry",
@@ -60,5 +62,6 @@ __all__ = [
     "WorkerLostError",
     "chain",
     "chord",
+    "chunks",
     "group",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from .canvas import Signature
+from .canvas import GroupResult, Signature
 from .client import Client
 from .config import Config, Options, Seconds, seconds
 from .errors import ConfigError, TaskNotFound
@@ -19,7 +19,7 @@ from .portal import Portal, blocking
 from .result import AsyncResult
 from .settings import Settings
 from .shared import register_shared, set_current
-from .task import AsyncTask, Task, TaskOptions
+from .task import AsyncTask, Task, TaskOptions, builtin_tasks
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -68,6 +68,12 @@ class Natask:
         """Connections, publishing and waiting (``natask.client.Client``)."""
         self._conf: Settings | None = None
         set_current(self)
+        self.always_eager: bool = self.config.always_eager
+        """Run calls and workflows in-process, now, with no server (``task_always_eager``)."""
+        self.eager_propagates: bool = self.config.eager_propagates
+        """An eager run that fails raises instead of returning a failed ``EagerResult``."""
+        self.builtins: dict[str, Task[Any, Any]] = builtin_tasks(self)
+        """Tasks natask provides (``natask.map``, ``natask.starmap``): workers find them; not in ``tasks``."""
 
     @property
     def conf(self) -> Settings:
@@ -192,7 +198,7 @@ class Natask:
             task_name = name or self._default_name(func)
             cls: type[Task[Any, Any]] = AsyncTask if asyncio.iscoroutinefunction(func) else Task
             task = cls(self, func, task_name, options)
-            task.signature  # noqa: B018 - validates bind=True functions now, not in the worker
+            task.call_signature  # noqa: B018 - validates bind=True functions now, not in the worker
             existing = self.tasks.get(task.name)
             if existing is not None and existing.fn is not func:
                 raise ConfigError(f"two tasks are named {task.name!r}: give one of them another name=")
@@ -299,6 +305,8 @@ class Natask:
         priority: int = 0,
     ) -> AsyncResult[Any]:
         """Enqueue a task by name without consulting the local registry."""
+        if self.always_eager and name in self.tasks:
+            return self.tasks[name].apply(args, kwargs, task_id=task_id, queue=queue, headers=headers)
         queue = queue or self.client.default_queue(name, args, kwargs or {})
         call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
@@ -321,11 +329,26 @@ class Natask:
         priority: int = 0,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
+        if self.always_eager and name in self.tasks:
+            return self.tasks[name].apply(args, kwargs, task_id=task_id, queue=queue, headers=headers)
         queue = queue or self.client.default_queue(name, args, kwargs or {})
         call = self.client.prepare(name, args, kwargs or {}, queue=queue,
                                    countdown=countdown, eta=eta, expires=expires, task_id=task_id,
                                    headers=headers, ignore_result=ignore_result, priority=priority)
         return await self.client.publish(call)
+
+    def signature(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                  immutable: bool = False, **options: Any) -> Signature[Any]:
+        """A signature of the task ``name`` (registered here or not) with call options."""
+        return Signature(self, name, args or (), kwargs, options, immutable)
+
+    def GroupResult(self, group_id: str,  # noqa: N802 - Celery's name
+                    results: Sequence[AsyncResult[Any] | GroupResult] | None = None) -> GroupResult:
+        """The ``GroupResult`` of ``results``, or without them the one ``GroupResult.save()`` stored
+        under ``group_id`` (``ResultError`` if none is stored)."""
+        if results is not None:
+            return GroupResult(self, group_id, results)
+        return GroupResult.restore(self, group_id)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         """Rebuild the handle of any task by id (results are read from the KV bucket).

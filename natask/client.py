@@ -77,6 +77,10 @@ class App(Protocol):
     def tasks(self) -> Mapping[str, Registered]: ...
     @property
     def client(self) -> Client[Any]: ...
+    always_eager: bool
+    eager_propagates: bool
+    @property
+    def builtins(self) -> Mapping[str, Registered]: ...
 
 
 class Client(Generic[H]):

@@ -145,6 +145,12 @@ class Config:
         None, "NATASK_QUEUE_OPTIONS", "Per-queue settings: {queue: {\"max_ack_pending\": N}} "
         "caps the tasks of that queue delivered and not yet acked across all its workers (JSON in the "
         "environment).", check=lambda value: _queue_options(value))
+    always_eager: bool = option(False, "NATASK_ALWAYS_EAGER", "Run delay(), apply_async(), send_task() of a "
+                                "registered task and workflows in the calling process, now, with no server "
+                                "(Celery's task_always_eager; for tests). Mutable later as app.always_eager.")
+    eager_propagates: bool = option(False, "NATASK_EAGER_PROPAGATES", "An eager run that fails raises the task's "
+                                    "exception instead of returning a failed EagerResult (Celery's "
+                                    "task_eager_propagates). Mutable later as app.eager_propagates.")
     connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
         "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
@@ -213,11 +219,35 @@ class Options(TypedDict, total=False):
     connect_timeout: Seconds
     duplicate_window: Seconds
     queue_options: Mapping[str, Mapping[str, int]]
+    always_eager: bool
+    eager_propagates: bool
     connect_options: Mapping[str, Any]
+
+
+_BOOLS: Final = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                  "off": False}
+"""How a boolean option is spelled in the environment."""
+
+
+def _flag(spec: Field[Any], given: Any) -> bool:
+    """A boolean option's value: given, else from its environment variable, else its default."""
+    env, what = spec.metadata["env"], spec.name
+    if given is None:
+        raw = os.environ.get(env, "").strip().lower()
+        if raw == "":
+            return bool(spec.default)
+        if raw not in _BOOLS:
+            raise ConfigError(f"${env} ({what}) must be true or false (or 1/0, yes/no, on/off), got {raw!r:.40}")
+        return _BOOLS[raw]
+    if not isinstance(given, bool):
+        raise ConfigError(f"{what} must be True or False, got {given!r:.40}")
+    return given
 
 
 def _value(spec: Field[Any], given: Any) -> Any:
     """An option's value: given, else from its environment variable, else its default; checked."""
+    if isinstance(spec.default, bool):
+        return _flag(spec, given)
     kind, env, what = type(spec.default), spec.metadata["env"], spec.name
     if given is None:
         raw = os.environ.get(env, "")

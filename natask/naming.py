@@ -238,6 +238,11 @@ class Names:
         return f"natask_revoked_{self.prefix}"
 
     @property
+    def groups_bucket(self) -> str:
+        """Saved group results (``GroupResult.save``): the member ids under the group's id."""
+        return f"natask_groups_{self.prefix}"
+
+    @property
     def chords_bucket(self) -> str:
         """Chord progress: one key per finished header member, plus fired/sent/failed guards."""
         return f"natask_chords_{self.prefix}"

@@ -238,11 +238,12 @@ class Settings(MutableMapping[str, Any]):
         elif key in ("include", "imports"):
             if isinstance(value, str):
                 raise ConfigError(f"{key} is a list of module names, got the string {value!r}: wrap it in a list")
-        elif key in ("task_always_eager", "task_eager_propagates", "task_store_eager_result"):
-            from .task import Task
-
-            if value and not hasattr(Task, "apply"):
-                self._warn(key, "this natask has no eager mode yet (issue 18): tasks still go through NATS")
+        elif key == "task_always_eager":
+            app.always_eager = bool(value)
+        elif key == "task_eager_propagates":
+            app.eager_propagates = bool(value)
+        elif key == "task_store_eager_result" and value:
+            self._warn(key, "eager results stay in the process (EagerResult): nothing is stored in NATS")
 
     def _warn(self, key: str, why: str) -> None:
         if key not in self._warned:

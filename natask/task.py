@@ -7,10 +7,11 @@ import inspect
 import typing
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar
 
-from .canvas.signature import Canvas, Signature
-from .errors import ConfigError, Retry
+from .canvas.eager import Eager, EagerResult, Replaced, run_coroutine
+from .canvas.signature import Canvas, Freezer, Signature, callback_freezer, chunks, group
+from .errors import ConfigError, Retry, TaskNotFound
 from .message import Call
 from .naming import check_task_name
 from .options import Request, TaskOptions, current_request
@@ -41,7 +42,7 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
-        self._signature: inspect.Signature | None = None
+        self._call_signature: inspect.Signature | None = None
         self._arity = -1  # number of plain positional parameters; -1 when binding needs inspect
         self._dataclass_params: dict[str, type] | None = None
 
@@ -60,19 +61,19 @@ class Task(Generic[P, R]):
 
     # -- argument checks --------------------------------------------------------------------
     @property
-    def signature(self) -> inspect.Signature:
-        """The call signature as callers see it (without ``self`` for ``bind=True``)."""
-        if self._signature is None:
+    def call_signature(self) -> inspect.Signature:
+        """The function's parameters as callers see them (without ``self`` for ``bind=True``)."""
+        if self._call_signature is None:
             sig = inspect.signature(self.fn)
             params = list(sig.parameters.values())
             if self.options.bind:
                 if not params:
                     raise ConfigError(f"task {self.name} has bind=True but takes no 'self' argument")
                 params = params[1:]
-            self._signature = sig.replace(parameters=params)
+            self._call_signature = sig.replace(parameters=params)
             simple = all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params)
             self._arity = len(params) if simple else -1
-        return self._signature
+        return self._call_signature
 
     def check_args(self, args: Args, kwargs: Kwargs) -> inspect.BoundArguments | None:
         """Bind a call's arguments to the signature; ``TypeError`` names what does not fit.
@@ -82,21 +83,21 @@ class Task(Generic[P, R]):
         if not kwargs and len(args) == self._arity:
             return None
         try:
-            return self.signature.bind(*args, **kwargs)
+            return self.call_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{self.name}{self.signature}: {e}") from None
+            raise TypeError(f"{self.name}{self.call_signature}: {e}") from None
 
     def bind_call(self, args: Args, kwargs: Kwargs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Bind a received call and rebuild dataclass arguments the annotations name."""
         if self._dataclass_params is None:
             self._dataclass_params = _dataclass_params(self.fn)
-        self.signature  # noqa: B018 - computes the fast-path arity
+        self.call_signature  # noqa: B018 - computes the fast-path arity
         if not self._dataclass_params and not kwargs and len(args) == self._arity:
             return tuple(args), {}
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            bound = self.call_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{self.name}{self.signature}: {e}") from None
+            raise TypeError(f"{self.name}{self.call_signature}: {e}") from None
         for param, cls in self._dataclass_params.items():
             value = bound.arguments.get(param)
             if isinstance(value, dict):
@@ -106,6 +107,8 @@ class Task(Generic[P, R]):
     # -- enqueue ----------------------------------------------------------------------------
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Enqueue a call; returns its ``AsyncResult`` once the server acknowledged it."""
+        if self.app.always_eager:
+            return self.apply(args, kwargs)
         call = self._prepare(args, kwargs, None, None, None, None, None, None)
         client = self._client
         if self.options.broadcast:
@@ -134,6 +137,9 @@ class Task(Generic[P, R]):
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
+        if self.app.always_eager:  # Celery's eager mode: no countdown, eta or expiry, no time limits
+            return self.apply(args, kwargs, task_id=task_id, queue=queue, headers=headers, link=link,
+                              link_error=link_error)
         if soft_time_limit is not None and (link is not None or link_error is not None):
             raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
                               "(@app.task(soft_time_limit=...)) or call without link/link_error")
@@ -165,6 +171,9 @@ class Task(Generic[P, R]):
         priority: int | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
+        if self.app.always_eager:  # Celery's eager mode: no countdown, eta or expiry, no time limits
+            return self.apply(args, kwargs, task_id=task_id, queue=queue, headers=headers, link=link,
+                              link_error=link_error)
         if soft_time_limit is not None and (link is not None or link_error is not None):
             raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
                               "(@app.task(soft_time_limit=...)) or call without link/link_error")
@@ -183,6 +192,8 @@ class Task(Generic[P, R]):
         keyword arguments); one ``AsyncResult`` each, in order."""
         if self.options.broadcast:
             raise ConfigError(f"{self.name} is a broadcast task: send it with delay() or apply_async()")
+        if self.app.always_eager:
+            return [self.apply(*_item_args(item)) for item in arglist]
         calls = [self._prepare_item(item) for item in arglist]
         client = self._client
         return client.portal.run(client.publish_many(calls))
@@ -233,6 +244,32 @@ class Task(Generic[P, R]):
             priority=self.options.priority if priority is None else priority,
         )
 
+    # -- eager -----------------------------------------------------------------------------
+    def apply(  # noqa: PLR0913 - Celery's apply options, keyword-only
+        self,
+        args: Args = (),
+        kwargs: Kwargs | None = None,
+        *,
+        task_id: str | None = None,
+        retries: int = 0,
+        throw: bool | None = None,
+        queue: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        link: Canvas | Sequence[Canvas] | None = None,
+        link_error: Canvas | Sequence[Canvas] | None = None,
+    ) -> EagerResult[R]:
+        """Run the task now, in this thread, without a server (Celery's ``apply``); ``self.request``
+        is set, ``self.retry()`` runs it again at once (up to ``max_retries``), ``link``/``link_error``
+        run eagerly too. ``throw`` (default: the app's ``eager_propagates``) raises the task's exception
+        instead of returning a failed ``EagerResult``; ``retries`` is the first run's retry count."""
+        options = {k: v for k, v in (("task_id", task_id), ("queue", queue), ("headers", headers),
+                                     ("link", link), ("link_error", link_error)) if v is not None}
+        sig: Signature[R] = Signature(self.app, self.name, args, kwargs, options)
+        node = Freezer(self.app).freeze(sig)
+        app = self.app
+        eager = Eager(app, callback_freezer(app), app.eager_propagates if throw is None else throw, retries)
+        return eager.run(node)  # type: ignore[return-value]
+
     # -- RPC --------------------------------------------------------------------------------
     def call(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run on a worker over core NATS request-reply and return the result (no persistence,
@@ -265,6 +302,26 @@ class Task(Generic[P, R]):
         """An immutable signature: a chain will not pass it the previous result."""
         return Signature(self.app, self.name, args, kwargs, immutable=True)
 
+    def signature(self, args: Args = (), kwargs: Kwargs | None = None, *, immutable: bool = False,
+                  **options: Any) -> Signature[R]:
+        """A signature with call options (Celery's ``task.signature(args, kwargs, **options)``)."""
+        return Signature(self.app, self.name, args or (), kwargs, options, immutable)
+
+    def map(self, it: Iterable[Any]) -> Signature[list[R]]:
+        """One task (``natask.map``) that calls this one with each item of ``it`` in turn, in one
+        worker, and returns the list of results (Celery's ``task.map``)."""
+        return Signature(self.app, MAP_TASK, (self.name, list(it)), None, {"queue": self.queue})
+
+    def starmap(self, it: Iterable[Args]) -> Signature[list[R]]:
+        """As ``map``, each item being a tuple of positional arguments (``natask.starmap``)."""
+        return Signature(self.app, STARMAP_TASK, (self.name, [list(item) for item in it]), None,
+                         {"queue": self.queue})
+
+    def chunks(self, it: Iterable[Args], n: int) -> group:
+        """Split ``it`` (tuples of arguments) into parts of ``n`` items, each part one ``starmap`` task,
+        sent as a group: the result is a list of lists (Celery's ``task.chunks``)."""
+        return chunks(self.app, self.name, it, n)
+
     # -- inside a running task --------------------------------------------------------------
     @property
     def request(self) -> Request:
@@ -283,6 +340,15 @@ class Task(Generic[P, R]):
         if request.report is None:
             raise RuntimeError("update_state is only available while the task runs in a worker")
         request.report(state, meta)
+
+    def replace(self, sig: Canvas) -> typing.NoReturn:
+        """End this run and put ``sig`` in its place (Celery's ``Task.replace``): the task's result is
+        ``sig``'s (a group's list of results), a chain this task is in goes on after ``sig``, and the
+        task's links and errbacks move to ``sig``. Raises at once; ``return self.replace(...)`` reads well."""
+        self.request  # noqa: B018 - only inside a running task
+        if not isinstance(sig, Canvas):
+            raise TypeError(f"replace() takes a signature, chain, group or chord, got {type(sig).__name__}")
+        raise Replaced(sig.to_dict())
 
     def retry(
         self,
@@ -303,6 +369,53 @@ class AsyncTask(Task[P, R]):
         if self.options.bind:
             return self.fn(self, *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+MAP_TASK: Final = "natask.map"
+"""The built-in task behind ``Task.map``."""
+STARMAP_TASK: Final = "natask.starmap"
+"""The built-in task behind ``Task.starmap`` and ``Task.chunks``."""
+ACCUMULATE_TASK: Final = "natask.accumulate"
+"""The built-in body that returns a group's list when ``Task.replace`` is given a group."""
+
+
+def builtin_tasks(app: App) -> dict[str, Task[Any, Any]]:
+    """The tasks natask provides in every app (workers find them; ``app.tasks`` does not list them)."""
+
+    def xmap(task: str, it: list[Any]) -> list[Any]:
+        return _each(app, task, [(item,) for item in it])
+
+    def xstarmap(task: str, it: list[list[Any]]) -> list[Any]:
+        return _each(app, task, [tuple(item) for item in it])
+
+    def accumulate(values: list[Any]) -> list[Any]:
+        return values
+
+    return {MAP_TASK: Task(app, xmap, MAP_TASK, TaskOptions()),
+            STARMAP_TASK: Task(app, xstarmap, STARMAP_TASK, TaskOptions()),
+            ACCUMULATE_TASK: Task(app, accumulate, ACCUMULATE_TASK, TaskOptions())}
+
+
+def _each(app: App, name: str, items: list[tuple[Any, ...]]) -> list[Any]:
+    task: Any = app.tasks.get(name)
+    if task is None:
+        raise TaskNotFound(f"{name} is not registered in this worker: import the module that defines it")
+    values = [task(*item) for item in items]
+    if task.is_async:
+        return run_coroutine(_in_turn(values))  # type: ignore[no-any-return]
+    return values
+
+
+async def _in_turn(coros: list[Any]) -> list[Any]:
+    return [await c for c in coros]
+
+
+def _item_args(item: Args | Kwargs) -> tuple[Args, Kwargs | None]:
+    if isinstance(item, Mapping):
+        return (), item
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence):
+        raise TypeError(f"delay_many() takes tuples of arguments, got {type(item).__name__}: wrap it in a tuple")
+    return item, None
 
 
 def _dataclass_params(fn: Callable[..., Any]) -> dict[str, type]:

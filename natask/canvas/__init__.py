@@ -13,7 +13,9 @@ lives in the KV bucket ``natask_chords_<prefix>``.
 ``GroupResult``, ``flow`` the worker side.
 """
 
-from .send import GroupResult
-from .signature import CALL_OPTIONS, Canvas, Signature, chain, chord, from_dict, group
+from .eager import EagerResult
+from .send import GroupResult, ResultSet
+from .signature import CALL_OPTIONS, Canvas, Signature, chain, chord, chunks, from_dict, group
 
-__all__ = ["CALL_OPTIONS", "Canvas", "GroupResult", "Signature", "chain", "chord", "from_dict", "group"]
+__all__ = ["CALL_OPTIONS", "Canvas", "EagerResult", "GroupResult", "ResultSet", "Signature", "chain", "chord",
+           "chunks", "from_dict", "group"]

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ResultTimeout
-from ..message import Call
+from ..errors import ResultError, ResultTimeout
+from ..message import Call, dumps, loads
 from ..naming import HDR_REPLY, check_task_id
 from ..portal import Portal, blocking
 from ..result import AsyncResult
@@ -77,30 +77,57 @@ def result_of(app: App, node: Node, handles: Mapping[str, AsyncResult[Any]]) -> 
 
 
 # -- results ------------------------------------------------------------------------------------
-class GroupResult:
-    """The results of a group's members, in order (a member that is a chain counts with its last
-    step's result)."""
+class ResultSet:
+    """Result handles waited for together, in order (Celery's ``ResultSet``); ``GroupResult`` is one
+    with an id."""
 
-    def __init__(self, app: App, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult]) -> None:
-        check_task_id(group_id)
-        self.app = app
-        self.id = group_id
-        self.results: list[AsyncResult[Any] | GroupResult] = list(results)
+    def __init__(self, results: Sequence[AsyncResult[Any] | ResultSet], app: App | None = None) -> None:
+        self.results: list[AsyncResult[Any] | ResultSet] = list(results)
+        if app is None:
+            if not self.results:
+                raise ValueError("an empty ResultSet needs its app: ResultSet([], app=app)")
+            app = self.results[0].app
+        self.app: App = app
 
     @property
     def _portal(self) -> Portal:
         return self.app.client.portal
 
     def __repr__(self) -> str:
-        return f"<GroupResult {self.id} [{len(self.results)} results]>"
+        return f"<ResultSet [{len(self.results)} results]>"
+
+    def add(self, result: AsyncResult[Any] | ResultSet) -> None:
+        """Add a member (unless it is one already)."""
+        if result not in self.results:
+            self.results.append(result)
+
+    def remove(self, result: AsyncResult[Any] | ResultSet) -> None:
+        """Remove a member (``KeyError`` if it is none)."""
+        if result not in self.results:
+            raise KeyError(result)
+        self.results.remove(result)
+
+    def discard(self, result: AsyncResult[Any] | ResultSet) -> None:
+        """Remove a member if it is one."""
+        if result in self.results:
+            self.results.remove(result)
+
+    def update(self, results: Sequence[AsyncResult[Any] | ResultSet]) -> None:
+        """Add several members."""
+        for r in results:
+            self.add(r)
+
+    def clear(self) -> None:
+        """Remove every member."""
+        self.results.clear()
 
     def __len__(self) -> int:
         return len(self.results)
 
-    def __iter__(self) -> Iterator[AsyncResult[Any] | GroupResult]:
+    def __iter__(self) -> Iterator[AsyncResult[Any] | ResultSet]:
         return iter(self.results)
 
-    def __getitem__(self, index: int) -> AsyncResult[Any] | GroupResult:
+    def __getitem__(self, index: int) -> AsyncResult[Any] | ResultSet:
         return self.results[index]
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
@@ -113,18 +140,25 @@ class GroupResult:
             try:
                 values.append(await result.aget(timeout=remaining, propagate=propagate))
             except ResultTimeout:
-                raise ResultTimeout(f"group {self.id}: {len(values)} of {len(self.results)} results "
+                what = f"group {self.id}" if isinstance(self, GroupResult) else "result set"
+                raise ResultTimeout(f"{what}: {len(values)} of {len(self.results)} results "
                                     f"arrived within {timeout:g}s") from None
         return values
+
+    async def ajoin(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        """Async ``join``."""
+        return await self.aget(timeout, propagate)
 
     get = blocking(aget, "Every member's result in order; the first failure (in order) raises unless ``propagate``\n"
                          "is false, then failures stand in the list as ``TaskFailed``/``TaskRevoked``. ``timeout``\n"
                          "bounds the whole wait (``ResultTimeout``).")
 
+    join = blocking(ajoin, "Alias of ``get`` (Celery's name).")
+
     def _flat(self) -> list[AsyncResult[Any]]:
         out: list[AsyncResult[Any]] = []
         for r in self.results:
-            out.extend(r._flat() if isinstance(r, GroupResult) else [r])
+            out.extend(r._flat() if isinstance(r, ResultSet) else [r])
         return out
 
     async def _states(self) -> list[str]:
@@ -173,3 +207,65 @@ class GroupResult:
         await asyncio.gather(*(r.aforget() for r in self._flat()))
 
     forget = blocking(aforget, "Delete every member's stored result.")
+
+
+class GroupResult(ResultSet):
+    """The results of a group's members, in order (a member that is a chain counts with its last
+    step's result; nested groups are unrolled, as in Celery)."""
+
+    def __init__(self, app: App, group_id: str, results: Sequence[AsyncResult[Any] | ResultSet]) -> None:
+        check_task_id(group_id)
+        super().__init__(results, app)
+        self.id = group_id
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} [{len(self.results)} results]>"
+
+    # -- saving -----------------------------------------------------------------------------
+    def _ids(self) -> list[Any]:
+        return [r._ids() if isinstance(r, GroupResult) else r.id for r in self.results
+                if isinstance(r, (GroupResult, AsyncResult))]
+
+    async def asave(self) -> None:
+        """Async ``save``."""
+        broker = await self.app.client.broker()
+        kv = await broker._bucket(self.app.names.groups_bucket)
+        await kv.put(self.id, dumps({"id": self.id, "results": self._ids()}))
+
+    save = blocking(asave, "Store the member ids under the group's id (for ``result_ttl``), so any process can\n"
+                           "rebuild this handle with ``app.GroupResult(id)`` / ``GroupResult.restore``.")
+
+    @classmethod
+    async def arestore(cls, app: App, group_id: str) -> GroupResult:
+        """Async ``restore``."""
+        check_task_id(group_id)
+        broker = await app.client.broker()
+        kv = await broker._bucket(app.names.groups_bucket)
+        entry = await kv.get(group_id)
+        if entry is None or not entry.value:
+            raise ResultError(f"no saved group {group_id}: call GroupResult.save() first (saved groups are kept "
+                              "result_ttl)")
+        return _rebuild(app, group_id, loads(entry.value)["results"])
+
+    @classmethod
+    def restore(cls, app: App, group_id: str) -> GroupResult:
+        """The ``GroupResult`` that ``save()`` stored under ``group_id``; ``ResultError`` if none is."""
+        return app.client.portal.run(cls.arestore(app, group_id))
+
+    async def adelete(self) -> None:
+        """Async ``delete``."""
+        broker = await self.app.client.broker()
+        kv = await broker._bucket(self.app.names.groups_bucket)
+        await kv.purge(self.id)
+
+    delete = blocking(adelete, "Remove the saved group (its members' results stay).")
+
+
+def _rebuild(app: App, group_id: str, ids: list[Any]) -> GroupResult:
+    results: list[AsyncResult[Any] | ResultSet] = []
+    for item in ids:
+        if isinstance(item, list):
+            results.append(_rebuild(app, group_id, item))
+        else:
+            results.append(AsyncResult(app, item))
+    return GroupResult(app, group_id, results)

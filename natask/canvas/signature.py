@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 from ..errors import ConfigError, EncodeError
 from ..message import dumps, find_unencodable
 from ..naming import check_task_id, check_task_name
+from ..result import AsyncResult
+from .eager import Eager, EagerResult, new_style_errback
 from .plan import Node, new_id
-from .send import launch
+from .send import GroupResult, ResultSet, launch
 
 if TYPE_CHECKING:
     from ..client import App
-    from ..result import AsyncResult
-    from .send import GroupResult
+    from ..options import TaskOptions
 
 R = TypeVar("R")
 
@@ -71,7 +72,39 @@ class Canvas:
                            **options: Any) -> AsyncResult[Any] | GroupResult:
         target = self.set(**options) if options else self
         app = self._natask()
+        if app.always_eager:
+            return target.apply(args, kwargs)
         return await launch(app, Freezer(app).freeze(target), args, kwargs)
+
+    def apply(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+              throw: bool | None = None, **options: Any) -> AsyncResult[Any] | GroupResult:
+        """Run the workflow now, in this thread, without a server (Celery's ``apply``): results are
+        ``EagerResult``s. ``throw`` (default: the app's ``eager_propagates``) raises a task's
+        exception instead of returning its failed result; countdowns are not waited for."""
+        target = self.set(**options) if options else self
+        app = self._natask()
+        node = Freezer(app).freeze(target)
+        eager = Eager(app, callback_freezer(app), app.eager_propagates if throw is None else throw)
+        return eager.run(node, args, kwargs)
+
+    def freeze(self, _id: str | None = None) -> AsyncResult[Any] | GroupResult:
+        """Assign the ids now (kept when the workflow is sent later) and return its result handle."""
+        raise NotImplementedError
+
+    def link(self, callback: Canvas) -> Canvas:
+        """Add a callback run with this part's result when it succeeds; returns ``callback``."""
+        self.options["link"] = [*self.options.get("link", ()), *callbacks(callback)]
+        return callback
+
+    def link_error(self, errback: Canvas) -> Canvas:
+        """Add an errback run when this part fails; returns ``errback``."""
+        self.options["link_error"] = [*self.options.get("link_error", ()), *callbacks(errback)]
+        return errback
+
+    def on_error(self, errback: Canvas) -> Canvas:
+        """``link_error`` returning this signature, for chaining: ``add.s(2, 2).on_error(log.s()).delay()``."""
+        self.link_error(errback)
+        return self
 
 
 class Signature(Canvas, Generic[R]):
@@ -150,6 +183,28 @@ class Signature(Canvas, Generic[R]):
                            **options: Any) -> AsyncResult[R]:
         return await super().aapply_async(args, kwargs, **options)  # type: ignore[return-value]
 
+    def apply(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+              throw: bool | None = None, **options: Any) -> EagerResult[R]:
+        """Run the task now, in this thread (see ``Canvas.apply``)."""
+        return super().apply(args, kwargs, throw=throw, **options)  # type: ignore[return-value]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        """Call the task's function here, now, with the signature's arguments (as Celery does)."""
+        task = self.app.tasks.get(self.task)
+        if task is None:
+            raise ConfigError(f"cannot call {self.task} here: it is not registered in this process")
+        if self.immutable:
+            args, kwargs = self.args, self.kwargs
+        else:
+            args, kwargs = (*args, *self.args), {**self.kwargs, **kwargs}
+        return task(*args, **kwargs)  # type: ignore[operator, no-any-return]
+
+    def freeze(self, _id: str | None = None) -> AsyncResult[R]:
+        """Fix the task id now (``_id`` or a new one) and return its handle; sending it later uses that id."""
+        task_id = _id or self.options.get("task_id") or new_id()
+        self.options["task_id"] = check_task_id(task_id)
+        return AsyncResult(self.app, task_id, self.task)
+
 
 class chain(Canvas):  # noqa: N801 - Celery's name
     """Tasks run one after another, each receiving the previous result as its first argument
@@ -182,6 +237,15 @@ class chain(Canvas):  # noqa: N801 - Celery's name
 
     def _with_options(self, options: dict[str, Any]) -> chain:
         return chain(*self.tasks, options=options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult[Any] | GroupResult:
+        """Send the chain (Celery's ``chain(...)()``)."""
+        return self.apply_async(args, kwargs)
+
+    def freeze(self, _id: str | None = None) -> AsyncResult[Any] | GroupResult:
+        for step in self.tasks[:-1]:
+            step.freeze()
+        return self.tasks[-1].freeze(_id or self.options.get("task_id"))
 
 
 class group(Canvas):  # noqa: N801 - Celery's name
@@ -216,6 +280,37 @@ class group(Canvas):  # noqa: N801 - Celery's name
     def _with_options(self, options: dict[str, Any]) -> group:
         return group(self.tasks, options=options, app=self.app)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
+        """Send the group (Celery's ``group(...)()``)."""
+        return self.apply_async(args, kwargs)
+
+    def freeze(self, _id: str | None = None) -> GroupResult:
+        group_id = _id or self.options.get("task_id") or new_id()
+        self.options["task_id"] = check_task_id(group_id)
+        results: list[AsyncResult[Any] | ResultSet] = []
+        for t in self.tasks:
+            handle = t.freeze()
+            if isinstance(t, group) and isinstance(handle, GroupResult):
+                results.extend(handle.results)  # nested groups are unrolled, as the Freezer does
+            else:
+                results.append(handle)
+        return GroupResult(self._natask(), group_id, results)
+
+    def link(self, callback: Canvas) -> Canvas:
+        """Celery's ``group.link``: an immutable copy of ``callback`` linked to the first member only
+        (use a chord to run something after every member)."""
+        if not self.tasks:
+            raise ConfigError("cannot link to an empty group")
+        copy = callback
+        if isinstance(callback, Signature):
+            copy = Signature(callback.app, callback.task, callback.args, callback.kwargs, callback.options, True)
+        return self.tasks[0].link(copy)
+
+    def apply(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+              throw: bool | None = None, **options: Any) -> GroupResult:
+        """Run every member now, in this thread (see ``Canvas.apply``)."""
+        return super().apply(args, kwargs, throw=throw, **options)  # type: ignore[return-value]
+
     def __or__(self, other: Canvas) -> Canvas:
         if not isinstance(other, Canvas):
             return NotImplemented
@@ -234,6 +329,28 @@ class group(Canvas):  # noqa: N801 - Celery's name
     async def aapply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                            **options: Any) -> GroupResult:
         return await super().aapply_async(args, kwargs, **options)  # type: ignore[return-value]
+
+
+_Group = group
+
+
+class chunks(group):  # noqa: N801 - Celery's name
+    """``task.chunks(it, n)``: the items of ``it`` (tuples of arguments) in parts of ``n``, each part one
+    ``natask.starmap`` task; a group whose result is a list of lists."""
+
+    def __init__(self, app: App, task: str, it: Iterable[Sequence[Any]], n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"chunks() needs a part size n >= 1, got {n!r}")
+        items = [list(item) for item in it]
+        queue = app.tasks[task].queue if task in app.tasks else None
+        options = {"queue": queue} if queue else {}
+        parts: list[Canvas] = [Signature(app, "natask.starmap", (task, items[i:i + n]), None, options)
+                               for i in range(0, len(items), n)]
+        super().__init__(parts, app=app)
+
+    def group(self) -> _Group:
+        """The plain group of the parts (Celery's ``chunks.group()``)."""
+        return group(self.tasks, options=self.options, app=self.app)
 
 
 class chord(Canvas):  # noqa: N801 - Celery's name
@@ -266,6 +383,18 @@ class chord(Canvas):  # noqa: N801 - Celery's name
     def _with_options(self, options: dict[str, Any]) -> chord:
         return chord(self.header, self.body, options=options)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult[Any] | GroupResult:
+        """Send the chord."""
+        return self.apply_async(args, kwargs)
+
+    def freeze(self, _id: str | None = None) -> AsyncResult[Any] | GroupResult:
+        self.header.freeze()
+        return self.body.freeze(_id or self.options.get("task_id"))
+
+    def link(self, callback: Canvas) -> Canvas:
+        """Link ``callback`` to the body (Celery's rule)."""
+        return self.body.link(callback)
+
 
 def from_dict(app: App, data: Mapping[str, Any]) -> Canvas:
     """Rebuild a signature, chain, group or chord from ``to_dict`` data."""
@@ -283,6 +412,11 @@ def from_dict(app: App, data: Mapping[str, Any]) -> Canvas:
             raise ValueError("a chord's header must be a group")
         return chord(header, from_dict(app, data["body"]), options=options)
     raise ValueError(f"unknown canvas kind {kind!r}")
+
+
+def callback_freezer(app: App) -> Callable[[Mapping[str, Any]], Node]:
+    """Freezes callback data (``link``/``link_error``) that receives one value when it runs."""
+    return lambda data: Freezer(app, check=False).freeze(from_dict(app, data), entry=False)
 
 
 def _canvas_args(tasks: tuple[Canvas | Iterable[Canvas], ...], what: str) -> list[Canvas]:
@@ -361,7 +495,11 @@ class Freezer:
                 nodes.append(self.freeze(step, inh, entry and i == 0))
             return {"kind": "chain", "tasks": nodes}
         if isinstance(obj, group):
-            members = [self.freeze(t, {**opts, "link": links, "link_error": errbacks}, entry) for t in obj.tasks]
+            members: list[Node] = []
+            for t in obj.tasks:
+                member = self.freeze(t, {**opts, "link": links, "link_error": errbacks}, entry)
+                # Nested groups are unrolled into one (Celery's rule): their results come flat.
+                members.extend(member["tasks"] if member.get("kind") == "group" else [member])
             return {"kind": "group", "id": task_id or self.ids(), "tasks": members}
         if isinstance(obj, chord):
             header = self.freeze(obj.header, opts, entry)
@@ -388,13 +526,7 @@ class Freezer:
         opts = {k: v for k, v in opts.items() if v is not None}
         task = self.app.tasks.get(sig.task)
         if task is not None:
-            if task.options.queue:
-                opts.setdefault("queue", task.options.queue)
-            opts.setdefault("ignore_result", task.options.ignore_result)
-            if task.options.expires is not None:
-                opts.setdefault("expires", task.options.expires)
-            if task.options.priority:
-                opts.setdefault("priority", task.options.priority)
+            _task_defaults(opts, task.options)
             if self.check and not entry:
                 task.check_args(sig.args if sig.immutable else (None, *sig.args), sig.kwargs)
         if "queue" not in opts:
@@ -408,9 +540,22 @@ class Freezer:
                       "immutable": sig.immutable, "id": inherited.get("task_id") or own_id or self.ids()}
         if self.check:
             for callback in (*links, *errbacks):  # each receives one value: a result or a task id
+                if callback in errbacks and new_style_errback(self.app, callback):
+                    continue  # called with (request, exc, traceback) instead
                 Freezer(self.app, new_id).freeze(from_dict(self.app, callback), entry=False)
         if links:
             node["link"] = links
         if errbacks:
             node["link_error"] = errbacks
         return node
+
+
+def _task_defaults(opts: dict[str, Any], options: TaskOptions) -> None:
+    """A registered task's own options, under those the signature and its containers give."""
+    if options.queue:
+        opts.setdefault("queue", options.queue)
+    opts.setdefault("ignore_result", options.ignore_result)
+    if options.expires is not None:
+        opts.setdefault("expires", options.expires)
+    if options.priority:
+        opts.setdefault("priority", options.priority)

@@ -4,17 +4,21 @@ completion (KV bucket ``natask_chords_<prefix>``), links and errbacks — from w
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..broker import Broker, SequenceConflict
-from ..canvas.plan import Node, Step, expand, seeded_ids, walk
+from ..canvas.eager import Replaced, new_style_errback, replacement
+from ..canvas.eager import call as eager_call
+from ..canvas.plan import Node, Step, derived_id, expand, seeded_ids, walk
 from ..canvas.signature import Freezer, from_dict
-from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, failure_record
+from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, TaskFailed, failure_record
 from ..message import at_schedule, dumps, loads
-from ..naming import HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
+from ..naming import HDR_MSG_ID, HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
+from ..options import Request, current_request
 from ..states import State
 
 if TYPE_CHECKING:
@@ -65,6 +69,26 @@ async def on_outcome(site: Site, envelope: Envelope, record: dict[str, Any]) -> 
         log.exception("task %s[%s]: malformed workflow data; follow-ups skipped", envelope.task, envelope.id)
 
 
+async def replace(site: Site, envelope: Envelope, replaced: Replaced, request: Request) -> None:
+    """Send what replaces a task (``Task.replace``): its last task takes the replaced task's id (and
+    its caller's reply route), then the rest of the replaced task's chain, chord and callbacks follow.
+    Ids and message ids derive from the replaced message's: a redelivery re-sends the same ones."""
+    env, app, headers = envelope, site.app, request.headers
+    mid = headers.get(HDR_MSG_ID) or env.id
+    data = replacement(replaced.sig, "natask.accumulate", request.queue or None)
+    inherited = {"task_id": env.id, "link": list(env.links), "link_error": list(env.meta.get("errbacks") or [])}
+    node = Freezer(app, seeded_ids(f"{mid}/replace"), check=False).freeze(from_dict(app, data), inherited, entry=False)
+    for leaf in walk(node):
+        if leaf["id"] == env.id:
+            # Not the task id as message id: the replaced message used it within the dedupe window.
+            leaf["mid"] = derived_id(f"{mid}/replaced")
+            reply = headers.get(HDR_REPLY)
+            if reply:
+                leaf["reply"] = reply
+    flow = _Flow(site, env)
+    await flow.publish(expand(node, (), {}, list(env.meta.get("chain") or []), env.meta.get("chord")))
+
+
 class _Flow:
     """The follow-ups of one finished task."""
 
@@ -97,7 +121,7 @@ class _Flow:
         elif state in (State.FAILURE, State.REVOKED):
             if state == State.FAILURE:
                 for k, errback in enumerate(meta.get("errbacks") or []):
-                    await self.call(errback, env.id, f"{env.id}/errback/{k}")
+                    await self.errback(errback, record, f"{env.id}/errback/{k}")
             await self.fail(record, rest, member)
 
     # -- success ----------------------------------------------------------------------------
@@ -177,7 +201,7 @@ class _Flow:
                         if errback not in seen:
                             seen.append(errback)
                 for k, errback in enumerate(seen):
-                    await self.call(errback, self.env.id, f"{self.env.id}/chord/{chord_id}/{k}")
+                    await self.errback(errback, record, f"{self.env.id}/chord/{chord_id}/{k}")
             for sig in walk(body):
                 await self.store(sig, record)
         await self.fail(record, member.get("rest") or [], member.get("up"))
@@ -201,6 +225,32 @@ class _Flow:
         node = Freezer(self.app, seeded_ids(seed), check=False).freeze(from_dict(self.app, data), entry=False)
         return await self.publish(expand(node, (value,)))
 
+    async def errback(self, data: Mapping[str, Any], record: Mapping[str, Any], seed: str) -> list[str]:
+        """Run an errback of the failed task: Celery's new style ``(request, exc, traceback)`` here, in
+        this worker, when its task is registered here and takes more than one positional argument;
+        else sent as a task with the failed task's id."""
+        if not new_style_errback(self.app, data):
+            return await self.call(data, self.env.id, seed)
+        env = self.env
+        task = self.app.tasks[data["task"]]
+        request = Request(env.id, env.task, 0, env.args, env.kwargs, parent_id=env.parent_id, root_id=env.root_id)
+        text = str(record.get("traceback") or "")
+        exc = TaskFailed(str(record.get("exc_type", "Exception")), str(record.get("message", "")), text, env.id)
+        args = (request, exc, text, *data.get("args", ()))
+        own = Request(derived_id(seed), task.name, 0, args, dict(data.get("kwargs") or {}))
+        try:
+            if task.is_async:
+                token = current_request.set(own)
+                try:
+                    await task.fn(*((task, *args) if task.options.bind else args), **own.kwargs)
+                finally:
+                    current_request.reset(token)
+            else:
+                await asyncio.to_thread(contextvars.copy_context().run, eager_call, task, args, own.kwargs, own)
+        except Exception:
+            log.exception("errback %s of task %s[%s] raised", task.name, env.task, env.id)
+        return []
+
     async def publish(self, steps: Sequence[Step]) -> list[str]:
         env, names, broker, hooks = self.env, self.broker.names, self.broker, self.app.hooks
         items, calls = [], []
@@ -213,6 +263,8 @@ class _Flow:
                                            **opts)
             if sig.get("reply"):
                 call.headers[HDR_REPLY] = sig["reply"]
+            if sig.get("mid"):
+                call.headers[HDR_MSG_ID] = sig["mid"]
             if hooks.before_publish:
                 await hooks.call("before_publish", call)  # in the finished task's context
             calls.append(call)

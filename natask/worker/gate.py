@@ -106,7 +106,7 @@ class Gate:
             await outcome.dead_letter(delivery, "forged", f"{HDR_REPLY} {cut(reply)} is not an inbox subject for "
                                       "this task: results go only to the caller's inbox", env=env)
             return
-        task = self.tasks.get(env.task)
+        task = self.tasks.get(env.task) or self.app.builtins.get(env.task)
         if task is None:
             await self.unknown(delivery, env)
             return

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from ..broker import Broker, attempt, stream_sequence
+from ..canvas.eager import Replaced
 from ..dlq import index_dead_letter
 from ..errors import EncodeError, PayloadTooLarge, StorageFull, failure_record, type_name
 from ..message import Envelope, at_schedule, dumps
@@ -33,7 +34,7 @@ from ..retry import Action, decide
 from ..states import State
 from .delivery import Delivery, Tally, header_int, one_line, queue_token
 from .events import EVENT_TEXT, EventLog
-from .flow import on_outcome
+from .flow import on_outcome, replace
 from .store import ResultStore
 
 if TYPE_CHECKING:
@@ -112,6 +113,10 @@ class Outcome:
                      retries: int, request: Request) -> str:
         """A run raised ``exc``: retry, dead-letter or store the failure, as the task's options decide;
         the state it ended in (``RETRY`` or ``FAILURE``)."""
+        if isinstance(exc, Replaced):  # Task.replace: the replacement stores this task's result later
+            await replace(self, env, exc, request)
+            await delivery.msg.ack()
+            return "IGNORED"
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
         if decision.action is Action.RETRY:

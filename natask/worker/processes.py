@@ -277,7 +277,7 @@ def child_main(app_spec: str, conn: Connection) -> None:
         request = Request(**fields, report=lambda state, meta: conn.send_bytes(dumps(["state", state, meta])))
         token = current_request.set(request)
         try:
-            task = app.tasks[name]
+            task = app.tasks.get(name) or app.builtins[name]
             args, kwargs = task.bind_call(args, kwargs)
             request.args, request.kwargs = args, kwargs
             if task.options.bind:

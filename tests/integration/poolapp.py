@@ -72,7 +72,15 @@ def register(app: Natask) -> dict[str, Task[Any, Any]]:
     def gated() -> None:
         GATE.wait(60)
 
-    return {t.name.split(".", 1)[1]: t for t in (pid, stuck, hog, die, retry_once, fails, gated, asoft,
+    @app.task(name="pool.replaced", bind=True)
+    def replaced(self: Task[Any, Any], n: int) -> Any:
+        return self.replace(pid.si() | replaced_by.s(n))
+
+    @app.task(name="pool.replaced_by")
+    def replaced_by(child_pid: int, n: int) -> list[int]:
+        return [n, child_pid]
+
+    return {t.name.split(".", 1)[1]: t for t in (pid, stuck, hog, die, retry_once, fails, gated, asoft, replaced,
                                                   app.tasks["pool.soft"], app.tasks["pool.soft_call"])}
 
 

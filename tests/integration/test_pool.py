@@ -160,3 +160,15 @@ async def test_autoscale_grows_under_backlog_and_shrinks_when_idle(tasks: tuple[
     finally:
         poolapp.GATE.set()
         await w.stop()
+
+
+async def test_replace_and_map_in_the_process_pool(tasks: tuple[Natask, dict[str, Any]]) -> None:
+    app, t = tasks
+    w = await started(app, pool="processes", concurrency=2)
+    try:
+        n, child = await (await t["replaced"].adelay(7)).aget(timeout=30)
+        assert n == 7 and child != os.getpid()  # the replacement ran in a child too
+        pids = await (await t["pid"].starmap([(), ()]).adelay()).aget(timeout=30)
+        assert len(pids) == 2 and os.getpid() not in pids  # natask.starmap runs in a child as well
+    finally:
+        await w.stop()

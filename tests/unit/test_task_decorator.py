@@ -215,7 +215,7 @@ def test_bound_signature_hides_self(app: Natask) -> None:
     def sig(self: Any, a: int, b: str = "x") -> None:
         pass
 
-    assert list(sig.signature.parameters) == ["a", "b"]
+    assert list(sig.call_signature.parameters) == ["a", "b"]
 
 
 def test_task_keeps_doc_and_wraps(app: Natask) -> None:

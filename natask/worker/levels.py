@@ -21,7 +21,8 @@ class Levels:
     def __init__(self, broker: Broker, fetcher: Fetcher, queues: Sequence[str]) -> None:
         self.broker = broker
         self.fetcher = fetcher
-        self.queues = frozenset(queues)
+        self.queues = set(queues)
+        """The worker's queues (``add_consumer``/``cancel_consumer`` change them)."""
         self._sub: Any = None
         self._known: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()

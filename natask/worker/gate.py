@@ -32,8 +32,8 @@ from .store import ResultStore, is_final
 
 if TYPE_CHECKING:
     from ..app import Natask
-    from .revokes import Revokes
     from ..task import Task
+    from .revokes import Revokes
 
 log = logging.getLogger("natask.worker")
 
@@ -48,8 +48,7 @@ class Gate:
     """Admits the task messages of one started worker, or settles them without running."""
 
     def __init__(self, app: Natask, broker: Broker, store: ResultStore, outcome: Outcome, execute: Execute,
-                 revoked: set[str], inboxes: tuple[str, ...], unknown_grace: float,
-                 by_name: Revokes | None = None) -> None:
+                 revokes: Revokes, inboxes: tuple[str, ...], unknown_grace: float) -> None:
         self.app = app
         self.names = app.names
         self.tasks = app.tasks
@@ -58,9 +57,9 @@ class Gate:
         self.store = store
         self.outcome = outcome
         self.execute = execute
-        self.revoked = revoked
+        self.revoked = revokes.revoked
         """Revoked task ids (mirrored from the revoked bucket by ``Revokes``, shared, never replaced)."""
-        self.by_name = by_name
+        self.by_name = revokes
         """Revokes by task name or glob (``Revokes.covers``), asked only while one is recorded."""
         self.inboxes = inboxes
         self.unknown_grace = unknown_grace
@@ -117,7 +116,7 @@ class Gate:
         now = time.time()
         by_name = self.by_name
         revoked = env.id in self.revoked or (
-            by_name is not None and bool(by_name.names) and by_name.covers(env.task, stream_sequence(msg)))
+            bool(by_name.names) and by_name.covers(env.task, stream_sequence(msg)))
         expired = not revoked and env.expires is not None and now > env.expires
         if revoked or expired:
             if self.hooks.on_revoked:

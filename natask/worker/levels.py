@@ -48,6 +48,17 @@ class Levels:
             raise
         log.info("fetching priority %d of queue %s", priority, queue)
 
+    async def watch(self, queue: str) -> None:
+        """A queue the worker consumes from now on: fetch its levels that exist and any created later."""
+        self.queues.add(queue)
+        for level in await self.broker.levels([queue]):
+            await self.add(*level)
+
+    def forget(self, queue: str) -> None:
+        """A queue the worker no longer consumes (the fetcher drops its levels itself)."""
+        self.queues.discard(queue)
+        self._known = {level for level in self._known if level[0] != queue}
+
     async def _created(self, msg: Message) -> None:
         level = self.broker.names.level_of_consumer(msg.subject.rpartition(".")[2])
         if level is None or level[0] not in self.queues or self._sub is None:

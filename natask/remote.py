@@ -95,13 +95,13 @@ class Control:
     send = blocking(asend, "Send a control or inspect ``command`` and gather the replies (sync twin of ``asend``).")
 
     async def ainspect(self, command: str, destination: Sequence[str] | None = None,
-                       timeout: float = DEFAULT_TIMEOUT, **args: Any) -> list[dict[str, Any]]:
-        """Ask the workers one of ``INSPECT_COMMANDS`` (``query_task`` takes ``ids=[...]``)."""
+                       timeout: float = DEFAULT_TIMEOUT, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Ask the workers one of ``INSPECT_COMMANDS`` (``query_task`` takes ``ids``)."""
         if command not in INSPECT_COMMANDS:
             raise ValueError(f"unknown inspect command {command!r}: one of {', '.join(INSPECT_COMMANDS)}")
+        args: dict[str, Any] = {}
         if command == "query_task":
-            ids = args.get("ids")
-            if not isinstance(ids, (list, tuple)) or not ids:
+            if isinstance(ids, str) or not ids:
                 raise ValueError("query_task takes ids=[task id, ...]")
             args["ids"] = [check_task_id(i) for i in ids]
         return await self.asend(command, args, destination, timeout)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from .beat.schedule import PeriodicEntry
     from .beat.schedules import Schedules
+    from .remote import Control
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -274,6 +275,14 @@ class Natask:
         from .beat.schedules import Schedules
 
         return Schedules(self)
+
+    @property
+    def control(self) -> Control:
+        """Remote control of the app's live workers: ``app.control.rate_limit("shop.sync", "10/s")``,
+        ``inspect("registered")``, ``revoke(name="shop.*")``... (see ``natask.remote.Control``)."""
+        from .remote import Control
+
+        return Control(self)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task of that name; ``TaskNotFound`` names the ones that exist."""

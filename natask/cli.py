@@ -17,6 +17,7 @@ import click
 
 from .app import Natask, find_app
 from .errors import ConfigError, NataskError
+from .naming import INSPECT_COMMANDS
 from .shutdown import Interrupts, exit_code, run_until_signalled
 from .states import State
 
@@ -490,34 +491,191 @@ def status(app_spec: str | None, as_json: bool) -> None:
         click.echo("  (none)")
 
 
-@main.command()
-@app_option
-@click.argument("command", type=click.Choice(["active", "stats", "ping"]))
-@click.option("--timeout", default=1.0, show_default=True, help="seconds to gather replies")
-@json_option
-def inspect(app_spec: str | None, command: str, timeout: float, as_json: bool) -> None:
-    """Ask every live worker (answered from its event loop, even while its threads are busy)."""
-    from .control import inspect as ask
+destination_option = click.option("--destination", "-d", default=None, metavar="IDENT,...",
+                                  help="only these workers (host:pid, as `natask inspect ping` lists them)")
+timeout_option = click.option("--timeout", default=1.0, show_default=True, help="seconds to gather replies")
 
-    replies = _run_app(app_spec, lambda app: ask(app, command, timeout))
+
+def _show_replies(replies: list[dict[str, Any]], command: str, as_json: bool) -> None:
+    """Print the workers' replies; exit 1 if none answered or one refused."""
     if as_json:
         click.echo(json.dumps(replies, default=str))
-        return
-    for r in replies:
+    for r in [] if as_json else replies:
         worker = printable(r.get("worker", "?"))
-        if command == "ping":
+        rest = {k: v for k, v in r.items() if k != "worker"}
+        if "error" in r:
+            click.echo(f"{worker}: error: " + printable(r["error"]))
+        elif command == "ping":
             click.echo(f"{worker}: pong")
-        elif command == "stats":
-            click.echo(f"{worker}: " + printable(" ".join(f"{k}={v}" for k, v in r.items() if k != "worker")))
-        else:
+        elif command == "active":
             active = [t for t in r.get("active") or [] if isinstance(t, dict)] if isinstance(
                 r.get("active"), list) else []
             click.echo(f"{worker}: {len(active)} running")
             for t in active:
                 click.echo(printable(f"  {t.get('id')}  {t.get('name')}  {_number(t.get('runtime'), '.1f')}s"))
+        elif command == "stats":
+            click.echo(f"{worker}: " + printable(" ".join(f"{k}={v}" for k, v in rest.items())))
+        else:
+            click.echo(f"{worker}: " + printable(json.dumps(rest, default=str)))
     if not replies:
         click.echo("no worker answered", err=True)
         sys.exit(1)
+    if any("error" in r for r in replies):
+        sys.exit(1)
+
+
+def _destination(value: str | None) -> list[str] | None:
+    """The idents of ``--destination`` (None: every worker)."""
+    idents = [d.strip() for d in (value or "").split(",") if d.strip()]
+    return idents or None
+
+
+@main.command()
+@app_option
+@click.argument("command", type=click.Choice(list(INSPECT_COMMANDS)))
+@click.argument("task_ids", nargs=-1, metavar="[ID]...")
+@timeout_option
+@destination_option
+@json_option
+def inspect(app_spec: str | None, command: str, task_ids: tuple[str, ...], timeout: float, destination: str | None,
+            as_json: bool) -> None:
+    """Ask every live worker (answered from its event loop, even while its threads are busy).
+    ``query_task`` takes task ids; ``scheduled`` is empty: eta tasks wait on the server."""
+    if command == "query_task" and not task_ids:
+        raise click.UsageError("query_task takes one or more task ids: natask inspect query_task ID...")
+    if command != "query_task" and task_ids:
+        raise click.UsageError(f"inspect {command} takes no arguments")
+    _control(app_spec, command, lambda app: app.control.ainspect(
+        command, _destination(destination), timeout, ids=list(task_ids) or None), as_json)
+
+
+@main.group()
+def control() -> None:
+    """Steer live workers: rate and time limits, queues, pool size, shutdown, revokes. Sending
+    needs publish permission on natask.control.<prefix>.<command> (README, "Remote control")."""
+
+
+def _control(app_spec: str | None, command: str, call: Any, as_json: bool) -> None:
+    try:
+        replies = _run_app(app_spec, call)
+    except ValueError as e:  # a bad argument, found before anything was sent
+        raise click.UsageError(str(e)) from None
+    _show_replies(replies, command, as_json)
+
+
+@control.command("rate_limit")
+@app_option
+@click.argument("task")
+@click.argument("rate")
+@timeout_option
+@destination_option
+@json_option
+def control_rate_limit(app_spec: str | None, task: str, rate: str, timeout: float, destination: str | None,
+                       as_json: bool) -> None:
+    """Set TASK's per-worker rate limit to RATE ('10/s', '100/m'; '0': none) until workers restart."""
+    _control(app_spec, "rate_limit", lambda app: app.control.arate_limit(task, rate, _destination(destination),
+                                                                        timeout), as_json)
+
+
+@control.command("time_limit")
+@app_option
+@click.argument("task")
+@click.argument("seconds", type=float)
+@click.option("--soft", type=float, default=None, help="soft time limit in seconds (SoftTimeLimitExceeded)")
+@timeout_option
+@destination_option
+@json_option
+def control_time_limit(app_spec: str | None, task: str, seconds: float, soft: float | None, timeout: float,
+                       destination: str | None, as_json: bool) -> None:
+    """Set TASK's hard time limit to SECONDS (and the soft one with --soft) until workers restart."""
+    _control(app_spec, "time_limit", lambda app: app.control.atime_limit(task, seconds, soft,
+                                                                        _destination(destination), timeout), as_json)
+
+
+@control.command("add_consumer")
+@app_option
+@click.argument("queue")
+@timeout_option
+@destination_option
+@json_option
+def control_add_consumer(app_spec: str | None, queue: str, timeout: float, destination: str | None,
+                         as_json: bool) -> None:
+    """Make the workers consume QUEUE too."""
+    _control(app_spec, "add_consumer", lambda app: app.control.aadd_consumer(queue, _destination(destination),
+                                                                            timeout), as_json)
+
+
+@control.command("cancel_consumer")
+@app_option
+@click.argument("queue")
+@timeout_option
+@destination_option
+@json_option
+def control_cancel_consumer(app_spec: str | None, queue: str, timeout: float, destination: str | None,
+                            as_json: bool) -> None:
+    """Make the workers stop consuming QUEUE (a worker keeps its last queue)."""
+    _control(app_spec, "cancel_consumer", lambda app: app.control.acancel_consumer(
+        queue, _destination(destination), timeout), as_json)
+
+
+@control.command("pool_grow")
+@app_option
+@click.argument("n", type=click.IntRange(min=1), default=1)
+@timeout_option
+@destination_option
+@json_option
+def control_pool_grow(app_spec: str | None, n: int, timeout: float, destination: str | None, as_json: bool) -> None:
+    """Give each worker N more slots."""
+    _control(app_spec, "pool_grow", lambda app: app.control.apool_grow(n, _destination(destination), timeout),
+             as_json)
+
+
+@control.command("pool_shrink")
+@app_option
+@click.argument("n", type=click.IntRange(min=1), default=1)
+@timeout_option
+@destination_option
+@json_option
+def control_pool_shrink(app_spec: str | None, n: int, timeout: float, destination: str | None,
+                        as_json: bool) -> None:
+    """Take N slots from each worker (never below 1)."""
+    _control(app_spec, "pool_shrink", lambda app: app.control.apool_shrink(n, _destination(destination), timeout),
+             as_json)
+
+
+@control.command("shutdown")
+@app_option
+@timeout_option
+@destination_option
+@json_option
+def control_shutdown(app_spec: str | None, timeout: float, destination: str | None, as_json: bool) -> None:
+    """Stop the workers warmly, as SIGTERM does."""
+    _control(app_spec, "shutdown", lambda app: app.control.ashutdown(_destination(destination), timeout), as_json)
+
+
+@control.command("revoke")
+@app_option
+@click.argument("task_ids", nargs=-1, metavar="[ID]...")
+@click.option("--name", "names", multiple=True, metavar="NAME|GLOB",
+              help="revoke every task of this name or glob ('shop.*') sent so far (repeatable)")
+@click.option("--terminate", is_flag=True, help="also cancel the running ones (async tasks)")
+def control_revoke(app_spec: str | None, task_ids: tuple[str, ...], names: tuple[str, ...], terminate: bool) -> None:
+    """Revoke tasks by id, or by --name: recorded durably for every worker, now and started later."""
+    if not task_ids and not names:
+        raise click.UsageError("give task ids or --name NAME|GLOB")
+
+    async def go(app: Natask) -> None:
+        for task_id in task_ids:
+            await app.control.arevoke(task_id, terminate=terminate)
+        for name in names:
+            await app.control.arevoke(name=name, terminate=terminate)
+
+    try:
+        _run_app(app_spec, go)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for what in [*task_ids, *(f"every task named {n} sent so far" for n in names)]:
+        click.echo(printable(f"revoked {what}"))
 
 
 @main.command()

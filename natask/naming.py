@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -181,6 +182,21 @@ def invalid_task_id(task_id: object, what: str = "task id") -> ConfigError:
     )
 
 
+INSPECT_COMMANDS: Final = ("ping", "stats", "active", "registered", "query_task", "active_queues", "scheduled",
+                           "reserved", "revoked", "conf")
+"""Control commands that only read a worker's state (``natask inspect``)."""
+CONTROL_COMMANDS: Final = ("rate_limit", "time_limit", "add_consumer", "cancel_consumer", "pool_grow", "pool_shrink",
+                           "shutdown")
+"""Control commands that change a worker (``natask control``); revokes go through the revoked bucket."""
+REVOKED_NAME_PREFIX: Final = "name."
+"""Key prefix of a revoke by task name or glob in the revoked bucket (a task id has no dot)."""
+
+
+def revoked_name_key(pattern: str) -> str:
+    """The revoked-bucket key of a revoke by task name or glob (a digest: a glob's ``*`` is no key)."""
+    return REVOKED_NAME_PREFIX + hashlib.sha256(pattern.encode()).hexdigest()[:32]
+
+
 def check_task_id(task_id: object) -> str:
     """Validate a task (or group) id before it becomes a KV key or a subject token."""
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
@@ -343,8 +359,8 @@ class Names:
         return _split(subject, f"natask.bcast.{self.prefix}.")
 
     def control_subject(self, command: str = "*") -> str:
-        """The subject of the control ``command`` (ping, stats, active); ``*``: every command, as
-        workers subscribe."""
+        """The subject of the control ``command`` (``INSPECT_COMMANDS``, ``CONTROL_COMMANDS``); ``*``:
+        every command, as workers subscribe."""
         return f"natask.control.{self.prefix}.{command}"
 
     def task_from_subject(self, subject: str) -> tuple[str, str] | None:

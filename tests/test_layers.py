@@ -22,7 +22,7 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # 2 the client: connections per loop, publishing, waiting, the sync portal
     ("portal", "waiting", "client"),
     # 3 what users hold: tasks, result handles, workflows, periodic entries
-    ("result", "task", "canvas", "beat.schedule", "beat.stored", "beat.schedules"),
+    ("result", "task", "canvas", "beat.schedule", "beat.stored", "beat.schedules", "remote"),
     # 4 the app: configuration, registry, one client
     ("app", "settings", "shared"),
     # 5 services

@@ -4,6 +4,7 @@ request, the PubAck inbox, JetStream API calls retried through elections, close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -238,20 +239,24 @@ class Connection:
                     raise
                 await asyncio.sleep(RETRY_PAUSE)
 
-    async def gather(self, subject: str, payload: bytes, seconds: float) -> list[bytes]:
+    async def gather(self, subject: str, payload: bytes, seconds: float, expected: int | None = None) -> list[bytes]:
         """Publish a request and collect every reply that arrives within ``seconds`` (a scatter-
-        gather: nobody knows how many will answer)."""
+        gather: nobody knows how many will answer), or until ``expected`` replies came."""
         replies: list[bytes] = []
+        enough = asyncio.Event()
 
         async def on_reply(msg: Msg) -> None:
             replies.append(msg.data)
+            if expected is not None and len(replies) >= expected:
+                enough.set()
 
         inbox = self.nc.new_inbox()
         sub = await self.subscribe(inbox, cb=on_reply)
         try:
             await self.nc.publish(subject, payload, reply=inbox)
             await asyncio.shield(self.nc.flush())  # never cancel a flush half-way (see subscribe)
-            await asyncio.sleep(seconds)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(enough.wait(), seconds)
         finally:
             await sub.unsubscribe()
         return replies

@@ -247,6 +247,36 @@ class Fetcher:
         self._ready(q)
         self.wake()
 
+    async def remove(self, queue: str) -> None:
+        """Stop fetching ``queue`` (every priority level of it): its inboxes are drained, so the
+        server hands what it had not delivered to other workers; what it delivered before still
+        reaches ``on_message``. The last queue cannot be removed."""
+        gone = [q for q in self.queues if q.name == queue]
+        if not gone:
+            return
+        if len(gone) == len(self.queues):
+            raise ValueError(f"{queue!r} is the only queue fetched: add another before removing it")
+        for q in gone:
+            self.queues.remove(q)
+            if q.where is not None:
+                q.where.remove(q)
+                q.where = None
+            if q.healing is not None:
+                q.healing.cancel()
+            if q.busy:
+                self.busy_count -= 1
+                q.busy = False
+            self.looking -= q.look
+            q.look = 0
+        self.single = len(self.queues) == 1
+        await asyncio.gather(*(self._unsubscribe(q) for q in gone))
+        for q in gone:  # after the drain: what it delivered meanwhile is counted as running already
+            if q.credit < 0:
+                self.requested -= q.credit
+                q.credit = 0
+            self._take(q, q.credit, q.bytes)
+        self.wake()
+
     def start(self) -> None:
         """Start asking for messages on every added queue."""
         assert self.broker is not None, "no queue added"

@@ -120,6 +120,8 @@ class Worker:
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_subs: list[Any] = []
+        self._queue_subs: dict[str, list[Any]] = {}
+        self.gate: Gate | None = None
         self._levels: Levels | None = None
         self._slot_freed = asyncio.Event()
         self._events = EventLog()
@@ -165,8 +167,8 @@ class Worker:
         await self._revokes.start()
         self._outcome = outcome = Outcome(self.app, broker, self.store, self.ident, self.inboxes, self._events, self)
         execution = Execution(self._runner, outcome, self._events, self, self.ident, self.app.hooks, self._pool)
-        gate = Gate(self.app, broker, self.store, outcome, execution.task, self._revokes.revoked, self.inboxes,
-                    self.unknown_grace)
+        self.gate = gate = Gate(self.app, broker, self.store, outcome, execution.task, self._revokes, self.inboxes,
+                                self.unknown_grace)
         self._process = gate.process
         self._rpc = Rpc(self.app, broker, self.inboxes, execution.run, outcome.encode, self, self._done)
         # Everything that observes tasks is in place before the first one can arrive.
@@ -177,18 +179,8 @@ class Worker:
             self._publisher = EventPublisher(broker, self.ident)
             self.listeners.append(self._publisher)
         self.event("worker-online", **self._control.stats())
-        broadcasts = any(task.options.broadcast for task in self.app.tasks.values())
         for queue in self.queues:
-            await broker.ensure_consumer(queue)
-            await self._slots.add(broker, queue)
-            # RPC: core request-reply beside the stream, same queue group name, same slots.
-            self._rpc_subs.append(await broker.subscribe(broker.names.rpc_filter(queue), queue=queue,
-                                                         cb=self._on_rpc))
-            # Broadcasts: the same slots, but no queue group, so every worker of the queue gets each one.
-            # Only an app with broadcast tasks listens (and needs the grant for it).
-            if broadcasts:
-                self._rpc_subs.append(await broker.subscribe(broker.names.broadcast_filter(queue),
-                                                             cb=self._on_rpc))
+            await self._consume(queue)
         self._levels = Levels(broker, self._slots, self.queues)
         await self._levels.start()
         self._slots.start()
@@ -284,6 +276,49 @@ class Worker:
                   "queue after ack_wait); restart the worker", self.ident)
         self._background(self.stop(grace=0))
 
+    async def _consume(self, queue: str) -> None:
+        broker = self.broker_
+        await broker.ensure_consumer(queue)
+        await self._slots.add(broker, queue)
+        # RPC: core request-reply beside the stream, same queue group name, same slots.
+        subs = self._queue_subs[queue] = [
+            await broker.subscribe(broker.names.rpc_filter(queue), queue=queue, cb=self._on_rpc)]
+        if any(task.options.broadcast for task in self.app.tasks.values()):
+            # Broadcasts: the same slots, but no queue group, so every worker of the queue gets each
+            # one. Only an app with broadcast tasks listens (and needs the grant for it).
+            subs.append(await broker.subscribe(broker.names.broadcast_filter(queue), cb=self._on_rpc))
+        self._rpc_subs.extend(subs)
+
+    async def add_queue(self, queue: str) -> bool:
+        """Consume ``queue`` too, from now on (``natask control add_consumer``); False if it does already."""
+        check_queue_name(queue)
+        if queue in self.queues:
+            return False
+        await self._consume(queue)
+        self.queues.append(queue)
+        if self._levels is not None:
+            await self._levels.watch(queue)
+        log.info("worker %s consumes %s too", self.ident, queue)
+        return True
+
+    async def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming ``queue`` (``natask control cancel_consumer``): running tasks finish, what
+        was not delivered goes to other workers; False if it is not consumed. ``ValueError`` for
+        the last queue."""
+        if queue not in self.queues:
+            return False
+        if len(self.queues) == 1:
+            raise ValueError(f"{queue!r} is the only queue of worker {self.ident}: add another first (add_consumer)")
+        self.queues.remove(queue)
+        if self._levels is not None:
+            self._levels.forget(queue)
+        await self._slots.remove(queue)
+        for sub in self._queue_subs.pop(queue, []):
+            self._rpc_subs.remove(sub)
+            await quietly(sub.unsubscribe())
+        log.info("worker %s no longer consumes %s", self.ident, queue)
+        return True
+
     def resize(self, concurrency: int) -> None:
         """Run up to ``concurrency`` tasks at once from now on (``--autoscale``): more slots are
         requested at once; fewer take effect as running tasks end."""
@@ -295,6 +330,15 @@ class Worker:
             self._runner.size = max(self._runner.size, concurrency)  # idle threads cost nothing
         if self._pool is not None:
             self._pool.resize(concurrency)
+
+    def reserved(self) -> list[dict[str, Any]]:
+        """Deliveries received and waiting for a slot (RPC calls held every slot when they came)."""
+        return [{"id": d.task_id, "subject": d.msg.subject} for d in self._waiting]
+
+    @property
+    def revokes(self) -> Revokes | None:
+        """The revoked ids and names this worker mirrors (None before start)."""
+        return self._revokes
 
     def running(self) -> int:
         """Tasks and RPC calls holding a slot now."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from ..broker import Broker, attempt
+from ..broker import Broker, attempt, stream_sequence
 from ..errors import DecodeError
 from ..message import Envelope, dumps
 from ..naming import (
@@ -33,6 +33,7 @@ from .store import ResultStore, is_final
 if TYPE_CHECKING:
     from ..app import Natask
     from ..task import Task
+    from .revokes import Revokes
 
 log = logging.getLogger("natask.worker")
 
@@ -47,7 +48,7 @@ class Gate:
     """Admits the task messages of one started worker, or settles them without running."""
 
     def __init__(self, app: Natask, broker: Broker, store: ResultStore, outcome: Outcome, execute: Execute,
-                 revoked: set[str], inboxes: tuple[str, ...], unknown_grace: float) -> None:
+                 revokes: Revokes, inboxes: tuple[str, ...], unknown_grace: float) -> None:
         self.app = app
         self.names = app.names
         self.tasks = app.tasks
@@ -56,8 +57,10 @@ class Gate:
         self.store = store
         self.outcome = outcome
         self.execute = execute
-        self.revoked = revoked
+        self.revoked = revokes.revoked
         """Revoked task ids (mirrored from the revoked bucket by ``Revokes``, shared, never replaced)."""
+        self.by_name = revokes
+        """Revokes by task name or glob (``Revokes.covers``), asked only while one is recorded."""
         self.inboxes = inboxes
         self.unknown_grace = unknown_grace
         self.limits = Limits(broker, outcome)
@@ -113,7 +116,9 @@ class Gate:
         delivered = attempt(msg)
         retries = retried + delivered - 1
         now = time.time()
-        revoked = env.id in self.revoked
+        by_name = self.by_name
+        revoked = env.id in self.revoked or (
+            bool(by_name.names) and by_name.covers(env.task, stream_sequence(msg)))
         expired = not revoked and env.expires is not None and now > env.expires
         if revoked or expired:
             if self.hooks.on_revoked:

@@ -22,7 +22,8 @@ class Levels:
     def __init__(self, broker: Broker, fetcher: Fetcher, queues: Sequence[str]) -> None:
         self.broker = broker
         self.fetcher = fetcher
-        self.queues = frozenset(queues)
+        self.queues = set(queues)
+        """The worker's queues (``add_consumer``/``cancel_consumer`` change them)."""
         self._sub: Any = None
         self._known: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -51,6 +52,17 @@ class Levels:
             self._known.discard(level)
             raise
         log.info("fetching priority %d of queue %s", priority, queue)
+
+    async def watch(self, queue: str) -> None:
+        """A queue the worker consumes from now on: fetch its levels that exist and any created later."""
+        self.queues.add(queue)
+        for level in await self.broker.levels([queue]):
+            await self.add(*level)
+
+    def forget(self, queue: str) -> None:
+        """A queue the worker no longer consumes (the fetcher drops its levels itself)."""
+        self.queues.discard(queue)
+        self._known = {level for level in self._known if level[0] != queue}
 
     async def _created(self, msg: Message) -> None:
         level = self.broker.names.level_of_consumer(msg.subject.rpartition(".")[2])

@@ -1,17 +1,25 @@
 """The revoke watch: the revoked-ids bucket mirrored into a local set (no KV read per task, and
 revokes recorded before the worker started still apply); a revoke with ``terminate`` cancels the
-running task."""
+running task.
+
+A revoke by task name or glob (``natask control revoke --name 'shop.*'``) is a record under
+``name.<digest>`` holding the pattern and the task stream's last sequence when it was made: every
+task of a matching name stored up to that sequence is revoked (queued ones skipped, running ones
+cancelled with ``terminate``); tasks sent later run. The sequence, not a time, decides: no clocks
+to agree on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 from collections.abc import Set
 from typing import Final
 
 from ..broker import Broker
 from ..message import loads
+from ..naming import REVOKED_NAME_PREFIX
 from .delivery import Delivery
 
 log = logging.getLogger("natask.worker")
@@ -30,6 +38,10 @@ class Revokes:
         self.inflight = inflight
         self.revoked: set[str] = set()
         """Revoked task ids (the gate reads this set: it is updated in place, never replaced)."""
+        self.names: dict[str, tuple[str, int]] = {}
+        """Revokes by name: key -> (task name or glob, last task-stream sequence it covers)."""
+        self._matches: dict[str, list[int]] = {}
+        """Per task name: the sequences of the name revokes it matches (cache, cleared on change)."""
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -69,6 +81,9 @@ class Revokes:
 
     def on_revoke(self, task_id: str, value: bytes | None, operation: str | None) -> None:
         """A change of the revoked bucket: a task id revoked (or the revoke deleted)."""
+        if task_id.startswith(REVOKED_NAME_PREFIX):
+            self.on_name_revoke(task_id, value, operation)
+            return
         if operation in ("DEL", "PURGE") or not value:
             self.revoked.discard(task_id)
             return
@@ -79,6 +94,34 @@ class Revokes:
             terminate = False
         if terminate:
             self.terminate(task_id)
+
+    def on_name_revoke(self, key: str, value: bytes | None, operation: str | None) -> None:
+        """A revoke by task name or glob recorded (or deleted); a malformed record is ignored."""
+        self._matches.clear()
+        if operation in ("DEL", "PURGE") or not value:
+            self.names.pop(key, None)
+            return
+        try:
+            record = loads(value)
+            pattern, seq, terminate = record["name"], record["seq"], bool(record.get("terminate"))
+        except Exception:
+            log.warning("ignoring a malformed revoke-by-name record %s", key)
+            return
+        if not isinstance(pattern, str) or type(seq) is not int:
+            log.warning("ignoring a malformed revoke-by-name record %s", key)
+            return
+        self.names[key] = (pattern, seq)
+        if terminate:
+            for delivery in self.inflight:
+                if delivery.name and delivery.task_id and fnmatch.fnmatchcase(delivery.name, pattern):
+                    self.terminate(delivery.task_id)
+
+    def covers(self, name: str, seq: int) -> bool:
+        """Whether a revoke by name covers the task ``name`` stored at stream sequence ``seq``."""
+        seqs = self._matches.get(name)
+        if seqs is None:
+            seqs = self._matches[name] = [s for p, s in self.names.values() if fnmatch.fnmatchcase(name, p)]
+        return any(seq <= s for s in seqs)
 
     def terminate(self, task_id: str) -> None:
         """Cancel the running task ``task_id`` (its outcome is stored as REVOKED, "terminated")."""

@@ -94,6 +94,17 @@ class Natask:
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
+        base: type[Task[Any, Any]] | None = ...,
+        dont_autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_kwargs: Mapping[str, Any] | None = ...,
+        default_retry_delay: Seconds | None = ...,
+        throws: Sequence[type[BaseException]] = ...,
+        serializer: str = ...,
+        typing: bool = ...,
+        shadow: str | None = ...,
+        store_errors_even_if_ignored: bool = ...,
+        acks_late: bool = ...,
+        reject_on_worker_lost: bool = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -116,6 +127,17 @@ class Natask:
         max_concurrency: int | None = ...,
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
+        base: type[Task[Any, Any]] | None = ...,
+        dont_autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_kwargs: Mapping[str, Any] | None = ...,
+        default_retry_delay: Seconds | None = ...,
+        throws: Sequence[type[BaseException]] = ...,
+        serializer: str = ...,
+        typing: bool = ...,
+        shadow: str | None = ...,
+        store_errors_even_if_ignored: bool = ...,
+        acks_late: bool = ...,
+        reject_on_worker_lost: bool = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -138,11 +160,24 @@ class Natask:
         max_concurrency: int | None = None,
         broadcast: bool = False,
         soft_time_limit: Seconds | None = None,
+        base: type[Task[Any, Any]] | None = None,
+        dont_autoretry_for: Sequence[type[BaseException]] = (),
+        retry_kwargs: Mapping[str, Any] | None = None,
+        default_retry_delay: Seconds | None = None,
+        throws: Sequence[type[BaseException]] = (),
+        serializer: str = "msgpack",
+        typing: bool = True,
+        shadow: str | None = None,
+        store_errors_even_if_ignored: bool = False,
+        acks_late: bool = True,
+        reject_on_worker_lost: bool = False,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
         The name defaults to ``<module>.<function>``; name tasks defined in ``__main__`` explicitly
-        so workers importing the module find them under the same name.
+        so workers importing the module find them under the same name. ``base``: a ``Task``
+        subclass whose ``before_start``/``on_success``/``on_failure``/``on_retry``/``after_return``
+        the worker calls (Celery's class-based tasks); the other options are in ``TaskOptions``.
         """
         options = TaskOptions(
             queue=queue,
@@ -161,13 +196,29 @@ class Natask:
             max_concurrency=max_concurrency,
             broadcast=broadcast,
             soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
+            dont_autoretry_for=tuple(dont_autoretry_for),
+            retry_kwargs=dict(retry_kwargs or {}),
+            default_retry_delay=None if default_retry_delay is None else seconds(default_retry_delay,
+                                                                                 "default_retry_delay"),
+            throws=tuple(throws),
+            serializer=serializer,
+            typing=typing,
+            shadow=shadow,
+            store_errors_even_if_ignored=store_errors_even_if_ignored,
+            acks_late=acks_late,
+            reject_on_worker_lost=reject_on_worker_lost,
         )
+        if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+            raise ConfigError(f"base= must be a subclass of natask.Task, got {base!r}")
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             if not callable(func):
                 raise ConfigError(f"@app.task decorates functions, got {func!r}")
             task_name = name or self._default_name(func)
             cls: type[Task[Any, Any]] = AsyncTask if asyncio.iscoroutinefunction(func) else Task
+            if base is not None:
+                # An async function under a sync base: AsyncTask's local call returns the coroutine.
+                cls = base if cls is Task or issubclass(base, AsyncTask) else type(base.__name__, (base, AsyncTask), {})
             task = cls(self, func, task_name, options)
             task.signature  # noqa: B018 - validates bind=True functions now, not in the worker
             existing = self.tasks.get(task.name)

@@ -147,7 +147,7 @@ class Client(Generic[H]):
             args=list(args),
             kwargs=dict(kwargs),
             eta=when,
-            expires=None if expires is None else _expires(now if when is None else when, expires),
+            expires=None if expires is None else _expires(now, expires),  # from the call, as Celery
             parent_id=parent_id,
             root_id=root_id,
             links=links or _NO_LINKS,

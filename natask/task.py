@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 import typing
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, ParamSpec, TypeVar
 
 from .canvas.signature import Canvas, Signature
-from .errors import ConfigError, Retry
+from .errors import ConfigError, ExceptionInfo, MaxRetriesExceededError, Retry
 from .message import Call
 from .naming import check_task_name
 from .options import Request, TaskOptions, current_request
@@ -44,6 +45,12 @@ class Task(Generic[P, R]):
         self._signature: inspect.Signature | None = None
         self._arity = -1  # number of plain positional parameters; -1 when binding needs inspect
         self._dataclass_params: dict[str, type] | None = None
+        cls = type(self)
+        if cls is not Task and cls is not AsyncTask and any(
+                getattr(cls, hook) is not getattr(Task, hook) for hook in HANDLERS):
+            # The worker calls the handlers only of tasks that have some: none costs nothing.
+            self.options = options = dataclasses.replace(options)
+            object.__setattr__(options, "hooked", True)
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -212,7 +219,8 @@ class Task(Generic[P, R]):
         soft_time_limit: float | None = None,
     ) -> Call:
         kwargs = kwargs or {}
-        self.check_args(args, kwargs)
+        if self.options.typing:
+            self.check_args(args, kwargs)
         return self._client.prepare(
             self.name,
             args,
@@ -283,11 +291,58 @@ class Task(Generic[P, R]):
         exc: BaseException | None = None,
         countdown: float | None = None,
         max_retries: int | None = None,
-    ) -> Retry:
-        """Build the ``Retry`` to raise: ``raise self.retry(exc=e, countdown=5)``."""
+        *,
+        eta: datetime | None = None,
+        throw: bool = True,
+    ) -> NoReturn:
+        """Retry this run later, as Celery's: raises ``Retry`` (``raise self.retry(...)`` works too),
+        after ``countdown`` seconds or at ``eta`` (default: ``default_retry_delay``, else the backoff).
+        With no retries left (``max_retries``, else the task's) it raises ``exc`` if given, else
+        ``MaxRetriesExceededError``: the task fails with it. ``throw=False`` is not supported (a
+        retry always ends the run)."""
+        if not throw:
+            raise ConfigError("self.retry(throw=False) is not supported: the retry is published when the run "
+                              "ends with the raised Retry")
+        if eta is not None:
+            if countdown is not None:
+                raise ConfigError("give countdown= or eta=, not both")
+            if not isinstance(eta, datetime) or eta.tzinfo is None:
+                raise ConfigError("eta must be a timezone-aware datetime")
+            countdown = max(0.0, eta.timestamp() - time.time())
+        request = current_request.get()
+        if request is not None and request.task == self.name:
+            limit = max_retries if max_retries is not None else self.options.max_retries
+            if limit is not None and request.retries >= limit:
+                if exc is not None:
+                    raise exc
+                raise MaxRetriesExceededError(
+                    f"{self.name}[{request.id}] has no retries left ({request.retries} of max_retries={limit})",
+                    request.id, request.retries)
         retry = Retry(exc=exc, countdown=countdown)
         retry.max_retries = max_retries  # type: ignore[attr-defined]
-        return retry
+        raise retry
+
+    # -- handlers of a ``base=`` class (Celery's names); the worker calls them only when overridden --
+    def before_start(self, task_id: str, args: Args, kwargs: Kwargs) -> Any:
+        """Called by the worker before the run starts."""
+
+    def on_success(self, retval: Any, task_id: str, args: Args, kwargs: Kwargs) -> Any:
+        """Called by the worker after the task returned ``retval``."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Args, kwargs: Kwargs, einfo: ExceptionInfo) -> Any:
+        """Called by the worker after the task failed with ``exc`` (no retry left or none asked)."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Args, kwargs: Kwargs, einfo: ExceptionInfo) -> Any:
+        """Called by the worker when the run raised and a retry is published."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Args, kwargs: Kwargs,
+                     einfo: ExceptionInfo | None) -> Any:
+        """Called by the worker after the outcome is settled (``status``: SUCCESS, FAILURE or RETRY;
+        ``retval``: the result or the exception)."""
+
+
+HANDLERS: Final = ("before_start", "on_success", "on_failure", "on_retry", "after_return")
+"""The methods of a ``base=`` class the worker calls (sync, or ``async def``: awaited)."""
 
 
 class AsyncTask(Task[P, R]):

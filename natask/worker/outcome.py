@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..broker import Broker, attempt, stream_sequence
 from ..dlq import index_dead_letter
-from ..errors import EncodeError, PayloadTooLarge, StorageFull, failure_record, type_name
+from ..errors import EncodeError, Ignore, PayloadTooLarge, StorageFull, failure_record, type_name
 from ..message import Envelope, at_schedule, dumps
 from ..naming import (
     HDR_DLQ_ATTEMPTS,
@@ -84,7 +84,8 @@ class Outcome:
         """Run workflow follow-ups, send the outcome to the caller, store it (once: the first final
         outcome wins), then ack — in that order."""
         msg = delivery.msg
-        ignore = task is not None and task.options.ignore_result
+        ignore = task is not None and task.options.ignore_result and not (
+            task.options.store_errors_even_if_ignored and record["state"] != State.SUCCESS)
         if env.links or env.meta:
             if record["state"] == State.SUCCESS:
                 record = self.encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
@@ -112,6 +113,11 @@ class Outcome:
                      retries: int, request: Request) -> str:
         """A run raised ``exc``: retry, dead-letter or store the failure, as the task's options decide;
         the state it ended in (``RETRY`` or ``FAILURE``)."""
+        if isinstance(exc, Ignore):
+            # Celery's Ignore: acked, nothing stored, no retry, no dead letter.
+            log.info("task %s[%s] ignored", env.task, env.id)
+            await delivery.msg.ack()
+            return State.IGNORED.value
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
         if decision.action is Action.RETRY:
@@ -126,9 +132,13 @@ class Outcome:
         elif decision.reason:  # retries exhausted
             await self.dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                    env=env, record=record)
+        elif task.options.throws and isinstance(cause, task.options.throws):  # expected: no traceback
+            log.info("task %s[%s] raised expected %s: %s", task.options.shadow or env.task, env.id,
+                     record["exc_type"], record["message"])
+            await self.finish(delivery, env, task, record, retries)
         else:
-            log.error("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"],
-                      exc_info=cause)
+            log.error("task %s[%s] failed: %s: %s", task.options.shadow or env.task, env.id, record["exc_type"],
+                      record["message"], exc_info=cause)
             await self.finish(delivery, env, task, record, retries)
         return State.FAILURE.value
 

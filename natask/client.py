@@ -121,6 +121,7 @@ class Client(Generic[H]):
         links: list[Any] | None = None,
         meta: dict[str, Any] | None = None,
         soft_time_limit: float | None = None,
+        serializer: str = "msgpack",
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -154,8 +155,10 @@ class Client(Generic[H]):
             meta=meta or _NO_META,
         )
         try:
-            payload = envelope.encode()
-        except EncodeError:
+            payload = envelope.encode() if serializer == "msgpack" else _encode_other(envelope, serializer)
+        except EncodeError as e:
+            if serializer != "msgpack":
+                raise EncodeError(f"cannot send {name} as {serializer}: {e}") from None
             raise EncodeError(
                 f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
                 "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
@@ -448,6 +451,12 @@ def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) 
             raise ConfigError("eta must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
         return eta.timestamp()
     return None
+
+
+def _encode_other(envelope: Envelope, serializer: str) -> bytes:
+    if serializer == "json":
+        return envelope.encode_json()
+    raise ConfigError(f"serializer must be 'msgpack' or 'json', got {serializer!r}")
 
 
 def _soft_limit(value: float) -> str:

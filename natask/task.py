@@ -233,6 +233,7 @@ class Task(Generic[P, R]):
             headers=headers,
             ignore_result=self.options.ignore_result,
             soft_time_limit=soft_time_limit,
+            serializer=self.options.serializer,
         )
 
     # -- RPC --------------------------------------------------------------------------------

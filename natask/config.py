@@ -145,6 +145,8 @@ class Config:
         None, "NATASK_QUEUE_OPTIONS", "Per-queue settings: {queue: {\"max_ack_pending\": N}} "
         "caps the tasks of that queue delivered and not yet acked across all its workers (JSON in the "
         "environment).", check=lambda value: _queue_options(value))
+    result_extended: bool = option(False, "NATASK_RESULT_EXTENDED", "Store each task's args, kwargs and queue "
+                                   "in its result record (AsyncResult.args/.kwargs/.queue), as Celery's setting.")
     connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
         "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
@@ -208,12 +210,30 @@ class Options(TypedDict, total=False):
     connect_timeout: Seconds
     duplicate_window: Seconds
     queue_options: Mapping[str, Mapping[str, int]]
+    result_extended: bool
     connect_options: Mapping[str, Any]
+
+
+_BOOLS: Final = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                  "off": False}
+
+
+def _bool(given: Any, env: str, what: str) -> bool:
+    if given is None:
+        raw = os.environ.get(env, "").strip().lower()
+        if raw and raw not in _BOOLS:
+            raise ConfigError(f"${env} ({what}) must be one of {', '.join(_BOOLS)}, got {raw!r:.40}")
+        return _BOOLS.get(raw, False)
+    if not isinstance(given, bool):
+        raise ConfigError(f"{what} must be True or False, got {given!r:.40}")
+    return given
 
 
 def _value(spec: Field[Any], given: Any) -> Any:
     """An option's value: given, else from its environment variable, else its default; checked."""
     kind, env, what = type(spec.default), spec.metadata["env"], spec.name
+    if spec.default is False:  # the boolean options (all off by default)
+        return _bool(given, env, what)
     if given is None:
         raw = os.environ.get(env, "")
         if spec.metadata.get("mapping"):

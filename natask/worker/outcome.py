@@ -57,7 +57,8 @@ DLQ_EXC_TYPES: Final = {
 UNTRUSTED: Final = frozenset({"forged", "malformed header", "invalid subject"})
 """Dead-letter reasons that make the message's own claims (its id, its reply subject) untrusted:
 no outcome is stored or sent for them, or the sender could write another task's result."""
-_META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children"})
+_META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children", "args",
+                               "kwargs", "queue"})
 
 
 class Outcome:
@@ -77,6 +78,8 @@ class Outcome:
         self.tally = tally
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
+        self.extended = app.config.result_extended
+        """Store args, kwargs and queue in result records (``result_extended``)."""
 
     # -- the outcome of a run ---------------------------------------------------------------
     async def finish(self, delivery: Delivery, env: Envelope, task: Task[Any, Any] | None,
@@ -96,6 +99,9 @@ class Outcome:
             record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
             if env.parent_id:
                 record.update(parent_id=env.parent_id, root_id=env.root_id)
+            if self.extended:
+                route = self.app.names.task_from_subject(msg.subject)
+                record.update(args=env.args, kwargs=env.kwargs, queue=route[0] if route else None)
             data, record = self.encode(record, env.task)
             reply = (msg.headers or {}).get(HDR_REPLY)
             fast = not delivery.careful and delivery.writing is None

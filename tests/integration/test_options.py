@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from natask import (
 from natask.dlq import DeadLetters
 from natask.hooks import Middleware, Outcome
 from natask.options import Request
+from natask.server import NatsServer
 from natask.testing import worker
 
 
@@ -241,3 +243,55 @@ async def test_expires_counts_from_the_call_not_the_eta(app: Natask) -> None:
         with pytest.raises(TaskRevoked):
             await result.aget(timeout=20)
     assert ran == []
+
+
+async def test_result_attributes(nats_server: NatsServer) -> None:
+    app = Natask("test", servers=[nats_server.url], result_extended=True)
+    try:
+        @app.task(name="t.attrs", bind=True)
+        def attrs(self, x: int, *, fail: bool = False) -> int:  # type: ignore[no-untyped-def]
+            if fail:
+                raise ValueError("bad x")
+            if self.request.retries == 0:
+                self.retry(countdown=0)
+            return x + 1
+
+        async with worker(app):
+            ok = await attrs.aapply_async((1,), {"fail": False})
+            bad = await attrs.aapply_async((2,), {"fail": True})
+            assert await ok.aget(timeout=20) == 2
+            with pytest.raises(TaskFailed):
+                await bad.aget(timeout=20)
+        seen = app.AsyncResult(ok.id)  # read from the results bucket
+        await seen.aget(timeout=20)
+        assert seen.name == "t.attrs" and seen.retries == 1 and seen.result == 2
+        assert seen.args == [1] and seen.kwargs == {"fail": False} and seen.queue == "default"
+        assert isinstance(seen.date_done, dt.datetime) and seen.date_done.tzinfo is not None
+        assert seen.traceback is None
+        seen.maybe_throw()  # succeeded: nothing to raise
+        failed = app.AsyncResult(bad.id)
+        await failed.aget(timeout=20, propagate=False)
+        assert failed.traceback is not None and "ValueError: bad x" in failed.traceback
+        with pytest.raises(TaskFailed, match="bad x"):
+            failed.maybe_throw()
+        assert await asyncio.to_thread(ok.wait, 10) == 2
+        assert await asyncio.to_thread(lambda: [value for _, value in ok.collect(10)]) == [2]
+        called: asyncio.Queue[Any] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        ok.then(lambda r: loop.call_soon_threadsafe(called.put_nowait, r.result))
+        assert await called.get() == 2
+    finally:
+        await app.aclose()
+
+
+async def test_args_are_not_stored_without_result_extended(app: Natask) -> None:
+    @app.task(name="t.plainargs")
+    def plainargs(x: int) -> int:
+        return x
+
+    async with worker(app):
+        result = await plainargs.adelay(5)
+        assert await result.aget(timeout=20) == 5
+    seen = app.AsyncResult(result.id)
+    await seen.aget(timeout=20)
+    assert seen.args is None and seen.kwargs is None and seen.queue is None and seen.name == "t.plainargs"

@@ -18,7 +18,7 @@ from .broker import Broker, NoResponders, SequenceConflict
 from .config import Config, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed
 from .hooks import Hooks
-from .message import Call, Envelope, at_schedule, dumps, find_unencodable, loads
+from .message import Call, Envelope, at_schedule, compress, dumps, find_unencodable, loads
 from .naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
@@ -103,7 +103,7 @@ class Client(Generic[H]):
         _CLIENTS.add(self)
 
     # -- calls ------------------------------------------------------------------------------
-    def prepare(  # noqa: PLR0913 - every call option, keyword-only
+    def prepare(  # noqa: PLR0913, C901 - every call option, keyword-only
         self,
         name: str,
         args: Sequence[Any],
@@ -122,6 +122,8 @@ class Client(Generic[H]):
         meta: dict[str, Any] | None = None,
         soft_time_limit: float | None = None,
         serializer: str = "msgpack",
+        compression: str | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -154,20 +156,23 @@ class Client(Generic[H]):
             links=links or _NO_LINKS,
             meta=meta or _NO_META,
         )
-        try:
-            payload = envelope.encode() if serializer == "msgpack" else _encode_other(envelope, serializer)
-        except EncodeError as e:
-            if serializer != "msgpack":
-                raise EncodeError(f"cannot send {name} as {serializer}: {e}") from None
-            raise EncodeError(
-                f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
-                "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
-            ) from None
+        if serializer == "msgpack" and compression is None:
+            try:
+                payload = envelope.encode()
+            except EncodeError:
+                raise EncodeError(
+                    f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
+                    "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
+                ) from None
+        else:
+            payload = _encode_other(envelope, serializer, compression)
         hdrs = {HDR_MSG_ID: task_id}  # the task's name is in the subject (a header would cost ~40 B a task)
         if explicit_id:
             hdrs[HDR_CHECK_STORED] = "1"  # this id may have run before: the worker looks first
         if soft_time_limit is not None:
             hdrs[HDR_SOFT_TIME_LIMIT] = _soft_limit(soft_time_limit)
+        if extra:
+            hdrs.update(extra)
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -453,10 +458,16 @@ def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) 
     return None
 
 
-def _encode_other(envelope: Envelope, serializer: str) -> bytes:
-    if serializer == "json":
-        return envelope.encode_json()
-    raise ConfigError(f"serializer must be 'msgpack' or 'json', got {serializer!r}")
+def _encode_other(envelope: Envelope, serializer: str, compression: str | None) -> bytes:
+    """A call's body with a ``serializer`` other than msgpack and/or a ``compression``."""
+    if serializer not in ("msgpack", "json"):
+        raise ConfigError(f"serializer must be 'msgpack' or 'json', got {serializer!r:.40}")
+    try:
+        payload = envelope.encode() if serializer == "msgpack" else envelope.encode_json()
+    except EncodeError as e:
+        detail = find_unencodable(envelope.args, envelope.kwargs) if serializer == "msgpack" else e
+        raise EncodeError(f"cannot send {envelope.task} as {serializer}: {detail}") from None
+    return payload if compression is None else compress(payload, compression)
 
 
 def _soft_limit(value: float) -> str:

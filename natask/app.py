@@ -17,7 +17,7 @@ from .hooks import Hooks, Middleware
 from .naming import Names, check_task_name
 from .portal import Portal, blocking
 from .result import AsyncResult
-from .task import AsyncTask, Task, TaskOptions
+from .task import AsyncTask, CallExtras, Task, TaskOptions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -322,11 +322,26 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[Any]:
-        """Enqueue a task by name without consulting the local registry."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
-                                   countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+        """Enqueue a task by name without consulting the local registry; the call options are
+        ``apply_async``'s (``ignore_result=True`` here also keeps the worker from storing it)."""
+        extras = CallExtras.of(time_limit, shadow, ignore_result or None, serializer, compression, routing_key,
+                               exchange, retry, retry_policy)
+        if extras is not None:
+            call = extras.prepare(None, args, kwargs or {}, countdown, eta, expires, task_id, queue, headers, None,
+                                  name=name, client=self.client, default_queue=self.config.default_queue)
+        else:
+            call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+                                       countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+                                       headers=headers, ignore_result=ignore_result)
         return self.client.portal.run(self.client.publish(call))
 
     async def asend_task(  # noqa: PLR0913 - Celery's call options, keyword-only
@@ -342,11 +357,25 @@ class Natask:
         task_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
-                                   countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result)
+        extras = CallExtras.of(time_limit, shadow, ignore_result or None, serializer, compression, routing_key,
+                               exchange, retry, retry_policy)
+        if extras is not None:
+            call = extras.prepare(None, args, kwargs or {}, countdown, eta, expires, task_id, queue, headers, None,
+                                  name=name, client=self.client, default_queue=self.config.default_queue)
+        else:
+            call = self.client.prepare(name, args, kwargs or {}, queue=queue or self.config.default_queue,
+                                       countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+                                       headers=headers, ignore_result=ignore_result)
         return await self.client.publish(call)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name

@@ -9,19 +9,19 @@ import inspect
 import logging
 import reprlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ExceptionInfo, TimeLimitExceeded, failure_record
 from ..hooks import Hooks
 from ..hooks import Outcome as Ended
 from ..message import Envelope, dumps
-from ..naming import HDR_SOFT_TIME_LIMIT
+from ..naming import HDR_SOFT_TIME_LIMIT, HDR_TIME_LIMIT
 from ..options import Request, current_request
 from ..states import State
 from .delivery import Delivery, Tally
 from .events import EventLog
-from .outcome import Outcome
+from .outcome import Outcome, shown
 from .processes import ProcessPool
 from .soft import ThreadAlarm, run_async, soft_error
 from .threads import ThreadRunner
@@ -60,7 +60,7 @@ class Execution:
             await hooks.call("before_task", request)
         info = log.isEnabledFor(logging.INFO)
         if info:
-            log.info("task %s[%s] received", shown(task, env), env.id)
+            log.info("task %s[%s] received", shown(task, env, request), env.id)
         if events.listeners:
             events.started.append((delivery.started_at, env.id, env.task, retries))
             if events.timer is None:
@@ -95,7 +95,7 @@ class Execution:
         if info or hooks.after_task:
             runtime = time.perf_counter() - started
             if info:
-                log.info("task %s[%s] succeeded in %.3fs: %s", shown(task, env), env.id, runtime,
+                log.info("task %s[%s] succeeded in %.3fs: %s", shown(task, env, request), env.id, runtime,
                          _short.repr(value))
         # Settled first (follow-ups sent in the run's context, outcome stored, message acked): a hook
         # after the task can neither delay nor lose it.
@@ -122,9 +122,7 @@ class Execution:
         options = task.options
         fn, limit, soft = task.fn, options.time_limit, options.soft_time_limit
         if request.headers:
-            raw = request.headers.get(HDR_SOFT_TIME_LIMIT)
-            if raw is not None:
-                soft = soft_limit_of(raw, soft)
+            soft, limit = call_limits(request.headers, soft, limit)
         if not task.is_async and self.pool is not None:
             return await self.pool.run(task, args, kwargs, request, soft, limit)
         if options.bind:
@@ -163,11 +161,6 @@ class Execution:
                 timer.cancel()
 
 
-def shown(task: Task[Any, Any], env: Envelope) -> str:
-    """The name the logs show: the task's ``shadow``, else its own."""
-    return task.options.shadow or env.task
-
-
 async def handler(task: Task[Any, Any], name: str, *args: Any) -> None:
     """Call a ``base=`` class's handler (awaited when ``async def``); what it raises is logged."""
     try:
@@ -178,14 +171,27 @@ async def handler(task: Task[Any, Any], name: str, *args: Any) -> None:
         log.exception("task %s: its %s handler raised", task.name, name)
 
 
-def soft_limit_of(raw: str, default: float | None) -> float | None:
-    """The ``soft_time_limit`` a call carries (header): seconds > 0, else the task's own (logged)."""
+def call_limits(headers: Mapping[str, str], soft: float | None, limit: float | None) -> tuple[float | None,
+                                                                                          float | None]:
+    """The soft and hard time limits of a call: those its headers carry, else the task's."""
+    raw = headers.get(HDR_SOFT_TIME_LIMIT)
+    if raw is not None:
+        soft = soft_limit_of(raw, soft)
+    raw = headers.get(HDR_TIME_LIMIT)
+    if raw is not None:
+        limit = soft_limit_of(raw, limit, HDR_TIME_LIMIT)
+    return soft, limit
+
+
+def soft_limit_of(raw: str, default: float | None, header: str = HDR_SOFT_TIME_LIMIT) -> float | None:
+    """The ``soft_time_limit`` (or ``time_limit``) a call carries in ``header``: seconds > 0, else the
+    task's own (logged)."""
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        log.warning("ignoring malformed %s header %r: the task's own soft time limit applies", HDR_SOFT_TIME_LIMIT,
+        log.warning("ignoring malformed %s header %r: the task's own limit applies", header,
                     raw[:40])
         return default
     return value

@@ -21,11 +21,13 @@ from ..naming import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TIME,
     HDR_DLQ_TRUNCATED,
+    HDR_IGNORE_RESULT,
     HDR_MSG_ID,
     HDR_REPLY,
     HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_SHADOW,
     HDR_TASK,
 )
 from ..options import Request
@@ -89,6 +91,9 @@ class Outcome:
         msg = delivery.msg
         ignore = task is not None and task.options.ignore_result and not (
             task.options.store_errors_even_if_ignored and record["state"] != State.SUCCESS)
+        if msg.headers and HDR_IGNORE_RESULT in msg.headers:  # the call's ignore_result=True
+            ignore = not (task is not None and task.options.store_errors_even_if_ignored
+                          and record["state"] != State.SUCCESS)
         if env.links or env.meta:
             if record["state"] == State.SUCCESS:
                 record = self.encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
@@ -139,11 +144,11 @@ class Outcome:
             await self.dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                    env=env, record=record)
         elif task.options.throws and isinstance(cause, task.options.throws):  # expected: no traceback
-            log.info("task %s[%s] raised expected %s: %s", task.options.shadow or env.task, env.id,
+            log.info("task %s[%s] raised expected %s: %s", shown(task, env, request), env.id,
                      record["exc_type"], record["message"])
             await self.finish(delivery, env, task, record, retries)
         else:
-            log.error("task %s[%s] failed: %s: %s", task.options.shadow or env.task, env.id, record["exc_type"],
+            log.error("task %s[%s] failed: %s: %s", shown(task, env, request), env.id, record["exc_type"],
                       record["message"], exc_info=cause)
             await self.finish(delivery, env, task, record, retries)
         return State.FAILURE.value
@@ -350,6 +355,15 @@ class Outcome:
             await self.finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record))
         else:
             await msg.ack()
+
+
+def shown(task: Task[Any, Any], env: Envelope, request: Request | None = None) -> str:
+    """The name the logs show: the call's ``shadow``, else the task's, else its own name."""
+    if request is not None and request.headers:
+        shadow = request.headers.get(HDR_SHADOW)
+        if shadow:
+            return shadow
+    return task.options.shadow or env.task
 
 
 def _meta(record: dict[str, Any]) -> dict[str, Any]:

@@ -295,3 +295,64 @@ async def test_args_are_not_stored_without_result_extended(app: Natask) -> None:
     seen = app.AsyncResult(result.id)
     await seen.aget(timeout=20)
     assert seen.args is None and seen.kwargs is None and seen.queue is None and seen.name == "t.plainargs"
+
+
+async def test_call_options_time_limit_shadow_and_routing_key(
+        app: Natask, caplog: pytest.LogCaptureFixture) -> None:
+    @app.task(name="t.slow")
+    async def slow(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    caplog.set_level(logging.INFO, logger="natask.worker")
+    async with worker(app, queues=["default", "other"]):
+        with pytest.raises(TaskFailed, match="TimeLimitExceeded"):
+            await (await slow.aapply_async((30,), time_limit=0.2)).aget(timeout=20)
+        result = await slow.aapply_async((0,), shadow="slow[report-7]", routing_key="other")
+        assert await result.aget(timeout=20) == "done"
+        by_name = await app.asend_task("t.slow", (0,), shadow="by-name", time_limit=5)
+        assert await by_name.aget(timeout=20) == "done"
+    assert any("slow[report-7]" in r.getMessage() and result.id in r.getMessage() for r in caplog.records)
+    assert any("by-name" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="no exchanges"):
+        await slow.aapply_async((0,), exchange="tasks")
+    with pytest.raises(ConfigError, match="publish_timeout"):
+        await slow.aapply_async((0,), retry_policy={"max_retries": 3})
+    with pytest.raises(ConfigError, match="invalid queue name"):
+        await slow.aapply_async((0,), routing_key="a.b")
+    with pytest.raises(ConfigError, match="disagree"):
+        await slow.aapply_async((0,), routing_key="other", queue="default")
+
+
+async def test_call_ignore_result_stores_nothing(app: Natask) -> None:
+    ran = asyncio.Event()
+
+    @app.task(name="t.fire")
+    def fire() -> int:
+        ran.set()
+        return 1
+
+    @app.task(name="t.after")
+    def after() -> int:
+        return 2
+
+    async with worker(app, concurrency=1):
+        ignored = await fire.aapply_async(ignore_result=True)
+        await ran.wait()
+        assert await (await after.adelay()).aget(timeout=20) == 2
+    assert await app.AsyncResult(ignored.id).astate() == "PENDING"
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+async def test_call_compression_and_serializer(app: Natask, compression: str) -> None:
+    @app.task(name="t.big")
+    def big(text: str, n: int = 1) -> int:
+        return len(text) * n
+
+    text = "natask " * 10_000
+    async with worker(app):
+        assert await (await big.aapply_async((text,), compression=compression)).aget(timeout=20) == len(text)
+        call = await big.aapply_async((text,), {"n": 2}, compression=compression, serializer="json")
+        assert await call.aget(timeout=20) == 2 * len(text)
+    with pytest.raises(ConfigError, match="compression"):
+        await big.aapply_async(("x",), compression="lzma")

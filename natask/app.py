@@ -14,12 +14,13 @@ from .client import Client
 from .config import Config, Options, Seconds, seconds
 from .errors import ConfigError, TaskNotFound
 from .hooks import Hooks, Middleware
+from .message import Call
 from .naming import Names, check_task_name
 from .portal import Portal, blocking
 from .result import AsyncResult
 from .settings import Settings
 from .shared import register_shared, set_current
-from .task import AsyncTask, Task, TaskOptions, builtin_tasks
+from .task import AsyncTask, CallExtras, Task, TaskOptions, builtin_tasks
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -121,6 +122,17 @@ class Natask:
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
         priority: int = ...,
+        base: type[Task[Any, Any]] | None = ...,
+        dont_autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_kwargs: Mapping[str, Any] | None = ...,
+        default_retry_delay: Seconds | None = ...,
+        throws: Sequence[type[BaseException]] = ...,
+        serializer: str = ...,
+        typing: bool = ...,
+        shadow: str | None = ...,
+        store_errors_even_if_ignored: bool = ...,
+        acks_late: bool = ...,
+        reject_on_worker_lost: bool = ...,
     ) -> _BoundDecorator: ...
     @overload
     def task(
@@ -144,6 +156,17 @@ class Natask:
         broadcast: bool = ...,
         soft_time_limit: Seconds | None = ...,
         priority: int = ...,
+        base: type[Task[Any, Any]] | None = ...,
+        dont_autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_kwargs: Mapping[str, Any] | None = ...,
+        default_retry_delay: Seconds | None = ...,
+        throws: Sequence[type[BaseException]] = ...,
+        serializer: str = ...,
+        typing: bool = ...,
+        shadow: str | None = ...,
+        store_errors_even_if_ignored: bool = ...,
+        acks_late: bool = ...,
+        reject_on_worker_lost: bool = ...,
     ) -> _Decorator: ...
     def task(  # noqa: PLR0913 - Celery's task options, keyword-only
         self,
@@ -167,11 +190,24 @@ class Natask:
         broadcast: bool = False,
         soft_time_limit: Seconds | None = None,
         priority: int = 0,
+        base: type[Task[Any, Any]] | None = None,
+        dont_autoretry_for: Sequence[type[BaseException]] = (),
+        retry_kwargs: Mapping[str, Any] | None = None,
+        default_retry_delay: Seconds | None = None,
+        throws: Sequence[type[BaseException]] = (),
+        serializer: str = "msgpack",
+        typing: bool = True,
+        shadow: str | None = None,
+        store_errors_even_if_ignored: bool = False,
+        acks_late: bool = True,
+        reject_on_worker_lost: bool = False,
     ) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(...)``.
 
         The name defaults to ``<module>.<function>``; name tasks defined in ``__main__`` explicitly
-        so workers importing the module find them under the same name.
+        so workers importing the module find them under the same name. ``base``: a ``Task``
+        subclass whose ``before_start``/``on_success``/``on_failure``/``on_retry``/``after_return``
+        the worker calls (Celery's class-based tasks); the other options are in ``TaskOptions``.
         """
         options = TaskOptions(
             queue=queue,
@@ -191,13 +227,29 @@ class Natask:
             broadcast=broadcast,
             soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
             priority=priority,
+            dont_autoretry_for=tuple(dont_autoretry_for),
+            retry_kwargs=dict(retry_kwargs or {}),
+            default_retry_delay=None if default_retry_delay is None else seconds(default_retry_delay,
+                                                                                 "default_retry_delay"),
+            throws=tuple(throws),
+            serializer=serializer,
+            typing=typing,
+            shadow=shadow,
+            store_errors_even_if_ignored=store_errors_even_if_ignored,
+            acks_late=acks_late,
+            reject_on_worker_lost=reject_on_worker_lost,
         )
+        if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+            raise ConfigError(f"base= must be a subclass of natask.Task, got {base!r}")
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             if not callable(func):
                 raise ConfigError(f"@app.task decorates functions, got {func!r}")
             task_name = name or self._default_name(func)
             cls: type[Task[Any, Any]] = AsyncTask if asyncio.iscoroutinefunction(func) else Task
+            if base is not None:
+                # An async function under a sync base: AsyncTask's local call returns the coroutine.
+                cls = base if cls is Task or issubclass(base, AsyncTask) else type(base.__name__, (base, AsyncTask), {})
             task = cls(self, func, task_name, options)
             task.call_signature  # noqa: B018 - validates bind=True functions now, not in the worker
             existing = self.tasks.get(task.name)
@@ -312,14 +364,22 @@ class Natask:
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
         priority: int = 0,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[Any]:
-        """Enqueue a task by name without consulting the local registry."""
-        if self.always_eager and name in self.tasks:
-            return self.tasks[name].apply(args, kwargs, task_id=task_id, queue=queue, headers=headers)
-        queue = queue or self.client.default_queue(name, args, kwargs or {})
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
-                                   countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result, priority=priority)
+        """Enqueue a task by name without consulting the local registry; the call options are
+        ``apply_async``'s (``ignore_result=True`` here also keeps the worker from storing it)."""
+        call = self._call_of(name, args, kwargs, countdown, eta, expires, task_id, queue, headers, ignore_result,
+                             priority, CallExtras.of(time_limit, shadow, ignore_result or None, serializer,
+                                                     compression, routing_key, exchange, retry, retry_policy))
+        if isinstance(call, AsyncResult):
+            return call  # eager: already run
         return self.client.portal.run(self.client.publish(call))
 
     async def asend_task(  # noqa: PLR0913 - Celery's call options, keyword-only
@@ -336,14 +396,21 @@ class Natask:
         headers: Mapping[str, str] | None = None,
         ignore_result: bool = False,
         priority: int = 0,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[Any]:
         """Async ``send_task``."""
-        if self.always_eager and name in self.tasks:
-            return self.tasks[name].apply(args, kwargs, task_id=task_id, queue=queue, headers=headers)
-        queue = queue or self.client.default_queue(name, args, kwargs or {})
-        call = self.client.prepare(name, args, kwargs or {}, queue=queue,
-                                   countdown=countdown, eta=eta, expires=expires, task_id=task_id,
-                                   headers=headers, ignore_result=ignore_result, priority=priority)
+        call = self._call_of(name, args, kwargs, countdown, eta, expires, task_id, queue, headers, ignore_result,
+                             priority, CallExtras.of(time_limit, shadow, ignore_result or None, serializer,
+                                                     compression, routing_key, exchange, retry, retry_policy))
+        if isinstance(call, AsyncResult):
+            return call  # eager: already run
         return await self.client.publish(call)
 
     def signature(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
@@ -358,6 +425,24 @@ class Natask:
         if results is not None:
             return GroupResult(self, group_id, results)
         return GroupResult.restore(self, group_id)
+
+    def _call_of(  # noqa: PLR0913 - send_task's options, passed on
+        self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
+        countdown: float | timedelta | None, eta: datetime | None, expires: float | timedelta | datetime | None,
+        task_id: str | None, queue: str | None, headers: Mapping[str, str] | None, ignore_result: bool,
+        priority: int, extras: CallExtras | None,
+    ) -> Call | AsyncResult[Any]:
+        """``send_task``'s call, routed and prepared; the eager result instead in eager mode."""
+        if self.always_eager and name in self.tasks:
+            return self.tasks[name].apply(args, kwargs, task_id=task_id, queue=queue, headers=headers)
+        kwargs = kwargs or {}
+        if extras is not None:
+            return extras.prepare(None, args, kwargs, countdown, eta, expires, task_id, queue, headers, None,
+                                  name=name, client=self.client, priority=priority,
+                                  default_queue=self.client.default_queue(name, args, kwargs))
+        return self.client.prepare(name, args, kwargs, queue=queue or self.client.default_queue(name, args, kwargs),
+                                   countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+                                   headers=headers, ignore_result=ignore_result, priority=priority)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         """Rebuild the handle of any task by id (results are read from the KV bucket).

@@ -19,7 +19,7 @@ from .broker import Broker, NoResponders, SequenceConflict
 from .config import Config, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed
 from .hooks import Hooks
-from .message import Call, Envelope, at_schedule, dumps, find_unencodable, loads
+from .message import Call, Envelope, at_schedule, compress, dumps, find_unencodable, loads
 from .naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
@@ -123,7 +123,7 @@ class Client(Generic[H]):
         return self.config.default_queue
 
     # -- calls ------------------------------------------------------------------------------
-    def prepare(  # noqa: PLR0913 - every call option, keyword-only
+    def prepare(  # noqa: PLR0913, C901 - every call option, keyword-only
         self,
         name: str,
         args: Sequence[Any],
@@ -142,6 +142,9 @@ class Client(Generic[H]):
         meta: dict[str, Any] | None = None,
         soft_time_limit: float | None = None,
         priority: int = 0,
+        serializer: str = "msgpack",
+        compression: str | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -170,24 +173,29 @@ class Client(Generic[H]):
             args=list(args),
             kwargs=dict(kwargs),
             eta=when,
-            expires=None if expires is None else _expires(now if when is None else when, expires),
+            expires=None if expires is None else _expires(now, expires),  # from the call, as Celery
             parent_id=parent_id,
             root_id=root_id,
             links=links or _NO_LINKS,
             meta=meta or _NO_META,
         )
-        try:
-            payload = envelope.encode()
-        except EncodeError:
-            raise EncodeError(
-                f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
-                "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
-            ) from None
+        if serializer == "msgpack" and compression is None:
+            try:
+                payload = envelope.encode()
+            except EncodeError:
+                raise EncodeError(
+                    f"cannot send {name}: {find_unencodable(args, kwargs)}. natask carries msgpack types plus "
+                    "datetime, date, time, timedelta, UUID, Decimal, bytes, set, tuple and dataclasses"
+                ) from None
+        else:
+            payload = _encode_other(envelope, serializer, compression)
         hdrs = {HDR_MSG_ID: task_id}  # the task's name is in the subject (a header would cost ~40 B a task)
         if explicit_id:
             hdrs[HDR_CHECK_STORED] = "1"  # this id may have run before: the worker looks first
         if soft_time_limit is not None:
             hdrs[HDR_SOFT_TIME_LIMIT] = _soft_limit(soft_time_limit)
+        if extra:
+            hdrs.update(extra)
         if headers:
             for key, value in headers.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -494,6 +502,18 @@ def _eta(now: float, countdown: float | timedelta | None, eta: datetime | None) 
             raise ConfigError("eta must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
         return eta.timestamp()
     return None
+
+
+def _encode_other(envelope: Envelope, serializer: str, compression: str | None) -> bytes:
+    """A call's body with a ``serializer`` other than msgpack and/or a ``compression``."""
+    if serializer not in ("msgpack", "json"):
+        raise ConfigError(f"serializer must be 'msgpack' or 'json', got {serializer!r:.40}")
+    try:
+        payload = envelope.encode() if serializer == "msgpack" else envelope.encode_json()
+    except EncodeError as e:
+        detail = find_unencodable(envelope.args, envelope.kwargs) if serializer == "msgpack" else e
+        raise EncodeError(f"cannot send {envelope.task} as {serializer}: {detail}") from None
+    return payload if compression is None else compress(payload, compression)
 
 
 def _soft_limit(value: float) -> str:

@@ -151,6 +151,8 @@ class Config:
     eager_propagates: bool = option(False, "NATASK_EAGER_PROPAGATES", "An eager run that fails raises the task's "
                                     "exception instead of returning a failed EagerResult (Celery's "
                                     "task_eager_propagates). Mutable later as app.eager_propagates.")
+    result_extended: bool = option(False, "NATASK_RESULT_EXTENDED", "Store each task's args, kwargs and queue "
+                                   "in its result record (AsyncResult.args/.kwargs/.queue), as Celery's setting.")
     connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
         "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
@@ -221,6 +223,7 @@ class Options(TypedDict, total=False):
     queue_options: Mapping[str, Mapping[str, int]]
     always_eager: bool
     eager_propagates: bool
+    result_extended: bool
     connect_options: Mapping[str, Any]
 
 

@@ -17,7 +17,9 @@
     └─ TaskControl                 raised inside tasks to steer the worker, never logged as an error
        ├─ Retry
        ├─ Reject
+       ├─ Ignore                   the task ends without a stored result, acked, not retried
        └─ TimeLimitExceeded
+    MaxRetriesExceededError        raised by ``self.retry()`` once the task's retries ran out (as Celery's)
     SoftTimeLimitExceeded          raised inside a task past its soft_time_limit (an Exception, as Celery's)
     WorkerLostError                the process running a task died before it ended
 """
@@ -141,6 +143,39 @@ class Reject(TaskControl):
     def __init__(self, reason: str = "rejected") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Ignore(TaskControl):
+    """Raised inside a task to end it with nothing stored: the message is acked, no retry, no
+    result (the caller's ``get()`` waits on until its timeout, as in Celery)."""
+
+
+class MaxRetriesExceededError(NataskError):
+    """Raised by ``self.retry()`` (without ``exc=``) when the task has no retries left; a task
+    that does not catch it fails with it (its FAILURE is stored, not dead-lettered)."""
+
+    def __init__(self, message: str = "max retries exceeded", task_id: str = "", retries: int = 0) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.retries = retries
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.task_id, self.retries))
+
+
+class ExceptionInfo:
+    """What a base class's ``on_failure``/``on_retry``/``after_return`` get as ``einfo`` (Celery's
+    names): ``exception``, ``type`` and ``traceback`` (the formatted text)."""
+
+    __slots__ = ("exception", "traceback", "type")
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+        self.type = type(exception)
+        self.traceback = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+
+    def __str__(self) -> str:
+        return self.traceback
 
 
 class TimeLimitExceeded(TaskControl):

@@ -7,15 +7,17 @@ import datetime as dt
 import decimal
 import enum
 import itertools
+import json
 import threading
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from .errors import DecodeError, EncodeError
+from .errors import ConfigError, DecodeError, EncodeError
 from .naming import MAX_TASK_NAME, TASK_ID_RE, is_task_name
 
 WIRE_VERSION: Final = 1
@@ -257,13 +259,31 @@ class Envelope:
             body["meta"] = self.meta
         return dumps(body)
 
+    def encode_json(self) -> bytes:
+        """The body as JSON (``serializer="json"`` tasks): the same keys; only JSON types travel.
+        A worker tells it from msgpack by its first byte, ``{`` (a msgpack map never starts so)."""
+        body = {k: v for k, v in dataclasses.asdict(self).items() if v or k in ("args", "kwargs")}
+        body["v"] = WIRE_VERSION
+        try:
+            return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise EncodeError(f"not JSON: {e}") from None
+
     @classmethod
     def decode(cls, data: bytes, headers: Mapping[str, str] | None = None) -> Envelope:
         """Parse and validate a task message body; raises ``DecodeError`` keeping bytes and headers."""
         try:
             body = loads(data)
         except DecodeError as e:
-            raise DecodeError(str(e), data, headers) from None
+            # serializer="json" or compression=: reached only when msgpack fails, told by the first
+            # byte (a msgpack envelope starts with a map marker, never with these).
+            first = data[:1]
+            if first == b"{":
+                body = _json_body(data, headers)
+            elif first in _COMPRESSED:
+                return cls.decode(decompress(data, headers), headers)
+            else:
+                raise DecodeError(str(e), data, headers) from None
         if not isinstance(body, dict):
             raise DecodeError(f"envelope must be a map, got {type(body).__name__}", data, headers)
         version = body.get("v")
@@ -295,6 +315,64 @@ class Envelope:
         if problem:
             raise DecodeError(f"malformed envelope: {problem}", data, headers)
         return env
+
+
+COMPRESSIONS: Final = ("zlib", "zstd")
+"""The ``compression`` values a call may name (zstd with the ``natask[zstd]`` extra)."""
+_COMPRESSED: Final = (b"\x78", b"\x28")  # the first byte of a zlib stream, of a zstd frame
+
+
+def compress(payload: bytes, method: str) -> bytes:
+    """``payload`` compressed with ``method`` (``"zlib"`` or ``"zstd"``); ``ConfigError`` otherwise."""
+    if method == "zlib":
+        return zlib.compress(payload)
+    if method == "zstd":
+        return _zstd().ZstdCompressor().compress(payload)  # type: ignore[no-any-return]
+    raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)} (or None), got {method!r:.40}")
+
+
+def decompress(data: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+    """A compressed body, decompressed to at most ``MAX_MESSAGE_BYTES`` (no decompression bomb);
+    the result must not itself be compressed."""
+    try:
+        if data[:1] == b"\x78":
+            inflater = zlib.decompressobj()
+            out = inflater.decompress(data, MAX_MESSAGE_BYTES + 1)
+            if not inflater.eof:
+                raise ValueError("truncated stream, or over the decode limit")
+        else:
+            chunks, size = [], 0
+            with _zstd().ZstdDecompressor().stream_reader(data) as reader:
+                while size <= MAX_MESSAGE_BYTES and (chunk := reader.read(1 << 20)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+            out = b"".join(chunks)
+    except DecodeError:
+        raise
+    except Exception as e:  # zlib.error, zstd.ZstdError, ValueError
+        raise DecodeError(f"undecodable compressed body: {type(e).__name__}: {e}", data, headers) from None
+    if len(out) > MAX_MESSAGE_BYTES or out[:1] in _COMPRESSED:
+        raise DecodeError("compressed body over the decode limit, or compressed twice", data, headers)
+    return out
+
+
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError("compression='zstd' needs the zstandard package: pip install 'natask[zstd]' "
+                          "(or use compression='zlib')") from None
+    return zstandard
+
+
+def _json_body(data: bytes, headers: Mapping[str, str] | None) -> Any:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the decode limit of {MAX_MESSAGE_BYTES}", data,
+                          headers)
+    try:
+        return json.loads(data)
+    except Exception as e:  # ValueError, RecursionError on deep nesting, UnicodeDecodeError
+        raise DecodeError(f"undecodable JSON: {type(e).__name__}: {e}", data, headers) from None
 
 
 def _check_optional(env: Envelope) -> str:

@@ -49,6 +49,12 @@ HDR_RETRIES: Final = "Natask-Retries"
 """How many times the task was retried before this message (republishes carry it)."""
 HDR_SOFT_TIME_LIMIT: Final = "Natask-Soft-Time-Limit"
 """A call's ``soft_time_limit`` (seconds, decimal), over the task's own."""
+HDR_TIME_LIMIT: Final = "Natask-Time-Limit"
+"""A call's ``time_limit`` (seconds, decimal), over the task's own."""
+HDR_SHADOW: Final = "Natask-Shadow"
+"""A call's ``shadow``: the name the worker's logs show for it."""
+HDR_IGNORE_RESULT: Final = "Natask-Ignore-Result"
+"""A call's ``ignore_result=True`` over a task that stores its result: ``1``."""
 HDR_CHECK_STORED: Final = "Natask-Check-Stored"
 """``1``: this task id may have been published before (an id the caller chose, a workflow step, a
 beat tick, a publish retried across a reconnect), so a worker first looks for a stored final

@@ -43,6 +43,28 @@ class TaskOptions:
     soft_time_limit: float | None = None
     priority: int = 0
     """0..9, higher runs first (the call's ``priority=`` wins)."""
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    """Exceptions never retried automatically, even when ``autoretry_for`` matches them."""
+    retry_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """``max_retries`` and/or ``countdown`` for automatic retries (Celery's ``retry_kwargs``)."""
+    default_retry_delay: float | None = None
+    """Seconds before a retry that names no countdown (None: the exponential backoff)."""
+    throws: tuple[type[BaseException], ...] = ()
+    """Expected errors: the task still fails, logged at INFO without a traceback."""
+    serializer: str = "msgpack"
+    """How calls of this task are encoded: ``"msgpack"`` or ``"json"``."""
+    typing: bool = True
+    """False: arguments are not checked against the signature at call time."""
+    shadow: str | None = None
+    """The name shown in the worker's logs instead of the task's."""
+    store_errors_even_if_ignored: bool = False
+    """With ``ignore_result``: store FAILURE outcomes anyway."""
+    acks_late: bool = True
+    """Always True: natask acks a task message after its run ends."""
+    reject_on_worker_lost: bool = False
+    """True: a task whose process-pool child died (``WorkerLostError``) is retried, not failed."""
+    hooked: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set by the task: its class overrides a ``base=`` handler (``before_start``, ``on_success``, ...)."""
 
     def __post_init__(self) -> None:
         rates = [parse_rate(getattr(self, what), what) for what in ("rate_limit", "global_rate_limit")]
@@ -62,15 +84,42 @@ class TaskOptions:
                               f"got {self.priority!r}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0 or None (forever), got {self.max_retries}")
-        for exc in self.autoretry_for:
-            if not (isinstance(exc, type) and issubclass(exc, BaseException)):
-                raise ConfigError(f"autoretry_for must hold exception classes, got {exc!r}")
+        for what in ("autoretry_for", "dont_autoretry_for", "throws"):
+            for exc in getattr(self, what):
+                if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+                    raise ConfigError(f"{what} must hold exception classes, got {exc!r}")
+        _check_retry_options(self)
+        if self.acks_late is not True:
+            raise ConfigError("acks_late=False is not supported: natask always acks a task after it ran (at least "
+                              "once); for at-most-once use task.call() (request-reply) or broadcast=True")
+        if self.shadow is not None and (not isinstance(self.shadow, str) or not self.shadow):
+            raise ConfigError(f"shadow must be a non-empty str, got {self.shadow!r}")
         for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires", "soft_time_limit"):
             value = getattr(self, what)
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0 seconds, got {value}")
 
 
+def _check_retry_options(self: TaskOptions) -> None:
+    """``ConfigError`` for bad ``retry_kwargs``, ``default_retry_delay`` or ``serializer``."""
+    unknown = set(self.retry_kwargs) - {"max_retries", "countdown"}
+    if unknown:
+        raise ConfigError(f"retry_kwargs takes max_retries and countdown, got {', '.join(sorted(unknown))}: "
+                          "set backoff with retry_backoff/retry_backoff_max/retry_jitter")
+    limit = self.retry_kwargs.get("max_retries")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"retry_kwargs max_retries must be an int >= 0 or None, got {limit!r}")
+    for what, value in (("retry_kwargs countdown", self.retry_kwargs.get("countdown")),
+                        ("default_retry_delay", self.default_retry_delay)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    if self.serializer not in SERIALIZERS:
+        raise ConfigError(f"serializer must be one of {', '.join(SERIALIZERS)}, got {self.serializer!r} "
+                          "(pickle and yaml are not supported: pass data msgpack or JSON can carry)")
+
+
+SERIALIZERS: Final = ("msgpack", "json")
+"""The ``serializer`` values natask can encode task calls with."""
 MAX_CONCURRENCY: Final = 10_000
 """Largest ``max_concurrency``: the cap's leases live in one KV value."""
 _RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([smh]))?\s*$")

@@ -12,6 +12,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
 
 from .broker import SequenceConflict
@@ -167,6 +170,57 @@ class AsyncResult(Generic[R]):
         return self.info
 
     @property
+    def traceback(self) -> str | None:
+        """The formatted traceback of a failed task (text), else None."""
+        record = self._current()
+        return record.get("traceback") or None if record and record["state"] == State.FAILURE else None
+
+    @property
+    def date_done(self) -> datetime | None:
+        """When the outcome was stored (an aware UTC datetime), None before."""
+        record = self._current()
+        done = record.get("date_done") if record else None
+        return datetime.fromtimestamp(done, timezone.utc) if isinstance(done, (int, float)) else None
+
+    @property
+    def name(self) -> str | None:
+        """The task's name: known to the handle of a call, else read from the stored outcome."""
+        if self.task_name is not None:
+            return self.task_name
+        record = self._current()
+        return record.get("task") if record else None
+
+    @property
+    def retries(self) -> int | None:
+        """Retries the task took before its stored outcome (None before one is stored)."""
+        record = self._current()
+        return record.get("retries") if record else None
+
+    @property
+    def args(self) -> list[Any] | None:
+        """The call's positional arguments; stored only with the app's ``result_extended=True``."""
+        record = self._current()
+        return record.get("args") if record else None
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None:
+        """The call's keyword arguments; stored only with ``result_extended=True``."""
+        record = self._current()
+        return record.get("kwargs") if record else None
+
+    @property
+    def queue(self) -> str | None:
+        """The queue the task ran from; stored only with ``result_extended=True``."""
+        record = self._current()
+        return record.get("queue") if record else None
+
+    def maybe_throw(self, propagate: bool = True) -> None:
+        """Raise ``TaskFailed``/``TaskRevoked`` if the task ended so (no waiting); else nothing."""
+        record = self._current()
+        if propagate and record is not None and record["state"] in (State.FAILURE, State.REVOKED):
+            raise self._error(record)
+
+    @property
     def worker(self) -> str | None:
         """The worker (``host:pid``) that produced the latest state, if known."""
         record = self._current()
@@ -269,6 +323,36 @@ class AsyncResult(Generic[R]):
             self._check_waitable()
             self._portal.run(self._wait(timeout))
         return self._unwrap(propagate)  # type: ignore[no-any-return]
+
+    def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Alias of ``get`` (Celery's name)."""
+        return self.get(timeout, propagate)
+
+    def collect(self, timeout: float | None = None) -> Iterator[tuple[AsyncResult[Any], Any]]:
+        """``(handle, result)`` of this task, then of its children and theirs, depth first (Celery's
+        ``collect``: waits for each in turn)."""
+        yield self, self.get(timeout)
+        for child in self.children:
+            yield from child.collect(timeout)
+
+    def then(self, callback: Callable[[AsyncResult[R]], object],
+             on_error: Callable[[BaseException], object] | None = None) -> Future[None]:
+        """Call ``callback(self)`` on the app's I/O thread once the task ended (any final state);
+        ``on_error(exc)`` if waiting failed. Returns a ``concurrent.futures.Future`` of the call."""
+        async def wait_then() -> None:
+            try:
+                if not self._final:
+                    self._check_waitable()
+                    await self._wait_final()
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                return
+            callback(self)
+
+        portal = self._portal
+        return asyncio.run_coroutine_threadsafe(wait_then(), portal.loop or portal._start())
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Async ``get``."""

@@ -6,7 +6,7 @@ import enum
 import random
 from dataclasses import dataclass
 
-from .errors import Reject, Retry, TimeLimitExceeded
+from .errors import Reject, Retry, TimeLimitExceeded, WorkerLostError
 from .options import TaskOptions
 
 
@@ -48,12 +48,19 @@ def decide(exc: BaseException, options: TaskOptions, retries: int) -> Decision:
         override = getattr(exc, "max_retries", None)
         limit = override if override is not None else limit
         countdown = exc.countdown
-    elif options.autoretry_for and isinstance(exc, options.autoretry_for) and not isinstance(exc, TimeLimitExceeded):
+    elif (options.autoretry_for and isinstance(exc, options.autoretry_for) and not isinstance(exc, TimeLimitExceeded)
+          and not (options.dont_autoretry_for and isinstance(exc, options.dont_autoretry_for))) or (
+            options.reject_on_worker_lost and isinstance(exc, WorkerLostError)):
         countdown = None
+        if options.retry_kwargs:
+            limit = options.retry_kwargs.get("max_retries", limit)
+            countdown = options.retry_kwargs.get("countdown")
     else:
         return Decision(Action.FAIL)
     if limit is not None and retries >= limit:
         return Decision(Action.FAIL, reason=f"max retries ({limit}) exceeded")
+    if countdown is None:
+        countdown = options.default_retry_delay
     if countdown is None:
         countdown = backoff(retries, options.retry_backoff, options.retry_backoff_max, options.retry_jitter)
     return Decision(Action.RETRY, countdown=max(0.0, countdown))

@@ -24,6 +24,8 @@ class State(str, enum.Enum):
     """It raised (retries exhausted, rejected, dead-lettered)."""
     REVOKED = "REVOKED"
     """Revoked, expired or terminated: it will not run (again)."""
+    IGNORED = "IGNORED"
+    """It raised ``Ignore``: nothing is stored (a hook's outcome names it; never in the results bucket)."""
 
     def __str__(self) -> str:
         return self.value

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 import typing
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, ParamSpec, TypeVar
 
 from .canvas.eager import Eager, EagerResult, Replaced, run_coroutine
 from .canvas.signature import Canvas, Freezer, Signature, callback_freezer, chunks, group
-from .errors import ConfigError, Retry, TaskNotFound
-from .message import Call
-from .naming import check_task_name
-from .options import Request, TaskOptions, current_request
+from .config import check_queue_name
+from .errors import ConfigError, ExceptionInfo, MaxRetriesExceededError, Retry, TaskNotFound
+from .message import COMPRESSIONS, Call
+from .naming import HDR_IGNORE_RESULT, HDR_SHADOW, HDR_TIME_LIMIT, check_task_name
+from .options import SERIALIZERS, Request, TaskOptions, current_request
 
 __all__ = ["AsyncTask", "Request", "Task", "TaskOptions", "current_request"]
 
@@ -45,6 +48,12 @@ class Task(Generic[P, R]):
         self._call_signature: inspect.Signature | None = None
         self._arity = -1  # number of plain positional parameters; -1 when binding needs inspect
         self._dataclass_params: dict[str, type] | None = None
+        cls = type(self)
+        if cls is not Task and cls is not AsyncTask and any(
+                getattr(cls, hook) is not getattr(Task, hook) for hook in HANDLERS):
+            # The worker calls the handlers only of tasks that have some: none costs nothing.
+            self.options = options = dataclasses.replace(options)
+            object.__setattr__(options, "hooked", True)
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -134,21 +143,33 @@ class Task(Generic[P, R]):
         link_error: Canvas | Sequence[Canvas] | None = None,
         soft_time_limit: float | None = None,
         priority: int | None = None,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        ignore_result: bool | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[R]:
         """Enqueue with options; see SPEC §2. ``link`` runs on success with the result,
         ``link_error`` on failure with the failed task's id."""
         if self.app.always_eager:  # Celery's eager mode: no countdown, eta or expiry, no time limits
             return self.apply(args, kwargs, task_id=task_id, queue=queue, headers=headers, link=link,
                               link_error=link_error)
-        if soft_time_limit is not None and (link is not None or link_error is not None):
-            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
-                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
+        extras = CallExtras.of(time_limit, shadow, ignore_result, serializer, compression, routing_key, exchange,
+                               retry, retry_policy)
+        if (soft_time_limit is not None or extras is not None) and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
+                              "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
+                              "link/link_error")
         if link is not None or link_error is not None:
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error, priority=priority)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit,
-                             priority)
+                             priority, extras)
         client = self._client
         if self.options.broadcast:
             return client.portal.run(client.broadcast(call))
@@ -169,20 +190,32 @@ class Task(Generic[P, R]):
         link_error: Canvas | Sequence[Canvas] | None = None,
         soft_time_limit: float | None = None,
         priority: int | None = None,
+        time_limit: float | None = None,
+        shadow: str | None = None,
+        ignore_result: bool | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        retry: bool = True,
+        retry_policy: Mapping[str, Any] | None = None,
     ) -> AsyncResult[R]:
         """Async ``apply_async``."""
         if self.app.always_eager:  # Celery's eager mode: no countdown, eta or expiry, no time limits
             return self.apply(args, kwargs, task_id=task_id, queue=queue, headers=headers, link=link,
                               link_error=link_error)
-        if soft_time_limit is not None and (link is not None or link_error is not None):
-            raise ConfigError("soft_time_limit is not carried by workflows yet: set it on the task "
-                              "(@app.task(soft_time_limit=...)) or call without link/link_error")
+        extras = CallExtras.of(time_limit, shadow, ignore_result, serializer, compression, routing_key, exchange,
+                               retry, retry_policy)
+        if (soft_time_limit is not None or extras is not None) and (link is not None or link_error is not None):
+            raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
+                              "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
+                              "link/link_error")
         if link is not None or link_error is not None:
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error, priority=priority)
         call = self._prepare(args, kwargs, countdown, eta, expires, task_id, queue, headers, soft_time_limit,
-                             priority)
+                             priority, extras)
         if self.options.broadcast:
             return await self._client.broadcast(call)  # type: ignore[no-any-return]
         return await self._client.publish(call)  # type: ignore[no-any-return]
@@ -226,9 +259,14 @@ class Task(Generic[P, R]):
         headers: Mapping[str, str] | None,
         soft_time_limit: float | None = None,
         priority: int | None = None,
+        extras: CallExtras | None = None,
     ) -> Call:
         kwargs = kwargs or {}
-        self.check_args(args, kwargs)
+        if self.options.typing:
+            self.check_args(args, kwargs)
+        if extras is not None:
+            return extras.prepare(self, args, kwargs, countdown, eta, expires, task_id, queue, headers,
+                                  soft_time_limit, priority=self.options.priority if priority is None else priority)
         return self._client.prepare(
             self.name,
             args,
@@ -242,6 +280,7 @@ class Task(Generic[P, R]):
             ignore_result=self.options.ignore_result,
             soft_time_limit=soft_time_limit,
             priority=self.options.priority if priority is None else priority,
+            serializer=self.options.serializer,
         )
 
     # -- eager -----------------------------------------------------------------------------
@@ -355,11 +394,136 @@ class Task(Generic[P, R]):
         exc: BaseException | None = None,
         countdown: float | None = None,
         max_retries: int | None = None,
-    ) -> Retry:
-        """Build the ``Retry`` to raise: ``raise self.retry(exc=e, countdown=5)``."""
+        *,
+        eta: datetime | None = None,
+        throw: bool = True,
+    ) -> NoReturn:
+        """Retry this run later, as Celery's: raises ``Retry`` (``raise self.retry(...)`` works too),
+        after ``countdown`` seconds or at ``eta`` (default: ``default_retry_delay``, else the backoff).
+        With no retries left (``max_retries``, else the task's) it raises ``exc`` if given, else
+        ``MaxRetriesExceededError``: the task fails with it. ``throw=False`` is not supported (a
+        retry always ends the run)."""
+        if not throw:
+            raise ConfigError("self.retry(throw=False) is not supported: the retry is published when the run "
+                              "ends with the raised Retry")
+        if eta is not None:
+            if countdown is not None:
+                raise ConfigError("give countdown= or eta=, not both")
+            if not isinstance(eta, datetime) or eta.tzinfo is None:
+                raise ConfigError("eta must be a timezone-aware datetime")
+            countdown = max(0.0, eta.timestamp() - time.time())
+        request = current_request.get()
+        if request is not None and request.task == self.name:
+            limit = max_retries if max_retries is not None else self.options.max_retries
+            if limit is not None and request.retries >= limit:
+                if exc is not None:
+                    raise exc
+                raise MaxRetriesExceededError(
+                    f"{self.name}[{request.id}] has no retries left ({request.retries} of max_retries={limit})",
+                    request.id, request.retries)
         retry = Retry(exc=exc, countdown=countdown)
         retry.max_retries = max_retries  # type: ignore[attr-defined]
-        return retry
+        raise retry
+
+    # -- handlers of a ``base=`` class (Celery's names); the worker calls them only when overridden --
+    def before_start(self, task_id: str, args: Args, kwargs: Kwargs) -> Any:
+        """Called by the worker before the run starts."""
+
+    def on_success(self, retval: Any, task_id: str, args: Args, kwargs: Kwargs) -> Any:
+        """Called by the worker after the task returned ``retval``."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Args, kwargs: Kwargs, einfo: ExceptionInfo) -> Any:
+        """Called by the worker after the task failed with ``exc`` (no retry left or none asked)."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Args, kwargs: Kwargs, einfo: ExceptionInfo) -> Any:
+        """Called by the worker when the run raised and a retry is published."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Args, kwargs: Kwargs,
+                     einfo: ExceptionInfo | None) -> Any:
+        """Called by the worker after the outcome is settled (``status``: SUCCESS, FAILURE or RETRY;
+        ``retval``: the result or the exception)."""
+
+
+HANDLERS: Final = ("before_start", "on_success", "on_failure", "on_retry", "after_return")
+"""The methods of a ``base=`` class the worker calls (sync, or ``async def``: awaited)."""
+
+
+@dataclass(frozen=True)
+class CallExtras:
+    """The rarer call options of one ``apply_async``/``send_task`` (None when a call gives none,
+    so the common call pays one check)."""
+
+    time_limit: float | None
+    shadow: str | None
+    ignore_result: bool | None
+    serializer: str | None
+    compression: str | None
+    routing_key: str | None
+
+    @classmethod
+    def of(cls,  # noqa: PLR0913 - Celery's call options, passed on
+           time_limit: float | None, shadow: str | None, ignore_result: bool | None, serializer: str | None,
+           compression: str | None, routing_key: str | None, exchange: str | None, retry: bool,
+           retry_policy: Mapping[str, Any] | None) -> CallExtras | None:
+        """Validated extras, or None when none is given."""
+        if exchange is not None:
+            raise ConfigError(f"exchange={exchange!r}: natask has no exchanges; a task goes to a queue: pass "
+                              "queue= (or routing_key=, taken as a queue name)")
+        if retry is not True or retry_policy is not None:
+            raise ConfigError("retry=False and retry_policy= are not supported: natask retries every publish with "
+                              "the same message id (never a duplicate) until the app's publish_timeout; set "
+                              "Natask(..., publish_timeout=...) instead")
+        if (time_limit is None and shadow is None and ignore_result is None and serializer is None
+                and compression is None and routing_key is None):
+            return None
+        if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                       or not 0 < time_limit < float("inf")):
+            raise ConfigError(f"time_limit must be a number of seconds > 0, got {time_limit!r:.40}")
+        if shadow is not None and (not isinstance(shadow, str) or not shadow or len(shadow) > MAX_SHADOW
+                                   or not shadow.isprintable()):
+            raise ConfigError(f"shadow must be a printable name of at most {MAX_SHADOW} characters, got {shadow!r:.40}")
+        if serializer is not None and serializer not in SERIALIZERS:
+            raise ConfigError(f"serializer must be one of {', '.join(SERIALIZERS)}, got {serializer!r:.40}")
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)} (or None), "
+                              f"got {compression!r:.40}")
+        if routing_key is not None:
+            check_queue_name(routing_key)
+        return cls(time_limit, shadow, ignore_result, serializer, compression, routing_key)
+
+    def prepare(self, task: Task[Any, Any] | None,  # noqa: PLR0913 - the call options, passed on
+                args: Args, kwargs: Kwargs, countdown: float | timedelta | None,
+                eta: datetime | None, expires: float | timedelta | datetime | None, task_id: str | None,
+                queue: str | None, headers: Mapping[str, str] | None, soft_time_limit: float | None,
+                *, name: str = "", client: Any = None, default_queue: str = "", priority: int = 0) -> Call:
+        """The call, prepared with these extras (``task`` None: ``send_task`` by ``name``)."""
+        if queue is not None and self.routing_key is not None and queue != self.routing_key:
+            raise ConfigError(f"queue={queue!r} and routing_key={self.routing_key!r} disagree: pass one")
+        queue = queue or self.routing_key
+        stored = task is None or not task.options.ignore_result
+        ignore = self.ignore_result if self.ignore_result is not None else not stored
+        extra: dict[str, str] = {}
+        if self.time_limit is not None:
+            extra[HDR_TIME_LIMIT] = repr(float(self.time_limit))
+        if self.shadow is not None:
+            extra[HDR_SHADOW] = self.shadow
+        if ignore and stored:
+            extra[HDR_IGNORE_RESULT] = "1"  # the worker must not store what this call ignores
+        if task is not None:
+            name, client = task.name, task._client
+            default_queue = task.options.queue or client.default_queue(name, args, kwargs)
+            serializer = self.serializer or task.options.serializer
+            expires = expires if expires is not None else task.options.expires
+        else:
+            serializer = self.serializer or "msgpack"
+        return client.prepare(  # type: ignore[no-any-return]
+            name, args, kwargs, queue=queue or default_queue, countdown=countdown, eta=eta, expires=expires,
+            task_id=task_id, headers=headers, ignore_result=ignore, soft_time_limit=soft_time_limit,
+            serializer=serializer, compression=self.compression, extra=extra, priority=priority)
+
+
+MAX_SHADOW: Final = 200
+"""Longest ``shadow`` name a call may carry (a header)."""
 
 
 class AsyncTask(Task[P, R]):

@@ -61,12 +61,12 @@ class EagerResult(AsyncResult[R], Generic[R]):
 
     As in Celery, ``get()`` of a failed run raises the task's own exception (not ``TaskFailed``)."""
 
-    __slots__ = ("_children", "_exc", "_parent", "_traceback", "retries")
+    __slots__ = ("_children", "_exc", "_parent", "_traceback")
 
     def __init__(self, app: App, task_id: str, task_name: str | None, state: str, value: Any = None,
                  exc: BaseException | None = None, traceback: str | None = None, retries: int = 0) -> None:
         super().__init__(app, task_id, task_name)
-        record: dict[str, Any] = {"state": state}
+        record: dict[str, Any] = {"state": state, "retries": retries}
         if state == State.SUCCESS:
             record["result"] = value
         elif exc is not None:
@@ -76,8 +76,6 @@ class EagerResult(AsyncResult[R], Generic[R]):
         self._traceback = traceback
         self._parent: AsyncResult[Any] | None = None
         self._children: list[AsyncResult[Any]] = []
-        self.retries = retries
-        """How many times the run was retried before this outcome."""
 
     def __repr__(self) -> str:
         return f"<EagerResult {self.id} {self.state}>"
@@ -107,14 +105,10 @@ class EagerResult(AsyncResult[R], Generic[R]):
     def _info(self, record: Mapping[str, Any] | None) -> Any:
         return self._exc if self._exc is not None else super()._info(record)
 
-    def maybe_throw(self) -> None:
-        """Raise the task's exception if it failed."""
-        if self._exc is not None:
+    def maybe_throw(self, propagate: bool = True) -> None:
+        """Raise the task's own exception if it failed."""
+        if propagate and self._exc is not None:
             raise self._exc
-
-    def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
-        """Alias of ``get`` (Celery's name)."""
-        return self.get(timeout, propagate)
 
     async def aforget(self) -> None:
         """Nothing is stored for an eager run: nothing to forget."""

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import reprlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TimeLimitExceeded, failure_record
+from ..errors import ExceptionInfo, TimeLimitExceeded, failure_record
 from ..hooks import Hooks
 from ..hooks import Outcome as Ended
 from ..message import Envelope, dumps
-from ..naming import HDR_SOFT_TIME_LIMIT
+from ..naming import HDR_SOFT_TIME_LIMIT, HDR_TIME_LIMIT
 from ..options import Request, current_request
 from ..states import State
 from .delivery import Delivery, Tally
 from .events import EventLog
-from .outcome import Outcome
+from .outcome import Outcome, shown
 from .processes import ProcessPool
 from .soft import ThreadAlarm, run_async, soft_error
 from .threads import ThreadRunner
@@ -47,17 +48,19 @@ class Execution:
         self.tally = tally
         self.ident = ident
 
-    async def task(self, delivery: Delivery, env: Envelope, task: Task[Any, Any], args: Sequence[Any],
+    async def task(self, delivery: Delivery, env: Envelope, task: Task[Any, Any], args: Sequence[Any],  # noqa: C901
                    kwargs: dict[str, Any], request: Request, retries: int) -> None:
         """Run an admitted task and settle its outcome: the one place a task message starts running
         and the one where its run ends."""
-        events, hooks = self.events, self.hooks
+        events, hooks, options = self.events, self.hooks, task.options
+        if options.hooked:
+            await handler(task, "before_start", env.id, args, kwargs)
         if hooks.before_task:
             # In this delivery's own asyncio task: context variables a hook sets are the task's.
             await hooks.call("before_task", request)
         info = log.isEnabledFor(logging.INFO)
         if info:
-            log.info("task %s[%s] received", env.task, env.id)
+            log.info("task %s[%s] received", shown(task, env, request), env.id)
         if events.listeners:
             events.started.append((delivery.started_at, env.id, env.task, retries))
             if events.timer is None:
@@ -87,27 +90,42 @@ class Execution:
                 cause = getattr(exc, "exc", None) or exc
                 await hooks.call("after_task", request, Ended(state, exception=cause, runtime=runtime,
                                                               traceback=failure_record(cause)["traceback"]))
+            if options.hooked:
+                await self.handlers_after_failure(task, env, args, kwargs, exc, state)
             return
         delivery.finished = True
         self.tally.processed += 1
         if info or hooks.after_task:
             runtime = time.perf_counter() - started
             if info:
-                log.info("task %s[%s] succeeded in %.3fs: %s", env.task, env.id, runtime, _short.repr(value))
+                log.info("task %s[%s] succeeded in %.3fs: %s", shown(task, env, request), env.id, runtime,
+                         _short.repr(value))
         # Settled first (follow-ups sent in the run's context, outcome stored, message acked): a hook
         # after the task can neither delay nor lose it.
         await self.outcome.finish(delivery, env, task, {"state": State.SUCCESS.value, "result": value}, retries)
         if hooks.after_task:
             await hooks.call("after_task", request, Ended(State.SUCCESS.value, value, runtime=runtime))
+        if options.hooked:
+            await handler(task, "on_success", value, env.id, args, kwargs)
+            await handler(task, "after_return", State.SUCCESS.value, value, env.id, args, kwargs, None)
+
+    @staticmethod
+    async def handlers_after_failure(task: Task[Any, Any], env: Envelope, args: Sequence[Any],
+                                     kwargs: dict[str, Any], exc: Exception, state: str) -> None:
+        """The ``base=`` class's ``on_retry`` or ``on_failure``, then ``after_return``."""
+        cause = getattr(exc, "exc", None) or exc
+        if state == State.IGNORED:
+            return
+        einfo = ExceptionInfo(cause)
+        await handler(task, "on_retry" if state == State.RETRY else "on_failure", cause, env.id, args, kwargs, einfo)
+        await handler(task, "after_return", state, cause, env.id, args, kwargs, einfo)
 
     async def run(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any], request: Request) -> Any:
         """The task's return value (``TimeLimitExceeded`` past its time limit)."""
         options = task.options
         fn, limit, soft = task.fn, options.time_limit, options.soft_time_limit
         if request.headers:
-            raw = request.headers.get(HDR_SOFT_TIME_LIMIT)
-            if raw is not None:
-                soft = soft_limit_of(raw, soft)
+            soft, limit = call_limits(request.headers, soft, limit)
         if not task.is_async and self.pool is not None:
             return await self.pool.run(task, args, kwargs, request, soft, limit)
         if options.bind:
@@ -146,14 +164,37 @@ class Execution:
                 timer.cancel()
 
 
-def soft_limit_of(raw: str, default: float | None) -> float | None:
-    """The ``soft_time_limit`` a call carries (header): seconds > 0, else the task's own (logged)."""
+async def handler(task: Task[Any, Any], name: str, *args: Any) -> None:
+    """Call a ``base=`` class's handler (awaited when ``async def``); what it raises is logged."""
+    try:
+        value = getattr(task, name)(*args)
+        if inspect.isawaitable(value):
+            await value
+    except Exception:
+        log.exception("task %s: its %s handler raised", task.name, name)
+
+
+def call_limits(headers: Mapping[str, str], soft: float | None, limit: float | None) -> tuple[float | None,
+                                                                                          float | None]:
+    """The soft and hard time limits of a call: those its headers carry, else the task's."""
+    raw = headers.get(HDR_SOFT_TIME_LIMIT)
+    if raw is not None:
+        soft = soft_limit_of(raw, soft)
+    raw = headers.get(HDR_TIME_LIMIT)
+    if raw is not None:
+        limit = soft_limit_of(raw, limit, HDR_TIME_LIMIT)
+    return soft, limit
+
+
+def soft_limit_of(raw: str, default: float | None, header: str = HDR_SOFT_TIME_LIMIT) -> float | None:
+    """The ``soft_time_limit`` (or ``time_limit``) a call carries in ``header``: seconds > 0, else the
+    task's own (logged)."""
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        log.warning("ignoring malformed %s header %r: the task's own soft time limit applies", HDR_SOFT_TIME_LIMIT,
+        log.warning("ignoring malformed %s header %r: the task's own limit applies", header,
                     raw[:40])
         return default
     return value

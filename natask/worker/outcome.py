@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..broker import Broker, attempt, stream_sequence
 from ..canvas.eager import Replaced
 from ..dlq import index_dead_letter
-from ..errors import EncodeError, PayloadTooLarge, StorageFull, failure_record, type_name
+from ..errors import EncodeError, Ignore, PayloadTooLarge, StorageFull, failure_record, type_name
 from ..message import Envelope, at_schedule, dumps
 from ..naming import (
     HDR_DLQ_ATTEMPTS,
@@ -22,11 +22,13 @@ from ..naming import (
     HDR_DLQ_SUBJECT,
     HDR_DLQ_TIME,
     HDR_DLQ_TRUNCATED,
+    HDR_IGNORE_RESULT,
     HDR_MSG_ID,
     HDR_REPLY,
     HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    HDR_SHADOW,
     HDR_TASK,
 )
 from ..options import Request
@@ -58,7 +60,8 @@ DLQ_EXC_TYPES: Final = {
 UNTRUSTED: Final = frozenset({"forged", "malformed header", "invalid subject"})
 """Dead-letter reasons that make the message's own claims (its id, its reply subject) untrusted:
 no outcome is stored or sent for them, or the sender could write another task's result."""
-_META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children"})
+_META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children", "args",
+                               "kwargs", "queue"})
 
 
 class Outcome:
@@ -78,6 +81,8 @@ class Outcome:
         self.tally = tally
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
+        self.extended = app.config.result_extended
+        """Store args, kwargs and queue in result records (``result_extended``)."""
 
     # -- the outcome of a run ---------------------------------------------------------------
     async def finish(self, delivery: Delivery, env: Envelope, task: Task[Any, Any] | None,
@@ -85,7 +90,11 @@ class Outcome:
         """Run workflow follow-ups, send the outcome to the caller, store it (once: the first final
         outcome wins), then ack — in that order."""
         msg = delivery.msg
-        ignore = task is not None and task.options.ignore_result
+        ignore = task is not None and task.options.ignore_result and not (
+            task.options.store_errors_even_if_ignored and record["state"] != State.SUCCESS)
+        if msg.headers and HDR_IGNORE_RESULT in msg.headers:  # the call's ignore_result=True
+            ignore = not (task is not None and task.options.store_errors_even_if_ignored
+                          and record["state"] != State.SUCCESS)
         if env.links or env.meta:
             if record["state"] == State.SUCCESS:
                 record = self.encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
@@ -96,6 +105,9 @@ class Outcome:
             record.update(task=env.task, worker=self.ident, date_done=time.time(), retries=retries)
             if env.parent_id:
                 record.update(parent_id=env.parent_id, root_id=env.root_id)
+            if self.extended:
+                route = self.app.names.task_from_subject(msg.subject)
+                record.update(args=env.args, kwargs=env.kwargs, queue=route[0] if route else None)
             data, record = self.encode(record, env.task)
             reply = (msg.headers or {}).get(HDR_REPLY)
             fast = not delivery.careful and delivery.writing is None
@@ -116,7 +128,12 @@ class Outcome:
         if isinstance(exc, Replaced):  # Task.replace: the replacement stores this task's result later
             await replace(self, env, exc, request)
             await delivery.msg.ack()
-            return "IGNORED"
+            return State.IGNORED.value
+        if isinstance(exc, Ignore):
+            # Celery's Ignore: acked, nothing stored, no retry, no dead letter.
+            log.info("task %s[%s] ignored", env.task, env.id)
+            await delivery.msg.ack()
+            return State.IGNORED.value
         decision = decide(exc, task.options, retries)
         cause = getattr(exc, "exc", None) or exc
         if decision.action is Action.RETRY:
@@ -131,9 +148,13 @@ class Outcome:
         elif decision.reason:  # retries exhausted
             await self.dead_letter(delivery, decision.reason, f"{record['exc_type']}: {record['message']}",
                                    env=env, record=record)
+        elif task.options.throws and isinstance(cause, task.options.throws):  # expected: no traceback
+            log.info("task %s[%s] raised expected %s: %s", shown(task, env, request), env.id,
+                     record["exc_type"], record["message"])
+            await self.finish(delivery, env, task, record, retries)
         else:
-            log.error("task %s[%s] failed: %s: %s", env.task, env.id, record["exc_type"], record["message"],
-                      exc_info=cause)
+            log.error("task %s[%s] failed: %s: %s", shown(task, env, request), env.id, record["exc_type"],
+                      record["message"], exc_info=cause)
             await self.finish(delivery, env, task, record, retries)
         return State.FAILURE.value
 
@@ -339,6 +360,15 @@ class Outcome:
             await self.finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record))
         else:
             await msg.ack()
+
+
+def shown(task: Task[Any, Any], env: Envelope, request: Request | None = None) -> str:
+    """The name the logs show: the call's ``shadow``, else the task's, else its own name."""
+    if request is not None and request.headers:
+        shadow = request.headers.get(HDR_SHADOW)
+        if shadow:
+            return shadow
+    return task.options.shadow or env.task
 
 
 def _meta(record: dict[str, Any]) -> dict[str, Any]:

@@ -244,13 +244,16 @@ def test_request_outside_a_worker_is_an_error(app: Natask) -> None:
         task.request  # noqa: B018
 
 
-def test_retry_builds_a_retry(app: Natask) -> None:
+def test_retry_raises_a_retry(app: Natask) -> None:
     task = app.task(name="t.retry")(module_level_add)
     err = ValueError("boom")
-    retry = task.retry(exc=err, countdown=5)
-    assert isinstance(retry, Retry)
+    with pytest.raises(Retry) as info:
+        task.retry(exc=err, countdown=5)  # raises by itself, as Celery's
+    retry = info.value
     assert retry.exc is err and retry.countdown == 5
     assert "boom" in str(retry)
+    with pytest.raises(ConfigError, match="throw=False"):
+        task.retry(throw=False)
 
 
 def test_signatures_from_task(app: Natask) -> None:

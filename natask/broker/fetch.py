@@ -551,7 +551,8 @@ class Fetcher:
         """Batches for busy queues, round robin, least recently served first."""
         unit = self.unit
         ready = self.ready
-        while ready:
+        skipped = 0  # queues in a row whose turn waits for their highest level's open request
+        while ready and skipped < len(ready):
             free = self.capacity - self.running - self.requested
             free_bytes = self.budget - self.used
             if free <= 0 or free_bytes < unit:
@@ -559,7 +560,13 @@ class Fetcher:
             q = ready[0]
             levels, share = q.levels, False
             if levels is not None:  # the queue's turn goes to one of its busy levels
-                q, share = self._level(levels)
+                chosen = self._level(levels)
+                if chosen is None:
+                    self._rotate(levels)
+                    skipped += sum(1 for m in levels.members if m.where is ready)
+                    continue
+                q, share = chosen
+            skipped = 0
             want = q.backlog if q.backlog > 0 else self.min_batch
             fit = max(1, free_bytes // q.size)  # large messages: bytes, not slots, bound the batch
             # The head of the round gets all it can use: the server's cost is mostly per request.
@@ -582,13 +589,17 @@ class Fetcher:
                 continue
             await self._request(q, size, max(unit, min(free_bytes, size * q.size)), BUSY_EXPIRES)
 
-    def _level(self, levels: _Levels) -> tuple[_Queue, bool]:
+    def _level(self, levels: _Levels) -> tuple[_Queue, bool] | None:
         """The level of a queue a turn goes to: its highest busy one, or every ``LOW_SHARE``-th turn
-        its lowest (True: the starvation share)."""
+        its lowest (True: the starvation share); None while the highest busy level has a request
+        open (its messages come first: a lower level must not take the turn meanwhile)."""
         ready = self.ready
         waiting = [m for m in levels.members if m.where is ready]
         if len(waiting) > 1 and (levels.turns + 1) % LOW_SHARE == 0:
             return waiting[-1], True
+        top = next((m for m in levels.members if m.busy), None)
+        if top is not None and top.where is not ready and top.credit:
+            return None
         return waiting[0], False
 
     def _rotate(self, levels: _Levels) -> None:

@@ -815,7 +815,11 @@ def events(app_spec: str | None, kind: str, count: int, as_json: bool) -> None:
         lines = _EventLines()
         async for event in _in_time_order(follow(app, kind)):
             # Events were checked on receipt (malformed ones dropped); their texts are still anyone's.
-            click.echo(json.dumps(event, default=str) if as_json else printable(lines.format(event)))
+            if as_json:
+                click.echo(json.dumps(event, default=str))
+                continue
+            for line in lines.format(event):
+                click.echo(printable(line))
             seen += 1
             if count and seen >= count:
                 return
@@ -878,20 +882,23 @@ class _EventLines:
         self.day = ""
         self.since: dict[tuple[str, str], float] = {}  # (task id, "sent" | "started") -> event time
 
-    def format(self, event: dict[str, Any]) -> str:
+    def format(self, event: dict[str, Any]) -> list[str]:
+        """The event's line, after a line naming the day when it changed (the wire text in them is
+        escaped by the caller, line by line)."""
         from datetime import datetime
 
         ts, kind, task_id = event.get("ts"), str(event.get("type")), event.get("id")
         when = datetime.fromtimestamp(ts) if isinstance(ts, (int, float)) else None
-        head = ""
+        out = []
         if when is not None and when.strftime("%Y-%m-%d") != self.day:
             self.day = when.strftime("%Y-%m-%d")
-            head = f"-- {self.day} {when.astimezone().tzname() or ''}\n"
+            out.append(f"-- {self.day} {when.astimezone().tzname() or ''}")
         clock = when.strftime("%H:%M:%S.%f")[:-3] if when is not None else "?"
         task = f"{event.get('name')}[{task_id}]" if task_id else ""
         took = self._duration(kind, task_id, ts)
         fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "ts", "worker", "id", "name"))
-        return head + "  ".join(x for x in (clock, str(event.get("worker")), f"{kind:<15}", task, took, fields) if x)
+        out.append("  ".join(x for x in (clock, str(event.get("worker")), f"{kind:<15}", task, took, fields) if x))
+        return out
 
     def _duration(self, kind: str, task_id: object, ts: object) -> str:
         if not isinstance(task_id, str) or not isinstance(ts, (int, float)):

@@ -44,7 +44,8 @@ async def test_inspect_shows_what_the_worker_holds(nats_server: NatsServer) -> N
             await revoked_on(w, "gone-1")  # the worker learns revokes through its watch
             control = app.control
             [registered] = await control.ainspect("registered")
-            assert registered["registered"]["items"] == ["ctl.add", "ctl.hold"]
+            # (plus any @shared_task a module imported earlier registered on every app, as Celery does)
+            assert {"ctl.add", "ctl.hold"} <= set(registered["registered"]["items"])
             [queues] = await control.ainspect("active_queues")
             assert [q["name"] for q in queues["queues"]] == ["default"]
             [scheduled] = await control.ainspect("scheduled")

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import msgpack
@@ -263,8 +264,10 @@ async def test_natask_events_drops_malformed_events_and_escapes_the_rest(url: st
             await proc.wait()
         await nc.close()
     assert proc.returncode == 0, err.decode()
-    [line] = out.decode().splitlines()
-    assert line == "1.000 w:1 task-failed exc_type=E message=\\x1b[31mred\\nline id=a2 name=o.add", line
+    when = datetime.fromtimestamp(1.0)  # events print local times, after a line naming the day
+    assert out.decode().splitlines() == [
+        f"-- {when:%Y-%m-%d} {when.astimezone().tzname()}",
+        f"{when:%H:%M:%S}.000  w:1  task-failed      o.add[a2]  exc_type=E message=\\x1b[31mred\\nline"]
 
 
 async def test_cli_output_of_wire_data_is_escaped_and_odd_values_do_not_crash_it(url: str) -> None:

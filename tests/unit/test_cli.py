@@ -86,11 +86,12 @@ def test_event_lines_show_local_times_and_durations() -> None:
 
     lines, task = _EventLines(), "0" * 32
     sent = datetime(2026, 1, 2, 3, 4, 5, 250000).timestamp()
-    lines.format({"type": "task-sent", "ts": sent, "worker": "w", "id": task, "name": "shop.add"})
-    started = lines.format({"type": "task-started", "ts": sent + 0.5, "worker": "w", "id": task,
-                            "name": "shop.add"})
+    first = lines.format({"type": "task-sent", "ts": sent, "worker": "w", "id": task, "name": "shop.add"})
+    assert len(first) == 2 and first[0].startswith("-- 2026-01-02")  # the day, on a line of its own
+    [started] = lines.format({"type": "task-started", "ts": sent + 0.5, "worker": "w", "id": task,
+                              "name": "shop.add"})
     assert "03:04:05.750" in started and "waited 0.500s" in started and "shop.add[" in started
-    done = lines.format({"type": "task-succeeded", "ts": sent + 2, "worker": "w", "id": task, "name": "shop.add"})
+    [done] = lines.format({"type": "task-succeeded", "ts": sent + 2, "worker": "w", "id": task, "name": "shop.add"})
     assert done.startswith("03:04:07.250  w  task-succeeded") and "ran 1.500s" in done
 
 

@@ -228,6 +228,7 @@ class Options(TypedDict, total=False):
     always_eager: bool
     eager_propagates: bool
     result_extended: bool
+    large_payload_limit: int
     connect_options: Mapping[str, Any]
 
 

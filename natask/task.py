@@ -130,7 +130,7 @@ class Task(Generic[P, R]):
         Needs Django (``django.db.transaction.on_commit``)."""
         _on_commit(self.name, lambda: self.delay(*args, **kwargs))
 
-    def apply_async_on_commit(self, args: Args | None = None, kwargs: Kwargs | None = None, **options: Any) -> None:
+    def apply_async_on_commit(self, args: Args = (), kwargs: Kwargs | None = None, **options: Any) -> None:
         """``apply_async`` once the current database transaction commits (as ``delay_on_commit``)."""
         _on_commit(self.name, lambda: self.apply_async(args, kwargs, **options))
 

@@ -83,3 +83,13 @@ async def test_django_project(nats_server: NatsServer, monkeypatch: pytest.Monke
     finally:
         await app.aclose()
         os.environ.pop("DJANGO_SETTINGS_MODULE", None)
+
+
+def test_delay_on_commit_needs_django(monkeypatch: pytest.MonkeyPatch) -> None:
+    from natask import ConfigError, Natask
+
+    app = Natask("nodjango")
+    add = app.task(name="t.add")(lambda x, y: x + y)
+    monkeypatch.setitem(sys.modules, "django.db", None)  # as if Django were not installed
+    with pytest.raises(ConfigError, match="Django is not installed: call delay"):
+        add.delay_on_commit(1, 2)

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from .broker import Broker, NoResponders, SequenceConflict
 from .config import Config, check_queue_name, seconds
-from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, ResultTimeout, TaskFailed
+from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, PayloadTooLarge, ResultTimeout, TaskFailed
 from .hooks import Hooks
 from .message import Call, Envelope, at_schedule, compress, dumps, find_unencodable, loads
 from .naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
+    HDR_OBJECT,
     HDR_REPLY,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
@@ -234,7 +235,10 @@ class Client(Generic[H]):
         result, subject = self.route(broker, call)
         await broker.ensure_stream()
         ttl = (call.priority or call.expires is not None) and await self._before_wire(broker, call)
-        published = await broker.publish(subject, call.payload, call.headers)
+        try:
+            published = await broker.publish(subject, call.payload, call.headers)
+        except PayloadTooLarge as e:  # a try costs nothing until it raises: small calls pay no more
+            published = await broker.publish(subject, await self.claim_check(broker, call, e), call.headers)
         if ttl and call.expires is not None:
             result._expiry = (call.expires, published.seq)
         if published.duplicate and self.pending.get(call.task_id) is not result:
@@ -251,17 +255,21 @@ class Client(Generic[H]):
             for call in calls:
                 await hooks.call("before_publish", call)
         broker = await self.broker()
-        results, subjects = [], []
+        results, subjects, payloads = [], [], []
         for call in calls:
             result, subject = self.route(broker, call)
-            broker.check_size(subject, call.payload, call.headers)
+            try:
+                broker.check_size(subject, call.payload, call.headers)
+                payloads.append(call.payload)
+            except PayloadTooLarge as e:
+                payloads.append(await self.claim_check(broker, call, e))
             results.append(result)
             subjects.append(subject)
         await broker.ensure_stream()
         ttl = [i for i, call in enumerate(calls) if (call.priority or call.expires is not None)
                and await self._before_wire(broker, call)]
         seqs = [0] * len(calls) if ttl else None
-        await broker.publish_many(subjects, [c.payload for c in calls], [c.headers for c in calls], seqs)
+        await broker.publish_many(subjects, payloads, [c.headers for c in calls], seqs)
         if seqs is not None:
             for i in ttl:
                 expires = calls[i].expires
@@ -286,6 +294,21 @@ class Client(Generic[H]):
         if hooks.after_publish:
             await hooks.call("after_publish", call)
         return self._result_type(self._owner, call.task_id, call.task, ignore_result=True, route=None)
+    async def claim_check(self, broker: Broker, call: Call, error: PayloadTooLarge) -> bytes:
+        """A call over ``max_payload``: put its body in the objects bucket (up to
+        ``large_payload_limit``) and mark its headers; the body to publish instead (empty).
+        ``PayloadTooLarge`` naming the option beyond that limit."""
+        limit = self.config.large_payload_limit
+        if len(call.payload) > limit:
+            raise PayloadTooLarge(
+                f"{error} (the Object Store carries calls up to large_payload_limit="
+                f"{limit} bytes{', off' if not limit else ''}: raise it, or pass a reference instead)",
+                len(call.payload), limit or error.limit) from None
+        name = f"{call.task_id}.args"
+        await broker.put_object(name, call.payload)
+        call.headers[HDR_OBJECT] = name
+        return b""
+
     @staticmethod
     async def _before_wire(broker: Broker, call: Call) -> bool:
         """What a call with a priority or an expiry needs before its publish: its level's consumer

@@ -153,6 +153,10 @@ class Config:
                                     "task_eager_propagates). Mutable later as app.eager_propagates.")
     result_extended: bool = option(False, "NATASK_RESULT_EXTENDED", "Store each task's args, kwargs and queue "
                                    "in its result record (AsyncResult.args/.kwargs/.queue), as Celery's setting.")
+    large_payload_limit: int = option(64 * 1024 * 1024, "NATASK_LARGE_PAYLOAD_LIMIT", "Largest call or result "
+                                      "(bytes, encoded) carried through the JetStream Object Store when it does not "
+                                      "fit the server's max_payload (a claim check); 0: off, PayloadTooLarge instead.",
+                                      minimum=0)
     connect_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "env": ", ".join(_ENV_CONNECT), "doc": "Passed to nats-py's connect (user, password, token, "
         "user_credentials, nkeys_seed, tls, inbox_prefix...); values are never logged."})
@@ -224,6 +228,7 @@ class Options(TypedDict, total=False):
     always_eager: bool
     eager_propagates: bool
     result_extended: bool
+    large_payload_limit: int
     connect_options: Mapping[str, Any]
 
 

@@ -55,6 +55,14 @@ HDR_SHADOW: Final = "Natask-Shadow"
 """A call's ``shadow``: the name the worker's logs show for it."""
 HDR_IGNORE_RESULT: Final = "Natask-Ignore-Result"
 """A call's ``ignore_result=True`` over a task that stores its result: ``1``."""
+HDR_OBJECT: Final = "Natask-Object"
+"""A claim check: the call's body (empty here) is the object of this name in the app's objects bucket
+(``<task id>.args``), put there because it did not fit the server's ``max_payload``."""
+RESULT_OBJECT: Final = "result_object"
+"""The key of a SUCCESS record whose result did not fit ``max_payload``: the name of the object in the
+app's objects bucket holding the whole record (``<task id>.result``)."""
+OBJECT_NAME_RE: Final = re.compile(r"^([-/_=A-Za-z0-9]{1,200})\.(args|result)$")
+"""An object natask puts in its bucket: ``<task id>.args`` or ``<task id>.result``."""
 HDR_CHECK_STORED: Final = "Natask-Check-Stored"
 """``1``: this task id may have been published before (an id the caller chose, a workflow step, a
 beat tick, a publish retried across a reconnect), so a worker first looks for a stored final
@@ -278,6 +286,11 @@ class Names:
     def schedules_bucket(self) -> str:
         """Periodic entries stored at run time (``app.beat.add``, ``natask beat add``): one key per entry."""
         return f"natask_schedules_{self.prefix}"
+
+    @property
+    def objects_bucket(self) -> str:
+        """Object Store bucket of calls and results larger than ``max_payload`` (claim checks)."""
+        return f"natask_objects_{self.prefix}"
 
     @property
     def claims_bucket(self) -> str:

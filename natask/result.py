@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeGuard, TypeVar
 from .broker import SequenceConflict
 from .errors import BrokerError, ResultError, ResultTimeout, TaskFailed, TaskRevoked
 from .message import dumps
-from .naming import TASK_ID_RE, check_task_id
+from .naming import RESULT_OBJECT, TASK_ID_RE, check_task_id
 from .portal import Portal, blocking
 from .states import FINAL_STATES, State
 from .waiting import Record, parse_record
@@ -322,6 +322,8 @@ class AsyncResult(Generic[R]):
         if not self._final:
             self._check_waitable()
             self._portal.run(self._wait(timeout))
+        if RESULT_OBJECT in self._record:  # type: ignore[operator]
+            self._portal.run(self._claim())
         return self._unwrap(propagate)  # type: ignore[no-any-return]
 
     def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
@@ -359,7 +361,20 @@ class AsyncResult(Generic[R]):
         if not self._final:
             self._check_waitable()
             await (self._wait_final() if timeout is None else self._wait(timeout))  # one frame less
+        if RESULT_OBJECT in self._record:  # type: ignore[operator]
+            await self._claim()
         return self._unwrap(propagate)  # type: ignore[no-any-return]
+
+    async def _claim(self) -> None:
+        """Replace a SUCCESS record that points at an object (a result over ``max_payload``) by
+        the whole record stored there."""
+        broker = await self.app.client.broker()
+        data = await broker.get_object(f"{self.id}.result")  # our own id: never a name from the wire
+        record = parse_record(data) if data else None
+        if record is None or record.get("state") != State.SUCCESS:
+            raise ResultError(f"the result of task {self.id} was stored in the Object Store (bucket "
+                              f"{self.app.names.objects_bucket}) and is gone: it is kept result_ttl")
+        self._record = record
 
     def _check_waitable(self) -> None:
         if self._ignore_result:

@@ -358,7 +358,7 @@ def _packages(packages: Any) -> Iterable[str]:
         packages = packages()
     if packages is None:
         try:
-            from django.apps import apps  # type: ignore[import-not-found,unused-ignore]
+            from django.apps import apps  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError:
             raise ConfigError("autodiscover_tasks() without packages reads Django's INSTALLED_APPS, and Django "
                               "is not installed: pass the packages, autodiscover_tasks(['proj'])") from None

@@ -124,6 +124,16 @@ class Task(Generic[P, R]):
             return client.portal.run(client.broadcast(call))
         return client.portal.run(client.publish(call))
 
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Celery's Django helper: ``delay`` once the current database transaction commits (at once
+        outside one; never if it rolls back), so the worker finds the rows the call refers to.
+        Needs Django (``django.db.transaction.on_commit``)."""
+        _on_commit(self.name, lambda: self.delay(*args, **kwargs))
+
+    def apply_async_on_commit(self, args: Args = (), kwargs: Kwargs | None = None, **options: Any) -> None:
+        """``apply_async`` once the current database transaction commits (as ``delay_on_commit``)."""
+        _on_commit(self.name, lambda: self.apply_async(args, kwargs, **options))
+
     async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Async ``delay``."""
         return await self.aapply_async(args, kwargs)
@@ -607,3 +617,13 @@ def _revive(cls: type, value: dict[str, Any]) -> Any:
             item = _revive(sub, item)
         data[key] = item
     return cls(**data)
+
+
+def _on_commit(name: str, send: Callable[[], object]) -> None:
+    """Run ``send`` when Django's current transaction commits (Celery's ``delay_on_commit``)."""
+    try:
+        from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        raise ConfigError(f"{name}: delay_on_commit()/apply_async_on_commit() enqueue in Django's "
+                          "transaction.on_commit, and Django is not installed: call delay()/apply_async()") from None
+    transaction.on_commit(send)

@@ -35,6 +35,7 @@ EXPECTED: dict[str, str] = {
     "periodic.py": "ticks run twice: 0",
     "canvas.py": "chord  prices -> total: 2.5",
     "fastapi_app.py": "GET /quote?items=1,2,3 -> 200",
+    "flask_app.py": "GET /quote/<id> -> 200 {'items': 3, 'total': 59.94}",
     "django_style.py": "none of them with an event loop",
     "dashboard_mount.py": "search 'A-17' -> shop.checkout SUCCESS args=('A-17', card_number='***')",
     "tracing.py": "        process tracing.invoice  [consumer, OK]",
@@ -44,7 +45,7 @@ EXPECTED: dict[str, str] = {
 STANDALONE = ("quickstart.py", "persistence.py")
 """Also run without ``$NATS_URL`` (they start the bundled server; persistence.py then restarts it)."""
 
-NEEDS: dict[str, tuple[str, ...]] = {"fastapi_app.py": ("fastapi", "httpx"),
+NEEDS: dict[str, tuple[str, ...]] = {"fastapi_app.py": ("fastapi", "httpx"), "flask_app.py": ("flask",),
                                      "dashboard_mount.py": ("fastapi", "httpx", "starlette", "uvicorn")}
 """Modules an example imports beyond natask's test extra (``pip install "natask[examples]"``)."""
 

@@ -5,6 +5,7 @@ natask's.
     connection  one connection: connect, subscribe, request, gather, the PubAck inbox, API retries, close
     publish     publish with PubAck (retried with the same message id), pipelined publishes
     provision   streams, consumers and buckets natask owns, created and healed
+    objects     the Object Store bucket of payloads over max_payload (claim checks)
     kv          bucket handles and watches
     streams     operator reads: consumer and stream state, stored messages, purges
     fetch       the credit-based pull fetcher of a worker's queues

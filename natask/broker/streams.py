@@ -12,7 +12,7 @@ import nats.errors
 import nats.js.errors
 
 from ..errors import BrokerError
-from .provision import Provisioning
+from .objects import Objects
 
 REPLY_WAIT: Final = 5.0
 """Seconds to wait for each message of a direct get."""
@@ -54,7 +54,7 @@ class Stored(NamedTuple):
     headers: dict[str, str]
 
 
-class Streams(Provisioning):
+class Streams(Objects):
     """Operator reads and deletions on any stream (the task stream, the dead letters)."""
 
     async def consumer_states(self, stream: str) -> list[ConsumerState]:

@@ -15,11 +15,13 @@ from ..message import Envelope, dumps
 from ..naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
+    HDR_OBJECT,
     HDR_REPLAYS,
     HDR_REPLY,
     HDR_RETRIES,
     HDR_SCHEDULER,
     HDR_UNKNOWN_SINCE,
+    OBJECT_NAME_RE,
     TASK_ID_RE,
     is_reply_for,
 )
@@ -80,14 +82,24 @@ class Gate:
                                       f"{cut(msg.subject)} is not <prefix>.<queue>.<task name>")
             return
         delivery.name = route[1]
+        data = msg.data
+        if not data and HDR_OBJECT in headers:  # a claim check (an envelope is never empty)
+            claimed = await self.claimed(delivery, headers[HDR_OBJECT])
+            if claimed is None:
+                return
+            data = claimed
         try:
-            env = Envelope.decode(msg.data, headers)
+            env = Envelope.decode(data, headers)
         except DecodeError as e:
             task_id = headers.get(HDR_MSG_ID, "").split(":")[0]
             await outcome.dead_letter(delivery, "undecodable", str(e),
                                       task_id=task_id if TASK_ID_RE.match(task_id) else "")
             return
         delivery.task_id = env.id
+        if data is not msg.data and headers[HDR_OBJECT] != f"{env.id}.args":
+            await outcome.dead_letter(delivery, "forged", f"{HDR_OBJECT} {cut(headers[HDR_OBJECT])} is not the "
+                                      f"object of task {env.id}", env=env)
+            return
         if env.task != route[1]:
             await outcome.dead_letter(delivery, "forged", f"the message names task {cut(env.task)} but was "
                                       f"published on {msg.subject}, the subject permissions are checked on", env=env)
@@ -161,6 +173,27 @@ class Gate:
                                   lambda: self.execute(delivery, env, task, args, kwargs, request, retries))
             return
         await self.execute(delivery, env, task, args, kwargs, request, retries)
+
+    async def claimed(self, delivery: Delivery, name: str) -> bytes | None:
+        """The body of a claim-checked call, fetched from the objects bucket; None once the message
+        is settled instead: a malformed name, or an object gone (dead-lettered once, never a loop;
+        a redelivery of a task that finished and deleted its object is acked as done)."""
+        match = OBJECT_NAME_RE.match(name)
+        if match is None or match.group(2) != "args":
+            await self.outcome.dead_letter(delivery, "malformed header", f"{HDR_OBJECT} must name an object "
+                                           f"<task id>.args, got {cut(name)}")
+            return None
+        data = await self.broker.get_object(name)
+        if data:
+            return data
+        task_id = match.group(1)
+        if is_final((await self.store.read(task_id))[1]):
+            await delivery.msg.ack()  # ran and deleted its object: this is a late redelivery
+            return None
+        await self.outcome.dead_letter(delivery, "object missing", f"the call's body, object {name} of bucket "
+                                       f"{self.names.objects_bucket}, is gone (expired after result_ttl, or "
+                                       "deleted)", task_id=task_id)
+        return None
 
     async def done_before(self, delivery: Delivery, env: Envelope, reply: str | None) -> bool:
         """For a delivery that may repeat a finished run (a redelivery, a retry, an id published

@@ -24,12 +24,14 @@ from ..naming import (
     HDR_DLQ_TRUNCATED,
     HDR_IGNORE_RESULT,
     HDR_MSG_ID,
+    HDR_OBJECT,
     HDR_REPLY,
     HDR_RETRIES,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     HDR_SHADOW,
     HDR_TASK,
+    RESULT_OBJECT,
 )
 from ..options import Request
 from ..retry import Action, decide
@@ -60,6 +62,8 @@ DLQ_EXC_TYPES: Final = {
 UNTRUSTED: Final = frozenset({"forged", "malformed header", "invalid subject"})
 """Dead-letter reasons that make the message's own claims (its id, its reply subject) untrusted:
 no outcome is stored or sent for them, or the sender could write another task's result."""
+_BULKY: Final = frozenset({"result", "args", "kwargs"})
+"""Record keys left out of the small record that points at a large result's object."""
 _META_KEYS: Final = frozenset({"task", "worker", "date_done", "retries", "parent_id", "root_id", "children", "args",
                                "kwargs", "queue"})
 
@@ -86,9 +90,10 @@ class Outcome:
 
     # -- the outcome of a run ---------------------------------------------------------------
     async def finish(self, delivery: Delivery, env: Envelope, task: Task[Any, Any] | None,
-                     record: dict[str, Any], retries: int = 0) -> None:
+                     record: dict[str, Any], retries: int = 0, *, keep_object: bool = False) -> None:
         """Run workflow follow-ups, send the outcome to the caller, store it (once: the first final
-        outcome wins), then ack — in that order."""
+        outcome wins), delete a claim-checked call's object (unless ``keep_object``: a dead letter's
+        replay needs it), then ack — in that order."""
         msg = delivery.msg
         ignore = task is not None and task.options.ignore_result and not (
             task.options.store_errors_even_if_ignored and record["state"] != State.SUCCESS)
@@ -108,7 +113,9 @@ class Outcome:
             if self.extended:
                 route = self.app.names.task_from_subject(msg.subject)
                 record.update(args=env.args, kwargs=env.kwargs, queue=route[0] if route else None)
-            data, record = self.encode(record, env.task)
+            data, record = self.encode(record, env.task, objects=True)
+            if len(data) > self.broker.nc.max_payload - RECORD_HEADROOM:  # only a SUCCESS gets here (encode)
+                data = await self.result_object(env, data, record)
             reply = (msg.headers or {}).get(HDR_REPLY)
             fast = not delivery.careful and delivery.writing is None
             if reply and fast:
@@ -119,7 +126,25 @@ class Outcome:
             final = await self.store_final(delivery, env, data)
             if reply and not fast:
                 await self.broker.publish_core(reply, data if final is None else dumps(final))
+        if not msg.data and not keep_object and msg.headers and HDR_OBJECT in msg.headers:
+            try:  # the gate checked the name; the bucket's TTL removes it if this fails
+                await self.broker.delete_object(msg.headers[HDR_OBJECT])
+            except Exception as e:
+                log.warning("task %s[%s]: cannot delete its call's object (it expires after result_ttl): %s",
+                            env.task, env.id, e)
         await msg.ack()
+
+    async def result_object(self, env: Envelope, data: bytes, record: dict[str, Any]) -> bytes:
+        """A SUCCESS record over ``max_payload``, put whole in the objects bucket: the small record
+        stored and replied instead, naming the object (``AsyncResult.get`` fetches it). A failed
+        put becomes the FAILURE the caller gets."""
+        name = f"{env.id}.result"
+        try:
+            await self.broker.put_object(name, data)
+        except Exception as e:
+            log.error("task %s[%s]: cannot store its large result: %s", env.task, env.id, e)
+            return dumps(failure_record(e) | _meta(record))
+        return dumps({k: v for k, v in record.items() if k not in _BULKY} | {RESULT_OBJECT: name})
 
     async def failed(self, delivery: Delivery, env: Envelope, task: Task[Any, Any], exc: Exception,
                      retries: int, request: Request) -> str:
@@ -158,10 +183,11 @@ class Outcome:
             await self.finish(delivery, env, task, record, retries)
         return State.FAILURE.value
 
-    def encode(self, record: dict[str, Any], what: str) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, record: dict[str, Any], what: str, objects: bool = False) -> tuple[bytes, dict[str, Any]]:
         """A record and its bytes; a result that cannot be encoded, or too large for the server's
         ``max_payload``, becomes the FAILURE the caller gets instead (after one run: never a
-        redelivery loop)."""
+        redelivery loop). ``objects``: a SUCCESS up to ``large_payload_limit`` is returned whole, for
+        ``finish`` to store in the objects bucket."""
         try:
             data = dumps(record)
         except EncodeError as e:
@@ -170,8 +196,12 @@ class Outcome:
         limit = self.broker.nc.max_payload - RECORD_HEADROOM
         if len(data) <= limit:
             return data, record
+        large = self.app.config.large_payload_limit
+        if objects and len(data) <= large and record.get("state") == State.SUCCESS:
+            return data, record  # finish() stores it in the objects bucket
         error = PayloadTooLarge(f"the result of {what} is {len(data)} bytes encoded, over the {limit} bytes the "
-                                "server's max_payload leaves for it: return a reference (a URL, an object key) "
+                                f"server's max_payload leaves for it and over large_payload_limit={large} (the "
+                                "Object Store's share): raise that, or return a reference (a URL, an object key) "
                                 "instead of the data", len(data), limit)
         record = failure_record(error) | _meta(record)
         return dumps(record), record
@@ -357,7 +387,7 @@ class Outcome:
                 record = {"state": State.FAILURE.value, "exc_type": DLQ_EXC_TYPES.get(reason, "natask.DeadLettered"),
                           "message": error, "traceback": ""}
             task = self.app.tasks.get(name)
-            await self.finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record))
+            await self.finish(delivery, env or Envelope(id=task_id, task=name), task, dict(record), keep_object=True)
         else:
             await msg.ack()
 

@@ -245,7 +245,8 @@ async def test_unencodable_argument_fails_at_delay(app: Natask) -> None:
         await take.adelay(1, 2)
 
 
-async def test_payload_too_large_counts_headers(app: Natask) -> None:
+async def test_payload_too_large_counts_headers(nats_server: NatsServer) -> None:
+    app = Natask("test", servers=[nats_server.url], large_payload_limit=0)  # no Object Store share
     @app.task(name="t.big")
     def big(data: bytes) -> int:
         return len(data)
@@ -256,6 +257,7 @@ async def test_payload_too_large_counts_headers(app: Natask) -> None:
         await big.adelay(b"x" * (limit - 20))  # under the limit alone, over it with headers
     assert info.value.limit == limit and info.value.size > limit
     assert broker.nc.is_connected  # refused before sending: the server never dropped us
+    await app.aclose()
 
 
 async def test_sync_api_from_threads_and_successive_loops(nats_server: NatsServer) -> None:

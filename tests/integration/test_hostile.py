@@ -230,7 +230,8 @@ async def test_only_redeliveries_and_chosen_ids_read_the_store_first(app: Natask
     assert HDR_CHECK_STORED not in generated and chosen[HDR_CHECK_STORED] == "1"
 
 
-async def test_a_result_too_large_fails_after_one_run(app: Natask) -> None:
+async def test_a_result_too_large_fails_after_one_run(nats_server: NatsServer) -> None:
+    app = Natask("test", servers=[nats_server.url], ack_wait=5, large_payload_limit=0)  # no Object Store share
     runs: list[int] = []
 
     @app.task(name="t.big")
@@ -246,6 +247,7 @@ async def test_a_result_too_large_fails_after_one_run(app: Natask) -> None:
         with pytest.raises(TaskFailed, match="max_payload"):
             await big.acall()
     assert len(runs) == 2 and await DeadLetters(app).list() == []
+    await app.aclose()
 
 
 async def test_a_schedule_may_only_fire_into_its_own_queue(app: Natask, raw: Client) -> None:

@@ -10,27 +10,13 @@ from typing import Any
 from .beat.schedule import Scheduled, describe
 from .client import App
 from .dlq import DeadLetters
-from .message import loads
 from .naming import Names
-
-
-def control_subject(prefix: str, command: str = "*") -> str:
-    """The control subject of ``command`` for the subject prefix ``prefix`` (``Names.control_subject``)."""
-    return Names(prefix).control_subject(command)
+from .remote import Control
 
 
 async def inspect(app: App, command: str, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Ask every live worker of the app; replies gathered for ``timeout`` seconds."""
-    broker = await app.client.broker()
-    replies: list[dict[str, Any]] = []
-    for data in await broker.gather(control_subject(app.config.subject_prefix, command), b"", timeout):
-        try:
-            answer = loads(data)
-        except Exception:
-            continue
-        if isinstance(answer, dict):
-            replies.append(answer)
-    return sorted(replies, key=lambda r: str(r.get("worker")))
+    return await Control(app).asend(command, timeout=timeout)
 
 
 @dataclass

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import signal
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,10 @@ from natask.hooks import Middleware, Outcome, WorkerInfo
 from natask.message import Call
 from natask.naming import HDR_MSG_ID
 from natask.options import Request
+from natask.server import NatsServer
 from natask.testing import worker
+
+from .helpers import WorkerProcess
 
 
 class Recorder(Middleware):
@@ -40,9 +45,9 @@ class Raising(Middleware):
 @pytest.fixture
 def clean_signals() -> Iterator[None]:
     yield
-    for signal in signals.ALL:
-        for receiver, sender in signal.receivers:
-            signal.disconnect(receiver, sender=sender)
+    for sig in signals.ALL:
+        for receiver, sender in sig.receivers:
+            sig.disconnect(receiver, sender=sender)
 
 
 async def test_publish_hooks_run_in_order_and_may_add_headers(app: Natask) -> None:
@@ -403,3 +408,32 @@ async def test_log_levels_celery_style(app: Natask, caplog: pytest.LogCaptureFix
     assert failure and failure[0].levelno == logging.ERROR and failure[0].exc_info is not None  # traceback attached
     assert any(level == logging.WARNING and msg.startswith(f"task l.flaky[{retried.id}] retry 1 in ")
                for level, msg in lines)
+
+
+async def test_received_and_retry_signals(app: Natask, clean_signals: None) -> None:
+    got: list[tuple[Any, ...]] = []
+    signals.task_received.connect(lambda sender, request, **kw: got.append(("received", request.task)))
+    signals.task_retry.connect(lambda sender, request, reason, einfo, **kw: got.append(
+        ("retry", sender.name, str(reason), "KeyError" in einfo)))
+
+    @app.task(name="sig.flaky", max_retries=1, retry_backoff=0, autoretry_for=(KeyError,))
+    def flaky() -> str:
+        if not got or got.count(("received", "sig.flaky")) == 1:
+            raise KeyError("once")
+        return "ok"
+
+    async with worker(app):
+        assert await (await flaky.adelay()).aget(timeout=10) == "ok"
+    assert got == [("received", "sig.flaky"), ("retry", "sig.flaky", "'once'", True), ("received", "sig.flaky")]
+
+
+async def test_worker_process_init_runs_in_each_child(nats_server: NatsServer, tmp_path: Path) -> None:
+    log = tmp_path / "signals.log"
+    proc = await WorkerProcess(nats_server.url, "sig", log, concurrency=1, extra=["--processes", "2"],
+                               app="tests.integration.signalapp:app").ready(processes=2)
+    try:
+        pids = {line.split()[1] for line in log.read_text().splitlines() if line.startswith("process_init ")}
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    assert len(pids) == 2 and str(proc.proc.pid) not in pids  # once in each child, not in the supervisor

@@ -10,7 +10,7 @@ from typing import Any
 from .beat.schedule import Scheduled, describe
 from .client import App
 from .dlq import DeadLetters
-from .naming import Names
+from .naming import MAX_PRIORITY, Names
 from .remote import Control
 
 
@@ -81,10 +81,15 @@ async def purge(app: App, queue: str) -> int:
     check_queue_name(queue)
     broker = await app.client.broker()
     await broker.ensure_stream()
-    subject = app.names.queue_filter(queue)
-    state = await broker.stream_state(app.names.stream, subject)
-    await broker.purge(app.names.stream, subject)
-    return sum(state.subjects.values()) if state is not None else 0
+    names, purged = app.names, 0
+    # The queue's own subjects, then those of each priority level (their own subject token).
+    for subject in (names.queue_filter(queue), *(names.priority_filter(queue, n) for n in range(1, MAX_PRIORITY + 1))):
+        state = await broker.stream_state(names.stream, subject)
+        waiting = sum(state.subjects.values()) if state is not None else 0
+        if waiting:
+            await broker.purge(names.stream, subject)
+            purged += waiting
+    return purged
 
 
 async def status(app: Scheduled, timeout: float = 1.0) -> dict[str, Any]:

@@ -183,3 +183,18 @@ async def test_a_stream_made_without_message_ttl_gets_it_and_expired_tasks_are_r
         assert (await js.stream_info(app.names.stream)).state.messages == 0
     finally:
         await nc.close()
+
+
+async def test_purge_empties_every_priority_level_of_the_queue(app: Natask) -> None:
+    from natask.control import purge
+
+    task = app.task(name="prio.purged", queue="pq")(lambda: None)
+    await task.adelay_many([() for _ in range(3)])
+    await task.aapply_async(priority=9)
+    await task.aapply_async(priority=4)
+    other = app.task(name="prio.kept", queue="pq2")(lambda: None)
+    await other.aapply_async(priority=9)
+    assert await purge(app, "pq") == 5
+    broker = await app.client.broker()
+    state = await broker.stream_state(app.names.stream, app.names.priority_filter("pq2", 9))
+    assert state is not None and sum(state.subjects.values()) == 1  # another queue's level is kept

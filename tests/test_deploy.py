@@ -31,6 +31,9 @@ def test_three_node_jetstream_cluster() -> None:
         routes = set(cmd[cmd.index("--routes") + 1].split(","))
         assert routes == {f"nats://{other}:6222" for other in nodes if other != name}
         assert any(v.endswith(":/data") for v in node["volumes"])  # JetStream state survives restarts
+        assert version[0] == "nats:2.15"  # pinned to the server version the tests run against
+        assert any(p.endswith(":4222") for p in node["ports"])  # every server reachable from the host
+    assert len({p for n in nodes.values() for p in n["ports"]}) == 3
 
 
 def test_workers_beat_and_dashboard_use_the_cluster_with_three_replicas() -> None:
@@ -40,7 +43,7 @@ def test_workers_beat_and_dashboard_use_the_cluster_with_three_replicas() -> Non
         env = svc["environment"]
         assert env["NATS_URL"] == "nats://n1:4222,nats://n2:4222,nats://n3:4222"
         assert env["NATASK_STREAM_REPLICAS"] == "3"
-        assert svc["build"] == "."
+        assert svc["build"] == "." and svc["image"] == "natask-demo:local"  # one image, built once
         assert set(svc["depends_on"]) == {"n1", "n2", "n3"}
         assert svc["command"][:2] == ["natask", name] and "-A" in svc["command"]
     assert services["beat"]["deploy"]["replicas"] >= 2  # HA beat: several may run

@@ -373,6 +373,10 @@ class Feed:
     async def active(self) -> list[dict[str, Any]]:
         return await inspect(self.app, "active", timeout=0.5)
 
+    async def registered(self) -> list[dict[str, Any]]:
+        """Each live worker's registered task names (``natask inspect registered``)."""
+        return await inspect(self.app, "registered", timeout=0.5)
+
     async def broker_info(self) -> dict[str, Any]:
         """Streams, consumers and buckets of this app: sizes and limits."""
         broker = await self.app.client.broker()

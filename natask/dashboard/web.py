@@ -290,17 +290,21 @@ class Web:
 
     async def workers(self, request: Request) -> Response:
         try:
-            active = await self.feed.active()
+            active, registered = await asyncio.gather(self.feed.active(), self.feed.registered())
         except NataskError as e:
-            active, error = [], str(e)
+            active, registered, error = [], [], str(e)
         else:
             error = ""
         by_worker = {str(a.get("worker")): a.get("active") for a in active}
+        names = {str(r.get("worker")): r.get("registered") for r in registered}
         rows = self.model.worker_rows()
         for row in rows:
             tasks = by_worker.get(str(row.get("worker")))
             row["active"] = [redact(t) for t in tasks[:100]] if isinstance(tasks, list) else []
-        return _json({"workers": rows, "error": error, "registered_reported": False})
+            listed = names.get(str(row.get("worker")))
+            items = listed.get("items") if isinstance(listed, dict) else None
+            row["registered"] = [str(n)[:200] for n in items[:1000]] if isinstance(items, list) else []
+        return _json({"workers": rows, "error": error})
 
     async def broker(self, request: Request) -> Response:
         try:

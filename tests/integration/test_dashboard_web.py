@@ -301,6 +301,7 @@ async def test_workers_charts_broker_and_schedules_pages_read_what_exists(app: N
         workers = (await http.get("/api/workers")).json()["workers"]
         [mine] = [x for x in workers if x["worker"] == w.ident]
         assert mine["concurrency"] == 3 and mine["succeeded"] == 1 and mine["active"] == []
+        assert "w.add" in mine["registered"]  # as the worker reports them (natask inspect registered)
         charts = (await http.get("/api/charts", params={"task": "w.add"})).json()
         assert sum(p["succeeded"] for p in charts["points"]) == 1 and charts["tasks"] == ["w.add"]
         assert charts["queues"] == ["default"] and charts["points"][-1]["p50"] is not None

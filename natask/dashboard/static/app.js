@@ -273,8 +273,9 @@ async function workersPage() {
   fill("worker-list", arr(body.workers).map((w) => el("tr", {data: {worker: str(w.worker)}}, td(w.worker, "mono"),
     el("td", {}, badge(w.status)), td(arr(w.queues).map(str).join(", ")), num(w.concurrency), num(w.running),
     num(w.succeeded), num(w.failed), td(arr(w.active).map((a) => a && typeof a === "object"
-      ? `${str(a.name || a.task)} ${str(a.id).slice(0, 8)}` : str(a)).join(", "), "mono wrap"))),
-    "no worker answered", 8);
+      ? `${str(a.name || a.task)} ${str(a.id).slice(0, 8)}` : str(a)).join(", "), "mono wrap"),
+    td(arr(w.registered).map(str).join(", "), "mono wrap"))),
+    "no worker answered", 9);
 }
 
 async function chartsPage() {

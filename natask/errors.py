@@ -159,9 +159,6 @@ class MaxRetriesExceededError(NataskError):
         self.task_id = task_id
         self.retries = retries
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.task_id, self.retries))
-
 
 class ExceptionInfo:
     """What a base class's ``on_failure``/``on_retry``/``after_return`` get as ``einfo`` (Celery's

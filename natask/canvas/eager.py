@@ -39,9 +39,6 @@ class Replaced(TaskControl):
         super().__init__(f"replaced by {sig.get('task') or sig.get('kind')}")
         self.sig = dict(sig)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Replaced, (self.sig,))  # crosses from a --pool processes child intact
-
 
 def replacement(sig: Mapping[str, Any], accumulate: str, queue: str | None = None) -> dict[str, Any]:
     """The canvas that takes a replaced task's place: a group becomes a chord whose body (the

@@ -8,14 +8,15 @@ the worker with its event loop and threads). Every message is one natask-msgpack
     parent -> child   ["run", task name, args, kwargs, request fields, soft limit or None]
     child -> parent   ["state", state, meta]                   update_state, stored by the parent
                       ["ok", value, max rss KB]                the task returned
-                      ["err", pickled exception, traceback text, max rss KB]
+                      ["err", exception record, traceback text, max rss KB]
 
 The forkserver imports the app's module once (children are forks of it); a child takes the app
 (``module:attr``) from it, looks tasks up by name, rebuilds ``Request``
 (id, task, retries, args, kwargs, queue, parent/root id, eta, expires, headers; ``report`` sends
-``["state", ...]``), runs one task at a time in its main thread and answers. Exceptions cross
-pickled (the child runs this app's own code; an unpicklable one comes back as a ``RuntimeError``
-naming it), with the child's traceback text as their ``__cause__``. ``soft_time_limit`` is a
+``["state", ...]``), runs one task at a time in its main thread and answers. Exceptions cross as
+msgpack records (class by module and name, ``args``, attributes; no pickle): the parent rebuilds
+the class from a module it has imported too, else a ``RuntimeError`` naming it, with the child's
+traceback text as its ``__cause__``. ``soft_time_limit`` is a
 ``SIGALRM`` timer in the child; the hard ``time_limit`` is kept by the parent, which kills the
 child (``SIGKILL``), fails the task with ``TimeLimitExceeded`` and starts a new child for the next
 task. A child that dies by itself fails its task with ``WorkerLostError``.
@@ -27,7 +28,6 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
-import pickle
 import resource
 import signal
 import sys
@@ -50,6 +50,9 @@ log = logging.getLogger("natask.worker")
 BIG_SEND: Final = 32 * 1024
 """Messages to a child above this many bytes are written from a thread: a pipe holds 64 KiB, and a
 child still importing the app does not read yet."""
+_NESTED: Final = "__natask_exception__"
+"""Marks an exception nested in an exception record (``Retry.exc``)."""
+_MAX_NESTING: Final = 3
 _REQUEST_FIELDS: Final = ("id", "task", "retries", "queue", "parent_id", "root_id", "eta", "expires")
 
 
@@ -193,10 +196,7 @@ class ProcessPool:
         if kind == "ok":
             fut.set_result(message[1])
             return
-        try:
-            exc = pickle.loads(message[1])  # written by our own child, running this app's code
-        except Exception as e:
-            exc = RuntimeError(f"the task raised an exception that cannot cross processes ({e})")
+        exc = exception_from(message[1])
         if not isinstance(exc, Exception):
             exc = RuntimeError(repr(exc))
         exc.__cause__ = _RemoteTraceback(message[2])
@@ -300,12 +300,51 @@ def child_main(app_spec: str, conn: Connection) -> None:
 
 def _failure(exc: Exception) -> bytes:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return dumps(["err", exception_record(exc), text, _max_rss()])
+
+
+def exception_record(exc: BaseException, depth: int = 0) -> dict[str, Any]:
+    """An exception as msgpack can carry it: its class (module and qualified name), ``args`` and
+    the attributes msgpack can encode (an exception attribute, such as ``Retry.exc``, nested)."""
+    def value(v: Any) -> tuple[bool, Any]:
+        if isinstance(v, BaseException):
+            return depth < _MAX_NESTING, {_NESTED: exception_record(v, depth + 1)}
+        try:
+            dumps(v)
+        except Exception:
+            return False, None
+        return True, v
+
+    args = [value(a) for a in exc.args]
+    attrs = {k: value(v) for k, v in vars(exc).items() if not k.startswith("__")}
+    return {"module": type(exc).__module__, "name": type(exc).__qualname__, "message": str(exc),
+            "args": [v for ok, v in args if ok] if all(ok for ok, _ in args) else [str(exc)],
+            "attrs": {k: v for k, (ok, v) in attrs.items() if ok}}
+
+
+def exception_from(record: Any) -> BaseException:
+    """The exception ``exception_record`` described, its class found among the modules this process
+    has imported (nothing is imported for it); a ``RuntimeError`` naming it when that fails."""
     try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)  # an exception that cannot be rebuilt fails here, not in the parent
+        module, name = record["module"], record["name"]
+        cls: Any = sys.modules[module]
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(name)
+        args = [_revived(a) for a in record["args"]]
+        exc: BaseException = cls.__new__(cls, *args)  # as unpickling does: __init__ is not run again
+        exc.args = tuple(args)
+        exc.__dict__.update({k: _revived(v) for k, v in record["attrs"].items()})
+        return exc
     except Exception:
-        blob = pickle.dumps(RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"))
-    return dumps(["err", blob, text, _max_rss()])
+        label = f"{record.get('module')}.{record.get('name')}" if isinstance(record, dict) else "an exception"
+        message = record.get("message") if isinstance(record, dict) else ""
+        return RuntimeError(f"{label}: {message} (it cannot be rebuilt in the worker process)")
+
+
+def _revived(v: Any) -> Any:
+    return exception_from(v[_NESTED]) if isinstance(v, dict) and set(v) == {_NESTED} else v
 
 
 def _max_rss() -> int:

@@ -207,14 +207,21 @@ class Client(Generic[H]):
                 hdrs[key] = value
         return Call(task_id, name, queue, payload, hdrs, when, ignore_result, priority, envelope.expires)
 
-    def route(self, broker: Broker, call: Call) -> tuple[H, str]:
-        """The result handle and the subject of a call; registers the reply fast path."""
-        subject = (self.names.task_subject(call.queue, call.task) if not call.priority
-                   else self.names.priority_subject(call.queue, call.task, call.priority))
+    def subject(self, call: Call) -> str:
+        """The subject to publish ``call`` on: its queue's (or priority level's) task subject, or,
+        for a call due later, its schedule subject (the schedule headers set)."""
+        names = self.names
+        subject = (names.task_subject(call.queue, call.task) if not call.priority
+                   else names.priority_subject(call.queue, call.task, call.priority))
         if call.eta is not None and call.eta > time.time():
             call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
             call.headers[HDR_SCHEDULE_TARGET] = subject
-            subject = self.names.schedule_subject(call.queue, call.task_id)
+            subject = names.schedule_subject(call.queue, call.task_id)
+        return subject
+
+    def route(self, broker: Broker, call: Call) -> tuple[H, str]:
+        """The result handle and the subject of a call; registers the reply fast path."""
+        subject = self.subject(call)
         existing = self.pending.get(call.task_id)
         if existing is not None and existing._route is broker:
             call.headers[HDR_REPLY] = f"{broker.reply_prefix}.{call.task_id}"
@@ -294,6 +301,7 @@ class Client(Generic[H]):
         if hooks.after_publish:
             await hooks.call("after_publish", call)
         return self._result_type(self._owner, call.task_id, call.task, ignore_result=True, route=None)
+
     async def claim_check(self, broker: Broker, call: Call, error: PayloadTooLarge) -> bytes:
         """A call over ``max_payload``: put its body in the objects bucket (up to
         ``large_payload_limit``) and mark its headers; the body to publish instead (empty).

@@ -170,11 +170,7 @@ class Task(Generic[P, R]):
                               link_error=link_error)
         extras = CallExtras.of(time_limit, shadow, ignore_result, serializer, compression, routing_key, exchange,
                                retry, retry_policy)
-        if (soft_time_limit is not None or extras is not None) and (link is not None or link_error is not None):
-            raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
-                              "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
-                              "link/link_error")
-        if link is not None or link_error is not None:
+        if _as_workflow(link, link_error, soft_time_limit, extras):
             return self.s(*args, **(kwargs or {})).apply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error, priority=priority)
@@ -216,11 +212,7 @@ class Task(Generic[P, R]):
                               link_error=link_error)
         extras = CallExtras.of(time_limit, shadow, ignore_result, serializer, compression, routing_key, exchange,
                                retry, retry_policy)
-        if (soft_time_limit is not None or extras is not None) and (link is not None or link_error is not None):
-            raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
-                              "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
-                              "link/link_error")
-        if link is not None or link_error is not None:
+        if _as_workflow(link, link_error, soft_time_limit, extras):
             return await self.s(*args, **(kwargs or {})).aapply_async(
                 countdown=countdown, eta=eta, expires=expires, task_id=task_id, queue=queue, headers=headers,
                 link=link, link_error=link_error, priority=priority)
@@ -456,6 +448,18 @@ class Task(Generic[P, R]):
 
 HANDLERS: Final = ("before_start", "on_success", "on_failure", "on_retry", "after_return")
 """The methods of a ``base=`` class the worker calls (sync, or ``async def``: awaited)."""
+
+
+def _as_workflow(link: object, link_error: object, soft_time_limit: float | None, extras: CallExtras | None) -> bool:
+    """Whether a call with ``link``/``link_error`` goes out as a workflow; the options workflows do
+    not carry yet are refused there."""
+    if link is None and link_error is None:
+        return False
+    if soft_time_limit is not None or extras is not None:
+        raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
+                          "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
+                          "link/link_error")
+    return True
 
 
 @dataclass(frozen=True)

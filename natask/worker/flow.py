@@ -16,8 +16,8 @@ from ..canvas.eager import call as eager_call
 from ..canvas.plan import Node, Step, derived_id, expand, seeded_ids, walk
 from ..canvas.signature import Freezer, from_dict
 from ..errors import ConfigError, EncodeError, PayloadTooLarge, PermissionDenied, TaskFailed, failure_record
-from ..message import at_schedule, dumps, loads
-from ..naming import HDR_MSG_ID, HDR_REPLY, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, TASK_ID_RE, is_reply_for
+from ..message import dumps, loads
+from ..naming import HDR_MSG_ID, HDR_REPLY, TASK_ID_RE, is_reply_for
 from ..options import Request, current_request
 from ..states import State
 
@@ -252,7 +252,7 @@ class _Flow:
         return []
 
     async def publish(self, steps: Sequence[Step]) -> list[str]:
-        env, names, broker, hooks = self.env, self.broker.names, self.broker, self.app.hooks
+        env, broker, hooks = self.env, self.broker, self.app.hooks
         items, calls = [], []
         for step in steps:
             sig = step.sig
@@ -268,14 +268,9 @@ class _Flow:
             if hooks.before_publish:
                 await hooks.call("before_publish", call)  # in the finished task's context
             calls.append(call)
-            subject = (names.task_subject(call.queue, call.task) if not call.priority
-                       else names.priority_subject(call.queue, call.task, call.priority))
             if call.priority:
                 await broker.ensure_level(call.queue, call.priority)
-            if call.eta is not None and call.eta > time.time():
-                call.headers[HDR_SCHEDULE] = at_schedule(call.eta)
-                call.headers[HDR_SCHEDULE_TARGET] = subject
-                subject = names.schedule_subject(call.queue, call.task_id)
+            subject = self.app.client.subject(call)
             broker.check_size(subject, call.payload, call.headers)
             items.append((subject, call.payload, call.headers))
         if len(items) == 1:

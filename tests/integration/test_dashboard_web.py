@@ -238,7 +238,7 @@ async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, t
         await phone.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
         for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker"):
             await phone.evaluate(f"location.hash = '{route}'")
-            await asyncio.sleep(0.3)  # the page renders on hashchange; nothing to await on the server
+            await phone.wait_for(f"document.body.dataset.shown === '{route}'", f"the page of {route}")
             width = await phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
             assert width[0] <= width[1], (route, width)
         assert browser.errors == []

@@ -201,8 +201,10 @@ function show() {
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("on", a.dataset.page === page);
   const load = {tasks: searchPage, task: () => taskPage(arg), workers: workersPage, charts: chartsPage,
                 broker: brokerPage, schedules: schedulesPage}[page];
-  if (load) load().catch((e) => toast(`Cannot load: ${e.message}`, true));
-  else render();
+  // data-shown names the route once its page is drawn (what a test of the page waits for).
+  const shown = () => { document.body.dataset.shown = location.hash || "#/"; };
+  if (load) load().catch((e) => toast(`Cannot load: ${e.message}`, true)).finally(shown);
+  else { render(); shown(); }
 }
 
 const SEARCH = {offset: 0, limit: 50};

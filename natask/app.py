@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, ov
 
 from .canvas import GroupResult, Signature
 from .client import Client
-from .config import Config, Options, Seconds, seconds
+from .config import Config, Options, Seconds
 from .errors import ConfigError, TaskNotFound
 from .hooks import Hooks, Middleware
 from .message import Call
 from .naming import Names, check_task_name
+from .options import OPTION_DEFAULTS, task_options
 from .portal import Portal, blocking
 from .result import AsyncResult
 from .settings import Settings
 from .shared import register_shared, set_current
-from .task import AsyncTask, CallExtras, Task, TaskOptions, builtin_tasks
+from .task import AsyncTask, CallExtras, Task, builtin_tasks, class_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -209,38 +210,28 @@ class Natask:
         subclass whose ``before_start``/``on_success``/``on_failure``/``on_retry``/``after_return``
         the worker calls (Celery's class-based tasks); the other options are in ``TaskOptions``.
         """
-        options = TaskOptions(
-            queue=queue,
-            max_retries=max_retries,
-            autoretry_for=tuple(autoretry_for),
-            retry_backoff=seconds(retry_backoff, "retry_backoff"),
-            retry_backoff_max=seconds(retry_backoff_max, "retry_backoff_max"),
-            retry_jitter=retry_jitter,
-            time_limit=None if time_limit is None else seconds(time_limit, "time_limit"),
-            expires=None if expires is None else seconds(expires, "expires"),
-            ignore_result=ignore_result,
-            track_started=track_started,
-            bind=bind,
-            rate_limit=rate_limit,
-            global_rate_limit=global_rate_limit,
-            max_concurrency=max_concurrency,
-            broadcast=broadcast,
-            soft_time_limit=None if soft_time_limit is None else seconds(soft_time_limit, "soft_time_limit"),
-            priority=priority,
-            dont_autoretry_for=tuple(dont_autoretry_for),
-            retry_kwargs=dict(retry_kwargs or {}),
-            default_retry_delay=None if default_retry_delay is None else seconds(default_retry_delay,
-                                                                                 "default_retry_delay"),
-            throws=tuple(throws),
-            serializer=serializer,
-            typing=typing,
-            shadow=shadow,
-            store_errors_even_if_ignored=store_errors_even_if_ignored,
-            acks_late=acks_late,
-            reject_on_worker_lost=reject_on_worker_lost,
-        )
         if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
             raise ConfigError(f"base= must be a subclass of natask.Task, got {base!r}")
+        given = dict(
+            queue=queue, max_retries=max_retries, autoretry_for=autoretry_for, retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max, retry_jitter=retry_jitter, time_limit=time_limit,
+            expires=expires, ignore_result=ignore_result, track_started=track_started, bind=bind,
+            rate_limit=rate_limit, global_rate_limit=global_rate_limit, max_concurrency=max_concurrency,
+            broadcast=broadcast, soft_time_limit=soft_time_limit, priority=priority,
+            dont_autoretry_for=dont_autoretry_for, retry_kwargs=retry_kwargs,
+            default_retry_delay=default_retry_delay, throws=throws, serializer=serializer, typing=typing,
+            shadow=shadow, store_errors_even_if_ignored=store_errors_even_if_ignored, acks_late=acks_late,
+            reject_on_worker_lost=reject_on_worker_lost,
+        )
+        inherited = class_options(base) if base is not None else {}
+        for key, value in inherited.items():
+            # Celery's class-based options (``class Base(Task): max_retries = 5``) under what the
+            # decorator sets: a keyword left at its default takes the class's value.
+            if given[key] == OPTION_DEFAULTS[key]:
+                given[key] = value
+        # A class attribute named like one of Task's properties (``queue``) would hide it.
+        restored = {k: v for k, v in vars(Task).items() if k in inherited and isinstance(v, property)}
+        options = task_options(given)
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             if not callable(func):
@@ -250,6 +241,8 @@ class Natask:
             if base is not None:
                 # An async function under a sync base: AsyncTask's local call returns the coroutine.
                 cls = base if cls is Task or issubclass(base, AsyncTask) else type(base.__name__, (base, AsyncTask), {})
+                if restored:
+                    cls = type(cls.__name__, (cls,), restored)
             task = cls(self, func, task_name, options)
             task.call_signature  # noqa: B018 - validates bind=True functions now, not in the worker
             existing = self.tasks.get(task.name)

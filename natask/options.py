@@ -7,10 +7,10 @@ import contextvars
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final
 
-from .config import check_queue_name
+from .config import check_queue_name, seconds
 from .errors import ConfigError
 from .naming import MAX_PRIORITY
 
@@ -98,6 +98,26 @@ class TaskOptions:
             value = getattr(self, what)
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0 seconds, got {value}")
+
+
+OPTION_DEFAULTS: Final[Mapping[str, Any]] = {
+    f.name: (f.default_factory() if f.default is MISSING else f.default)  # type: ignore[operator]
+    for f in fields(TaskOptions) if f.init}
+"""Each ``@app.task`` keyword's default (``retry_kwargs``'s ``None`` is read as ``{}``)."""
+
+
+def task_options(given: Mapping[str, Any]) -> TaskOptions:
+    """``TaskOptions`` from ``@app.task``'s keywords (durations as seconds or timedeltas, sequences
+    of exception classes), validated."""
+    values = dict(given)
+    for what in ("retry_backoff", "retry_backoff_max", "time_limit", "expires", "soft_time_limit",
+                 "default_retry_delay"):
+        if values[what] is not None:
+            values[what] = seconds(values[what], what)
+    for what in ("autoretry_for", "dont_autoretry_for", "throws"):
+        values[what] = tuple(values[what])
+    values["retry_kwargs"] = dict(values["retry_kwargs"] or {})
+    return TaskOptions(**values)
 
 
 def _check_retry_options(self: TaskOptions) -> None:

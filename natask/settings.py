@@ -64,7 +64,7 @@ NOT_HERE: Final = {
     "task_default_routing_key": "natask has no routing keys: a task goes to the queue it names",
     "task_annotations": "set the option on the task (@app.task(...)) or task_routes for queues",
     "task_publish_retry_policy": "publishes are retried for publish_timeout seconds (Natask(publish_timeout=))",
-    "task_compression": "pass compression= to the task or the call (issue 18)",
+    "task_compression": "pass compression=\"zlib\" or \"zstd\" to the call (apply_async)",
     "result_extended": "natask stores name, args, kwargs and queue with every result",
     "beat_scheduler": "natask beat keeps its state in NATS KV (`natask beat`, app.beat)",
     "beat_schedule_filename": "natask beat keeps its state in NATS KV, no file",

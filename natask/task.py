@@ -17,7 +17,7 @@ from .config import check_queue_name
 from .errors import ConfigError, ExceptionInfo, MaxRetriesExceededError, Retry, TaskNotFound
 from .message import COMPRESSIONS, Call
 from .naming import HDR_IGNORE_RESULT, HDR_SHADOW, HDR_TIME_LIMIT, check_task_name
-from .options import SERIALIZERS, Request, TaskOptions, current_request
+from .options import OPTION_DEFAULTS, SERIALIZERS, Request, TaskOptions, current_request
 
 __all__ = ["AsyncTask", "Request", "Task", "TaskOptions", "current_request"]
 
@@ -444,6 +444,20 @@ class Task(Generic[P, R]):
                      einfo: ExceptionInfo | None) -> Any:
         """Called by the worker after the outcome is settled (``status``: SUCCESS, FAILURE or RETRY;
         ``retval``: the result or the exception)."""
+
+
+def class_options(base: type[Task[Any, Any]]) -> dict[str, Any]:
+    """The task options a ``base=`` class sets as plain class attributes (Celery's
+    ``class Base(Task): max_retries = 5; autoretry_for = (IOError,)``), nearest class first."""
+    found: dict[str, Any] = {}
+    for cls in base.__mro__:
+        if cls in (Task, AsyncTask) or not issubclass(cls, Task):
+            continue
+        for key, value in vars(cls).items():
+            if key in OPTION_DEFAULTS and key not in found and not callable(value) \
+                    and not isinstance(value, (property, staticmethod, classmethod)):
+                found[key] = value
+    return found
 
 
 HANDLERS: Final = ("before_start", "on_success", "on_failure", "on_retry", "after_return")

@@ -271,8 +271,12 @@ class _Flow:
             if call.priority:
                 await broker.ensure_level(call.queue, call.priority)
             subject = self.app.client.subject(call)
-            broker.check_size(subject, call.payload, call.headers)
-            items.append((subject, call.payload, call.headers))
+            payload = call.payload
+            try:
+                broker.check_size(subject, payload, call.headers)
+            except PayloadTooLarge as e:  # a large parent result as the next step's argument
+                payload = await self.app.client.claim_check(broker, call, e)
+            items.append((subject, payload, call.headers))
         if len(items) == 1:
             await broker.publish(*items[0])
         elif items:

@@ -49,6 +49,8 @@ log = logging.getLogger("natask.worker")
 
 MAX_NAK_DELAY: Final = 300.0
 """Longest nak delay used when a message cannot be republished as a schedule."""
+_CHORD_HINT: Final = " (a chord member's result is kept in the chords bucket, which takes no claim checks)"
+"""Why a chord member's large result fails where a chain step's travels through the objects bucket."""
 RECORD_HEADROOM: Final = 1024
 """Bytes of ``max_payload`` kept free beside a result record (headers of its KV write)."""
 DLQ_EXC_TYPES: Final = {
@@ -102,7 +104,10 @@ class Outcome:
                           and record["state"] != State.SUCCESS)
         if env.links or env.meta:
             if record["state"] == State.SUCCESS:
-                record = self.encode(record, env.task)[1]  # the workflow sees a result it cannot carry fail
+                # The workflow sees a result it cannot carry fail: a chain step takes a claim check
+                # (the follow-up's call goes through the objects bucket), a chord member's result not.
+                chord = bool(env.meta.get("chord"))
+                record = self.encode(record, env.task, objects=not chord, hint=_CHORD_HINT if chord else "")[1]
             await on_outcome(self, env, record)
         if self.events.listeners:
             self.events.outcome(env, record)
@@ -183,11 +188,12 @@ class Outcome:
             await self.finish(delivery, env, task, record, retries)
         return State.FAILURE.value
 
-    def encode(self, record: dict[str, Any], what: str, objects: bool = False) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, record: dict[str, Any], what: str, objects: bool = False,
+               hint: str = "") -> tuple[bytes, dict[str, Any]]:
         """A record and its bytes; a result that cannot be encoded, or too large for the server's
         ``max_payload``, becomes the FAILURE the caller gets instead (after one run: never a
         redelivery loop). ``objects``: a SUCCESS up to ``large_payload_limit`` is returned whole, for
-        ``finish`` to store in the objects bucket."""
+        ``finish`` to store in the objects bucket; else ``hint`` says why it cannot go there."""
         try:
             data = dumps(record)
         except EncodeError as e:
@@ -199,10 +205,11 @@ class Outcome:
         large = self.app.config.large_payload_limit
         if objects and len(data) <= large and record.get("state") == State.SUCCESS:
             return data, record  # finish() stores it in the objects bucket
+        beyond = (f" and over large_payload_limit={large} (the Object Store's share): raise that, or" if objects
+                  else f"{hint}:")
         error = PayloadTooLarge(f"the result of {what} is {len(data)} bytes encoded, over the {limit} bytes the "
-                                f"server's max_payload leaves for it and over large_payload_limit={large} (the "
-                                "Object Store's share): raise that, or return a reference (a URL, an object key) "
-                                "instead of the data", len(data), limit)
+                                f"server's max_payload leaves for it{beyond} return a reference (a URL, an object "
+                                "key) instead of the data", len(data), limit)
         record = failure_record(error) | _meta(record)
         return dumps(record), record
 

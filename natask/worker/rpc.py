@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..broker import Broker, Message
 from ..errors import Forged, failure_record
@@ -23,8 +23,10 @@ log = logging.getLogger("natask.worker")
 
 Run = Callable[["Task[Any, Any]", Sequence[Any], dict[str, Any], Request], Awaitable[Any]]
 """Runs a task and returns its value (``Execution.run``)."""
-Encode = Callable[[dict[str, Any], str], tuple[bytes, dict[str, Any]]]
-"""An outcome record's bytes, within ``max_payload`` (``Outcome.encode``)."""
+Encode = Callable[[dict[str, Any], str, bool, str], tuple[bytes, dict[str, Any]]]
+"""An outcome record's bytes, within ``max_payload`` (``Outcome.encode``: record, what, objects, hint)."""
+_RPC_HINT: Final = " (an RPC reply travels over core NATS, so no claim check: call delay().get() for large results)"
+"""Why an RPC call's large result fails where a stored one travels through the objects bucket."""
 
 
 class Rpc:
@@ -58,7 +60,7 @@ class Rpc:
                 record = await self.call(msg)
             except Exception as exc:
                 record = failure_record(exc)
-            await self.broker.publish_core(msg.reply, self.encode(record, "the RPC call")[0])
+            await self.broker.publish_core(msg.reply, self.encode(record, "the RPC call", False, _RPC_HINT)[0])
         finally:
             self.done(delivery)
 

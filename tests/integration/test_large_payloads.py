@@ -118,3 +118,23 @@ async def test_a_missing_object_is_dead_lettered_once(app: Natask) -> None:
     assert runs == []
     [entry] = await DeadLetters(app).list()
     assert entry.reason == "object missing" and entry.id == result.id and entry.headers[HDR_OBJECT]
+
+
+async def test_a_large_result_feeds_the_next_step_of_a_chain(app: Natask) -> None:
+    """A workflow follow-up whose argument (the parent's result) is over max_payload travels as a
+    claim check too, and its object is deleted once the step ran."""
+    from natask.canvas import chain
+
+    @app.task(name="t.produce")
+    def produce(seed: int) -> bytes:
+        return blob(seed)
+
+    @app.task(name="t.hash")
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    async with worker(app):
+        result = await chain(produce.s(11), digest.s()).aapply_async()
+        assert await result.aget(timeout=30) == hashlib.sha256(blob(11)).hexdigest()
+    broker = await app.client.broker()
+    assert await broker.get_object(f"{result.id}.args") is None

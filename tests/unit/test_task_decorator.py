@@ -262,3 +262,31 @@ def test_signatures_from_task(app: Natask) -> None:
     assert (s.task, s.args, s.kwargs, s.immutable) == ("t.s", (1,), {"y": 2}, False)
     si = task.si(1, 2)
     assert (si.task, si.args, si.immutable) == ("t.s", (1, 2), True)
+
+
+def test_options_set_on_a_base_class_apply_under_the_decorator(app: Natask) -> None:
+    """Celery's class-based options: ``class Base(Task)`` attributes are the task's defaults; a
+    keyword given to the decorator wins; a subclass's attribute wins over its parent's."""
+
+    class Base(Task[Any, Any]):
+        autoretry_for = (IOError,)
+        max_retries = 5
+        retry_backoff = True
+        queue = "emails"
+
+    class Child(Base):
+        max_retries = 7
+
+    plain = app.task(name="t.base_plain", base=Base)(module_level_add)
+    assert plain.options.autoretry_for == (IOError,) and plain.options.max_retries == 5
+    assert plain.options.retry_backoff == 1.0 and plain.options.queue == "emails" and plain.queue == "emails"
+    given = app.task(name="t.base_given", base=Base, max_retries=1, queue="other")(module_level_add)
+    assert given.options.max_retries == 1 and given.queue == "other"
+    child = app.task(name="t.base_child", base=Child)(module_async := module_level_async)
+    assert isinstance(child, AsyncTask) and child.options.max_retries == 7 and child.fn is module_async
+    with pytest.raises(ConfigError, match="max_retries must be >= 0"):
+
+        class Bad(Task[Any, Any]):
+            max_retries = -1
+
+        app.task(name="t.base_bad", base=Bad)(module_level_add)

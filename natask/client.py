@@ -19,7 +19,7 @@ from .broker import Broker, NoResponders, SequenceConflict
 from .config import Config, check_queue_name, seconds
 from .errors import BrokerError, ConfigError, EncodeError, NoWorkers, PayloadTooLarge, ResultTimeout, TaskFailed
 from .hooks import Hooks
-from .message import Call, Envelope, at_schedule, compress, dumps, find_unencodable, loads
+from .message import Call, Envelope, PublishRetry, at_schedule, compress, dumps, find_unencodable, loads
 from .naming import (
     HDR_CHECK_STORED,
     HDR_MSG_ID,
@@ -146,6 +146,7 @@ class Client(Generic[H]):
         serializer: str = "msgpack",
         compression: str | None = None,
         extra: Mapping[str, str] | None = None,
+        retry: PublishRetry | None = None,
     ) -> Call:
         """Validate and encode a call in the caller's thread, so errors surface at ``.delay()``."""
         if name not in self._checked:  # names repeat: validate each once
@@ -205,7 +206,7 @@ class Client(Generic[H]):
                     raise ConfigError(f"header {key!r} is reserved: natask and NATS own the 'Natask-' and "
                                       "'Nats-' headers (use task_id= for the message id)")
                 hdrs[key] = value
-        return Call(task_id, name, queue, payload, hdrs, when, ignore_result, priority, envelope.expires)
+        return Call(task_id, name, queue, payload, hdrs, when, ignore_result, priority, envelope.expires, retry)
 
     def subject(self, call: Call) -> str:
         """The subject to publish ``call`` on: its queue's (or priority level's) task subject, or,
@@ -243,9 +244,10 @@ class Client(Generic[H]):
         await broker.ensure_stream()
         ttl = (call.priority or call.expires is not None) and await self._before_wire(broker, call)
         try:
-            published = await broker.publish(subject, call.payload, call.headers)
+            published = await broker.publish(subject, call.payload, call.headers, call.retry)
         except PayloadTooLarge as e:  # a try costs nothing until it raises: small calls pay no more
-            published = await broker.publish(subject, await self.claim_check(broker, call, e), call.headers)
+            published = await broker.publish(subject, await self.claim_check(broker, call, e), call.headers,
+                                             call.retry)
         if ttl and call.expires is not None:
             result._expiry = (call.expires, published.seq)
         if published.duplicate and self.pending.get(call.task_id) is not result:

@@ -209,6 +209,21 @@ def loads(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Any:
         raise DecodeError(f"undecodable msgpack: {type(e).__name__}: {e}", data) from None
 
 
+class PublishRetry(NamedTuple):
+    """A call's own publish retries (Celery's ``retry``/``retry_policy``), instead of retrying until
+    the app's ``publish_timeout``."""
+
+    attempts: int
+    """Publishes tried in all (``retry_policy`` max_retries + 1; 1 for ``retry=False``)."""
+    start: float = 0.0
+    step: float = 0.2
+    most: float = 0.2
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based), as Celery counts them."""
+        return min(self.most, self.start + self.step * (attempt - 1))
+
+
 class Call(NamedTuple):
     """One encoded call, ready to publish (a tuple: the garbage collector stops tracking it, which
     matters when ``delay_many`` holds thousands)."""
@@ -224,6 +239,8 @@ class Call(NamedTuple):
     """0..9, higher first: routes the call to its level's subject (``Names.priority_subject``)."""
     expires: float | None = None
     """When the task expires (Unix time), if it does: sets ``Nats-TTL`` where the stream allows it."""
+    retry: PublishRetry | None = None
+    """The call's own publish retries; None: until ``publish_timeout``."""
 
 
 @dataclass(slots=True)

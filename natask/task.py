@@ -15,7 +15,7 @@ from .canvas.eager import Eager, EagerResult, Replaced, run_coroutine
 from .canvas.signature import Canvas, Freezer, Signature, callback_freezer, chunks, group
 from .config import check_queue_name
 from .errors import ConfigError, ExceptionInfo, MaxRetriesExceededError, Retry, TaskNotFound
-from .message import COMPRESSIONS, Call
+from .message import COMPRESSIONS, Call, PublishRetry
 from .naming import HDR_IGNORE_RESULT, HDR_SHADOW, HDR_TIME_LIMIT, check_task_name
 from .options import OPTION_DEFAULTS, SERIALIZERS, Request, TaskOptions, current_request
 
@@ -470,7 +470,8 @@ def _as_workflow(link: object, link_error: object, soft_time_limit: float | None
     if link is None and link_error is None:
         return False
     if soft_time_limit is not None or extras is not None:
-        raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer and compression are "
+        raise ConfigError("soft_time_limit, time_limit, shadow, ignore_result, serializer, compression and "
+                          "retry/retry_policy are "
                           "not carried by workflows yet: set them on the task (@app.task(...)) or call without "
                           "link/link_error")
     return True
@@ -487,6 +488,7 @@ class CallExtras:
     serializer: str | None
     compression: str | None
     routing_key: str | None
+    retry: PublishRetry | None
 
     @classmethod
     def of(cls,  # noqa: PLR0913 - Celery's call options, passed on
@@ -497,12 +499,9 @@ class CallExtras:
         if exchange is not None:
             raise ConfigError(f"exchange={exchange!r}: natask has no exchanges; a task goes to a queue: pass "
                               "queue= (or routing_key=, taken as a queue name)")
-        if retry is not True or retry_policy is not None:
-            raise ConfigError("retry=False and retry_policy= are not supported: natask retries every publish with "
-                              "the same message id (never a duplicate) until the app's publish_timeout; set "
-                              "Natask(..., publish_timeout=...) instead")
+        policy = None if retry is True and retry_policy is None else publish_retry(retry, retry_policy)
         if (time_limit is None and shadow is None and ignore_result is None and serializer is None
-                and compression is None and routing_key is None):
+                and compression is None and routing_key is None and policy is None):
             return None
         if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
                                        or not 0 < time_limit < float("inf")):
@@ -517,7 +516,7 @@ class CallExtras:
                               f"got {compression!r:.40}")
         if routing_key is not None:
             check_queue_name(routing_key)
-        return cls(time_limit, shadow, ignore_result, serializer, compression, routing_key)
+        return cls(time_limit, shadow, ignore_result, serializer, compression, routing_key, policy)
 
     def prepare(self, task: Task[Any, Any] | None,  # noqa: PLR0913 - the call options, passed on
                 args: Args, kwargs: Kwargs, countdown: float | timedelta | None,
@@ -547,9 +546,48 @@ class CallExtras:
         return client.prepare(  # type: ignore[no-any-return]
             name, args, kwargs, queue=queue or default_queue, countdown=countdown, eta=eta, expires=expires,
             task_id=task_id, headers=headers, ignore_result=ignore, soft_time_limit=soft_time_limit,
-            serializer=serializer, compression=self.compression, extra=extra, priority=priority)
+            serializer=serializer, compression=self.compression, extra=extra, priority=priority, retry=self.retry)
 
 
+_RETRY_POLICY: Final = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.2}
+"""Celery's ``retry_policy`` keys and defaults."""
+
+
+def publish_retry(retry: object, policy: Mapping[str, Any] | None) -> PublishRetry | None:
+    """Celery's ``retry``/``retry_policy`` call options as publish retries: ``retry=False`` publishes
+    once; a policy publishes up to ``max_retries + 1`` times, pausing ``interval_start``, then
+    ``interval_step`` longer each time up to ``interval_max`` (all within ``duplicate_window``, so a
+    retry never enqueues twice); ``max_retries=None`` retries until ``publish_timeout`` (None
+    returned: natask's own retrying)."""
+    if not isinstance(retry, bool):
+        raise ConfigError(f"retry must be True or False, got {retry!r:.40}")
+    if not retry:
+        return PublishRetry(1)
+    if not isinstance(policy, Mapping):
+        raise ConfigError(f"retry_policy must be a dict like {{'max_retries': 3, 'interval_start': 0}}, "
+                          f"got {policy!r:.60}")
+    unknown = set(policy) - set(_RETRY_POLICY)
+    if unknown:
+        raise ConfigError(f"retry_policy takes {', '.join(_RETRY_POLICY)}, got {', '.join(sorted(map(str, unknown)))}"
+                          " (natask retries every broker error that can pass: no retry_errors)")
+    values = {**_RETRY_POLICY, **policy}
+    limit = values["max_retries"]
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_PUBLISH_RETRIES:
+        raise ConfigError(f"retry_policy max_retries must be an int from 0 to {MAX_PUBLISH_RETRIES} or None, "
+                          f"got {limit!r:.40}")
+    pauses = []
+    for key in ("interval_start", "interval_step", "interval_max"):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+            raise ConfigError(f"retry_policy {key} must be a number of seconds from 0 to 3600, got {value!r:.40}")
+        pauses.append(float(value))
+    return PublishRetry(limit + 1, *pauses)
+
+
+MAX_PUBLISH_RETRIES: Final = 1000
+"""Most publish retries a call's ``retry_policy`` may ask for."""
 MAX_SHADOW: Final = 200
 """Longest ``shadow`` name a call may carry (a header)."""
 

@@ -151,8 +151,11 @@ class Connection:
         if not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), timeout=5)
-            except Exception:
-                await self.nc.close()
+            except Exception:  # drain refuses while reconnecting; close may find the socket lost
+                try:
+                    await self.nc.close()
+                except Exception:
+                    self.abandon()
 
     async def _close_with_loop(self) -> None:
         # asyncio.run() cancels every task when its main coroutine returns: that is our cue to

@@ -16,6 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from ..errors import BrokerError, PermissionDenied
+from ..message import PublishRetry
 from ..naming import HDR_CHECK_STORED
 from .connection import RETRY_PAUSE, Connection, _expire
 from .translate import WRONG_LAST_SEQUENCE, SequenceConflict, describe, full_error, storage_full
@@ -25,6 +26,8 @@ PIPELINE: Final = 4096
 _BATCH_ACK_WAIT: Final = 5.0
 """Seconds ``publish_many`` waits without any PubAck before publishing the rest one by one."""
 _SEQ_RE: Final = re.compile(rb'"seq":(\d+)')
+ACK_WAIT: Final = 2.0
+"""Most seconds one publish attempt waits for its PubAck (a call's retry policy counts attempts)."""
 
 
 class Published(NamedTuple):
@@ -37,13 +40,15 @@ class Published(NamedTuple):
 
 
 class Publishing(Connection):
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Published:  # noqa: C901 - the hot path, inlined
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str],  # noqa: C901 - the hot path, inlined
+                      retry: PublishRetry | None = None) -> Published:
         """Publish to JetStream and await the PubAck, retrying with the same message id on
-        reconnects and leader elections until ``publish_timeout``; never reports success without
-        the server's ack. ``PayloadTooLarge`` (payload + headers over ``max_payload``) before sending:
-        the server would otherwise drop the whole connection."""
+        reconnects and leader elections until ``publish_timeout`` (or as ``retry`` says); never
+        reports success without the server's ack. ``PayloadTooLarge`` (payload + headers over
+        ``max_payload``) before sending: the server would otherwise drop the whole connection."""
         self.check_size(subject, payload, headers)
-        deadline = time.monotonic() + self.config.publish_timeout
+        # A call's own retry policy counts attempts, within the dedupe window (a later retry could enqueue twice).
+        deadline = time.monotonic() + (self.config.publish_timeout if retry is None else self.config.duplicate_window)
         attempt = 0
         while True:
             attempt += 1
@@ -54,7 +59,7 @@ class Publishing(Connection):
                 self.check_size(subject, payload, headers)
             remaining = deadline - time.monotonic()
             try:
-                data = await self._request(subject, payload, headers, max(0.05, min(remaining, 2.0)))
+                data = await self._request(subject, payload, headers, max(0.05, min(remaining, ACK_WAIT)))
                 if b'"error"' in data:
                     raise nats.js.errors.APIError.from_error(json.loads(data)["error"])
                 seq = _SEQ_RE.search(data)
@@ -84,6 +89,14 @@ class Publishing(Connection):
                 error = e
                 if self.nc.is_closed:
                     raise BrokerError(f"publish to {subject} failed: the connection is closed") from e
+            if retry is not None:
+                if attempt >= retry.attempts or time.monotonic() >= deadline:
+                    raise BrokerError(
+                        f"publish to {subject} not acknowledged after {attempt} attempt(s) ({describe(error)}; "
+                        f"the call's retry={'False' if retry.attempts == 1 else 'policy'}): is the stream "
+                        f"{self.names.stream} available?")
+                await asyncio.sleep(retry.pause(attempt))
+                continue
             if time.monotonic() >= deadline:
                 raise BrokerError(
                     f"publish to {subject} not acknowledged within {self.config.publish_timeout:g}s "

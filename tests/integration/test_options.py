@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pytest
 
 from natask import (
+    BrokerError,
     ConfigError,
     EncodeError,
     ExceptionInfo,
@@ -316,8 +317,8 @@ async def test_call_options_time_limit_shadow_and_routing_key(
     assert any("by-name" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match="no exchanges"):
         await slow.aapply_async((0,), exchange="tasks")
-    with pytest.raises(ConfigError, match="publish_timeout"):
-        await slow.aapply_async((0,), retry_policy={"max_retries": 3})
+    with pytest.raises(ConfigError, match="retry_policy takes max_retries"):
+        await slow.aapply_async((0,), retry_policy={"retry_errors": (OSError,)})
     with pytest.raises(ConfigError, match="invalid queue name"):
         await slow.aapply_async((0,), routing_key="a.b")
     with pytest.raises(ConfigError, match="disagree"):
@@ -356,3 +357,24 @@ async def test_call_compression_and_serializer(app: Natask, compression: str) ->
         assert await call.aget(timeout=20) == 2 * len(text)
     with pytest.raises(ConfigError, match="compression"):
         await big.aapply_async(("x",), compression="lzma")
+
+
+async def test_call_retry_and_retry_policy_bound_the_publish_attempts(nats_server: NatsServer) -> None:
+    """Celery's ``retry=False`` publishes once and ``retry_policy`` max_retries+1 times, where natask would
+    otherwise retry until ``publish_timeout`` (here far longer): the error names the attempts made."""
+    app = Natask("test", servers=[nats_server.url], publish_timeout=100)
+
+    @app.task(name="t.once")
+    def once() -> int:
+        return 1
+
+    try:
+        await once.adelay()  # connected, the stream made
+        nats_server.stop()
+        with pytest.raises(BrokerError, match=r"after 1 attempt\(s\).*retry=False"):
+            await once.aapply_async(retry=False)
+        with pytest.raises(BrokerError, match=r"after 2 attempt\(s\).*retry=policy"):
+            await once.aapply_async(retry_policy={"max_retries": 1, "interval_start": 0})
+    finally:
+        nats_server.start()
+        await app.aclose()

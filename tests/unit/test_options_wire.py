@@ -64,3 +64,23 @@ def test_task_option_validation() -> None:
         TaskOptions(default_retry_delay=-1)
     with pytest.raises(ConfigError, match="shadow"):
         TaskOptions(shadow="")
+
+
+def test_celery_retry_policy_maps_to_publish_attempts_and_pauses() -> None:
+    from natask.message import PublishRetry
+    from natask.task import publish_retry
+
+    assert publish_retry(False, None) == PublishRetry(1)
+    assert publish_retry(True, {"max_retries": None}) is None  # natask's own: until publish_timeout
+    policy = publish_retry(True, {"max_retries": 4, "interval_start": 0.5, "interval_step": 1, "interval_max": 2})
+    assert policy is not None and policy.attempts == 5
+    assert [policy.pause(n) for n in range(1, 5)] == [0.5, 1.5, 2.0, 2.0]
+    defaults = publish_retry(True, {})
+    assert defaults == PublishRetry(4, 0.0, 0.2, 0.2)  # Celery's defaults
+    for bad, match in (({"max_retries": -1}, "max_retries"), ({"max_retries": True}, "max_retries"),
+                       ({"interval_step": "1"}, "interval_step"), ({"interval_max": 1e9}, "interval_max"),
+                       ({"errback": 1}, "retry_policy takes")):
+        with pytest.raises(ConfigError, match=match):
+            publish_retry(True, bad)
+    with pytest.raises(ConfigError, match="retry must be True or False"):
+        publish_retry(1, None)

@@ -241,7 +241,7 @@ async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, t
         # A phone-width window: the main layout never scrolls sideways (wide tables scroll inside).
         phone = await browser.open(dash.url, headers={"Authorization": BASIC}, width=375)
         await phone.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
-        for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker"):
+        for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker", "#/schedules"):
             await phone.evaluate(f"location.hash = '{route}'")
             await phone.wait_for(f"document.body.dataset.shown === '{route}'", f"the page of {route}")
             width = await phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
@@ -492,3 +492,61 @@ async def test_broker_api_gives_sizes_and_limits_of_streams_consumers_and_bucket
         assert results["values"] >= 1 and results["bytes"] > 0 and results["ttl"] == app.config.result_ttl
         assert results["history"] == 1 and results["role"] == "results"
         assert "natask_schedules_web" not in {b["name"] for b in broker["buckets"]}  # none created by reading
+
+
+@pytest.mark.timeout(180)
+@needs_chromium
+async def test_schedules_edited_and_broker_sizes_shown_in_chromium(app: Natask, tmp_path: Path) -> None:
+    app.add_periodic_task(timedelta(hours=1), app.tasks["w.add"].s(1, 1), name="w.hourly")
+    async with Dashboard(app, port=0, basic_auth=[f"{USER}:{PASSWORD}"]) as dash, \
+            Browser(tmp_path / "chromium") as browser:
+        page = await browser.open(dash.url + "#/schedules", headers={"Authorization": BASIC})
+        await page.wait_for("document.body?.dataset.shown === '#/schedules'", "the schedules page")
+        code = "document.querySelector('#schedules tr[data-entry=\"w.hourly\"]')"
+        assert await page.evaluate(f"{code}.cells[1].textContent") == "code"
+        assert await page.evaluate(f"{code}.cells[9].textContent") == "read-only"
+        assert await page.evaluate(f"{code}.querySelectorAll('button').length") == 0
+        assert await page.evaluate("[...document.querySelectorAll('#entry-form [name=task] option')]"
+                                   ".map((o) => o.value)") == ["w.add", "w.boom"]
+
+        async def submit(**fields: str) -> None:
+            script = "".join(f"$('entry-form').elements[{k!r}].value = {v!r};" for k, v in fields.items())
+            await page.evaluate(script + "$('entry-form').elements.kind.dispatchEvent(new Event('change'));"
+                                "$('entry-form').querySelector('button[type=submit]').click(); true")
+
+        # A mistake: the page shows app.beat's own words, and nothing is stored.
+        expected = await beat_error(app, "w.browser", "w.add", cron="61 * * * *", args=[1, 2])
+        await submit(name="w.browser", task="w.add", kind="cron", when="61 * * * *", args="[1, 2]")
+        await page.wait_for(f"document.getElementById('entry-error').textContent === {expected!r}", "the error")
+        assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+
+        row = "document.querySelector('#schedules tr[data-entry=\"w.browser\"]')"
+        await submit(name="w.browser", task="w.add", kind="every", when="30", args="[1, 2]", tz="")
+        await page.wait_for(f"!!{row}", "the new entry listed")
+        assert await page.evaluate("document.getElementById('entry-error').textContent") == ""
+        assert await page.evaluate(f"[...{row}.cells].slice(1, 7).map((c) => c.textContent)") == \
+            ["stored", "w.add", "every 30s", "(1, 2)", "", "enabled"]
+        [stored] = [i for i in await app.beat.alist() if i.name == "w.browser"]
+        assert (stored.source, stored.args, stored.schedule, stored.enabled) == ("stored", (1, 2), "every 30s", True)
+
+        await page.evaluate(f"{row}.querySelector('button.disable').click(); true")
+        await page.wait_for(f"{row}?.cells[6].textContent === 'disabled' && !!{row}.querySelector('button.enable')",
+                            "the entry disabled")
+        assert [i.enabled for i in await app.beat.alist() if i.name == "w.browser"] == [False]
+
+        await page.evaluate(f"window.confirm = () => true; {row}.querySelector('button.remove').click(); true")
+        await page.wait_for(f"!{row}", "the entry gone")
+        assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+
+        # The broker page: a stream's limits, readable with exact numbers in titles, and a bucket.
+        await page.evaluate("location.hash = '#/broker'")
+        await page.wait_for("document.body.dataset.shown === '#/broker'", "the broker page")
+        events = "document.querySelector('#streams tr[data-stream=\"NATASK_EVENTS_WEB\"]')"
+        cells = await page.evaluate(f"[...{events}.cells].map((c) => [c.textContent, c.title])")
+        assert [c[0] for c in cells[5:]] == ["unlimited", "1.0 GiB", "7 days", "1", "file", "drop oldest"], cells
+        assert cells[6][1] == "1,073,741,824 bytes" and cells[7][1] == "604,800 seconds"
+        bucket = "document.querySelector('#buckets tr[data-bucket=\"natask_schedules_web\"]')"
+        cells = await page.evaluate(f"[...{bucket}.cells].map((c) => c.textContent)")
+        assert cells[:2] == ["natask_schedules_web", "stored schedules"] and cells[4:7] == ["1", "unlimited",
+                                                                                           "unlimited"], cells
+        assert browser.errors == []

@@ -336,9 +336,10 @@ const unlimited = (n) => fin(n) !== null && n <= 0;
 const limitTd = (n, show, unit) => unlimited(n) ? td("unlimited", "num muted", `${str(n)} (no limit)`)
   : td(fin(n) === null ? "–" : show(n), "num", exact(n, unit));
 function period(s) {
-  if (s >= 86400) return `${+(s / 86400).toFixed(1)} days`;
+  const days = +(s / 86400).toFixed(1);
+  if (s >= 86400) return `${days} day${days === 1 ? "" : "s"}`;
   if (s >= 3600) return `${+(s / 3600).toFixed(1)} h`;
-  return dur(s);
+  return s >= 60 ? `${+(s / 60).toFixed(1)} min` : `${+s.toFixed(3)} s`;
 }
 const count = (n) => fin(n) === null ? "–" : n.toLocaleString("en-US");
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..beat.leader import LEASE_KEY
 from ..beat.records import RECORD_PREFIX
 from ..beat.records import loads as record_of
-from ..beat.schedules import CODE, STORED
+from ..beat.schedules import STORED
 from ..errors import ConfigError
 from ..naming import TASK_ID_RE
 from .previews import preview
@@ -61,7 +61,7 @@ async def read(app: Natask) -> dict[str, Any]:
     holder, expires = lease.get("holder"), lease.get("expires")
     leading = isinstance(holder, str) and isinstance(expires, (int, float)) and expires > time.time()
     return {"entries": entries, "leader": holder if leading else None, "editable": True,
-            "tasks": sorted(app.tasks), "bucket": app.names.schedules_bucket, "sources": [CODE, STORED]}
+            "tasks": sorted(app.tasks), "bucket": app.names.schedules_bucket}
 
 
 async def add(app: Natask, body: object) -> PeriodicEntry:

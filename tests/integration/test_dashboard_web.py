@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from natask import ConfigError, Natask, TaskFailed, TaskNotFound
 from natask.beat import TICK_SEP, Beat
+from natask.beat.schedules import open_bucket
 from natask.cli import _json_arg
 from natask.dashboard import Dashboard, History, asgi_app
 from natask.server import NatsServer
@@ -467,6 +468,15 @@ async def test_schedules_are_edited_through_app_beat_with_its_checks_and_a_runni
             assert unknown.status_code == 400 and "no stored periodic entry named 'w.evry'" in unknown.json()["error"]
             odd = await http.post("/api/schedules/a%20b/disable", headers=csrf)
             assert odd.status_code == 400 and odd.json()["error"].startswith("invalid periodic entry name 'a b'")
+
+            # A value beats skip (written by anyone who may write the bucket) is shown with why, removable.
+            await (await open_bucket(app)).put("w.broken", b"junk")
+            [broken] = [e for e in (await http.get("/api/schedules", headers=auth)).json()["entries"]
+                        if e["name"] == "w.broken"]
+            assert broken["error"].startswith("not a stored entry") and broken["enabled"] is False
+            assert broken["editable"] is True and broken["args"] == ""
+            assert (await http.delete("/api/schedules/w.broken", headers=csrf)).json() == {"removed": "w.broken"}
+            assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
     finally:
         await beat.stop()
         await nc.close()

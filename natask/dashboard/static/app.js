@@ -364,8 +364,11 @@ async function brokerPage() {
 // -- schedules: every entry; stored ones edited through app.beat (the server checks every field) --
 const ORIGIN = {code: "defined in the app's code (@app.periodic, add_periodic_task): read-only here",
                 stored: "stored in the schedules bucket (natask beat add, app.beat.add, this page)"};
+let schedulesRead = 0;
 async function schedulesPage() {
+  const reading = ++schedulesRead;
   const body = await api("api/schedules");
+  if (reading !== schedulesRead) return;  // a later reading (after an edit) draws, never an older one
   entryTaskField(arr(body.tasks).map(str));
   fill("schedules", arr(body.entries).filter((e) => e && typeof e === "object").map(entryRow),
     "no periodic entry", 10);
@@ -434,5 +437,11 @@ $("filter").addEventListener("input", render);
 $("state-filter").addEventListener("change", render);
 window.addEventListener("hashchange", show);
 setInterval(() => route().page === "overview" && render(), 5000);  // keep "n s ago" fresh
+setInterval(() => {  // next fire times, last ticks and broker sizes change without events
+  const page = route().page;
+  if (document.visibilityState !== "visible") return;
+  if (page === "schedules") schedulesPage().catch(() => {});
+  else if (page === "broker") brokerPage().catch(() => {});
+}, 5000);
 show();
 connect();

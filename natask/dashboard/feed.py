@@ -390,7 +390,8 @@ class Feed:
                    (names.rates_bucket, "global rate limits"), (names.caps_bucket, "concurrency caps"))
         sizes = await asyncio.gather(*(broker.stream_sizes(s) for s, _ in streams),
                                      *(broker.stream_sizes(f"KV_{b}") for b, _ in buckets))
-        found = [(role, size) for (_, role), size in zip(streams, sizes, strict=False) if size is not None]
+        found = [(role, size) for (_, role), size in zip(streams, sizes[:len(streams)], strict=True)
+                 if size is not None]
         consumers = await asyncio.gather(*(broker.consumer_states(size.name) for _, size in found))
         kv = [(name, role, size) for (name, role), size in zip(buckets, sizes[len(streams):], strict=True)
               if size is not None]

@@ -373,7 +373,7 @@ class _BadBody(Exception):
 
 
 async def _json_body(request: Request, limit: int) -> Any:
-    """The request's JSON body, read up to ``limit`` bytes (a larger one is refused unread)."""
+    """The request's JSON body; reading stops once it exceeds ``limit`` bytes (413)."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

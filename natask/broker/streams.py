@@ -1,5 +1,5 @@
-"""Reading and trimming streams for operators: consumer and stream state, stored messages read by
-sequence or in batches (the dead-letter queue), purges and deletions."""
+"""Reading and trimming streams for operators: consumer and stream state, sizes and limits, stored
+messages read by sequence or in batches (the dead-letter queue), purges and deletions."""
 
 from __future__ import annotations
 
@@ -45,6 +45,27 @@ class StreamState(NamedTuple):
     subjects: dict[str, int]
 
 
+class StreamSizes(NamedTuple):
+    """A stream's (or a KV bucket's, stream ``KV_<bucket>``) size and limits as the server reports
+    them. A limit of -1 (``max_age``: 0) is no limit."""
+
+    name: str
+    messages: int
+    bytes: int
+    consumers: int
+    max_msgs: int
+    max_bytes: int
+    max_age: float
+    """Seconds a message is kept (a bucket's ttl)."""
+    max_msgs_per_subject: int
+    """Messages kept per subject (a bucket's history per key)."""
+    replicas: int
+    storage: str
+    """``file`` or ``memory``."""
+    discard: str
+    """What a full stream does: ``old`` (drops its oldest messages) or ``new`` (refuses new ones)."""
+
+
 class Stored(NamedTuple):
     """A stored message read back: its stream sequence, subject, body and own headers."""
 
@@ -79,6 +100,20 @@ class Streams(Objects):
             raise self._translate(e, f"$JS.API.STREAM.INFO.{stream}") from e
         state = info.state
         return StreamState(state.first_seq, state.last_seq, state.messages, dict(state.subjects or {}))
+
+    async def stream_sizes(self, stream: str) -> StreamSizes | None:
+        """``stream``'s size and limits (None if it does not exist)."""
+        try:
+            info = await self.api(lambda: self.js.stream_info(stream))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as e:
+            raise self._translate(e, f"$JS.API.STREAM.INFO.{stream}") from e
+        c, state = info.config, info.state
+        return StreamSizes(stream, state.messages, state.bytes, state.consumer_count,
+                           -1 if c.max_msgs is None else c.max_msgs, -1 if c.max_bytes is None else c.max_bytes,
+                           c.max_age or 0.0, c.max_msgs_per_subject, c.num_replicas or 1,
+                           _word(c.storage, "file"), _word(c.discard, "old"))
 
     async def purge(self, stream: str, subject: str | None = None) -> None:
         """Delete every message of ``stream`` (matching ``subject``); nothing if it does not exist."""
@@ -151,6 +186,11 @@ class Streams(Objects):
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         return out
+
+
+def _word(value: Any, default: str) -> str:
+    """An enum field of a server answer: nats-py leaves the server's string (or None) in it."""
+    return str(getattr(value, "value", value) or default)
 
 
 def _stored(msg: Any) -> Stored | None:

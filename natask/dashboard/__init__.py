@@ -1,6 +1,7 @@
 """The natask dashboard (Flower's job): queues, workers, tasks with history and search, a task's
-detail, charts, dead letters to replay. A Starlette ASGI app, ``asgi_app(app)``, mountable in your
-own app, served by uvicorn in ``natask dashboard`` (extra ``natask[dashboard]``).
+detail, charts, dead letters to replay, the broker's sizes and limits, periodic schedules to edit
+(through ``app.beat``). A Starlette ASGI app, ``asgi_app(app)``, mountable in your own app,
+served by uvicorn in ``natask dashboard`` (extra ``natask[dashboard]``).
 
 Importing this package needs no web framework: ``asgi_app``, ``Dashboard`` and ``serve`` import
 Starlette and uvicorn when called."""

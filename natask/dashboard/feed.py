@@ -24,7 +24,7 @@ from ..dlq import DeadLetter, DeadLetters, parse_count
 from ..errors import NataskError
 from ..events import EventStream, decode_batch, events_subject
 from ..message import Envelope, loads
-from ..naming import HDR_MSG_ID, HDR_REPLAYS, HDR_RETRIES, HDR_SCHEDULE_TARGET, TASK_ID_RE
+from ..naming import DLQ_STREAM, HDR_MSG_ID, HDR_REPLAYS, HDR_RETRIES, HDR_SCHEDULE_TARGET, TASK_ID_RE
 from ..worker import HEARTBEAT_INTERVAL
 from .model import Model
 from .previews import preview
@@ -378,52 +378,30 @@ class Feed:
         return await inspect(self.app, "registered", timeout=0.5)
 
     async def broker_info(self) -> dict[str, Any]:
-        """Streams, consumers and buckets of this app: sizes and limits."""
+        """Streams, their consumers and the buckets natask owns for this app: sizes and limits."""
         broker = await self.app.client.broker()
         names = self.app.names
-        streams = []
-        for stream in (names.stream, "NATASK_DLQ", names.events_stream):
-            state = await broker.stream_state(stream)
-            if state is not None:
-                streams.append({"name": stream, "messages": state.messages, "first_seq": state.first_seq,
-                                "last_seq": state.last_seq})
-        consumers = [c._asdict() for c in await broker.consumer_states(names.stream)]
-        buckets = []
-        for bucket in (names.results_bucket, names.revoked_bucket, names.beat_bucket, names.chords_bucket,
-                       names.claims_bucket, names.dlq_index_bucket):
-            state = await broker.stream_state(f"KV_{bucket}")
-            if state is not None:
-                buckets.append({"name": bucket, "keys": state.messages})
-        return {"streams": streams, "consumers": consumers, "buckets": buckets,
-                "history": {"stream": names.events_stream, "max_age": self.history.max_age,
-                            "max_bytes": self.history.max_bytes, "enabled": self.history.enabled}}
-
-    async def schedules(self) -> dict[str, Any]:
-        """The app's periodic entries with the beat's records (last fire, its task id, the leader).
-        Read-only: editing comes with live schedules (entries kept in the beat's bucket); this is the
-        one place to extend."""
-        from ..beat import describe
-        from ..beat.leader import LEASE_KEY
-        from ..beat.records import RECORD_PREFIX
-
-        broker = await self.app.client.broker()
-        kv = await broker.existing_bucket(self.app.names.beat_bucket)  # a dashboard never creates it
-
-        async def record(key: str) -> dict[str, Any]:
-            entry = await kv.get(key) if kv is not None else None
-            try:
-                value = loads(entry.value) if entry is not None and entry.value else {}
-            except NataskError:
-                return {}
-            return value if isinstance(value, dict) else {}
-
-        entries = []
-        for name, schedule, at in describe(self.app):
-            last = await record(RECORD_PREFIX + name)
-            fire, tick = last.get("fire"), last.get("id")
-            entries.append({"name": name, "schedule": schedule, "next": at.isoformat(),
-                            "last": fire if isinstance(fire, (int, float)) else None,
-                            "last_id": tick if isinstance(tick, str) and TASK_ID_RE.match(tick) else None})
-        lease = await record(LEASE_KEY)
-        holder = lease.get("holder")
-        return {"entries": entries, "leader": holder if isinstance(holder, str) else None, "editable": False}
+        streams = ((names.stream, "tasks"), (DLQ_STREAM, "dead letters (every app's)"),
+                   (names.events_stream, "dashboard history"), (f"OBJ_{names.objects_bucket}", "large payloads"))
+        buckets = ((names.results_bucket, "results"), (names.revoked_bucket, "revoked tasks"),
+                   (names.beat_bucket, "beat lease and last ticks"), (names.schedules_bucket, "stored schedules"),
+                   (names.groups_bucket, "saved groups"), (names.chords_bucket, "chord progress"),
+                   (names.claims_bucket, "claims"), (names.dlq_index_bucket, "dead-letter index"),
+                   (names.rates_bucket, "global rate limits"), (names.caps_bucket, "concurrency caps"))
+        sizes = await asyncio.gather(*(broker.stream_sizes(s) for s, _ in streams),
+                                     *(broker.stream_sizes(f"KV_{b}") for b, _ in buckets))
+        found = [(role, size) for (_, role), size in zip(streams, sizes[:len(streams)], strict=True)
+                 if size is not None]
+        consumers = await asyncio.gather(*(broker.consumer_states(size.name) for _, size in found))
+        kv = [(name, role, size) for (name, role), size in zip(buckets, sizes[len(streams):], strict=True)
+              if size is not None]
+        return {
+            "streams": [{**size._asdict(), "role": role} for role, size in found],
+            "consumers": [{"stream": size.name, "name": c.name, "pending": c.pending, "ack_pending": c.in_flight,
+                           "redelivered": c.redelivered, "waiting": c.waiting_pulls, "delivered": c.delivered}
+                          for (_, size), states in zip(found, consumers, strict=True) for c in states],
+            "buckets": [{"name": name, "role": role, "values": size.messages, "bytes": size.bytes,
+                         "history": size.max_msgs_per_subject, "ttl": size.max_age, "max_bytes": size.max_bytes,
+                         "replicas": size.replicas, "storage": size.storage} for name, role, size in kv],
+            "history": {"stream": names.events_stream, "max_age": self.history.max_age,
+                        "max_bytes": self.history.max_bytes, "enabled": self.history.enabled}}

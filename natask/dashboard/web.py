@@ -21,9 +21,11 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..beat.schedule import schedule_text
 from ..dlq import DeadLetterNotFound
-from ..errors import NataskError
-from ..naming import TASK_ID_RE
+from ..errors import ConfigError, NataskError, TaskNotFound
+from ..naming import TASK_ID_RE, check_kv_key
+from . import schedules
 from .auth import TOKEN_COOKIE, Auth, HostCheck
 from .feed import Feed, History
 from .model import MAX_PAGE, Model, Query
@@ -42,6 +44,7 @@ CSRF_HEADER: Final = "x-natask-dashboard"
 """Header every state-changing call must carry: a cross-site form or fetch cannot send it without a
 CORS preflight, which the dashboard never allows."""
 STATIC: Final = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_DONE: Final = {"remove": "removed", "enable": "enabled", "disable": "disabled"}
 _SECURITY_HEADERS: Final = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
                             (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
 
@@ -158,7 +161,10 @@ class Web:
             Route("/api/workers", self.workers),
             Route("/api/broker", self.broker),
             Route("/api/charts", self.charts),
-            Route("/api/schedules", self.schedules),
+            Route("/api/schedules", self.schedules, methods=["GET", "POST"]),
+            Route("/api/schedules/{name}", self.remove_schedule, methods=["DELETE"]),
+            Route("/api/schedules/{name}/enable", self.toggle_schedule, methods=["POST"]),
+            Route("/api/schedules/{name}/disable", self.toggle_schedule, methods=["POST"]),
         ]
 
     async def index(self, request: Request) -> Response:
@@ -323,10 +329,60 @@ class Web:
                       **series.keys()})
 
     async def schedules(self, request: Request) -> Response:
+        """GET: every periodic entry; POST: store one (``natask beat add``, the same checks)."""
+        if request.method == "POST":
+            return await self._edit(request, "add", "")
         try:
-            return _json(await self.feed.schedules())
+            return _json(await schedules.read(self.app))
         except NataskError as e:
             return _error(503, str(e))
+
+    async def remove_schedule(self, request: Request) -> Response:
+        return await self._edit(request, "remove", request.path_params["name"])
+
+    async def toggle_schedule(self, request: Request) -> Response:
+        verb = request.url.path.rsplit("/", 1)[-1]
+        return await self._edit(request, verb, request.path_params["name"])
+
+    async def _edit(self, request: Request, verb: str, name: str) -> Response:
+        """A change of the stored entries through ``app.beat``: a mistake is a 400 with
+        ``natask beat``'s message, which the page shows."""
+        if not _csrf_ok(request):
+            return _error(403, "cross-origin request refused")
+        beat = self.app.beat
+        try:
+            if verb == "add":
+                added = await schedules.add(self.app, await _json_body(request, schedules.MAX_BODY))
+                return _json({"added": added.name, "task": added.signature.task,
+                              "schedule": schedule_text(added)})
+            check_kv_key(name, "periodic entry name")
+            await {"remove": beat.aremove, "enable": beat.aenable, "disable": beat.adisable}[verb](name)
+        except _BadBody as e:
+            return _error(e.status, str(e))
+        except (ConfigError, TaskNotFound) as e:
+            return _error(400, str(e))
+        except NataskError as e:
+            return _error(503, str(e))
+        return _json({_DONE[verb]: name})
+
+
+class _BadBody(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    """The request's JSON body; reading stops once it exceeds ``limit`` bytes (413)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _BadBody(413, f"request body over {limit} bytes")
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise _BadBody(400, f"the request body must be JSON: {e}") from None
 
 
 def _float(value: str | None) -> float | None:

@@ -12,15 +12,21 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
+import nats
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from natask import Natask, TaskFailed
+from natask import ConfigError, Natask, TaskFailed, TaskNotFound
+from natask.beat import TICK_SEP, Beat
+from natask.beat.schedules import open_bucket
+from natask.cli import _json_arg
 from natask.dashboard import Dashboard, History, asgi_app
 from natask.server import NatsServer
 from natask.testing import worker
@@ -236,7 +242,7 @@ async def test_auth_search_detail_and_a_narrow_window_in_chromium(app: Natask, t
         # A phone-width window: the main layout never scrolls sideways (wide tables scroll inside).
         phone = await browser.open(dash.url, headers={"Authorization": BASIC}, width=375)
         await phone.wait_for("document.getElementById('live-text')?.textContent === 'live'", "the live stream")
-        for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker"):
+        for route in ("#/", "#/tasks", f"#/task/{bad.id}", "#/workers", "#/charts", "#/broker", "#/schedules"):
             await phone.evaluate(f"location.hash = '{route}'")
             await phone.wait_for(f"document.body.dataset.shown === '{route}'", f"the page of {route}")
             width = await phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
@@ -311,4 +317,245 @@ async def test_workers_charts_broker_and_schedules_pages_read_what_exists(app: N
         assert "natask_results_web" in {b["name"] for b in broker["buckets"]}
         schedules = (await http.get("/api/schedules")).json()
         [entry] = schedules["entries"]
-        assert entry["name"] == "w.hourly" and entry["last"] is None and schedules["editable"] is False
+        assert entry["name"] == "w.hourly" and entry["last"] is None and entry["source"] == "code"
+        assert entry["editable"] is False and entry["enabled"] is True
+
+
+# -- live schedules and the broker's sizes ---------------------------------------------------------
+class Ticks:
+    """Tick messages a beat publishes under the app's prefix, awaitable by entry name."""
+
+    def __init__(self) -> None:
+        self.entries: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def on_msg(self, msg: Any) -> None:
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        self.entries.append(msg_id.rsplit(TICK_SEP, 1)[0].replace("/", "."))
+        self._changed.set()
+
+    async def first(self, entry: str, timeout: float = 20) -> None:
+        async def seen() -> None:
+            while entry not in self.entries:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(seen(), timeout)
+
+
+def cli_json_error(text: str, what: str, kind: type) -> str:
+    """What ``natask beat add --args/--kwargs TEXT`` says about TEXT, without the dashes."""
+    with pytest.raises(click.UsageError) as e:
+        _json_arg(text, f"--{what}", kind)
+    return e.value.message.removeprefix("--")
+
+
+async def beat_error(app: Natask, name: str, task: str, **kwargs: Any) -> str:
+    """What ``app.beat.add`` (and so ``natask beat add``) says about an entry."""
+    with pytest.raises((ConfigError, TaskNotFound)) as e:
+        await app.beat.aadd(name, task, **kwargs)
+    return str(e.value)
+
+
+async def test_schedules_are_edited_through_app_beat_with_its_checks_and_a_running_beat_fires_them(
+        app: Natask, nats_server: NatsServer) -> None:
+    app.add_periodic_task(timedelta(hours=1), app.tasks["w.add"].s(1, 1), name="w.hourly")
+    auth = {"Authorization": BASIC}
+    csrf = {**auth, "X-Natask-Dashboard": "1"}
+    good = {"name": "w.every", "task": "w.add", "every": "1", "args": "[1, 2]", "kwargs": "", "queue": "", "tz": ""}
+    ticks = Ticks()
+    nc = await nats.connect(nats_server.url)
+    beat = Beat(app, lease_ttl=1)
+    try:
+        await nc.subscribe("web.>", cb=ticks.on_msg)
+        await nc.flush()
+        await beat.start()
+        async with Dashboard(app, port=0, basic_auth=[f"{USER}:{PASSWORD}"]) as dash, \
+                httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+            # Auth on every route and method, then the CSRF defence of the other state changes.
+            for method, path in (("GET", "/api/schedules"), ("POST", "/api/schedules"),
+                                 ("DELETE", "/api/schedules/w.every"), ("POST", "/api/schedules/w.every/enable"),
+                                 ("POST", "/api/schedules/w.every/disable")):
+                assert (await http.request(method, path, json=good)).status_code == 401, (method, path)
+                if method != "GET":
+                    refused = await http.request(method, path, json=good, headers=auth)
+                    assert refused.status_code == 403, (method, path)
+                    foreign = await http.request(method, path, json=good,
+                                                 headers={**csrf, "Origin": "http://evil.test"})
+                    assert foreign.status_code == 403, (method, path)
+            assert (await http.put("/api/schedules", json=good, headers=csrf)).status_code == 405
+
+            # Every mistake is refused with natask beat add's words; none reaches the bucket.
+            async def refused_with(body: dict[str, Any]) -> str:
+                answer = await http.post("/api/schedules", json=body, headers=csrf)
+                assert answer.status_code == 400, (body, answer.text)
+                return str(answer.json()["error"])
+
+            expected = {
+                "w.ad": await beat_error(app, "x", "w.ad", every=5),
+                "cron": await beat_error(app, "x", "w.add", cron="61 * * * *", args=[1, 2]),
+                "both": await beat_error(app, "x", "w.add", every=5, cron="* * * * *", args=[1, 2]),
+                "none": await beat_error(app, "x", "w.add", args=[1, 2]),
+                "tz": await beat_error(app, "x", "w.add", cron="0 * * * *", tz="Mars/Base", args=[1, 2]),
+                "tz-every": await beat_error(app, "x", "w.add", every=5, tz="UTC", args=[1, 2]),
+                "queue": await beat_error(app, "x", "w.add", every=5, queue="no queue", args=[1, 2]),
+                "arity": await beat_error(app, "x", "w.add", every=5, args=[1]),
+                "code": await beat_error(app, "w.hourly", "w.add", every=5, args=[1, 2]),
+                "name": await beat_error(app, "bad name", "w.add", every=5, args=[1, 2]),
+                "fraction": await beat_error(app, "x", "w.add", every=1.5, args=[1, 2]),
+            }
+            assert "did you mean 'w.add'" in expected["w.ad"]
+            x = {**good, "name": "x", "every": "5"}
+            assert await refused_with({**x, "task": "w.ad"}) == expected["w.ad"]
+            assert await refused_with({**x, "every": "", "cron": "61 * * * *"}) == expected["cron"]
+            assert await refused_with({**x, "cron": "* * * * *"}) == expected["both"]
+            assert await refused_with({**x, "every": ""}) == expected["none"]
+            assert await refused_with({**x, "every": None, "cron": "0 * * * *", "tz": "Mars/Base"}) == expected["tz"]
+            assert await refused_with({**x, "tz": "UTC"}) == expected["tz-every"]
+            assert await refused_with({**x, "queue": "no queue"}) == expected["queue"]
+            assert await refused_with({**x, "args": "[1]"}) == expected["arity"]
+            assert await refused_with({**x, "name": "w.hourly"}) == expected["code"]
+            assert await refused_with({**x, "name": "bad name"}) == expected["name"]
+            assert await refused_with({**x, "every": 1.5}) == expected["fraction"]
+            assert await refused_with({**x, "args": "[1, "}) == cli_json_error("[1, ", "args", list)
+            assert await refused_with({**x, "kwargs": "[1]"}) == cli_json_error("[1]", "kwargs", dict)
+            assert await refused_with({**x, "args": {"a": 1}}) == cli_json_error('{"a": 1}', "args", list)
+            assert await refused_with({**x, "every": "soon"}) == "every must be a number of seconds, got 'soon'"
+            assert await refused_with({**x, "when": "5"}) == ("unknown field(s) when: an entry has name, task, "
+                                                              "every, cron, args, kwargs, queue, tz")
+            assert await refused_with({**x, "task": 7}) == "task must be a text, got int"
+            not_json = await http.post("/api/schedules", content=b"name=x", headers=csrf)
+            assert not_json.status_code == 400 and not_json.json()["error"].startswith("the request body must be JSON")
+            huge = await http.post("/api/schedules", content=b" " * (300 * 1024) + b"{}", headers=csrf)
+            assert huge.status_code == 413
+            assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+
+            # A good entry is stored through app.beat, listed, and fired by the running beat.
+            added = await http.post("/api/schedules", json=good, headers=csrf)
+            assert added.status_code == 200, added.text
+            assert added.json() == {"added": "w.every", "task": "w.add", "schedule": "every 1s"}
+            stored = {i.name: i for i in await asyncio.to_thread(app.beat.list)}["w.every"]  # the sync twin
+            assert (stored.source, stored.task, stored.args, stored.kwargs, stored.enabled) == \
+                ("stored", "w.add", (1, 2), {}, True)
+            await ticks.first("w.every")
+            listed = (await http.get("/api/schedules", headers=auth)).json()
+            rows = {e["name"]: e for e in listed["entries"]}
+            assert listed["tasks"] == ["w.add", "w.boom"] and listed["bucket"] == "natask_schedules_web"
+            assert (rows["w.hourly"]["source"], rows["w.hourly"]["editable"]) == ("code", False)
+            assert (rows["w.every"]["source"], rows["w.every"]["editable"]) == ("stored", True)
+            assert rows["w.every"]["args"] == "(1, 2)" and rows["w.every"]["schedule"] == "every 1s"
+
+            async def recorded() -> bool:  # the beat records each entry's last tick after sending it
+                entries = (await http.get("/api/schedules", headers=auth)).json()["entries"]
+                return any(e["name"] == "w.every" and e["last_id"] for e in entries)
+
+            await until(recorded, "the tick recorded and shown")
+            assert (await http.get("/api/schedules", headers=auth)).json()["leader"] == beat.id
+
+            # Disable, enable, remove: app.beat's state follows; its mistakes come back as 400s.
+            assert (await http.post("/api/schedules/w.every/disable", headers=csrf)).json() == {"disabled": "w.every"}
+            assert [i.enabled for i in await app.beat.alist() if i.name == "w.every"] == [False]
+            assert (await http.post("/api/schedules/w.every/enable", headers=csrf)).json() == {"enabled": "w.every"}
+            assert [i.enabled for i in await app.beat.alist() if i.name == "w.every"] == [True]
+            with pytest.raises(ConfigError) as code_entry:
+                await app.beat.aremove("w.hourly")
+            kept = await http.delete("/api/schedules/w.hourly", headers=csrf)
+            assert kept.status_code == 400 and kept.json()["error"] == str(code_entry.value)
+            assert (await http.delete("/api/schedules/w.every", headers=csrf)).json() == {"removed": "w.every"}
+            assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+            unknown = await http.delete("/api/schedules/w.evry", headers=csrf)
+            assert unknown.status_code == 400 and "no stored periodic entry named 'w.evry'" in unknown.json()["error"]
+            odd = await http.post("/api/schedules/a%20b/disable", headers=csrf)
+            assert odd.status_code == 400 and odd.json()["error"].startswith("invalid periodic entry name 'a b'")
+
+            # A value beats skip (written by anyone who may write the bucket) is shown with why, removable.
+            await (await open_bucket(app)).put("w.broken", b"junk")
+            [broken] = [e for e in (await http.get("/api/schedules", headers=auth)).json()["entries"]
+                        if e["name"] == "w.broken"]
+            assert broken["error"].startswith("not a stored entry") and broken["enabled"] is False
+            assert broken["editable"] is True and broken["args"] == ""
+            assert (await http.delete("/api/schedules/w.broken", headers=csrf)).json() == {"removed": "w.broken"}
+            assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+    finally:
+        await beat.stop()
+        await nc.close()
+
+
+async def test_broker_api_gives_sizes_and_limits_of_streams_consumers_and_buckets(app: Natask) -> None:
+    history = History(max_age=3600, max_bytes=8 * 1024 * 1024)
+    async with Dashboard(app, port=0, history=history) as dash, worker(app), \
+            httpx.AsyncClient(base_url=dash.url, timeout=10) as http:
+        assert await (await app.asend_task("w.add", [1, 2])).aget(timeout=10) == 3
+        broker = (await http.get("/api/broker")).json()
+        streams = {s["name"]: s for s in broker["streams"]}
+        events = streams["NATASK_EVENTS_WEB"]
+        assert (events["max_age"], events["max_bytes"], events["max_msgs"]) == (3600, 8 * 1024 * 1024, -1)
+        assert (events["replicas"], events["storage"], events["discard"], events["role"]) == \
+            (1, "file", "old", "dashboard history")
+        tasks = streams["NATASK_WEB"]
+        assert tasks["consumers"] == 1 and tasks["role"] == "tasks" and tasks["bytes"] >= 0
+        [consumer] = [c for c in broker["consumers"] if c["stream"] == "NATASK_WEB"]
+        assert consumer["name"] == "default" and consumer["delivered"] >= 1
+        assert {"pending", "ack_pending", "redelivered", "waiting"} <= set(consumer)
+        results = {b["name"]: b for b in broker["buckets"]}["natask_results_web"]
+        assert results["values"] >= 1 and results["bytes"] > 0 and results["ttl"] == app.config.result_ttl
+        assert results["history"] == 1 and results["role"] == "results"
+        assert "natask_schedules_web" not in {b["name"] for b in broker["buckets"]}  # none created by reading
+
+
+@pytest.mark.timeout(180)
+@needs_chromium
+async def test_schedules_edited_and_broker_sizes_shown_in_chromium(app: Natask, tmp_path: Path) -> None:
+    app.add_periodic_task(timedelta(hours=1), app.tasks["w.add"].s(1, 1), name="w.hourly")
+    async with Dashboard(app, port=0, basic_auth=[f"{USER}:{PASSWORD}"]) as dash, \
+            Browser(tmp_path / "chromium") as browser:
+        page = await browser.open(dash.url + "#/schedules", headers={"Authorization": BASIC})
+        await page.wait_for("document.body?.dataset.shown === '#/schedules'", "the schedules page")
+        code = "document.querySelector('#schedules tr[data-entry=\"w.hourly\"]')"
+        assert await page.evaluate(f"{code}.cells[1].textContent") == "code"
+        assert await page.evaluate(f"{code}.cells[9].textContent") == "read-only"
+        assert await page.evaluate(f"{code}.querySelectorAll('button').length") == 0
+        assert await page.evaluate("[...document.querySelectorAll('#entry-form [name=task] option')]"
+                                   ".map((o) => o.value)") == ["w.add", "w.boom"]
+
+        async def submit(**fields: str) -> None:
+            script = "".join(f"$('entry-form').elements[{k!r}].value = {v!r};" for k, v in fields.items())
+            await page.evaluate(script + "$('entry-form').elements.kind.dispatchEvent(new Event('change'));"
+                                "$('entry-form').querySelector('button[type=submit]').click(); true")
+
+        # A mistake: the page shows app.beat's own words, and nothing is stored.
+        expected = await beat_error(app, "w.browser", "w.add", cron="61 * * * *", args=[1, 2])
+        await submit(name="w.browser", task="w.add", kind="cron", when="61 * * * *", args="[1, 2]")
+        await page.wait_for(f"document.getElementById('entry-error').textContent === {expected!r}", "the error")
+        assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+
+        row = "document.querySelector('#schedules tr[data-entry=\"w.browser\"]')"
+        await submit(name="w.browser", task="w.add", kind="every", when="30", args="[1, 2]", tz="")
+        await page.wait_for(f"!!{row}", "the new entry listed")
+        assert await page.evaluate("document.getElementById('entry-error').textContent") == ""
+        assert await page.evaluate(f"[...{row}.cells].slice(1, 7).map((c) => c.textContent)") == \
+            ["stored", "w.add", "every 30s", "(1, 2)", "", "enabled"]
+        [stored] = [i for i in await app.beat.alist() if i.name == "w.browser"]
+        assert (stored.source, stored.args, stored.schedule, stored.enabled) == ("stored", (1, 2), "every 30s", True)
+
+        await page.evaluate(f"{row}.querySelector('button.disable').click(); true")
+        await page.wait_for(f"{row}?.cells[6].textContent === 'disabled' && !!{row}.querySelector('button.enable')",
+                            "the entry disabled")
+        assert [i.enabled for i in await app.beat.alist() if i.name == "w.browser"] == [False]
+
+        await page.evaluate(f"window.confirm = () => true; {row}.querySelector('button.remove').click(); true")
+        await page.wait_for(f"!{row}", "the entry gone")
+        assert [i.name for i in await app.beat.alist()] == ["w.hourly"]
+
+        # The broker page: a stream's limits, readable with exact numbers in titles, and a bucket.
+        await page.evaluate("location.hash = '#/broker'")
+        await page.wait_for("document.body.dataset.shown === '#/broker'", "the broker page")
+        events = "document.querySelector('#streams tr[data-stream=\"NATASK_EVENTS_WEB\"]')"
+        cells = await page.evaluate(f"[...{events}.cells].map((c) => [c.textContent, c.title])")
+        assert [c[0] for c in cells[5:]] == ["unlimited", "1.0 GiB", "7 days", "1", "file", "drop oldest"], cells
+        assert cells[6][1] == "1,073,741,824 bytes" and cells[7][1] == "604,800 seconds"
+        bucket = "document.querySelector('#buckets tr[data-bucket=\"natask_schedules_web\"]')"
+        cells = await page.evaluate(f"[...{bucket}.cells].map((c) => c.textContent)")
+        assert cells[:2] == ["natask_schedules_web", "stored schedules"] and cells[4:7] == ["1", "unlimited",
+                                                                                           "unlimited"], cells
+        assert browser.errors == []

@@ -189,8 +189,12 @@ async function api(path) {
   if (!r.ok) throw new Error(str(body.error) || r.statusText);
   return body;
 }
-async function post(path) {
-  const r = await fetch(path, {method: "POST", headers: {"X-Natask-Dashboard": "1"}});
+// State changes carry the CSRF header (a cross-site form cannot send it); a body goes as JSON.
+async function post(path, payload, method) {
+  const headers = {"X-Natask-Dashboard": "1", "Accept": "application/json"};
+  if (payload !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, {method: method || "POST", headers,
+                               body: payload === undefined ? undefined : JSON.stringify(payload)});
   const body = await r.json().catch(() => ({error: r.statusText}));
   if (!r.ok) throw new Error(str(body.error) || r.statusText);
   return body;
@@ -317,31 +321,127 @@ function lines(root, pts) {
   root.lastChild.textContent = `max ${dur(max)}`;
 }
 
+// Sizes in binary units, the exact number in the cell's title; a limit of -1 (0 for ages) is none.
+const UNITS = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+function bytes(n) {
+  if (fin(n) === null) return "–";
+  if (Math.abs(n) < 1024) return `${n} B`;
+  let v = n, unit = "B";
+  for (const u of UNITS) { if (Math.abs(v) < 1024) break; v /= 1024; unit = u; }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${unit}`;
+}
+const exact = (n, unit) => fin(n) === null ? "" : `${n.toLocaleString("en-US")} ${unit}`;
+const sizeTd = (n) => td(bytes(n), "num", exact(n, "bytes"));
+const unlimited = (n) => fin(n) !== null && n <= 0;
+const limitTd = (n, show, unit) => unlimited(n) ? td("unlimited", "num muted", `${str(n)} (no limit)`)
+  : td(fin(n) === null ? "–" : show(n), "num", exact(n, unit));
+function period(s) {
+  const days = +(s / 86400).toFixed(1);
+  if (s >= 86400) return `${days} day${days === 1 ? "" : "s"}`;
+  if (s >= 3600) return `${+(s / 3600).toFixed(1)} h`;
+  return s >= 60 ? `${+(s / 60).toFixed(1)} min` : `${+s.toFixed(3)} s`;
+}
+const count = (n) => fin(n) === null ? "–" : n.toLocaleString("en-US");
+
 async function brokerPage() {
   const b = await api("api/broker");
-  fill("streams", arr(b.streams).map((s) => el("tr", {}, td(s.name, "mono"), num(s.messages), num(s.first_seq),
-    num(s.last_seq))), "no stream", 4);
-  fill("consumers", arr(b.consumers).map((c) => el("tr", {}, td(c.name, "mono"), num(c.pending), num(c.in_flight),
-    num(c.redelivered), num(c.waiting_pulls), num(c.delivered))), "no consumer", 6);
-  fill("buckets", arr(b.buckets).map((k) => el("tr", {}, td(k.name, "mono"), num(k.keys))), "no bucket", 2);
+  fill("streams", arr(b.streams).map((s) => el("tr", {data: {stream: str(s.name)}}, td(s.name, "mono"), td(s.role, "muted"),
+    num(count(s.messages)), sizeTd(s.bytes), num(s.consumers), limitTd(s.max_msgs, count, "messages"),
+    limitTd(s.max_bytes, bytes, "bytes"), limitTd(s.max_age, period, "seconds"), num(s.replicas), td(s.storage),
+    td(s.discard === "new" ? "refuse new" : s.discard === "old" ? "drop oldest" : s.discard, "", `discard ${str(s.discard)}`))),
+    "no stream", 11);
+  fill("consumers", arr(b.consumers).map((c) => el("tr", {data: {consumer: str(c.name)}}, td(c.name, "mono"),
+    td(c.stream, "mono muted"), num(count(c.pending)), num(count(c.ack_pending)), num(count(c.redelivered)),
+    num(count(c.waiting)), num(count(c.delivered)))), "no consumer", 7);
+  fill("buckets", arr(b.buckets).map((k) => el("tr", {data: {bucket: str(k.name)}}, td(k.name, "mono"), td(k.role, "muted"),
+    num(count(k.values)), sizeTd(k.bytes), limitTd(k.history, count, "values per key"), limitTd(k.ttl, period, "seconds"),
+    limitTd(k.max_bytes, bytes, "bytes"), num(k.replicas), td(k.storage))), "no bucket", 9);
   const h = b.history || {};
   $("history-limits").textContent = h.enabled ? `History: stream ${str(h.stream)}, events kept ` +
-    `${dur(fin(h.max_age) ?? 0)}, at most ${Math.round((fin(h.max_bytes) ?? 0) / 1048576)} MiB` : "History: off";
+    `${period(fin(h.max_age) ?? 0)}, at most ${bytes(fin(h.max_bytes) ?? 0)}` : "History: off";
 }
 
+// -- schedules: every entry; stored ones edited through app.beat (the server checks every field) --
+const ORIGIN = {code: "defined in the app's code (@app.periodic, add_periodic_task): read-only here",
+                stored: "stored in the schedules bucket (natask beat add, app.beat.add, this page)"};
+let schedulesRead = 0;
 async function schedulesPage() {
+  const reading = ++schedulesRead;
   const body = await api("api/schedules");
-  fill("schedules", arr(body.entries).map((e) => el("tr", {data: {entry: str(e.name)}}, td(e.name, "mono"),
-    td(e.schedule), td(e.next ? new Date(str(e.next)).toLocaleString() : ""),
-    el("td", {}, fin(e.last) ? (e.last_id ? el("a", {href: `#/task/${encodeURIComponent(str(e.last_id))}`},
-      new Date(e.last * 1000).toLocaleString()) : new Date(e.last * 1000).toLocaleString()) : ""))),
-    "no periodic entry", 4);
+  if (reading !== schedulesRead) return;  // a later reading (after an edit) draws, never an older one
+  entryTaskField(arr(body.tasks).map(str));
+  fill("schedules", arr(body.entries).filter((e) => e && typeof e === "object").map(entryRow),
+    "no periodic entry", 10);
   $("beat-leader").textContent = body.leader ? `Beat leader: ${str(body.leader)}` : "No beat holds the lease.";
 }
+function entryRow(e) {
+  const name = str(e.name), source = str(e.source);
+  const state = e.error ? el("span", {class: "badge state s-FAILURE", title: str(e.error)}, "invalid")
+    : badge(e.enabled ? "enabled" : "disabled");
+  const last = fin(e.last) === null ? "" : e.last_id
+    ? el("a", {href: `#/task/${encodeURIComponent(str(e.last_id))}`}, new Date(e.last * 1000).toLocaleString())
+    : new Date(e.last * 1000).toLocaleString();
+  const actions = e.editable !== true ? td("read-only", "muted", ORIGIN.code) : el("td", {class: "buttons"},
+    ...(e.error ? [] : [el("button", {type: "button", class: e.enabled ? "disable" : "enable",
+      onclick: () => editEntry(name, e.enabled ? "disable" : "enable")}, e.enabled ? "Disable" : "Enable")]),
+    el("button", {type: "button", class: "remove danger", onclick: () => editEntry(name, "remove")}, "Remove"));
+  return el("tr", {data: {entry: name, source}}, td(name, "mono"), td(source, "", ORIGIN[source] || ""),
+    td(e.task, "mono"), td(e.schedule), td(e.args, "mono wrap"), td(e.queue || "", "muted"),
+    el("td", {title: str(e.error)}, state), td(e.next ? new Date(str(e.next)).toLocaleString() : ""),
+    el("td", {}, last), actions);
+}
+async function editEntry(name, verb) {
+  if (verb === "remove" && !confirm(`Remove stored entry ${name}? Beats stop firing it.`)) return;
+  const path = `api/schedules/${encodeURIComponent(name)}`;
+  try {
+    await (verb === "remove" ? post(path, undefined, "DELETE") : post(`${path}/${verb}`));
+    toast(`${verb === "remove" ? "Removed" : verb === "enable" ? "Enabled" : "Disabled"} ${name}`);
+  } catch (x) { toast(`Cannot ${verb} ${name}: ${x.message}`, true); }
+  if (route().page === "schedules") await schedulesPage().catch((x) => toast(x.message, true));
+}
+// The task field: a select of the app's registered tasks; a text field for an app that registers none
+// (then any task name may be stored, as with natask beat add).
+function entryTaskField(tasks) {
+  const holder = $("entry-task"), current = holder.firstChild;
+  const key = JSON.stringify(tasks);
+  if (current && holder.dataset.tasks === key) return;
+  holder.dataset.tasks = key;
+  const keep = current ? current.value : "";
+  const field = tasks.length ? el("select", {name: "task", required: true},
+    ...tasks.map((t) => el("option", {value: t}, t))) : el("input", {name: "task", required: true, placeholder: "task name"});
+  if (keep && (!tasks.length || tasks.includes(keep))) field.value = keep;
+  holder.replaceChildren(field);
+}
+function entryKind() {
+  const cron = $("entry-form").elements.kind.value === "cron";
+  $("entry-when-label").textContent = cron ? "Cron expression" : "Seconds";
+  $("entry-form").elements.when.placeholder = cron ? "*/5 * * * *" : "60";
+}
+$("entry-form").elements.kind.addEventListener("change", entryKind);
+$("entry-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const form = $("entry-form"), f = Object.fromEntries(new FormData(form));
+  const body = {name: f.name, task: f.task, args: f.args, kwargs: f.kwargs, queue: f.queue, tz: f.tz,
+                [f.kind === "cron" ? "cron" : "every"]: f.when};
+  $("entry-error").textContent = "";
+  try {
+    const r = await post("api/schedules", body);
+    toast(`Stored ${str(r.added)}: ${str(r.task)} ${str(r.schedule)}`);
+    const task = form.elements.task.value;
+    form.reset(); form.elements.task.value = task; entryKind();
+  } catch (x) { $("entry-error").textContent = x.message; return; }
+  await schedulesPage().catch((x) => toast(x.message, true));
+});
 
 $("filter").addEventListener("input", render);
 $("state-filter").addEventListener("change", render);
 window.addEventListener("hashchange", show);
 setInterval(() => route().page === "overview" && render(), 5000);  // keep "n s ago" fresh
+setInterval(() => {  // next fire times, last ticks and broker sizes change without events
+  const page = route().page;
+  if (document.visibilityState !== "visible") return;
+  if (page === "schedules") schedulesPage().catch(() => {});
+  else if (page === "broker") brokerPage().catch(() => {});
+}, 5000);
 show();
 connect();

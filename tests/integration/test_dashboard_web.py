@@ -513,8 +513,13 @@ async def test_schedules_edited_and_broker_sizes_shown_in_chromium(app: Natask, 
         await page.wait_for("document.body?.dataset.shown === '#/schedules'", "the schedules page")
         code = "document.querySelector('#schedules tr[data-entry=\"w.hourly\"]')"
         assert await page.evaluate(f"{code}.cells[1].textContent") == "code"
-        assert await page.evaluate(f"{code}.cells[9].textContent") == "read-only"
-        assert await page.evaluate(f"{code}.querySelectorAll('button').length") == 0
+        # A code entry: switched off and on at run time, never removed.
+        assert await page.evaluate(f"[...{code}.querySelectorAll('button')].map((b) => b.textContent)") == ["Disable"]
+        await page.evaluate(f"{code}.querySelector('button.disable').click()")
+        await page.wait_for(f"{code}?.querySelector('button.enable') !== null", "the code entry disabled")
+        assert [i.enabled for i in await app.beat.alist() if i.name == "w.hourly"] == [False]
+        await page.evaluate(f"{code}.querySelector('button.enable').click()")
+        await page.wait_for(f"{code}?.querySelector('button.disable') !== null", "the code entry enabled again")
         assert await page.evaluate("[...document.querySelectorAll('#entry-form [name=task] option')]"
                                    ".map((o) => o.value)") == ["w.add", "w.boom"]
 

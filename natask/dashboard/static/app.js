@@ -381,10 +381,13 @@ function entryRow(e) {
   const last = fin(e.last) === null ? "" : e.last_id
     ? el("a", {href: `#/task/${encodeURIComponent(str(e.last_id))}`}, new Date(e.last * 1000).toLocaleString())
     : new Date(e.last * 1000).toLocaleString();
-  const actions = e.editable !== true ? td("read-only", "muted", ORIGIN.code) : el("td", {class: "buttons"},
+  // A code entry can be switched off and on at run time (as `natask beat disable` does); only a
+  // stored one can be removed.
+  const actions = el("td", {class: "buttons", title: e.editable === true ? "" : ORIGIN.code},
     ...(e.error ? [] : [el("button", {type: "button", class: e.enabled ? "disable" : "enable",
       onclick: () => editEntry(name, e.enabled ? "disable" : "enable")}, e.enabled ? "Disable" : "Enable")]),
-    el("button", {type: "button", class: "remove danger", onclick: () => editEntry(name, "remove")}, "Remove"));
+    ...(e.editable === true ? [el("button", {type: "button", class: "remove danger",
+      onclick: () => editEntry(name, "remove")}, "Remove")] : []));
   return el("tr", {data: {entry: name, source}}, td(name, "mono"), td(source, "", ORIGIN[source] || ""),
     td(e.task, "mono"), td(e.schedule), td(e.args, "mono wrap"), td(e.queue || "", "muted"),
     el("td", {title: str(e.error)}, state), td(e.next ? new Date(str(e.next)).toLocaleString() : ""),

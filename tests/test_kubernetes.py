@@ -4,8 +4,11 @@ probes ask the ports those commands serve, and the environment holds only variab
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,12 +121,30 @@ def test_kubectl_kustomize_builds_the_set_into_one_namespace() -> None:
     assert {d["metadata"].get("namespace", "natask") for d in docs} == {kustomization()["namespace"]}
 
 
+def app_names(app_spec: str, queues: list[str] | None, environment: dict[str, str]) -> dict[str, Any]:
+    """What natask creates for the app a worker runs, with the ConfigMap as its environment: the
+    prefix, stream and consumers. In a fresh interpreter, as the pod imports it (the app reads its
+    environment when it is created; an option given in code wins over it)."""
+    script = ("import json, sys; from natask.cli import load_app; app = load_app(sys.argv[1]); "
+              "queues = json.loads(sys.argv[2]) or [app.config.default_queue]; "
+              "print(json.dumps({'prefix': app.config.subject_prefix, 'stream': app.names.stream, "
+              "'consumers': [app.names.consumer(q) for q in queues]}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATASK_", "NATS_"))}
+    done = subprocess.run([sys.executable, "-c", script, app_spec, json.dumps(queues or [])], cwd=ROOT,
+                          env={**env, **environment}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def test_the_scaled_object_watches_the_stream_and_consumer_natask_creates(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = config_from(find("ConfigMap", "natask"), monkeypatch)
+    configmap = find("ConfigMap", "natask")
+    config_from(configmap, monkeypatch)  # natask accepts every value
     _, path, params = command_of("natask-worker")
     assert path == ("worker",)
-    queues = params["queues"].split(",") if params["queues"] else [config.default_queue]
-    names = Names(config.subject_prefix)
+    queues = [q.strip() for q in params["queues"].split(",")] if params["queues"] else None
+    created = app_names(params["app_spec"], queues, configmap["data"])
+    # The ConfigMap's prefix is the one the app ends up with (an app may fix its own in code).
+    assert configmap["data"].get("NATASK_SUBJECT_PREFIX", created["prefix"]) == created["prefix"]
     scaled = find("ScaledObject", "natask-worker")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
@@ -132,10 +153,10 @@ def test_the_scaled_object_watches_the_stream_and_consumer_natask_creates(monkey
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     triggers = [t["metadata"] for t in spec["triggers"] if t["type"] == "nats-jetstream"]
     assert len(triggers) == len(spec["triggers"]) >= 1
-    assert sorted(t["consumer"] for t in triggers) == sorted(names.consumer(q) for q in queues)
+    assert sorted(t["consumer"] for t in triggers) == sorted(created["consumers"])
     namespace = kustomization()["namespace"]
     for trigger in triggers:
-        assert trigger["stream"] == names.stream == "NATASK_TASKS"
+        assert trigger["stream"] == created["stream"] == Names(created["prefix"]).stream
         assert trigger["account"] == "$G"
         host, _, port = trigger["natsServerMonitoringEndpoint"].rpartition(":")
         # The chart's headless service: KEDA reaches each server as <pod>.<this host> to find the leader.

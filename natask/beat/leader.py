@@ -474,8 +474,7 @@ class Beat:
         for tick in skipped:
             table.handled(tick)
         if sent:
-            last = sent[-1][0]
-            self.last_tick = (entries[last.slot].name, last.fire, time.time())
+            self.last_tick = (entries[sent[-1][0].slot].name, sent[-1][0].fire, time.time())
         return True
 
     async def _while_leading(self, publish: Awaitable[None], term: int) -> bool:

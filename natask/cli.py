@@ -313,10 +313,16 @@ async def _serve(w: Any, with_beat: bool = False, metrics_port: int | None = Non
 @app_option
 @click.option("--list", "list_only", is_flag=True,
               help="print every entry (code-defined and stored) with its next fire time and exit")
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="serve :PORT/health (200: connected, leading or standing by; 503 not)")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="address of the health endpoint; 0.0.0.0 exposes it on every interface (Kubernetes probes: "
+                   "the pod IP)")
 @loglevel_option
 @logformat_option
 @click.pass_context
-def beat(ctx: click.Context, app_spec: str | None, list_only: bool, loglevel: str, log_format: str) -> None:
+def beat(ctx: click.Context, app_spec: str | None, list_only: bool, health_port: int | None, http_host: str,
+         loglevel: str, log_format: str) -> None:
     """Fire periodic tasks; run any number of these, one leads at a time.
 
     With a subcommand, edit the stored entries instead: running beats apply a change within a second.
@@ -325,6 +331,8 @@ def beat(ctx: click.Context, app_spec: str | None, list_only: bool, loglevel: st
     from .logs import setup_logging
 
     ctx.obj = app_spec
+    if health_port is not None and (ctx.invoked_subcommand is not None or list_only):
+        raise click.UsageError("--health-port is for running a beat, not with --list or a subcommand")
     if ctx.invoked_subcommand is not None:
         return
     if list_only:
@@ -334,9 +342,24 @@ def beat(ctx: click.Context, app_spec: str | None, list_only: bool, loglevel: st
     setup_logging(loglevel, log_format)
 
     try:
-        run_until_signalled(Beat(app).run())  # a cancelled run hands the lease over
+        run_until_signalled(_run_beat(Beat(app), health_port, http_host))
     except NataskError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # the health port
+        reason = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise click.ClickException(f"cannot listen on {http_host}:{health_port}: {reason}") from None
+
+
+async def _run_beat(beat: Any, health_port: int | None, http_host: str) -> None:
+    """Run ``beat`` (a cancelled run hands the lease over), with its ``/health`` listening first."""
+    from .beat.health import serve
+
+    server = None if health_port is None else await serve(beat, health_port, http_host)
+    try:
+        await beat.run()
+    finally:
+        if server is not None:
+            await server.stop()
 
 
 def _list_schedules(app_spec: str | None) -> None:

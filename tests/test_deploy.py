@@ -4,12 +4,47 @@ topology runs for real in tests/integration/test_cluster.py with local servers."
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import click
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_natask(argv: Sequence[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Parse a ``natask ...`` command line with natask's own click CLI, without running it: the
+    command path (``("worker",)``, ``("beat",)``) and its parameters with defaults filled in. A
+    mistyped option or value raises click's usage error."""
+    from natask.cli import main
+
+    assert argv[0] == "natask", argv
+    command: click.Command = main
+    path: list[str] = []
+    args = list(argv[1:])
+    parent: click.Context | None = None
+    while True:
+        ctx = command.make_context(" ".join(["natask", *path]), args, parent=parent)
+        # Click 8 keeps the subcommand's name apart (Click 9 leaves it in ctx.args).
+        rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        if not isinstance(command, click.Group) or not rest:
+            assert not rest, f"{argv}: left unparsed: {rest}"
+            return tuple(path), dict(ctx.params)
+        name, sub, args = command.resolve_command(ctx, rest)
+        assert sub is not None and name is not None, argv
+        command, parent = sub, ctx
+        path.append(name)
+
+
+def probe_port(test: Sequence[str]) -> tuple[int, str]:
+    """(port, path) of the URL in a compose healthcheck that fetches one."""
+    url = next(word for part in test for word in re.findall(r"https?://[^'\"\s)]+", part))
+    parts = urlsplit(url)
+    assert parts.hostname == "localhost" and parts.port is not None, url
+    return parts.port, parts.path
 
 
 def compose() -> dict[str, Any]:
@@ -51,6 +86,20 @@ def test_workers_beat_and_dashboard_use_the_cluster_with_three_replicas() -> Non
     assert "--insecure-no-auth" not in dashboard["command"]  # behind auth, from the environment
     assert dashboard["environment"]["NATASK_DASHBOARD_BASIC_AUTH"].startswith("admin:${DASHBOARD_PASSWORD:?")
     assert services["worker"]["stop_grace_period"] == "40s"  # longer than the worker's 30 s drain
+
+
+def test_every_service_has_a_healthcheck_on_the_port_its_command_serves() -> None:
+    services = compose()["services"]
+    for name, svc in services.items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"  # the nats nodes: from their anchor
+    expected = {"worker": "/health", "beat": "/health", "dashboard": "/healthz"}
+    for name, path in expected.items():
+        svc = services[name]
+        command, params = parse_natask(svc["command"])
+        assert command == (name,)
+        port = params["port"] if name == "dashboard" else params["health_port"]
+        assert probe_port(svc["healthcheck"]["test"]) == (port, path), name
+    assert services["beat"]["healthcheck"]["test"][0] == "CMD"
 
 
 def test_the_app_module_named_by_compose_exists_and_has_a_periodic_entry() -> None:

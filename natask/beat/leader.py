@@ -133,6 +133,10 @@ class Beat:
         self._timetable_term = 0
         self._records: Records | None = None
         self._enqueuer = Enqueuer(app)
+        self.lease_checked: float | None = None
+        """Monotonic time of the last lease renewal or read the server answered (``/health``)."""
+        self.last_tick: tuple[str, datetime, float] | None = None
+        """(entry, fire time, unix time sent) of the last tick this beat enqueued (``/health``)."""
 
     def __repr__(self) -> str:
         return f"<Beat {self.id} {'leader' if self.is_leader else 'follower'} entries={len(self.entries)}>"
@@ -141,6 +145,11 @@ class Beat:
     def entries(self) -> list[PeriodicEntry]:
         """The entries this beat fires now: the app's, and those stored (``app.beat``) and enabled."""
         return self._live.entries
+
+    @property
+    def running(self) -> bool:
+        """Whether the electing and firing loop runs (started, not stopped, not crashed)."""
+        return self._task is not None and not self._task.done()
 
     @property
     def is_leader(self) -> bool:
@@ -257,6 +266,7 @@ class Beat:
             if time.monotonic() >= self._lease_due:
                 try:
                     await self._lease(kv)
+                    self.lease_checked = time.monotonic()
                 except Exception as e:
                     self._lease_due = time.monotonic() + self._failed(e)
             await self._pause(self._stopping, self._lease_due - time.monotonic())
@@ -463,6 +473,8 @@ class Beat:
                          tick.fire.isoformat(), task_id)
         for tick in skipped:
             table.handled(tick)
+        if sent:
+            self.last_tick = (entries[sent[-1][0].slot].name, sent[-1][0].fire, time.time())
         return True
 
     async def _while_leading(self, publish: Awaitable[None], term: int) -> bool:

@@ -43,6 +43,9 @@ COALESCE: Final = 0.2
 CSRF_HEADER: Final = "x-natask-dashboard"
 """Header every state-changing call must carry: a cross-site form or fetch cannot send it without a
 CORS preflight, which the dashboard never allows."""
+HEALTH_PATH: Final = "/healthz"
+"""The probe endpoint: answered without auth or Host check, it says only ok or not and whether NATS is
+connected (200 / 503)."""
 STATIC: Final = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 _DONE: Final = {"remove": "removed", "enable": "enabled", "disable": "disabled"}
 _SECURITY_HEADERS: Final = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
@@ -93,6 +96,11 @@ class _Guard:
                 message = {**message, "headers": [*message.get("headers", []), *_SECURITY_HEADERS]}
             await send(message)
 
+        if _route_path(scope) == HEALTH_PATH:
+            # Probes (kubelet, Docker) send the pod's address as Host and no credentials; the answer
+            # reveals nothing else.
+            await (await self._health(scope["method"]))(scope, receive, secured)
+            return
         if not self.hosts.allows(headers.get("host", "")):
             await Response("unknown Host header\n", 403, media_type="text/plain")(scope, receive, secured)
             return
@@ -119,6 +127,27 @@ class _Guard:
                 await _error(503, f"cannot read from NATS: {e}")(scope, receive, secured)
                 return
         await self.inner(scope, receive, secured)
+
+
+    async def _health(self, method: str) -> Response:
+        if method not in ("GET", "HEAD"):
+            return Response("GET only\n", 405, {"allow": "GET, HEAD"}, media_type="text/plain")
+        if not self.feed.started:  # mounted and not asked yet: connect as the first page would
+            with contextlib.suppress(Exception):
+                await self.feed.start()
+        broker = self.feed.app.client.connected(asyncio.get_running_loop())
+        connected = broker is not None and not broker.closed and broker.nc.is_connected
+        ok = connected and self.feed.started and not self.feed.closing
+        return _json({"ok": ok, "nats_connected": connected}, 200 if ok else 503)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the mount point (Starlette keeps the full path and sets ``root_path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
 
 
 def _cookies(value: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from natask.control import inspect
 from natask.events import EventStream
 from natask.testing import worker
 
+from .test_security import ORDERS_WORKER, WEB, readme_grants, violations
 from .topology import Server, Topology
 
 BIG = 1_500_000
@@ -185,6 +187,24 @@ async def test_a_wrong_domain_is_a_clear_error(topology: Topology) -> None:
         await app.aclose()
 
 
+async def test_a_leaf_that_maps_its_account_to_the_hubs_domain_needs_no_app_setting(tmp_path: Path) -> None:
+    # nats-server's default_js_domain sends the account's plain $JS.API (and $KV) to the hub's domain.
+    async with Topology(tmp_path) as t:
+        hub = t.add("hub", domain="hub", leaf_listen=True)
+        leaf = t.add("leaf", js=False, leaf_remotes=[hub], extra='default_js_domain: {"$G": "hub"}')
+        await t.start()
+        hub_app, leaf_app = make_app(hub), make_app(leaf)
+        try:
+            async with worker(leaf_app):
+                assert await (await hub_app.tasks["t.where"].adelay("hub")).aget(timeout=10) == "ran hub"
+                on_leaf = await leaf_app.tasks["t.where"].adelay("leaf")
+                assert await hub_app.AsyncResult(on_leaf.id).aget(timeout=10) == "ran leaf"
+        finally:
+            await hub_app.aclose()
+            await leaf_app.aclose()
+        assert "NATASK_TASKS" in await streams_on(hub, "hub")
+
+
 async def test_the_servers_own_domain_name_works_on_the_hub_too(topology: Topology) -> None:
     # $JS.hub.API answers on the hub itself: one configuration for every app of the domain.
     app = make_app(topology["hub"], jetstream_domain="hub")
@@ -206,3 +226,37 @@ async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> No
         finally:
             await app.aclose()
 
+
+
+def domain_grants(domain: str) -> str:
+    """The README's minimal grants for users of a leaf node whose apps use ``domain``: the JetStream
+    API under ``$JS.<domain>.API``, and KV writes through it."""
+    return readme_grants().replace('"$JS.API.', f'"$JS.{domain}.API.').replace('"$KV.', f'"$JS.{domain}.API.$KV.')
+
+
+async def test_the_readme_grants_with_the_domain_prefix_work_on_a_leaf(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="natask")
+    async with Topology(tmp_path) as t:
+        hub = t.add("hub", domain="hub", leaf_listen=True)
+        leaf = t.add("leaf", js=False, leaf_remotes=[hub], extra=domain_grants("hub"))
+        await t.start()
+        url = [leaf.url]
+        web = Natask("web", servers=url, connect_options=WEB, publish_timeout=5, jetstream_domain="hub")
+        elsewhere = Natask("web", servers=url, connect_options=WEB, publish_timeout=5, jetstream_domain="hub")
+        orders = Natask("orders", servers=url, connect_options=ORDERS_WORKER, publish_timeout=5,
+                        jetstream_domain="hub")
+        orders.task(name="orders.process", queue="orders")(lambda what: what)
+        submit = web.task(name="orders.process", queue="orders")(lambda what: what)
+        try:
+            async with worker(orders, queues=["orders"]):
+                first = await submit.adelay("fast")
+                assert await first.aget(timeout=10) == "fast"
+                assert [await r.aget(timeout=10) for r in await submit.adelay_many([("b",), ("c",)])] == ["b", "c"]
+                assert await submit.acall("rpc") == "rpc"
+                assert await elsewhere.AsyncResult(first.id).aget(timeout=10) == "fast"
+        finally:
+            for app in (web, elsewhere, orders):
+                await app.aclose()
+    assert violations(caplog) == []

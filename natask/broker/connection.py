@@ -50,10 +50,11 @@ def api_prefix(domain: str) -> str:
 class DomainContext(JetStreamContext):
     """nats-py's JetStream context for a domain, with KV writes sent through the domain's API.
 
-    A server with JetStream (or one that reaches a domain over a leaf node) does not pass ``$KV.>``
-    across a leaf connection, so a bucket in another domain is written on
-    ``$JS.<domain>.API.$KV.<bucket>.<key>``, which that domain's servers map back to ``$KV.…``
-    (as the Go client does). nats-py's ``KeyValue`` publishes through this method."""
+    Servers pass no ``$KV.>`` across a leaf connection between JetStream domains (a leaf node's
+    publish of ``$KV.<bucket>.<key>`` finds no responders), so a key of another domain's bucket is
+    written on ``$JS.<domain>.API.$KV.<bucket>.<key>``, which that domain's servers map back to
+    ``$KV.…`` (as the Go client does). nats-py's ``KeyValue`` writes through this method; its reads
+    (direct gets) and watches (consumers) already go through the domain's API."""
 
     async def publish(self, subject: str, payload: bytes = b"", *args: Any, **kwargs: Any) -> Any:
         if subject.startswith("$KV."):

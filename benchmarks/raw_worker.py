@@ -27,7 +27,7 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nc = await nats.connect(args.url, name="raw-worker")
-    js = nc.jetstream()
+    js = nc.jetstream(domain=args.domain or None)  # through a leaf node: the hub's JetStream domain
     config = ConsumerConfig(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
@@ -68,4 +68,5 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=["drain", "rpc"], default="drain")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--max-ack-pending", type=int, default=1000)
+    parser.add_argument("--domain", default="", help="JetStream domain of the stream (a worker on a leaf node)")
     asyncio.run(main(parser.parse_args()))

@@ -77,6 +77,14 @@ def _prefix(value: str) -> str:
     return value
 
 
+def _domain(value: object) -> str:
+    # A JetStream domain is one token of the API subject ($JS.<domain>.API.>).
+    if not isinstance(value, str) or (value and not _NAME_RE.match(value)):
+        raise ConfigError(f"invalid jetstream_domain {value!r:.60}: a JetStream domain is one subject token "
+                          "(letters, digits, '_' and '-'), as in the server's `jetstream { domain: hub }`")
+    return value
+
+
 QUEUE_OPTIONS: Final = {"max_ack_pending": (1, 1_000_000)}
 """What ``queue_options`` may set per queue, with the bounds of each."""
 
@@ -145,6 +153,10 @@ class Config:
         None, "NATASK_QUEUE_OPTIONS", "Per-queue settings: {queue: {\"max_ack_pending\": N}} "
         "caps the tasks of that queue delivered and not yet acked across all its workers (JSON in the "
         "environment).", check=lambda value: _queue_options(value))
+    jetstream_domain: str = option("", "NATASK_JS_DOMAIN", "JetStream domain of the app's streams and buckets: "
+                                   "every JetStream call goes to $JS.<domain>.API (a leaf node reaching its hub's "
+                                   "JetStream; the hub's `jetstream { domain: ... }`). Empty: the JetStream of the "
+                                   "server connected to.", check=_domain)
     always_eager: bool = option(False, "NATASK_ALWAYS_EAGER", "Run delay(), apply_async(), send_task() of a "
                                 "registered task and workflows in the calling process, now, with no server "
                                 "(Celery's task_always_eager; for tests). Mutable later as app.always_eager.")
@@ -225,6 +237,7 @@ class Options(TypedDict, total=False):
     connect_timeout: Seconds
     duplicate_window: Seconds
     queue_options: Mapping[str, Mapping[str, int]]
+    jetstream_domain: str
     always_eager: bool
     eager_propagates: bool
     result_extended: bool

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -30,11 +31,35 @@ MIN_SERVER: Final = (2, 12, 0)
 """Server-held delays (message schedules) need nats-server 2.12."""
 RETRY_PAUSE: Final = 0.25
 """Pause between attempts while the server is unreachable or electing a leader."""
+CHECK_WAIT: Final = 2.0
+"""Seconds the connect check waits for the JetStream API's answer before asking again."""
+NOT_ENABLED: Final = frozenset({10039, 10076})
+"""JetStream err_codes of "JetStream not enabled" (for the account; on the server)."""
 
 _PERM_RE: Final = re.compile(r'permissions violation for (publish|subscription) to "?([^"\s]+)"?', re.I)
 
 ResultCallback = Callable[[str, bytes], None]
 T = TypeVar("T")
+
+
+def api_prefix(domain: str) -> str:
+    """The JetStream API's subject prefix: the server's own, or a domain's (``$JS.<domain>.API``)."""
+    return f"$JS.{domain}.API" if domain else "$JS.API"
+
+
+class DomainContext(JetStreamContext):
+    """nats-py's JetStream context for a domain, with KV writes sent through the domain's API.
+
+    Servers pass no ``$KV.>`` across a leaf connection between JetStream domains (a leaf node's
+    publish of ``$KV.<bucket>.<key>`` finds no responders), so a key of another domain's bucket is
+    written on ``$JS.<domain>.API.$KV.<bucket>.<key>``, which that domain's servers map back to
+    ``$KV.…`` (as the Go client does). nats-py's ``KeyValue`` writes through this method; its reads
+    (direct gets) and watches (consumers) already go through the domain's API."""
+
+    async def publish(self, subject: str, payload: bytes = b"", *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith("$KV."):
+            subject = f"{self._prefix}.{subject}"
+        return await super().publish(subject, payload, *args, **kwargs)
 
 
 class Connection:
@@ -56,7 +81,13 @@ class Connection:
         self._task_subjects = self.names.prefix + "."
         self.loop = asyncio.get_running_loop()
         self.nc = Client()
-        self.js: JetStreamContext = self.nc.jetstream()
+        domain = config.jetstream_domain
+        self.api_prefix = api_prefix(domain)
+        """Subject prefix of every JetStream API request (``$JS.API``, or the app's domain's)."""
+        self.kv_prefix = f"{self.api_prefix}." if domain else ""
+        """What goes before ``$KV.<bucket>.<key>`` to write a key (see ``DomainContext``)."""
+        self.js: JetStreamContext = DomainContext(self.nc, domain=domain) if domain else self.nc.jetstream()
+        self._checking: tuple[str, asyncio.Future[Msg]] | None = None  # the connect check's subject, answer
         self.reply_prefix = ""
         self._ack_prefix = ""
         self._acks: dict[str, asyncio.Future[Msg]] = {}
@@ -110,15 +141,93 @@ class Connection:
                 f"nats-server {version.major}.{version.minor}.{version.patch} is too old: natask needs "
                 f">= {'.'.join(map(str, MIN_SERVER))} (message schedules). Upgrade nats-server."
             )
-        if not self.nc._server_info.get("jetstream"):
-            await self.nc.close()
-            raise ConfigError("JetStream is not enabled on this NATS server: start nats-server with -js")
         self._guard = self.loop.create_task(self._close_with_loop())
         self._ack_prefix = self.nc.new_inbox()
         await self.subscribe(f"{self._ack_prefix}.*", cb=self._ack_cb)
-        if self._on_result is not None:
-            self.reply_prefix = self.nc.new_inbox()
-            await self.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+        # The check's round trip overlaps the reply inbox's subscribe: connecting costs no more.
+        check = self.loop.create_task(self._check_jetstream(max(deadline, time.monotonic() + CHECK_WAIT)))
+        try:
+            if self._on_result is not None:
+                self.reply_prefix = self.nc.new_inbox()
+                await self.subscribe(f"{self.reply_prefix}.*", cb=self._reply_cb)
+        except BaseException:
+            check.cancel()
+            raise
+        try:
+            await check
+        except ConfigError:
+            await self.close()
+            raise
+
+    async def _check_jetstream(self, deadline: float) -> None:
+        """Ask the JetStream API (of the app's domain) for the account's info, once per connection:
+        natask works wherever it answers, whatever the server connected to runs (a leaf node
+        reaches its hub's JetStream through ``$JS.<domain>.API``). ``ConfigError`` when nothing
+        answers or JetStream is off for the account; an error answer (a cluster electing its meta
+        leader) or one too slow still means JetStream is there: later calls retry as usual."""
+        subject = f"{self.api_prefix}.INFO"
+        domain = self.config.jetstream_domain
+        while True:
+            try:
+                msg = await self._ask(subject, max(0.05, min(CHECK_WAIT, deadline - time.monotonic())))
+            except PermissionDenied:
+                # Not a denial of the JetStream API as a whole (see _api_denied): forget it.
+                self._denied.pop(subject.lower(), None)
+                log.info("cannot check the JetStream API (NATS permissions deny %s): going on without", subject)
+                return
+            except nats.errors.NoRespondersError:
+                # A leaf node's interest in its hub's API comes with its leaf connection: wait for it.
+                if not domain or time.monotonic() >= deadline:
+                    raise ConfigError(self._no_jetstream(subject)) from None
+            except nats.errors.TimeoutError:
+                if time.monotonic() >= deadline:
+                    log.warning("the JetStream API (%s) did not answer within connect_timeout: going on", subject)
+                    return
+                continue
+            else:
+                try:
+                    code = (json.loads(msg.data).get("error") or {}).get("err_code")
+                except (ValueError, AttributeError):
+                    code = None
+                if code in NOT_ENABLED:
+                    raise ConfigError(
+                        f"JetStream is not enabled for this user's account on {self.config.safe_servers} "
+                        f"({subject}): enable it in the account's server config (`jetstream: enabled` in the "
+                        "account block, or limits for it) or connect as a user of an account that has it")
+                return
+            await asyncio.sleep(RETRY_PAUSE)
+
+    def _no_jetstream(self, subject: str) -> str:
+        domain = self.config.jetstream_domain
+        if domain:
+            return (f"nothing answers the JetStream API of domain {domain!r} ({subject}) through "
+                    f"{self.config.safe_servers} within connect_timeout: check jetstream_domain "
+                    f"(NATASK_JS_DOMAIN) against the hub's `jetstream {{ domain: ... }}`, and that this leaf "
+                    "node is connected to its hub (leafz on its monitoring port)")
+        return (f"nothing answers the JetStream API ({subject}) on {self.config.safe_servers}: start nats-server "
+                "with -js (or a `jetstream {}` block); on a leaf node without JetStream set jetstream_domain "
+                "(NATASK_JS_DOMAIN) to the hub's JetStream domain; or the user's account has no JetStream "
+                "(`jetstream: enabled` in its account block)")
+
+    async def _ask(self, subject: str, timeout: float) -> Msg:
+        """One request answered on the ack inbox; a NATS permissions denial of ``subject`` ends it at
+        once (``PermissionDenied``) instead of after ``timeout``."""
+        self._ack_count += 1
+        token = str(self._ack_count)
+        fut: asyncio.Future[Msg] = self.loop.create_future()
+        self._acks[token] = fut
+        self._checking = (subject.lower(), fut)
+        timer = self.loop.call_later(timeout, _expire, fut)
+        try:
+            await self.nc.publish(subject, b"", f"{self._ack_prefix}.{token}")
+            msg = await fut
+        finally:
+            timer.cancel()
+            del self._acks[token]
+            self._checking = None
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
 
     async def subscribe(self, subject: str, **kwargs: Any) -> Any:
         """Subscribe and confirm with the server, so a permissions violation surfaces here as
@@ -201,6 +310,9 @@ class Connection:
         match = _PERM_RE.search(text)
         if match:
             self._denied[match.group(2).lower()] = text  # nats-py lowercases the server's -ERR line
+            checking = self._checking
+            if checking is not None and checking[0] == match.group(2).lower() and not checking[1].done():
+                checking[1].set_exception(PermissionDenied(text, checking[0]))
         # Before the first connect succeeds, errors are summed up in the BrokerError instead.
         log.log(logging.WARNING if self._guard is not None else logging.DEBUG, "%s", describe(e))
 
@@ -238,7 +350,7 @@ class Connection:
             except TRANSIENT_API as e:
                 if storage_full(e):  # a 503 too, but no election ends it
                     raise full_error(e, "a JetStream request") from e
-                if time.monotonic() >= deadline or any(s.startswith("$js.api") for s in self._denied):
+                if time.monotonic() >= deadline or self._api_denied():
                     raise
                 await asyncio.sleep(RETRY_PAUSE)
 
@@ -300,12 +412,17 @@ class Connection:
         """The stream natask owns that captures ``subject``, if any (see ``Provisioning``)."""
         return None
 
+    def _api_denied(self) -> bool:
+        """Whether NATS permissions denied this connection a JetStream API subject."""
+        prefix = self.api_prefix.lower()
+        return any(s.startswith(prefix) for s in self._denied)
+
     def _translate(self, e: BaseException, subject: str) -> BrokerError:
         if isinstance(e, BrokerError):
             return e
         if storage_full(e):
             return full_error(e, f"the request on {subject}")
-        if subject.lower() in self._denied or any(s.startswith("$js.api") for s in self._denied):
+        if subject.lower() in self._denied or self._api_denied():
             return PermissionDenied(f"NATS permissions deny {subject}: grant it to this user", subject)
         return BrokerError(f"NATS request on {subject} failed: {describe(e)}")
 

@@ -223,8 +223,8 @@ class Fetcher:
         self.broker = broker
         names = broker.names
         durable = names.priority_consumer(queue, priority)
-        q = _Queue(self, queue, durable, f"$JS.API.CONSUMER.MSG.NEXT.{names.stream}.{durable}", broker.nc.new_inbox(),
-                   priority)
+        q = _Queue(self, queue, durable, f"{broker.api_prefix}.CONSUMER.MSG.NEXT.{names.stream}.{durable}",
+                   broker.nc.new_inbox(), priority)
         q.sub = await broker.subscribe(f"{q.inbox}.*", cb=q.deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
         if self.single and self.queues:
             # Single-queue requests never learnt whether the first queue has a backlog: unknown

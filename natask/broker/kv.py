@@ -53,6 +53,8 @@ class Host(Protocol):
     config: Config
     nc: Client
     js: JetStreamContext
+    api_prefix: str
+    kv_prefix: str
 
     @property
     def closed(self) -> bool: ...
@@ -86,6 +88,7 @@ class Bucket:
         self.name: str = kv._name
         self.stream: str = kv._stream
         self._pre: str = kv._pre
+        self._write: str = broker.kv_prefix + kv._pre  # where a key is written (through a domain's API)
 
     def subject(self, key: str) -> str:
         """The subject a key is stored under (``$KV.<bucket>.<key>``)."""
@@ -121,7 +124,7 @@ class Bucket:
         goes through the connection's PubAck inbox: a third of nats-py's ``kv.get`` in CPU (no inbox
         token, task or exception per read); not found, deleted or expired is an empty body."""
         if self._kv._direct:
-            subject = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject(key)}"
+            subject = f"{self._broker.api_prefix}.DIRECT.GET.{self.stream}.{self.subject(key)}"
             try:
                 data = await self._broker._request(subject, b"", {}, timeout)
             except (nats.errors.Error, asyncio.TimeoutError) as e:
@@ -199,7 +202,7 @@ class Bucket:
         try:
             for i, (key, value, expected) in enumerate(items):
                 # A KV key is a subject: the expected last sequence is the key's revision (0: absent).
-                await nc.publish(self._pre + key, value, f"{inbox}.{i}",
+                await nc.publish(self._write + key, value, f"{inbox}.{i}",
                                  {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected)})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(done.wait(), ack_wait)

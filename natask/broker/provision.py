@@ -141,9 +141,9 @@ class Provisioning(Publishing):
                     raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
                 return config
             except Exception as e:
-                raise self._translate(e, f"$JS.API.STREAM.CREATE.{config.name}") from e
+                raise self._translate(e, f"{self.api_prefix}.STREAM.CREATE.{config.name}") from e
         except Exception as e:
-            raise self._translate(e, f"$JS.API.STREAM.INFO.{config.name}") from e
+            raise self._translate(e, f"{self.api_prefix}.STREAM.INFO.{config.name}") from e
         have = info.config
         if have.retention != config.retention or list(have.subjects or []) != list(config.subjects or []):
             raise ConfigError(
@@ -178,7 +178,7 @@ class Provisioning(Publishing):
             try:
                 page = await self.api(lambda: self.js.consumers_info(self.names.stream, offset=len(infos)))
             except Exception as e:
-                raise self._translate(e, f"$JS.API.CONSUMER.LIST.{self.names.stream}") from e
+                raise self._translate(e, f"{self.api_prefix}.CONSUMER.LIST.{self.names.stream}") from e
             infos.extend(page)
             if len(page) < _LIST_PAGE:
                 break
@@ -213,14 +213,14 @@ class Provisioning(Publishing):
                 return durable
             await self.api(lambda: self._update_consumer(config))
         except Exception as e:
-            raise self._translate(e, f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}") from e
+            raise self._translate(e, f"{self.api_prefix}.CONSUMER.CREATE.{names.stream}.{durable}") from e
         return durable
 
     async def _update_consumer(self, config: ConsumerConfig) -> None:
         import json
 
         req = {"stream_name": self.names.stream, "config": config.as_dict(), "action": "update"}
-        subject = f"$JS.API.CONSUMER.CREATE.{self.names.stream}.{config.name}.{config.filter_subject}"
+        subject = f"{self.api_prefix}.CONSUMER.CREATE.{self.names.stream}.{config.name}.{config.filter_subject}"
         msg = await self.nc.request(subject, json.dumps(req).encode(), timeout=5)
         resp = json.loads(msg.data)
         if "error" in resp:
@@ -336,7 +336,7 @@ class Provisioning(Publishing):
     async def _stream_info(self, stream: str) -> dict[str, Any] | None:
         """The stream's info (raw JSON), None if it does not exist; BrokerError if unknown now."""
         try:
-            msg = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=_CHECK_TIMEOUT)
+            msg = await self.nc.request(f"{self.api_prefix}.STREAM.INFO.{stream}", b"", timeout=_CHECK_TIMEOUT)
             info = json.loads(msg.data)
         except (nats.errors.Error, asyncio.TimeoutError, ValueError) as e:
             raise BrokerError(f"cannot look up stream {stream}: {describe(e)}") from e
@@ -370,7 +370,8 @@ class Provisioning(Publishing):
         lost it: True if it was recreated, False if it exists or cannot be checked now."""
         stream, durable = self.names.stream, self.names.priority_consumer(queue, priority)
         try:
-            msg = await self.nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{durable}", b"", timeout=_CHECK_TIMEOUT)
+            msg = await self.nc.request(f"{self.api_prefix}.CONSUMER.INFO.{stream}.{durable}", b"",
+                                        timeout=_CHECK_TIMEOUT)
             error = json.loads(msg.data).get("error")
         except (nats.errors.Error, asyncio.TimeoutError, ValueError, AttributeError):
             return False

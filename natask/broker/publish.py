@@ -47,6 +47,9 @@ class Publishing(Connection):
         reports success without the server's ack. ``PayloadTooLarge`` (payload + headers over
         ``max_payload``) before sending: the server would otherwise drop the whole connection."""
         self.check_size(subject, payload, headers)
+        wire = subject
+        if self.kv_prefix and subject.startswith("$KV."):
+            wire = self.kv_prefix + subject  # a key of another domain's bucket: see DomainContext
         # A call's own retry policy counts attempts, within the dedupe window (a later retry could enqueue twice).
         deadline = time.monotonic() + (self.config.publish_timeout if retry is None else self.config.duplicate_window)
         attempt = 0
@@ -59,7 +62,7 @@ class Publishing(Connection):
                 self.check_size(subject, payload, headers)
             remaining = deadline - time.monotonic()
             try:
-                data = await self._request(subject, payload, headers, max(0.05, min(remaining, ACK_WAIT)))
+                data = await self._request(wire, payload, headers, max(0.05, min(remaining, ACK_WAIT)))
                 if b'"error"' in data:
                     raise nats.js.errors.APIError.from_error(json.loads(data)["error"])
                 seq = _SEQ_RE.search(data)
@@ -80,9 +83,9 @@ class Publishing(Connection):
                     continue
             except (nats.errors.TimeoutError, asyncio.TimeoutError) as e:
                 error = e
-                if subject.lower() in self._denied:
+                if wire.lower() in self._denied:
                     raise PermissionDenied(
-                        f"NATS permissions deny publishing to {subject}: grant it to this user", subject
+                        f"NATS permissions deny publishing to {wire}: grant it to this user", wire
                     ) from None
             except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
                     nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError) as e:

@@ -85,7 +85,7 @@ class Streams(Objects):
         except nats.js.errors.NotFoundError:
             return []
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"$JS.API.CONSUMER.LIST.{stream}") from e
+            raise self._translate(e, f"{self.api_prefix}.CONSUMER.LIST.{stream}") from e
         return [ConsumerState(i.name, i.num_pending or 0, i.num_ack_pending or 0, i.num_redelivered or 0,
                               i.num_waiting or 0, i.delivered.consumer_seq if i.delivered else 0) for i in infos]
 
@@ -97,7 +97,7 @@ class Streams(Objects):
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"$JS.API.STREAM.INFO.{stream}") from e
+            raise self._translate(e, f"{self.api_prefix}.STREAM.INFO.{stream}") from e
         state = info.state
         return StreamState(state.first_seq, state.last_seq, state.messages, dict(state.subjects or {}))
 
@@ -122,17 +122,17 @@ class Streams(Objects):
         except nats.js.errors.NotFoundError:
             pass
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"$JS.API.STREAM.PURGE.{stream}") from e
+            raise self._translate(e, f"{self.api_prefix}.STREAM.PURGE.{stream}") from e
 
     async def delete_message(self, stream: str, seq: int) -> None:
         try:
             await self.api(lambda: self.js.delete_msg(stream, seq))
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"$JS.API.STREAM.MSG.DELETE.{stream}") from e
+            raise self._translate(e, f"{self.api_prefix}.STREAM.MSG.DELETE.{stream}") from e
 
     async def read_at(self, stream: str, seq: int) -> Stored | None:
         """The message stored at ``seq`` (a direct get), or None."""
-        subject = f"$JS.API.DIRECT.GET.{stream}"
+        subject = f"{self.api_prefix}.DIRECT.GET.{stream}"
         try:
             msg = await self.api(lambda: self.nc.request(subject, json.dumps({"seq": seq}).encode(),
                                                          timeout=REPLY_WAIT))
@@ -160,7 +160,7 @@ class Streams(Objects):
             while seq < high:
                 request = {"seq": seq, "next_by_subj": subjects, "batch": min(size, high - seq), "max_bytes": max_bytes}
                 size = min(size * 8, batch)
-                await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+                await nc.publish(f"{self.api_prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=REPLY_WAIT)

@@ -335,3 +335,16 @@ def test_every_option_is_typed_and_documented_once() -> None:
 def test_unknown_options_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"unknown option.*ack_wiat"):
         Config.build("shop", ack_wiat=3)
+
+
+def test_jetstream_domain_is_one_subject_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Natask("d").config.jetstream_domain == ""  # the JetStream of the server connected to
+    for bad in ("a.b", "hub*", " hub", 5):
+        with pytest.raises(ConfigError, match="invalid jetstream_domain"):
+            Natask("d", jetstream_domain=bad)  # type: ignore[arg-type]
+    monkeypatch.setenv("NATASK_JS_DOMAIN", "hub")
+    assert Natask("d").config.jetstream_domain == "hub"
+    assert Natask("d", jetstream_domain="edge-1").config.jetstream_domain == "edge-1"
+    monkeypatch.setenv("NATASK_JS_DOMAIN", "a>b")
+    with pytest.raises(ConfigError, match="invalid jetstream_domain 'a>b'"):
+        Natask("d")

@@ -56,7 +56,10 @@ class Connection:
         self._task_subjects = self.names.prefix + "."
         self.loop = asyncio.get_running_loop()
         self.nc = Client()
-        self.js: JetStreamContext = self.nc.jetstream()
+        domain = config.jetstream_domain or None
+        self.js: JetStreamContext = self.nc.jetstream(domain=domain)
+        self.api_prefix = f"$JS.{domain}.API" if domain else "$JS.API"
+        """Where the app's JetStream API requests go (``$JS.<domain>.API`` for ``jetstream_domain``)."""
         self.reply_prefix = ""
         self._ack_prefix = ""
         self._acks: dict[str, asyncio.Future[Msg]] = {}

@@ -53,6 +53,7 @@ class Host(Protocol):
     config: Config
     nc: Client
     js: JetStreamContext
+    api_prefix: str
 
     @property
     def closed(self) -> bool: ...
@@ -121,7 +122,7 @@ class Bucket:
         goes through the connection's PubAck inbox: a third of nats-py's ``kv.get`` in CPU (no inbox
         token, task or exception per read); not found, deleted or expired is an empty body."""
         if self._kv._direct:
-            subject = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject(key)}"
+            subject = f"{self._broker.api_prefix}.DIRECT.GET.{self.stream}.{self.subject(key)}"
             try:
                 data = await self._broker._request(subject, b"", {}, timeout)
             except (nats.errors.Error, asyncio.TimeoutError) as e:

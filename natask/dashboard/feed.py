@@ -381,13 +381,16 @@ class Feed:
         """Streams, consumers and buckets of this app: sizes and limits."""
         broker = await self.app.client.broker()
         names = self.app.names
-        streams = []
-        for stream in (names.stream, "NATASK_DLQ", names.events_stream):
-            state = await broker.stream_state(stream)
+        # The task stream, or each queue's own (stream_per_queue); consumer names carry their queue.
+        tasks = sorted((await broker.queue_streams()).values(), key=str) if broker.per_queue else [(names.stream, None)]
+        streams, consumers = [], []
+        for stream, domain in [*tasks, ("NATASK_DLQ", None), (names.events_stream, None)]:
+            state = await broker.stream_state(stream, domain=domain)
             if state is not None:
                 streams.append({"name": stream, "messages": state.messages, "first_seq": state.first_seq,
                                 "last_seq": state.last_seq})
-        consumers = [c._asdict() for c in await broker.consumer_states(names.stream)]
+        for stream, domain in tasks:
+            consumers += [c._asdict() for c in await broker.consumer_states(stream, domain)]
         buckets = []
         for bucket in (names.results_bucket, names.revoked_bucket, names.beat_bucket, names.chords_bucket,
                        names.claims_bucket, names.dlq_index_bucket):

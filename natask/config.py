@@ -85,8 +85,8 @@ PLACEMENT_KEYS: Final = ("cluster", "tags")
 """What a queue's ``placement`` may name (JetStream's stream placement)."""
 
 
-def _placement(queue: str, given: Any) -> Mapping[str, Any]:
-    where = f"queue_options[{queue!r}]['placement']"
+def check_placement(given: Any, where: str = "placement") -> Mapping[str, Any]:
+    """Validate a stream placement, ``{"cluster": str, "tags": [str, ...]}`` (either or both)."""
     example = "{'cluster': 'west'} or {'tags': ['region:west']}"
     if not isinstance(given, Mapping) or not given:
         raise ConfigError(f"{where} must be a dict like {example}, got {given!r:.100}")
@@ -113,7 +113,7 @@ def _domain(value: Any, what: str) -> str:
 
 def _queue_option(queue: str, key: str, given: Any) -> Any:
     if key == "placement":
-        return _placement(queue, given)
+        return check_placement(given, f"queue_options[{queue!r}]['placement']")
     if key == "jetstream_domain":
         return _domain(given, f"queue_options[{queue!r}]['jetstream_domain']")
     low, high = QUEUE_OPTIONS[key]

@@ -134,12 +134,13 @@ class Provisioning(Layout):
             changes["num_replicas"] = wanted.num_replicas
         if not changes:
             return have
+        shown = {k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in changes.items()}
         try:
             await self.api(lambda: js.update_stream(replace(have, **changes)))
-        except Exception as e:
-            raise BrokerError(f"cannot update stream {have.name} to {changes}: {describe(e)}") from e
-        log.warning("stream %s updated to %s: the server moves or rescales it in the background", have.name,
-                    {k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in changes.items()})
+        except Exception as e:  # e.g. no servers where it should go: it keeps serving where it is
+            log.warning("cannot update stream %s to %s (%s): it stays as it is", have.name, shown, describe(e))
+            return have
+        log.warning("stream %s updated to %s: the server moves or rescales it in the background", have.name, shown)
         return replace(have, **changes)
 
     async def _recreate_queue_stream(self, queue: str) -> None:

@@ -1,7 +1,7 @@
 """Disaster recovery for a queue with a stream of its own (``stream_per_queue``): a mirror of its
 stream in another cluster, and the mirror's promotion once the primary cluster is lost.
 
-The fail-over, step by step (``tests/integration/test_topologies.py`` performs exactly these):
+The fail-over, step by step (``tests/integration/test_qstreams_topology.py`` performs exactly these):
 
 1. Beforehand, ``await add_mirror(app, "eu", placement={"cluster": "east"})`` (or ``natask failover
    mirror eu --cluster east``) creates ``NATASK_<PREFIX>_mirror_eu`` in the other cluster. It makes
@@ -72,7 +72,9 @@ async def add_mirror(app: App, queue: str, *, placement: Mapping[str, Any] | Non
     """Create a mirror of ``queue``'s stream (``NATASK_<PREFIX>_mirror_<queue>`` unless ``name``),
     placed by ``placement`` (``{"cluster": ..., "tags": [...]}``; e.g. another cluster of a
     super-cluster), with ``replicas`` (default: the queue's); its name. Nothing is created if it
-    exists. See the module docstring for what a mirror keeps."""
+    exists. The queue's consumer is made first (a mirror of a WorkQueue stream would take tasks no
+    consumer holds); the mirror copies the task subjects, not the schedules (delayed calls reach it
+    when they fire)."""
     broker = await _broker(app, queue)
     place = None if placement is None else check_placement(placement)
     if replicas is not None and not (type(replicas) is int and 1 <= replicas <= 5):
@@ -83,9 +85,11 @@ async def add_mirror(app: App, queue: str, *, placement: Mapping[str, Any] | Non
 
 async def promote(app: App, queue: str, *, name: str | None = None, force: bool = False) -> Promotion:
     """Make the mirror of ``queue`` (``name``, default ``NATASK_<PREFIX>_mirror_<queue>``) its
-    stream once the primary is lost (step 3 of the module docstring). Refused while the primary
-    still answers, unless ``force`` (then it is deleted, and what the mirror had not copied is
-    lost). Safe to run again."""
+    stream once the primary is lost: the lost primary stream is deleted, the mirror becomes a normal
+    stream holding the queue's subjects, copies of tasks whose final outcome the results bucket holds
+    (they ran) and older copies of tasks it also holds a later copy of are removed, and the queue's
+    consumers are created on it. Refused while the primary still answers, unless ``force`` (then it
+    is deleted, and what the mirror had not copied is lost). Safe to run again."""
     broker = await _broker(app, queue)
     stream = await broker.promote_mirror(queue, name or app.names.queue_mirror(queue), force)
     finished, superseded, waiting = await _settle(broker, stream, broker.domain_of(queue))

@@ -189,3 +189,50 @@ async def test_a_mirror_promoted_after_its_primary_cluster_is_lost_runs_the_rest
             assert sorted(done) == [*range(12), 100] and flaky_runs == [0, 1]  # each task ran to its end once
         finally:
             await asyncio.gather(ops.aclose(), east.aclose(), west.aclose())
+
+
+@pytest.mark.timeout(120)
+async def test_an_edge_local_queue_lives_on_the_leaf_and_keeps_working_while_the_hub_is_down(tmp_path: Path) -> None:
+    async with Topology(tmp_path) as t:
+        hub = t.add("hub", domain="hub", leaf_listen=True)
+        t.add("edge", domain="edge", leaf_remotes=[hub])
+        await t.start()
+        options = {"jetstream_domain": "hub", "queue_options": {"edge": {"jetstream_domain": "edge"}}}
+        central, local = shop(hub.url, **options), shop(t["edge"].url, **options)
+        ran: list[tuple[str, str]] = []
+        changed = asyncio.Event()
+
+        # Results live in the hub: from the leaf, tasks that store none run whatever the link does.
+        def job(where: str, tag: str) -> None:
+            ran.append((where, tag))
+            changed.set()
+
+        async def reach(n: int) -> None:
+            while len(ran) < n:
+                changed.clear()
+                await changed.wait()
+
+        async def leaf_queue_empty() -> bool:  # acked: gone from the leaf's work queue
+            return (await api(t["edge"].url, "$JS.API.STREAM.INFO.NATASK_TASKS_q_edge"))["state"]["messages"] == 0
+
+        for app in (central, local):
+            app.task(name="edge.job", ignore_result=True)(job)
+        try:
+            await central.tasks["edge.job"].aapply_async(("hub", "from the hub"), queue="central")
+            await central.tasks["edge.job"].aapply_async(("edge", "from the hub"), queue="edge")
+            info = await api(t["edge"].url, "$JS.API.STREAM.INFO.NATASK_TASKS_q_edge")  # the leaf's own JetStream
+            assert info["config"]["name"] == "NATASK_TASKS_q_edge" and info["state"]["messages"] == 1
+            info = await api(hub.url, "$JS.API.STREAM.INFO.NATASK_TASKS_q_central")
+            assert info["state"]["messages"] == 1
+            assert (await api(hub.url, "$JS.API.STREAM.INFO.NATASK_TASKS_q_edge"))["error"]["err_code"] == 10059
+            async with worker(local, queues=["edge", "central"]):  # one worker on the leaf serves both
+                await reach(2)
+                assert sorted(ran) == [("edge", "from the hub"), ("hub", "from the hub")]
+                t.stop("hub")  # the leaf is cut off
+                for i in range(3):
+                    await local.tasks["edge.job"].aapply_async(("edge", f"hub down {i}"), queue="edge")
+                await reach(5)
+                assert sorted(ran[2:]) == [("edge", f"hub down {i}") for i in range(3)]
+                await until(leaf_queue_empty)
+        finally:
+            await asyncio.gather(central.aclose(), local.aclose())

@@ -197,3 +197,30 @@ async def test_queue_streams_of_several_apps_are_told_apart(nats_server: NatsSer
         assert [q.name for q in await queues(a)] == ["c"] and [q.name for q in await queues(b)] == ["b_c"]
     finally:
         await asyncio.gather(a.aclose(), b.aclose())
+
+
+async def test_a_mirror_copies_queued_tasks_without_taking_them_from_the_queue(
+        qapp: Natask, nats_server: NatsServer) -> None:
+    from natask.failover import add_mirror
+
+    echo = qapp.task(name="qs.kept", queue="dr")(lambda i: i)
+    sent = [await echo.adelay(i) for i in range(5)]  # queued before any worker: no consumer of the queue yet
+    mirror = await add_mirror(qapp, "dr")
+    assert mirror == "NATASK_QS_mirror_dr" and await add_mirror(qapp, "dr") == mirror  # once
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        caught_up = asyncio.get_running_loop().time() + 30
+        while (await js.stream_info(mirror)).state.messages < 5:  # the mirror catches up within a second
+            assert asyncio.get_running_loop().time() < caught_up, "the mirror never copied the queue"
+            await asyncio.sleep(0.1)
+        # Without a consumer of the queue, the server removes what the mirror copied about 0.7 s later;
+        # nothing announces that it did not: watch the queue's stream for a while.
+        watch_until = asyncio.get_running_loop().time() + 3
+        while asyncio.get_running_loop().time() < watch_until:
+            assert (await js.stream_info("NATASK_QS_q_dr")).state.messages == 5  # a copy: the queue keeps them
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    async with worker(qapp, queues=["dr"]):
+        assert [await r.aget(timeout=10) for r in sent] == list(range(5))

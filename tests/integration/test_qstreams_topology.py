@@ -163,18 +163,21 @@ async def test_a_mirror_promoted_after_its_primary_cluster_is_lost_runs_the_rest
             await broker.results()
             await broker.revoked()
             await broker.ensure_dlq()
+            sent = [await ops.tasks["dr.flaky"].adelay()]  # queued before the mirror exists, and after
+            sent += [await ops.tasks["dr.record"].adelay(i) for i in range(6)]
             mirror = await add_mirror(ops, "us", placement={"cluster": "west"})  # step 1
             assert mirror == "NATASK_TASKS_mirror_us"
             info = await api(t["west1"].url, f"$JS.API.STREAM.INFO.{mirror}")
             assert info["cluster"]["name"] == "west" and info["config"]["mirror"]["name"] == "NATASK_TASKS_q_us"
-            sent = [await ops.tasks["dr.flaky"].adelay()]
-            sent += [await ops.tasks["dr.record"].adelay(i) for i in range(12)]
+            sent += [await ops.tasks["dr.record"].adelay(i) for i in range(6, 12)]
 
             async def mirrored(count: int, subject: str = "tasks.us.>") -> bool:
                 info = await api(t["west1"].url, f"$JS.API.STREAM.INFO.{mirror}", {"subjects_filter": subject})
                 return sum((info["state"].get("subjects") or {}).values()) >= count
 
             await until(lambda: mirrored(13))
+            primary = await api(t["west1"].url, "$JS.API.STREAM.INFO.NATASK_TASKS_q_us")
+            assert primary["state"]["messages"] == 13  # copied, not taken: the queue's consumer holds them
             async with worker(east, queues=["us"], concurrency=1, grace=0):
                 await blocked.wait()  # flaky and records 0..5 ran (in order), 6 is running
             assert (sorted(done), flaky_runs) == (list(range(6)), [0])

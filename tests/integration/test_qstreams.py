@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -20,6 +24,8 @@ from natask.dashboard.model import Model
 from natask.dlq import DeadLetters
 from natask.server import NatsServer
 from natask.testing import worker
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -224,3 +230,43 @@ async def test_a_mirror_copies_queued_tasks_without_taking_them_from_the_queue(
         await nc.close()
     async with worker(qapp, queues=["dr"]):
         assert [await r.aget(timeout=10) for r in sent] == list(range(5))
+
+
+async def test_the_failover_commands_mirror_refuse_a_live_primary_and_promote_with_force(
+        nats_server: NatsServer) -> None:
+    root = ROOT
+    env = {**os.environ, "NATS_URL": nats_server.url, "NATASK_TEST_PREFIX": "fo", "NATASK_STREAM_PER_QUEUE": "1",
+           "PYTHONPATH": str(root)}
+
+    async def natask(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "natask", *args, "-A",
+                                                        "tests.integration.workerapp:app"],
+                                       env=env, cwd=root, capture_output=True, text=True, timeout=60)
+
+    app = Natask("fo", servers=[nats_server.url], subject_prefix="fo", stream_per_queue=True, publish_timeout=5)
+    try:
+        sent = await app.asend_task("it.add", (1, 2), queue="orders")
+        made = await natask("failover", "mirror", "orders")
+        assert made.returncode == 0 and "NATASK_FO_mirror_orders mirrors queue orders" in made.stdout, made.stderr
+        refused = await natask("failover", "promote", "orders")
+        assert refused.returncode == 1 and "NATASK_FO_q_orders, the primary of queue 'orders', still answers" in \
+            refused.stderr
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            caught_up = asyncio.get_running_loop().time() + 30
+            while (await js.stream_info("NATASK_FO_mirror_orders")).state.messages < 1:
+                assert asyncio.get_running_loop().time() < caught_up, "the mirror never copied the queue"
+                await asyncio.sleep(0.1)
+            forced = await natask("failover", "promote", "orders", "--force")
+            assert forced.returncode == 0 and "NATASK_FO_mirror_orders holds queue orders now: 1 task(s) to run" \
+                in forced.stdout, forced.stderr
+            assert [s.config.name for s in await js.streams_info() if s.config.name.startswith("NATASK_FO")] == \
+                ["NATASK_FO_mirror_orders"]
+        finally:
+            await nc.close()
+        app.task(name="it.add", queue="orders")(lambda x, y: x + y)
+        async with worker(app, queues=["orders"]):  # a new connection finds the queue's stream by its subjects
+            assert await sent.aget(timeout=10) == 3
+    finally:
+        await app.aclose()

@@ -109,7 +109,7 @@ class Provisioning(Layout):
                 raise self._translate(e, f"{self.api_for(domain)}.STREAM.CREATE.{wanted.name}") from e
             log.info("created stream %s for queue %s", have.name, queue)
         elif configure and queue not in self._configured:
-            have = await self._configure(have, wanted, js)
+            have = await self._configure(queue, have, wanted, js)
         if configure:
             self._configured.add(queue)
         stream = str(have.name)
@@ -119,7 +119,7 @@ class Provisioning(Layout):
         self._stream_queues[stream] = queue
         self._owned[stream] = lambda: self._recreate_queue_stream(queue)
 
-    async def _configure(self, have: StreamConfig, wanted: StreamConfig, js: Any) -> StreamConfig:
+    async def _configure(self, queue: str, have: StreamConfig, wanted: StreamConfig, js: Any) -> StreamConfig:
         """An existing queue stream given the placement and replicas its ``queue_options`` ask for:
         the server moves a stream whose placement changed (copies it to the new peers, then drops
         the old ones; tasks keep flowing) and adds or removes replicas."""
@@ -128,9 +128,7 @@ class Provisioning(Layout):
         if place is not None and (have.placement is None or have.placement.cluster != place.cluster
                                   or set(have.placement.tags or ()) != set(place.tags or ())):
             changes["placement"] = place
-        queue = self._stream_queues.get(str(have.name)) or self.names.queue_of_subject((wanted.subjects or [""])[0])
-        if queue is not None and self.queue_option(queue, "replicas") is not None \
-                and have.num_replicas != wanted.num_replicas:
+        if self.queue_option(queue, "replicas") is not None and have.num_replicas != wanted.num_replicas:
             changes["num_replicas"] = wanted.num_replicas
         if not changes:
             return have
@@ -401,8 +399,6 @@ class Provisioning(Layout):
             return False
         if stream == self.names.stream:
             self._stream_ready = False
-        elif stream in self._stream_queues:
-            self._queue_streams.pop(self._stream_queues[stream], None)
         elif stream == DLQ_STREAM:
             self._dlq_ready = False
         elif stream == f"KV_{self.names.results_bucket}":

@@ -270,3 +270,19 @@ async def test_the_failover_commands_mirror_refuse_a_live_primary_and_promote_wi
             assert await sent.aget(timeout=10) == 3
     finally:
         await app.aclose()
+
+
+async def test_a_running_worker_follows_its_queue_to_the_promoted_mirror(
+        qapp: Natask, caplog: pytest.LogCaptureFixture) -> None:
+    from natask.failover import add_mirror, promote
+
+    echo = qapp.task(name="qs.follow", queue="moving")(lambda s: s)
+    async with worker(qapp, queues=["moving"]):
+        assert await (await echo.adelay("before")).aget(timeout=10) == "before"
+        await add_mirror(qapp, "moving")
+        with caplog.at_level(logging.WARNING):
+            promoted = await promote(qapp, "moving", force=True)  # the primary is deleted under the worker
+            assert promoted.stream == "NATASK_QS_mirror_moving"
+            assert await (await echo.adelay("after")).aget(timeout=40) == "after"
+    assert any("queue moving: its tasks are in stream NATASK_QS_mirror_moving now" in r.getMessage()
+               for r in caplog.records)

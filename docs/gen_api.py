@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Bundled server", "natask.server", ["NatsServer"]),
     ("Dead letters", "natask.dlq", ["DeadLetters", "DeadLetter"]),
     ("Control and monitoring", "natask.control", ["inspect", "status", "queues", "purge"]),
+    ("Fail-over", "natask.failover", ["add_mirror", "promote", "Promotion"]),
     ("Remote control", "natask.remote", ["Control"]),
     ("Events", "natask.events", ["EventStream", "follow"]),
     ("Errors", "natask.errors", []),

@@ -1112,6 +1112,42 @@ def dlq_purge(app_spec: str | None, yes: bool) -> None:
     click.echo(f"purged {count} dead letter(s)")
 
 
+@main.group()
+def failover() -> None:
+    """Disaster recovery of a queue's own stream (stream_per_queue): mirror it, promote the mirror."""
+
+
+@failover.command("mirror")
+@app_option
+@click.argument("queue")
+@click.option("--cluster", default=None, help="the cluster the mirror lives in (another than the queue's)")
+@click.option("--tag", "tags", multiple=True, help="a server tag the mirror's servers have (repeatable)")
+@click.option("--replicas", type=click.IntRange(1, 5), default=None, help="replicas (default: the queue's)")
+@click.option("--name", default=None, help="the mirror's name (default NATASK_<PREFIX>_mirror_<queue>)")
+def failover_mirror(app_spec: str | None, queue: str, cluster: str | None, tags: tuple[str, ...],
+                    replicas: int | None, name: str | None) -> None:
+    """Create a mirror of QUEUE's stream, e.g. in another cluster."""
+    from .failover import add_mirror
+
+    placement = {k: v for k, v in (("cluster", cluster), ("tags", list(tags))) if v} or None
+    made = _run_app(app_spec, lambda app: add_mirror(app, queue, placement=placement, replicas=replicas, name=name))
+    click.echo(printable(f"{made} mirrors queue {queue}'s stream"))
+
+
+@failover.command("promote")
+@app_option
+@click.argument("queue")
+@click.option("--name", default=None, help="the mirror's name (default NATASK_<PREFIX>_mirror_<queue>)")
+@click.option("--force", is_flag=True, help="promote even though the primary stream still answers (it is deleted)")
+def failover_promote(app_spec: str | None, queue: str, name: str | None, force: bool) -> None:
+    """Make QUEUE's mirror its stream once the primary is lost."""
+    from .failover import promote
+
+    done = _run_app(app_spec, lambda app: promote(app, queue, name=name, force=force))
+    click.echo(printable(f"{done.stream} holds queue {queue} now: {done.waiting} task(s) to run, {done.finished} "
+                         f"finished before the loss removed, {done.superseded} older copies removed"))
+
+
 @main.command()
 @app_option
 @click.argument("task_id")

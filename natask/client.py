@@ -241,7 +241,7 @@ class Client(Generic[H]):
             await hooks.call("before_publish", call)
         broker = await self.broker()
         result, subject = self.route(broker, call)
-        await broker.ensure_stream()
+        await broker.ensure_stream(call.queue)
         ttl = (call.priority or call.expires is not None) and await self._before_wire(broker, call)
         try:
             published = await broker.publish(subject, call.payload, call.headers, call.retry)
@@ -249,7 +249,7 @@ class Client(Generic[H]):
             published = await broker.publish(subject, await self.claim_check(broker, call, e), call.headers,
                                              call.retry)
         if ttl and call.expires is not None:
-            result._expiry = (call.expires, published.seq)
+            result._expiry = (call.expires, published.seq, call.queue)
         if published.duplicate and self.pending.get(call.task_id) is not result:
             # The stored message carries another caller's reply inbox, not ours: read the KV bucket.
             result._route = None
@@ -274,7 +274,11 @@ class Client(Generic[H]):
                 payloads.append(await self.claim_check(broker, call, e))
             results.append(result)
             subjects.append(subject)
-        await broker.ensure_stream()
+        if broker.per_queue:
+            for queue in {call.queue for call in calls}:
+                await broker.ensure_stream(queue)
+        else:
+            await broker.ensure_stream()
         ttl = [i for i, call in enumerate(calls) if (call.priority or call.expires is not None)
                and await self._before_wire(broker, call)]
         seqs = [0] * len(calls) if ttl else None
@@ -283,7 +287,7 @@ class Client(Generic[H]):
             for i in ttl:
                 expires = calls[i].expires
                 if expires is not None:
-                    results[i]._expiry = (expires, seqs[i])
+                    results[i]._expiry = (expires, seqs[i], calls[i].queue)
         if hooks.after_publish:
             for call in calls:
                 await hooks.call("after_publish", call)
@@ -326,7 +330,7 @@ class Client(Generic[H]):
         (True: set; a delayed call has none, its schedule message would expire instead)."""
         if call.priority:
             await broker.ensure_level(call.queue, call.priority)
-        if call.expires is not None and HDR_SCHEDULE not in call.headers and broker.msg_ttl:
+        if call.expires is not None and HDR_SCHEDULE not in call.headers and broker.ttl_for(call.queue):
             call.headers[HDR_TTL] = expiry_ttl(call.expires, time.time())
             return not call.ignore_result
         return False

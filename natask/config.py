@@ -77,7 +77,7 @@ def _prefix(value: str) -> str:
     return value
 
 
-def _domain(value: object) -> str:
+def _app_domain(value: object) -> str:
     # A JetStream domain is one token of the API subject ($JS.<domain>.API.>).
     if not isinstance(value, str) or (value and not _NAME_RE.match(value)):
         raise ConfigError(f"invalid jetstream_domain {value!r:.60}: a JetStream domain is one subject token "
@@ -85,28 +85,67 @@ def _domain(value: object) -> str:
     return value
 
 
-QUEUE_OPTIONS: Final = {"max_ack_pending": (1, 1_000_000)}
-"""What ``queue_options`` may set per queue, with the bounds of each."""
+QUEUE_OPTIONS: Final = {"max_ack_pending": (1, 1_000_000), "replicas": (1, 5)}
+"""What ``queue_options`` may set per queue as a number, with the bounds of each."""
+QUEUE_STREAM_OPTIONS: Final = ("placement", "replicas", "jetstream_domain")
+"""``queue_options`` keys that shape a queue's own stream: only with ``stream_per_queue=True``."""
+PLACEMENT_KEYS: Final = ("cluster", "tags")
+"""What a queue's ``placement`` may name (JetStream's stream placement)."""
 
 
-def _queue_options(value: Any) -> Mapping[str, Mapping[str, int]]:
+def check_placement(given: Any, where: str = "placement") -> Mapping[str, Any]:
+    """Validate a stream placement, ``{"cluster": str, "tags": [str, ...]}`` (either or both)."""
+    example = "{'cluster': 'west'} or {'tags': ['region:west']}"
+    if not isinstance(given, Mapping) or not given:
+        raise ConfigError(f"{where} must be a dict like {example}, got {given!r:.100}")
+    unknown = set(given) - set(PLACEMENT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where} takes 'cluster' and 'tags', not {', '.join(map(repr, sorted(unknown)))}")
+    cluster, tags = given.get("cluster"), given.get("tags")
+    if cluster is not None and (not isinstance(cluster, str) or not _NAME_RE.match(cluster)):
+        raise ConfigError(f"{where}['cluster'] must be a cluster name (letters, digits, '_', '-'), "
+                          f"got {cluster!r:.100}")
+    if tags is not None and (isinstance(tags, (str, bytes)) or not isinstance(tags, Sequence) or not tags
+                             or not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in tags)):
+        raise ConfigError(f"{where}['tags'] must be a non-empty list of server tags like ['region:west'] "
+                          f"(no spaces), got {tags!r:.100}")
+    return MappingProxyType({k: v for k, v in (("cluster", cluster), ("tags", tuple(tags or ()))) if v})
+
+
+def _domain(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ConfigError(f"{what} must be a JetStream domain name (letters, digits, '_', '-'; the domain: of "
+                          f"the server's jetstream block), got {value!r:.100}")
+    return value
+
+
+def _queue_option(queue: str, key: str, given: Any) -> Any:
+    if key == "placement":
+        return check_placement(given, f"queue_options[{queue!r}]['placement']")
+    if key == "jetstream_domain":
+        return _domain(given, f"queue_options[{queue!r}]['jetstream_domain']")
+    low, high = QUEUE_OPTIONS[key]
+    if isinstance(given, bool) or not isinstance(given, int) or not low <= given <= high:
+        raise ConfigError(f"queue_options[{queue!r}][{key!r}] must be an int from {low} to {high}, "
+                          f"got {given!r:.100}")
+    return given
+
+
+def _queue_options(value: Any) -> Mapping[str, Mapping[str, Any]]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"queue_options must map queue names to dicts of options, got {value!r:.100}")
-    checked: dict[str, Mapping[str, int]] = {}
+    checked: dict[str, Mapping[str, Any]] = {}
     for queue, opts in value.items():
         check_queue_name(queue)
         if not isinstance(opts, Mapping):
             raise ConfigError(f"queue_options[{queue!r}] must be a dict like {{'max_ack_pending': 50}}, "
                               f"got {opts!r:.100}")
-        for key, given in opts.items():
-            if key not in QUEUE_OPTIONS:
+        known = (*QUEUE_OPTIONS, *QUEUE_STREAM_OPTIONS)
+        for key in opts:
+            if key not in known:
                 raise ConfigError(f"unknown queue option {key!r} for queue {queue!r}: natask takes "
-                                  f"{', '.join(QUEUE_OPTIONS)}")
-            low, high = QUEUE_OPTIONS[key]
-            if isinstance(given, bool) or not isinstance(given, int) or not low <= given <= high:
-                raise ConfigError(f"queue_options[{queue!r}][{key!r}] must be an int from {low} to {high}, "
-                                  f"got {given!r:.100}")
-        checked[queue] = MappingProxyType(dict(opts))
+                                  f"{', '.join(dict.fromkeys(known))}")
+        checked[queue] = MappingProxyType({key: _queue_option(queue, key, given) for key, given in opts.items()})
     return MappingProxyType(checked)
 
 
@@ -149,14 +188,21 @@ class Config:
     duplicate_window: float = option(120.0, "NATASK_DUPLICATE_WINDOW", "Seconds the task stream remembers message "
                                      "ids (dedupe); the server keeps ~200 bytes per task published within it. "
                                      "At least publish_timeout.", minimum=1.0)
-    queue_options: Mapping[str, Mapping[str, int]] = option(
-        None, "NATASK_QUEUE_OPTIONS", "Per-queue settings: {queue: {\"max_ack_pending\": N}} "
-        "caps the tasks of that queue delivered and not yet acked across all its workers (JSON in the "
-        "environment).", check=lambda value: _queue_options(value))
+    queue_options: Mapping[str, Mapping[str, Any]] = option(
+        None, "NATASK_QUEUE_OPTIONS", "Per-queue settings (JSON in the environment): {queue: {\"max_ack_pending\": "
+        "N}} caps the tasks of that queue delivered and not yet acked across all its workers; with "
+        "stream_per_queue=True also \"placement\" ({\"cluster\": str, \"tags\": [str]}: where the queue's "
+        "stream lives), \"replicas\" (1..5: its stream's) and \"jetstream_domain\" (the JetStream domain "
+        "holding its stream, e.g. a leaf's for an edge-local queue).", check=lambda value: _queue_options(value))
+    stream_per_queue: bool = option(False, "NATASK_STREAM_PER_QUEUE", "Give every queue its own stream "
+                                    "(NATASK_<PREFIX>_q_<queue>, capturing that queue's subjects only) instead of "
+                                    "the app's one NATASK_<PREFIX> stream: needed for per-queue placement, replicas "
+                                    "and JetStream domains. Subjects stay the same; the two layouts cannot share a "
+                                    "subject prefix on one account.")
     jetstream_domain: str = option("", "NATASK_JS_DOMAIN", "JetStream domain of the app's streams and buckets: "
                                    "every JetStream call goes to $JS.<domain>.API (a leaf node reaching its hub's "
                                    "JetStream; the hub's `jetstream { domain: ... }`). Empty: the JetStream of the "
-                                   "server connected to.", check=_domain)
+                                   "server connected to.", check=_app_domain)
     always_eager: bool = option(False, "NATASK_ALWAYS_EAGER", "Run delay(), apply_async(), send_task() of a "
                                 "registered task and workflows in the calling process, now, with no server "
                                 "(Celery's task_always_eager; for tests). Mutable later as app.always_eager.")
@@ -199,6 +245,13 @@ class Config:
             raise ConfigError(f"duplicate_window ({values['duplicate_window']:g}s) must be at least publish_timeout "
                               f"({values['publish_timeout']:g}s): a publish retried after a reconnect must still be "
                               "recognised as a duplicate")
+        if not values["stream_per_queue"]:
+            for queue, opts in values["queue_options"].items():
+                shaped = [key for key in QUEUE_STREAM_OPTIONS if key in opts]
+                if shaped:
+                    raise ConfigError(f"queue_options[{queue!r}] sets {', '.join(shaped)}: these shape a queue's "
+                                      "own stream, so they need stream_per_queue=True (NATASK_STREAM_PER_QUEUE=1); "
+                                      "with one stream for every queue only max_ack_pending applies")
         connect: dict[str, Any] = {key: os.environ[var] for var, key in _ENV_CONNECT.items() if os.environ.get(var)}
         connect.update(options.get("connect_options") or {})
         return cls(name=name, servers=server_list, connect_options=connect, **values)
@@ -236,7 +289,8 @@ class Options(TypedDict, total=False):
     publish_timeout: Seconds
     connect_timeout: Seconds
     duplicate_window: Seconds
-    queue_options: Mapping[str, Mapping[str, int]]
+    queue_options: Mapping[str, Mapping[str, Any]]
+    stream_per_queue: bool
     jetstream_domain: str
     always_eager: bool
     eager_propagates: bool

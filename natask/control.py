@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .beat.schedule import Scheduled, describe
+from .broker import ConsumerState, StreamState
 from .client import App
 from .dlq import DeadLetters
 from .naming import MAX_PRIORITY, Names
@@ -43,9 +44,21 @@ async def queues(app: App) -> list[QueueStatus]:
     """Every queue that has a consumer or holds tasks, with its counters (``natask status``, the dashboard)."""
     broker = await app.client.broker()
     names = app.names
-    consumers, state = await asyncio.gather(broker.consumer_states(names.stream),
-                                            broker.stream_state(names.stream, names.stream_subjects[0]))
+    streams = (await broker.queue_streams()).values() if broker.per_queue else [(names.stream, None)]
     found: dict[str, QueueStatus] = {}
+    for stream, domain in streams:
+        consumers, state = await asyncio.gather(broker.consumer_states(stream, domain),
+                                                broker.stream_state(stream, f"{names.prefix}.>", domain))
+        _count(names, consumers, state, found)
+    for q in found.values():
+        if not q.consumed:  # priority levels a producer created: no worker fetches them either
+            q.stranded = q.pending
+    return sorted(found.values(), key=lambda q: q.name)
+
+
+def _count(names: Names, consumers: list[ConsumerState], state: StreamState | None,
+           found: dict[str, QueueStatus]) -> None:
+    """Add one stream's consumers and waiting subjects to the queues ``found``."""
     levels: set[tuple[str, int]] = set()
     for c in consumers:
         queue, level = Names.level_of_consumer(c.name) or (c.name, 0)
@@ -63,10 +76,6 @@ async def queues(app: App) -> list[QueueStatus]:
             continue
         q = found.setdefault(route[0], QueueStatus(route[0], 0, 0, 0, 0, consumed=False))
         q.pending, q.stranded = q.pending + count, q.stranded + count
-    for q in found.values():
-        if not q.consumed:  # priority levels a producer created: no worker fetches them either
-            q.stranded = q.pending
-    return sorted(found.values(), key=lambda q: q.name)
 
 
 async def dlq_size(app: App) -> int:
@@ -80,14 +89,15 @@ async def purge(app: App, queue: str) -> int:
 
     check_queue_name(queue)
     broker = await app.client.broker()
-    await broker.ensure_stream()
+    await broker.ensure_stream(queue)
     names, purged = app.names, 0
+    stream, domain = broker.stream_of(queue), broker.domain_of(queue)
     # The queue's own subjects, then those of each priority level (their own subject token).
     for subject in (names.queue_filter(queue), *(names.priority_filter(queue, n) for n in range(1, MAX_PRIORITY + 1))):
-        state = await broker.stream_state(names.stream, subject)
+        state = await broker.stream_state(stream, subject, domain)
         waiting = sum(state.subjects.values()) if state is not None else 0
         if waiting:
-            await broker.purge(names.stream, subject)
+            await broker.purge(stream, subject, domain)
             purged += waiting
     return purged
 

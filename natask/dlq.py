@@ -267,7 +267,7 @@ class DeadLetters:
                    if not k.startswith(("Natask-Dlq-", "Nats-")) and k != "Natask-Retries"}
         headers[HDR_REPLAYS] = str(replays)
         headers[HDR_MSG_ID] = f"{entry.id}:replay{replays}:{int(time.time())}"
-        await broker.ensure_stream()
+        await broker.ensure_stream(self.app.names.queue_of_subject(entry.subject))
         placeholder = PLACEHOLDER_RE.match(entry.id)
         if not placeholder:
             # The stored FAILURE would answer get() before the replay ran: forget it first.

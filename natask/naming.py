@@ -245,6 +245,33 @@ class Names:
     def stream_subjects(self) -> list[str]:
         return [f"{self.prefix}.>"]
 
+    def queue_stream(self, queue: str) -> str:
+        """The stream of ``queue`` when every queue has its own (``stream_per_queue``):
+        ``NATASK_<PREFIX>_q_<queue>``. Unique: the upper-cased prefix has no lower-case letter, so the
+        first ``_q_`` ends it, and every other natask stream name is upper-case or starts otherwise."""
+        return f"NATASK_{self.prefix.upper()}_q_{queue}"
+
+    def queue_mirror(self, queue: str) -> str:
+        """The default name of a mirror of ``queue``'s stream (disaster recovery, ``natask.failover``)."""
+        return f"NATASK_{self.prefix.upper()}_mirror_{queue}"
+
+    def queue_stream_subjects(self, queue: str) -> list[str]:
+        """What a queue's own stream captures: its task subjects, each priority level's and its
+        schedules (a message schedule must target a subject of its own stream)."""
+        return [self.queue_filter(queue), *(self.priority_filter(queue, n) for n in range(1, MAX_PRIORITY + 1)),
+                f"{self.prefix}._sched.{queue}.>"]
+
+    def queue_of_subject(self, subject: str) -> str | None:
+        """The queue a task, priority-level or schedule subject of this prefix belongs to; None for
+        anything else."""
+        head, _, rest = subject.partition(".")
+        if head != self.prefix:
+            return None
+        first, _, rest = rest.partition(".")
+        if first == "_sched" or _LEVEL_RE.match(first) is not None:
+            first, _, rest = rest.partition(".")
+        return first if rest and is_queue_name(first) else None
+
     @property
     def events_stream(self) -> str:
         """The dashboard's history of lifecycle events (a limits stream, created by the dashboard)."""
@@ -339,7 +366,12 @@ class Names:
     def consumer_created(self) -> str:
         """The server's advisory subject for every consumer created on the task stream (the consumer's
         name is the last token): workers learn of new priority levels from it."""
-        return f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{self.stream}.*"
+        return self.consumers_created(self.stream)
+
+    @staticmethod
+    def consumers_created(stream: str) -> str:
+        """The consumer-created advisory subject of ``stream`` (a queue's own, with ``stream_per_queue``)."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream}.*"
 
     @staticmethod
     def level_of_consumer(consumer: str) -> tuple[str, int] | None:

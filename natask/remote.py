@@ -184,14 +184,20 @@ class Control:
             return
         pattern = check_pattern(name)
         broker = await self.app.client.broker()
-        await broker.ensure_stream()
-        state = await broker.stream_state(self.app.names.stream)
-        if state is None:
-            raise ConfigError(f"the task stream {self.app.names.stream} does not exist")
-        kv = await broker.revoked()
         # The stream's last sequence: what was stored up to now is covered, what comes later is not.
-        await kv.put(revoked_name_key(pattern), dumps({"name": pattern, "seq": state.last_seq,
-                                                       "terminate": terminate, "at": time.time()}))
+        record: dict[str, Any] = {"name": pattern, "seq": 0, "terminate": terminate, "at": time.time()}
+        if broker.per_queue:  # each queue's stream counts its own sequences
+            streams = await broker.queue_streams()
+            record["seqs"] = {queue: state.last_seq for queue, (stream, domain) in streams.items()
+                              if (state := await broker.stream_state(stream, domain=domain)) is not None}
+        else:
+            await broker.ensure_stream()
+            state = await broker.stream_state(self.app.names.stream)
+            if state is None:
+                raise ConfigError(f"the task stream {self.app.names.stream} does not exist")
+            record["seq"] = state.last_seq
+        kv = await broker.revoked()
+        await kv.put(revoked_name_key(pattern), dumps(record))
 
     revoke = blocking(arevoke, "Revoke a task by id, or every task sent so far of a name or glob (sync twin of "
                                "``arevoke``).")

@@ -71,8 +71,8 @@ class AsyncResult(Generic[R]):
         self._route = route
         # A tuple, not a list: most handles are never waited on, and an empty tuple is shared.
         self._waiters: tuple[asyncio.Future[None], ...] = ()
-        self._expiry: tuple[float, int] | None = None
-        """(expires, stream sequence) of a call the server removes at its expiry (``Nats-TTL``)."""
+        self._expiry: tuple[float, int, str] | None = None
+        """(expires, stream sequence, queue) of a call the server removes at its expiry (``Nats-TTL``)."""
 
     @property
     def _portal(self) -> Portal:
@@ -289,7 +289,8 @@ class AsyncResult(Generic[R]):
         so record REVOKED/expired for every reader (once: a state a worker stored first wins)."""
         assert self._expiry is not None
         broker = await self.app.client.broker()
-        if await broker.read_at(self.app.names.stream, self._expiry[1]) is not None:
+        queue = self._expiry[2]
+        if await broker.read_at(broker.stream_of(queue), self._expiry[1], broker.domain_of(queue)) is not None:
             return None  # still queued, or running
         record: Record = {"state": State.REVOKED.value, "info": {"reason": "expired"}}
         kv = await broker.results()

@@ -44,8 +44,8 @@ class Waiter(Protocol):
 
     _route: Broker | None
     """The connection whose inbox receives the reply; None: wait through the results bucket."""
-    _expiry: tuple[float, int] | None
-    """(expires, stream sequence) of a call the server removes at its expiry, else None."""
+    _expiry: tuple[float, int, str] | None
+    """(expires, stream sequence, queue) of a call the server removes at its expiry, else None."""
 
     @property
     def id(self) -> str: ...

@@ -26,7 +26,7 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # 4 the app: configuration, registry, one client
     ("app", "settings", "shared"),
     # 5 services
-    ("worker", "beat", "control", "dlq", "events", "metrics", "http", "dashboard", "supervisor", "server",
+    ("worker", "beat", "control", "dlq", "failover", "events", "metrics", "http", "dashboard", "supervisor", "server",
      "testing", "otel", "sentry"),
     # 6 the command line and the package's own re-exports
     ("cli", "demo", "__main__", "celery", ""),

@@ -78,8 +78,12 @@ class Enqueuer:
         not acknowledge is published again under its id: ``Broker.publish_many``)."""
         if not messages:
             return
-        await broker.ensure_stream()
         names = self.app.names
+        if broker.per_queue:
+            for queue in {names.queue_of_subject(m.subject) for m in messages} - {None}:
+                await broker.ensure_stream(queue)
+        else:
+            await broker.ensure_stream()
         for m in messages:
             level = names.priority_from_subject(m.subject)
             route = names.task_from_subject(m.subject) if level else None

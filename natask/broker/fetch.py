@@ -223,8 +223,7 @@ class Fetcher:
         self.broker = broker
         names = broker.names
         durable = names.priority_consumer(queue, priority)
-        q = _Queue(self, queue, durable, f"{broker.api_prefix}.CONSUMER.MSG.NEXT.{names.stream}.{durable}",
-                   broker.nc.new_inbox(), priority)
+        q = _Queue(self, queue, durable, broker.next_subject(queue, durable), broker.nc.new_inbox(), priority)
         q.sub = await broker.subscribe(f"{q.inbox}.*", cb=q.deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
         if self.single and self.queues:
             # Single-queue requests never learnt whether the first queue has a backlog: unknown
@@ -658,3 +657,4 @@ class Fetcher:
         if healed:
             self._write_off(q)  # the old consumer's requests died with it
             q.retry_at = 0.0
+            q.next_subject = broker.next_subject(q.name, q.durable)  # its stream may have another name now

@@ -30,7 +30,7 @@ from ..errors import BrokerError, ConfigError
 from ..naming import DLQ_STREAM
 from .connection import ResultCallback
 from .kv import Bucket, Entry, _Watch
-from .publish import Publishing
+from .layout import SUBJECTS_OVERLAP, Layout
 from .translate import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, describe, full_error, gone, storage_full
 
 log = logging.getLogger("natask.broker")
@@ -44,7 +44,7 @@ _PRESENT_FOR: Final = 1.0
 T = TypeVar("T")
 
 
-class Provisioning(Publishing):
+class Provisioning(Layout):
     """Streams, consumers and buckets natask owns: created when missing, recreated when gone."""
 
     def __init__(self, config: Config, on_result: ResultCallback | None = None,
@@ -52,9 +52,7 @@ class Provisioning(Publishing):
                  on_closed: Callable[[BrokerError], None] | None = None) -> None:
         super().__init__(config, on_result, on_reconnect, on_closed)
         self._stream_ready = False
-        self.msg_ttl = False
-        """The task stream removes messages at their ``Nats-TTL`` (``allow_msg_ttl``): tasks with
-        ``expires`` carry one, so an expired task never reaches a worker."""
+        self._configured: set[str] = set()  # queues whose own stream a worker has configured (placement, replicas)
         self._levels: set[tuple[str, int]] = set()  # priority levels whose consumer exists (this connection)
         self._dlq_ready = False
         self._kv: Bucket | None = None
@@ -65,9 +63,14 @@ class Provisioning(Publishing):
         self._healing: dict[str, asyncio.Task[bool]] = {}
         self._present: dict[str, float] = {}  # stream -> when it was last seen to exist (monotonic)
 
-    async def ensure_stream(self) -> None:
-        """Create the task stream if missing (producers and workers both call this)."""
+    async def ensure_stream(self, queue: str | None = None) -> None:
+        """Create the task stream if missing (producers and workers both call this); with
+        ``stream_per_queue``, ``queue``'s own stream (nothing without a queue)."""
         if self._stream_ready:
+            return
+        if self.per_queue:
+            if queue is not None and queue not in self._queue_streams:
+                await self._ensure_queue_stream(queue)
             return
         names = self.names
         config = StreamConfig(
@@ -85,12 +88,78 @@ class Provisioning(Publishing):
         self.msg_ttl = bool(have.allow_msg_ttl) or await self._allow_msg_ttl(have)
         self._stream_ready = True
 
-    async def _allow_msg_ttl(self, have: StreamConfig) -> bool:
+    async def _ensure_queue_stream(self, queue: str, *, configure: bool = False) -> None:
+        """Find or create ``queue``'s own stream (``stream_per_queue``); ``configure`` (workers):
+        also give an existing one the placement and replicas ``queue_options`` ask for."""
+        domain = self.domain_of(queue)
+        js, wanted = self.jetstream(domain), self.queue_stream_config(queue)
+        have = await self.find_queue_stream(queue)
+        if have is None:
+            try:
+                await self.api(lambda: js.add_stream(wanted))
+                have = wanted
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code == SUBJECTS_OVERLAP:
+                    raise self.layout_conflict(queue, await self.stream_names(self.names.queue_filter(queue),
+                                                                               domain)) from e
+                if e.err_code != 10058:  # 10058: created concurrently by another process: fine
+                    raise BrokerError(f"cannot create stream {wanted.name}: {e.description}") from e
+                have = await self.find_queue_stream(queue) or wanted
+            except Exception as e:
+                raise self._translate(e, f"{self.api_for(domain)}.STREAM.CREATE.{wanted.name}") from e
+            log.info("created stream %s for queue %s", have.name, queue)
+        elif configure and queue not in self._configured:
+            have = await self._configure(queue, have, wanted, js)
+        if configure:
+            self._configured.add(queue)
+        stream = str(have.name)
+        if have.allow_msg_ttl or await self._allow_msg_ttl(have, js):
+            self._queue_ttl.add(queue)
+        self._queue_streams[queue] = stream
+        self._stream_queues[stream] = queue
+        self._owned[stream] = lambda: self._recreate_queue_stream(queue)
+
+    async def _configure(self, queue: str, have: StreamConfig, wanted: StreamConfig, js: Any) -> StreamConfig:
+        """An existing queue stream given the placement and replicas its ``queue_options`` ask for:
+        the server moves a stream whose placement changed (copies it to the new peers, then drops
+        the old ones; tasks keep flowing) and adds or removes replicas."""
+        changes: dict[str, Any] = {}
+        place = wanted.placement
+        if place is not None and (have.placement is None or have.placement.cluster != place.cluster
+                                  or set(have.placement.tags or ()) != set(place.tags or ())):
+            changes["placement"] = place
+        if self.queue_option(queue, "replicas") is not None and have.num_replicas != wanted.num_replicas:
+            changes["num_replicas"] = wanted.num_replicas
+        if not changes:
+            return have
+        shown = {k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in changes.items()}
+        try:
+            await self.api(lambda: js.update_stream(replace(have, **changes)))
+        except Exception as e:  # e.g. no servers where it should go: it keeps serving where it is
+            log.warning("cannot update stream %s to %s (%s): it stays as it is", have.name, shown, describe(e))
+            return have
+        log.warning("stream %s updated to %s: the server moves or rescales it in the background", have.name, shown)
+        return replace(have, **changes)
+
+    async def _recreate_queue_stream(self, queue: str) -> None:
+        """``queue``'s stream is gone: find the one holding its subjects now (a promoted mirror) or
+        create it again."""
+        old = self._queue_streams.pop(queue, None)
+        self._queue_ttl.discard(queue)
+        self._configured.discard(queue)
+        self._levels = {level for level in self._levels if level[0] != queue}
+        await self._ensure_queue_stream(queue)
+        new = self._queue_streams[queue]
+        if old is not None and new != old:
+            log.warning("queue %s: its tasks are in stream %s now (it holds the queue's subjects)", queue, new)
+
+    async def _allow_msg_ttl(self, have: StreamConfig, js: Any = None) -> bool:
         """Turn on per-message TTL on a task stream created before natask used it (a stream
         update, which nats-server >= 2.11 accepts); without the right to, expiry stays the
         worker's check."""
+        js = js or self.js
         try:
-            await self.api(lambda: self.js.update_stream(replace(have, allow_msg_ttl=True)))
+            await self.api(lambda: js.update_stream(replace(have, allow_msg_ttl=True)))
         except Exception as e:
             log.warning("cannot enable per-message TTL on stream %s (%s): expired tasks are dropped by the "
                         "worker that receives them, not by the server", have.name, describe(e))
@@ -137,6 +206,8 @@ class Provisioning(Publishing):
                 await self.api(lambda: self.js.add_stream(config))
                 return config
             except nats.js.errors.BadRequestError as e:
+                if e.err_code == SUBJECTS_OVERLAP and config.name == self.names.stream:
+                    raise self.layout_conflict(None, await self.stream_names(f"{self.names.prefix}.>")) from e
                 if e.err_code != 10058:  # created concurrently by another process: fine
                     raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
                 return config
@@ -173,23 +244,36 @@ class Provisioning(Publishing):
     async def levels(self, queues: Sequence[str]) -> list[tuple[str, int]]:
         """The priority levels (queue, 1..9) of ``queues`` that have a consumer on the server."""
         queues_set = set(queues)
+        streams = {(self.stream_of(q), self.domain_of(q)) for q in queues_set} if self.per_queue \
+            else {(self.names.stream, None)}
+        found = [self.names.level_of_consumer(name) for stream, domain in sorted(streams, key=str)
+                 for name in await self._consumer_names(stream, domain)]
+        return sorted(level for level in found if level is not None and level[0] in queues_set)
+
+    async def _consumer_names(self, stream: str, domain: str | None) -> list[str]:
+        """The consumers of ``stream`` (none if it does not exist)."""
+        js = self.jetstream(domain)
         infos: list[Any] = []
         while True:  # the server answers a page (256) at a time
             try:
-                page = await self.api(lambda: self.js.consumers_info(self.names.stream, offset=len(infos)))
+                page = await self.api(lambda: js.consumers_info(stream, offset=len(infos)))
+            except nats.js.errors.NotFoundError:
+                return []  # a queue stream not created yet: no levels
             except Exception as e:
-                raise self._translate(e, f"{self.api_prefix}.CONSUMER.LIST.{self.names.stream}") from e
+                raise self._translate(e, f"{self.api_for(domain)}.CONSUMER.LIST.{stream}") from e
             infos.extend(page)
             if len(page) < _LIST_PAGE:
-                break
-        found = [self.names.level_of_consumer(info.name) for info in infos]
-        return sorted(level for level in found if level is not None and level[0] in queues_set)
+                return [info.name for info in infos]
 
     async def ensure_consumer(self, queue: str, priority: int = 0, *, update: bool = True) -> str:
         """Create or update the durable pull consumer of a queue (workers only), or of one of its
         priority levels."""
-        await self.ensure_stream()
-        names = self.names
+        if not self.per_queue:
+            await self.ensure_stream()
+        elif queue not in self._queue_streams or (update and queue not in self._configured):
+            await self._ensure_queue_stream(queue, configure=update)
+        names, stream, domain = self.names, self.stream_of(queue), self.domain_of(queue)
+        js = self.jetstream(domain)
         durable = names.priority_consumer(queue, priority)
         config = ConsumerConfig(
             durable_name=durable,
@@ -202,25 +286,23 @@ class Provisioning(Publishing):
                                                                          self.config.max_ack_pending),
             max_deliver=-1,  # retry limits are per task, enforced by the worker
             max_waiting=512,
-            num_replicas=self.config.stream_replicas,
+            num_replicas=self.replicas_of(queue),
         )
         try:
-            await self.api(lambda: self.js.add_consumer(names.stream, config))
+            await self.api(lambda: js.add_consumer(stream, config))
         except nats.js.errors.BadRequestError as e:
             if e.err_code not in (10148, 10013):  # 10148: exists with another config
                 raise BrokerError(f"cannot create consumer {durable}: {e.description}") from e
             if not update:
                 return durable
-            await self.api(lambda: self._update_consumer(config))
+            await self.api(lambda: self._update_consumer(config, stream, self.api_for(domain)))
         except Exception as e:
-            raise self._translate(e, f"{self.api_prefix}.CONSUMER.CREATE.{names.stream}.{durable}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.CONSUMER.CREATE.{stream}.{durable}") from e
         return durable
 
-    async def _update_consumer(self, config: ConsumerConfig) -> None:
-        import json
-
-        req = {"stream_name": self.names.stream, "config": config.as_dict(), "action": "update"}
-        subject = f"{self.api_prefix}.CONSUMER.CREATE.{self.names.stream}.{config.name}.{config.filter_subject}"
+    async def _update_consumer(self, config: ConsumerConfig, stream: str, api: str) -> None:
+        req = {"stream_name": stream, "config": config.as_dict(), "action": "update"}
+        subject = f"{api}.CONSUMER.CREATE.{stream}.{config.name}.{config.filter_subject}"
         msg = await self.nc.request(subject, json.dumps(req).encode(), timeout=5)
         resp = json.loads(msg.data)
         if "error" in resp:
@@ -336,7 +418,8 @@ class Provisioning(Publishing):
     async def _stream_info(self, stream: str) -> dict[str, Any] | None:
         """The stream's info (raw JSON), None if it does not exist; BrokerError if unknown now."""
         try:
-            msg = await self.nc.request(f"{self.api_prefix}.STREAM.INFO.{stream}", b"", timeout=_CHECK_TIMEOUT)
+            msg = await self.nc.request(f"{self.api_of_stream(stream)}.STREAM.INFO.{stream}", b"",
+                                        timeout=_CHECK_TIMEOUT)
             info = json.loads(msg.data)
         except (nats.errors.Error, asyncio.TimeoutError, ValueError) as e:
             raise BrokerError(f"cannot look up stream {stream}: {describe(e)}") from e
@@ -362,16 +445,24 @@ class Provisioning(Publishing):
         if subject.startswith("natask.dlq."):
             return DLQ_STREAM
         if subject.startswith(self.names.prefix) and subject[len(self.names.prefix):].startswith("."):
-            return self.names.stream
+            if not self.per_queue:
+                return self.names.stream
+            queue = self.names.queue_of_subject(subject)
+            if queue is None:
+                return None
+            stream = self.stream_of(queue)  # known to heal from now on, even before its first ensure
+            self._stream_queues.setdefault(stream, queue)
+            self._owned.setdefault(stream, lambda: self._recreate_queue_stream(queue))
+            return stream
         return None
 
     async def heal_consumer(self, queue: str, priority: int = 0) -> bool:
         """Recreate a queue's consumer, or its priority level's (and the task stream), if the server
         lost it: True if it was recreated, False if it exists or cannot be checked now."""
-        stream, durable = self.names.stream, self.names.priority_consumer(queue, priority)
+        stream, durable = self.stream_of(queue), self.names.priority_consumer(queue, priority)
+        api = self.api_for(self.domain_of(queue))
         try:
-            msg = await self.nc.request(f"{self.api_prefix}.CONSUMER.INFO.{stream}.{durable}", b"",
-                                        timeout=_CHECK_TIMEOUT)
+            msg = await self.nc.request(f"{api}.CONSUMER.INFO.{stream}.{durable}", b"", timeout=_CHECK_TIMEOUT)
             error = json.loads(msg.data).get("error")
         except (nats.errors.Error, asyncio.TimeoutError, ValueError, AttributeError):
             return False
@@ -379,6 +470,8 @@ class Provisioning(Publishing):
             return False
         if error.get("err_code") == STREAM_NOT_FOUND:
             self._present.pop(stream, None)
+            if self.per_queue:
+                self._owner(self.names.queue_filter(queue))  # known to heal, if it never was
             await self.heal(stream)
         elif error.get("err_code") != CONSUMER_NOT_FOUND:
             return False

@@ -103,7 +103,7 @@ class Publishing(Connection):
             if time.monotonic() >= deadline:
                 raise BrokerError(
                     f"publish to {subject} not acknowledged within {self.config.publish_timeout:g}s "
-                    f"({describe(error)}); is the stream {self.names.stream} available?"
+                    f"({describe(error)}); is the stream {self._owner(subject) or self.names.stream} available?"
                 )
             if not isinstance(error, (nats.errors.TimeoutError, asyncio.TimeoutError)):
                 await asyncio.sleep(RETRY_PAUSE)

@@ -78,61 +78,68 @@ class Stored(NamedTuple):
 class Streams(Objects):
     """Operator reads and deletions on any stream (the task stream, the dead letters)."""
 
-    async def consumer_states(self, stream: str) -> list[ConsumerState]:
-        """Every consumer of ``stream`` (none if the stream does not exist)."""
+    async def consumer_states(self, stream: str, domain: str | None = None) -> list[ConsumerState]:
+        """Every consumer of ``stream`` (none if the stream does not exist); ``domain``: the
+        JetStream domain it lives in, when not the app's."""
+        js = self.jetstream(domain)
         try:
-            infos = await self.api(lambda: self.js._jsm.consumers_info(stream))
+            infos = await self.api(lambda: js._jsm.consumers_info(stream))
         except nats.js.errors.NotFoundError:
             return []
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"{self.api_prefix}.CONSUMER.LIST.{stream}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.CONSUMER.LIST.{stream}") from e
         return [ConsumerState(i.name, i.num_pending or 0, i.num_ack_pending or 0, i.num_redelivered or 0,
                               i.num_waiting or 0, i.delivered.consumer_seq if i.delivered else 0) for i in infos]
 
-    async def stream_state(self, stream: str, subjects: str | None = None) -> StreamState | None:
+    async def stream_state(self, stream: str, subjects: str | None = None,
+                           domain: str | None = None) -> StreamState | None:
         """``stream``'s state (None if it does not exist); ``subjects``: count messages per subject
         matching this filter."""
+        js = self.jetstream(domain)
         try:
-            info = await self.api(lambda: self.js.stream_info(stream, subjects_filter=subjects))
+            info = await self.api(lambda: js.stream_info(stream, subjects_filter=subjects))
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"{self.api_prefix}.STREAM.INFO.{stream}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.STREAM.INFO.{stream}") from e
         state = info.state
         return StreamState(state.first_seq, state.last_seq, state.messages, dict(state.subjects or {}))
 
-    async def stream_sizes(self, stream: str) -> StreamSizes | None:
+    async def stream_sizes(self, stream: str, domain: str | None = None) -> StreamSizes | None:
         """``stream``'s size and limits (None if it does not exist)."""
         try:
-            info = await self.api(lambda: self.js.stream_info(stream))
+            js = self.jetstream(domain)
+            info = await self.api(lambda: js.stream_info(stream))
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"$JS.API.STREAM.INFO.{stream}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.STREAM.INFO.{stream}") from e
         c, state = info.config, info.state
         return StreamSizes(stream, state.messages, state.bytes, state.consumer_count,
                            -1 if c.max_msgs is None else c.max_msgs, -1 if c.max_bytes is None else c.max_bytes,
                            c.max_age or 0.0, c.max_msgs_per_subject, c.num_replicas or 1,
                            _word(c.storage, "file"), _word(c.discard, "old"))
 
-    async def purge(self, stream: str, subject: str | None = None) -> None:
+    async def purge(self, stream: str, subject: str | None = None, domain: str | None = None) -> None:
         """Delete every message of ``stream`` (matching ``subject``); nothing if it does not exist."""
+        js = self.jetstream(domain)
         try:
-            await self.api(lambda: self.js.purge_stream(stream, subject=subject))
+            await self.api(lambda: js.purge_stream(stream, subject=subject))
         except nats.js.errors.NotFoundError:
             pass
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"{self.api_prefix}.STREAM.PURGE.{stream}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.STREAM.PURGE.{stream}") from e
 
-    async def delete_message(self, stream: str, seq: int) -> None:
+    async def delete_message(self, stream: str, seq: int, domain: str | None = None) -> None:
+        js = self.jetstream(domain)
         try:
-            await self.api(lambda: self.js.delete_msg(stream, seq))
+            await self.api(lambda: js.delete_msg(stream, seq))
         except (nats.errors.Error, TimeoutError) as e:
-            raise self._translate(e, f"{self.api_prefix}.STREAM.MSG.DELETE.{stream}") from e
+            raise self._translate(e, f"{self.api_for(domain)}.STREAM.MSG.DELETE.{stream}") from e
 
-    async def read_at(self, stream: str, seq: int) -> Stored | None:
+    async def read_at(self, stream: str, seq: int, domain: str | None = None) -> Stored | None:
         """The message stored at ``seq`` (a direct get), or None."""
-        subject = f"{self.api_prefix}.DIRECT.GET.{stream}"
+        subject = f"{self.api_for(domain)}.DIRECT.GET.{stream}"
         try:
             msg = await self.api(lambda: self.nc.request(subject, json.dumps({"seq": seq}).encode(),
                                                          timeout=REPLY_WAIT))
@@ -142,7 +149,7 @@ class Streams(Objects):
         return stored if stored is not None and stored.seq == seq else None
 
     async def read_forward(self, stream: str, subjects: str, low: int, high: int, *, batch: int,
-                           max_bytes: int) -> list[Stored]:
+                           max_bytes: int, domain: str | None = None) -> list[Stored]:
         """The messages matching ``subjects`` with a sequence in ``[low, high)``, oldest first.
 
         Batched direct gets (nats-server >= 2.11): one request returns up to ``batch`` messages
@@ -160,7 +167,8 @@ class Streams(Objects):
             while seq < high:
                 request = {"seq": seq, "next_by_subj": subjects, "batch": min(size, high - seq), "max_bytes": max_bytes}
                 size = min(size * 8, batch)
-                await nc.publish(f"{self.api_prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+                await nc.publish(f"{self.api_for(domain)}.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                                 reply=inbox)
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=REPLY_WAIT)

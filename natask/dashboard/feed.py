@@ -381,25 +381,29 @@ class Feed:
         """Streams, their consumers and the buckets natask owns for this app: sizes and limits."""
         broker = await self.app.client.broker()
         names = self.app.names
-        streams = ((names.stream, "tasks"), (DLQ_STREAM, "dead letters (every app's)"),
-                   (names.events_stream, "dashboard history"), (f"OBJ_{names.objects_bucket}", "large payloads"))
+        # The task stream, or each queue's own (stream_per_queue, perhaps in another JetStream domain).
+        tasks = (sorted((await broker.queue_streams()).values(), key=str) if broker.per_queue
+                 else [(names.stream, None)])
+        streams = (*((stream, "tasks", domain) for stream, domain in tasks),
+                   (DLQ_STREAM, "dead letters (every app's)", None), (names.events_stream, "dashboard history", None),
+                   (f"OBJ_{names.objects_bucket}", "large payloads", None))
         buckets = ((names.results_bucket, "results"), (names.revoked_bucket, "revoked tasks"),
                    (names.beat_bucket, "beat lease and last ticks"), (names.schedules_bucket, "stored schedules"),
                    (names.groups_bucket, "saved groups"), (names.chords_bucket, "chord progress"),
                    (names.claims_bucket, "claims"), (names.dlq_index_bucket, "dead-letter index"),
                    (names.rates_bucket, "global rate limits"), (names.caps_bucket, "concurrency caps"))
-        sizes = await asyncio.gather(*(broker.stream_sizes(s) for s, _ in streams),
+        sizes = await asyncio.gather(*(broker.stream_sizes(s, d) for s, _, d in streams),
                                      *(broker.stream_sizes(f"KV_{b}") for b, _ in buckets))
-        found = [(role, size) for (_, role), size in zip(streams, sizes[:len(streams)], strict=True)
+        found = [(role, size, domain) for (_, role, domain), size in zip(streams, sizes[:len(streams)], strict=True)
                  if size is not None]
-        consumers = await asyncio.gather(*(broker.consumer_states(size.name) for _, size in found))
+        consumers = await asyncio.gather(*(broker.consumer_states(size.name, domain) for _, size, domain in found))
         kv = [(name, role, size) for (name, role), size in zip(buckets, sizes[len(streams):], strict=True)
               if size is not None]
         return {
-            "streams": [{**size._asdict(), "role": role} for role, size in found],
+            "streams": [{**size._asdict(), "role": role} for role, size, _ in found],
             "consumers": [{"stream": size.name, "name": c.name, "pending": c.pending, "ack_pending": c.in_flight,
                            "redelivered": c.redelivered, "waiting": c.waiting_pulls, "delivered": c.delivered}
-                          for (_, size), states in zip(found, consumers, strict=True) for c in states],
+                          for (_, size, _), states in zip(found, consumers, strict=True) for c in states],
             "buckets": [{"name": name, "role": role, "values": size.messages, "bytes": size.bytes,
                          "history": size.max_msgs_per_subject, "ttl": size.max_age, "max_bytes": size.max_bytes,
                          "replicas": size.replicas, "storage": size.storage} for name, role, size in kv],

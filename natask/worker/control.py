@@ -42,7 +42,7 @@ MAX_POOL: Final = 10_000
 """Largest concurrency ``pool_grow`` reaches."""
 MAX_REQUEST_BYTES: Final = 64 * 1024
 """Largest control request decoded (anything longer is answered with an error)."""
-SCHEDULED_NOTE: Final = ("natask hands tasks with an eta to the server (a message schedule in the task stream): "
+SCHEDULED_NOTE: Final = ("natask hands tasks with an eta to the server (a message schedule in its queue's stream): "
                          "no worker holds them, so none are listed here")
 """Why ``inspect scheduled`` answers an empty list."""
 
@@ -201,7 +201,7 @@ class ControlResponder:
     async def _revoked(self, args: dict[str, Any]) -> dict[str, Any]:
         revokes = self.worker.revokes
         ids = sorted(revokes.revoked) if revokes is not None else []
-        names = sorted({p for p, _ in revokes.names.values()}) if revokes is not None else []
+        names = sorted({p for p, *_ in revokes.names.values()}) if revokes is not None else []
         return {"revoked": _bounded(ids), "revoked_names": names[:MAX_ITEMS]}
 
     async def _conf(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -268,6 +268,8 @@ class _Flow:
             if hooks.before_publish:
                 await hooks.call("before_publish", call)  # in the finished task's context
             calls.append(call)
+            if broker.per_queue:
+                await broker.ensure_stream(call.queue)  # a step routed to a queue nobody published to yet
             if call.priority:
                 await broker.ensure_level(call.queue, call.priority)
             subject = self.app.client.subject(call)

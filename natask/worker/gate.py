@@ -130,7 +130,7 @@ class Gate:
         now = time.time()
         by_name = self.by_name
         revoked = env.id in self.revoked or (
-            bool(by_name.names) and by_name.covers(env.task, stream_sequence(msg)))
+            bool(by_name.names) and by_name.covers(env.task, stream_sequence(msg), route[0]))
         expired = not revoked and env.expires is not None and now > env.expires
         if revoked or expired:
             if self.hooks.on_revoked:

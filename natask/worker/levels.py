@@ -24,20 +24,41 @@ class Levels:
         self.fetcher = fetcher
         self.queues = set(queues)
         """The worker's queues (``add_consumer``/``cancel_consumer`` change them)."""
+        self._live = False  # between start and stop: advisories are acted on
         self._sub: Any = None
+        self._subs: dict[str, Any] = {}  # with stream_per_queue: queue -> its stream's advisory subscription
         self._known: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Fetch the levels that exist, and watch for new ones (subscribed first: none is missed)."""
         broker = self.broker
+        self._live = True
+        if broker.per_queue:  # each queue's stream has its own advisories
+            for queue in sorted(self.queues):
+                await self._follow(queue)
+        else:
+            await self._advisories(broker.names.consumer_created)
+        for queue, priority in await broker.levels(sorted(self.queues)):
+            await self.add(queue, priority)
+
+    async def _advisories(self, subject: str, queue: str | None = None) -> None:
+        broker = self.broker
         try:
-            self._sub = await broker.subscribe(broker.names.consumer_created, cb=self._created)
+            sub = await broker.subscribe(subject, cb=self._created)
         except PermissionDenied as e:
             log.warning("%s: priority levels producers create after this worker started are fetched once it "
                         "restarts", e)
-        for queue, priority in await broker.levels(sorted(self.queues)):
-            await self.add(queue, priority)
+            return
+        if queue is None:
+            self._sub = sub
+        else:
+            self._subs[queue] = sub
+
+    async def _follow(self, queue: str) -> None:
+        """Watch the consumer-created advisories of ``queue``'s own stream (``stream_per_queue``)."""
+        if queue not in self._subs:
+            await self._advisories(self.broker.names.consumers_created(self.broker.stream_of(queue)), queue)
 
     async def add(self, queue: str, priority: int) -> None:
         """Fetch one level: its consumer gets this worker's settings (as the queue's does)."""
@@ -56,6 +77,8 @@ class Levels:
     async def watch(self, queue: str) -> None:
         """A queue the worker consumes from now on: fetch its levels that exist and any created later."""
         self.queues.add(queue)
+        if self.broker.per_queue:
+            await self._follow(queue)
         for level in await self.broker.levels([queue]):
             await self.add(*level)
 
@@ -66,7 +89,7 @@ class Levels:
 
     async def _created(self, msg: Message) -> None:
         level = self.broker.names.level_of_consumer(msg.subject.rpartition(".")[2])
-        if level is None or level[0] not in self.queues or self._sub is None:
+        if level is None or level[0] not in self.queues or not self._live:
             return
         task = asyncio.get_running_loop().create_task(self._add_later(*level))
         self._tasks.add(task)
@@ -80,11 +103,13 @@ class Levels:
                         priority, queue, e)
 
     async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception as e:
-                log.debug("advisory unsubscribe failed: %s", e)
+        subs = [self._sub, *self._subs.values()]
+        self._live, self._sub, self._subs = False, None, {}
+        for sub in subs:
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as e:
+                    log.debug("advisory unsubscribe failed: %s", e)
         for task in list(self._tasks):
             task.cancel()

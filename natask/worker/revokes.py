@@ -6,7 +6,7 @@ A revoke by task name or glob (``natask control revoke --name 'shop.*'``) is a r
 ``name.<digest>`` holding the pattern and the task stream's last sequence when it was made: every
 task of a matching name stored up to that sequence is revoked (queued ones skipped, running ones
 cancelled with ``terminate``); tasks sent later run. The sequence, not a time, decides: no clocks
-to agree on."""
+to agree on. With ``stream_per_queue`` the record holds each queue stream's last sequence (``seqs``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from typing import Final
 
 from ..broker import Broker
@@ -38,9 +38,10 @@ class Revokes:
         self.inflight = inflight
         self.revoked: set[str] = set()
         """Revoked task ids (the gate reads this set: it is updated in place, never replaced)."""
-        self.names: dict[str, tuple[str, int]] = {}
-        """Revokes by name: key -> (task name or glob, last task-stream sequence it covers)."""
-        self._matches: dict[str, list[int]] = {}
+        self.names: dict[str, tuple[str, int, Mapping[str, int] | None]] = {}
+        """Revokes by name: key -> (task name or glob, last task-stream sequence it covers, or per queue
+        the last sequence of its stream with ``stream_per_queue``)."""
+        self._matches: dict[str, list[tuple[int, Mapping[str, int] | None]]] = {}
         """Per task name: the sequences of the name revokes it matches (cache, cleared on change)."""
         self._watch: asyncio.Task[None] | None = None
 
@@ -104,24 +105,27 @@ class Revokes:
         try:
             record = loads(value)
             pattern, seq, terminate = record["name"], record["seq"], bool(record.get("terminate"))
+            seqs = record.get("seqs")
         except Exception:
             log.warning("ignoring a malformed revoke-by-name record %s", key)
             return
-        if not isinstance(pattern, str) or type(seq) is not int:
+        if not isinstance(pattern, str) or type(seq) is not int or (seqs is not None and not (
+                isinstance(seqs, dict) and all(isinstance(q, str) and type(s) is int for q, s in seqs.items()))):
             log.warning("ignoring a malformed revoke-by-name record %s", key)
             return
-        self.names[key] = (pattern, seq)
+        self.names[key] = (pattern, seq, seqs)
         if terminate:
             for delivery in self.inflight:
                 if delivery.name and delivery.task_id and fnmatch.fnmatchcase(delivery.name, pattern):
                     self.terminate(delivery.task_id)
 
-    def covers(self, name: str, seq: int) -> bool:
-        """Whether a revoke by name covers the task ``name`` stored at stream sequence ``seq``."""
-        seqs = self._matches.get(name)
-        if seqs is None:
-            seqs = self._matches[name] = [s for p, s in self.names.values() if fnmatch.fnmatchcase(name, p)]
-        return any(seq <= s for s in seqs)
+    def covers(self, name: str, seq: int, queue: str) -> bool:
+        """Whether a revoke by name covers the task ``name`` stored at stream sequence ``seq`` (of
+        ``queue``'s stream)."""
+        matches = self._matches.get(name)
+        if matches is None:
+            matches = self._matches[name] = [(s, q) for p, s, q in self.names.values() if fnmatch.fnmatchcase(name, p)]
+        return any(seq <= (s if seqs is None else seqs.get(queue, 0)) for s, seqs in matches)
 
     def terminate(self, task_id: str) -> None:
         """Cancel the running task ``task_id`` (its outcome is stored as REVOKED, "terminated")."""

@@ -178,7 +178,13 @@ class Connection:
             except nats.errors.NoRespondersError:
                 # A leaf node's interest in its hub's API comes with its leaf connection: wait for it.
                 if not domain or time.monotonic() >= deadline:
-                    raise ConfigError(self._no_jetstream(subject)) from None
+                    reachable = await self._queue_domain_answering()
+                    if reachable is None:
+                        raise ConfigError(self._no_jetstream(subject)) from None
+                    # An edge-local queue's JetStream answers while its hub's is cut off: that queue works.
+                    log.warning("nothing answers the JetStream API of domain %r (%s), but queue domain %r does: only "
+                                "queues whose stream lives there work until it answers", domain, subject, reachable)
+                    return
             except nats.errors.TimeoutError:
                 if time.monotonic() >= deadline:
                     log.warning("the JetStream API (%s) did not answer within connect_timeout: going on", subject)
@@ -196,6 +202,20 @@ class Connection:
                         "account block, or limits for it) or connect as a user of an account that has it")
                 return
             await asyncio.sleep(RETRY_PAUSE)
+
+    async def _queue_domain_answering(self) -> str | None:
+        """A JetStream domain of one of the app's queue streams (``queue_options``) whose API
+        answers, if any."""
+        if not self.config.stream_per_queue:
+            return None
+        domains = {str(o["jetstream_domain"]) for o in self.config.queue_options.values() if o.get("jetstream_domain")}
+        for domain in sorted(domains - {self.config.jetstream_domain}):
+            try:
+                await self._ask(f"{api_prefix(domain)}.INFO", CHECK_WAIT)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, PermissionDenied):
+                continue
+            return domain
+        return None
 
     def _no_jetstream(self, subject: str) -> str:
         domain = self.config.jetstream_domain

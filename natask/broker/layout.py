@@ -15,7 +15,7 @@ from nats.js.api import Placement, RetentionPolicy, StorageType, StreamConfig
 
 from ..config import Config
 from ..errors import BrokerError, ConfigError
-from .connection import ResultCallback
+from .connection import ResultCallback, api_prefix
 from .publish import Publishing
 from .translate import describe
 
@@ -61,7 +61,7 @@ class Layout(Publishing):
 
     def api_for(self, domain: str | None = None) -> str:
         """The JetStream API prefix of ``domain`` (None: the app's)."""
-        return self.api_prefix if domain is None else f"$JS.{domain}.API"
+        return self.api_prefix if domain is None else api_prefix(domain)
 
     def stream_of(self, queue: str) -> str:
         """The stream holding ``queue``'s tasks: the app's task stream, or with ``stream_per_queue``

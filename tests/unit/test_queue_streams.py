@@ -89,5 +89,5 @@ def test_layout_and_domain_come_from_the_environment(monkeypatch: pytest.MonkeyP
     assert config.stream_per_queue and config.jetstream_domain == "hub"
     assert config.queue_options["edge"]["placement"] == {"tags": ("x",)}
     monkeypatch.setenv("NATASK_JS_DOMAIN", "a b")
-    with pytest.raises(ConfigError, match="JetStream domain name"):
+    with pytest.raises(ConfigError, match="invalid jetstream_domain"):
         Natask("q")

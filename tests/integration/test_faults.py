@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,17 +29,24 @@ async def test_task_that_crashes_its_worker_is_dead_lettered_after_its_retry_lim
         result = await app.tasks["it.crash"].adelay("loop")
         codes = []
         # max_retries=1: deliveries 1 and 2 crash their worker; delivery 3 is dead-lettered unrun.
-        for _ in range(3):
-            w = await WorkerProcess(nats_server.url, "crash", log, ack_wait=1).ready()
-            done = asyncio.create_task(w.wait(timeout=30))
-            try:
-                entries = await _wait_dlq_or_exit(app, done)
-            finally:
-                if not done.done():
-                    w.signal(signal.SIGTERM)  # drain: it stores the FAILURE result, then acks
-                codes.append(await done)
-            if entries:
-                break
+        broker = await app.client.broker()
+        await broker.ensure_dlq()
+        # Subscribed before any worker starts: the last one dead-letters as soon as it fetches.
+        dead = await broker.nc.subscribe("natask.dlq.crash.>")
+        try:
+            for _ in range(3):
+                w = await WorkerProcess(nats_server.url, "crash", log, ack_wait=1).ready()
+                done = asyncio.create_task(w.wait(timeout=30))
+                try:
+                    entries = await _wait_dlq_or_exit(app, dead, done)
+                finally:
+                    if not done.done():
+                        w.signal(signal.SIGTERM)  # drain: it stores the FAILURE result, then acks
+                    codes.append(await done)
+                if entries:
+                    break
+        finally:
+            await dead.unsubscribe()
         assert codes[:2] == [3, 3]  # os._exit(3) inside the task, twice
         [entry] = entries
         assert entry.id == result.id and entry.reason == "max retries exceeded" and entry.attempts == 3
@@ -49,20 +57,14 @@ async def test_task_that_crashes_its_worker_is_dead_lettered_after_its_retry_lim
         await app.aclose()
 
 
-async def _wait_dlq_or_exit(app: Natask, exited: asyncio.Task[int]) -> list:  # type: ignore[type-arg]
-    """Dead letters of the app once there are any, or [] as soon as the worker process exits."""
-    broker = await app.client.broker()
-    await broker.ensure_dlq()
-    sub = await broker.nc.subscribe("natask.dlq.crash.>")
-    try:
-        arrived = asyncio.create_task(sub.next_msg(timeout=30))
-        await asyncio.wait({arrived, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if arrived.done() and not arrived.exception():
-            return await DeadLetters(app).list()
-        arrived.cancel()
-        return []
-    finally:
-        await sub.unsubscribe()
+async def _wait_dlq_or_exit(app: Natask, dead: Any, exited: asyncio.Task[int]) -> list:  # type: ignore[type-arg]
+    """Dead letters of the app once one arrived on ``dead``, or [] as soon as the worker process exits."""
+    arrived = asyncio.create_task(dead.next_msg(timeout=30))
+    await asyncio.wait({arrived, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if arrived.done() and not arrived.exception():
+        return await DeadLetters(app).list()
+    arrived.cancel()
+    return []
 
 
 async def test_server_killed_and_restarted_mid_load_loses_nothing(nats_server: NatsServer) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -28,7 +27,9 @@ from typing import IO, Any
 import nats
 import nats.errors
 
-from natask.server import _die_with_parent, find_binary, free_port
+from natask.server import NatsServer, free_port
+
+from .cluster import Node
 
 HOST = "127.0.0.1"
 
@@ -123,32 +124,9 @@ class Server:
             lines.append(self.extra)
         return "\n".join(lines) + "\n"
 
-    def start(self) -> None:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(
-            [find_binary(), "-c", str(self.config_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            # Its own session, and SIGTERM when the starting thread dies (see tests/integration/cluster.py).
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    # The same process handling as a cluster node's and the bundled server's (proc, _log, log_file).
+    start = Node.start
+    stop = NatsServer.stop
 
     def monitor(self, endpoint: str) -> dict[str, Any]:
         """A monitoring document (``jsz``, ``leafz``, ``gatewayz?accs=1``...); raises if unreachable."""

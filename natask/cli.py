@@ -780,11 +780,14 @@ def result(app_spec: str | None, task_id: str, wait: bool, timeout: float | None
         if wait:
             waiting = asyncio.ensure_future(res.aget(timeout=timeout, propagate=False))
             started = asyncio.get_running_loop().time()
-            while not waiting.done():
-                await asyncio.wait({waiting}, timeout=1.0)
-                if not waiting.done() and sys.stderr.isatty():
-                    elapsed = asyncio.get_running_loop().time() - started
-                    click.echo(f"\rwaiting for {task_id}... {elapsed:.0f}s", err=True, nl=False)
+            try:
+                while not waiting.done():
+                    await asyncio.wait({waiting}, timeout=1.0)
+                    if not waiting.done() and sys.stderr.isatty():
+                        elapsed = asyncio.get_running_loop().time() - started
+                        click.echo(f"\rwaiting for {task_id}... {elapsed:.0f}s", err=True, nl=False)
+            finally:
+                waiting.cancel()  # Ctrl-C: the wait ends here, before the app closes under it
             try:
                 await waiting
             except ResultTimeout as e:

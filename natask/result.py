@@ -425,6 +425,9 @@ class AsyncResult(Generic[R]):
                 continue
             # No reply route (another process, a duplicate call, a lost connection, a loop that
             # runs only during another thread's sync calls): read the key, then watch it.
+            if self.app.client.closed_on(loop):
+                raise ResultError(f"the app was closed while waiting for task {self.id}: its outcome is not "
+                                  "known here (read it later with AsyncResult(id))")
             broker = await self.app.client.broker()
             watch = self.app.client.key_watch(broker)
             if read:

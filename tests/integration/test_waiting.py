@@ -258,3 +258,29 @@ async def test_the_watch_merges_consumers_past_its_limit_and_loses_no_key(
     finally:
         await api.close()
         await app.aclose()
+
+
+async def test_a_wait_ends_when_the_app_closes_instead_of_reconnecting(nats_server: NatsServer) -> None:
+    """A result still waited on (over its reply route, or through the key watch) when the app is
+    closed on that loop stops with ``ResultError``; it used to open a new connection and wait on,
+    and a CLI stopped with Ctrl-C left that connection's tasks pending behind it."""
+    from natask import ResultError
+
+    app = Natask("closing", servers=[nats_server.url], subject_prefix="closing")
+    slow = app.task(name="t.never")(lambda: None)  # no worker runs it
+    nc = await nats.connect(nats_server.url)
+    try:
+        routed = await slow.adelay()
+        watching = await nc.subscribe("$JS.API.CONSUMER.CREATE.>")
+        by_id = app.AsyncResult("w" * 32)
+        waits = [asyncio.create_task(routed.aget(timeout=60)), asyncio.create_task(by_id.aget(timeout=60))]
+        while by_id.id.encode() not in (await watching.next_msg(timeout=20)).data:
+            pass  # the by-id wait watches its key now
+        await app.aclose()
+        for wait in waits:
+            with pytest.raises(ResultError, match="closed while waiting"):
+                await asyncio.wait_for(wait, 10)
+        assert app.client.connected(asyncio.get_running_loop()) is None  # no new connection
+    finally:
+        await nc.close()
+        await app.aclose()

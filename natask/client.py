@@ -108,7 +108,7 @@ class Client(Generic[H]):
         """Handles of the calls whose reply may still come over a connection, by task id."""
         self._watches: dict[asyncio.AbstractEventLoop, KeyWatch] = {}  # per loop, of its broker
         self._rechecks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
-        self._closed_on: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # aclose()d there
+        self._closes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
         self.router: Callable[..., str | None] | None = None
         """``task_routes`` compiled (``natask.routes.Router``): the queue of calls that name none."""
         _CLIENTS.add(self)
@@ -400,7 +400,6 @@ class Client(Generic[H]):
                                                    or entry.result().closed)):
                 entry = loop.create_task(self._connect())
                 self._brokers[loop] = entry
-                self._closed_on.discard(loop)  # used again after aclose(): a new connection
         broker = await asyncio.shield(entry)
         self._ready[loop] = broker
         return broker
@@ -484,17 +483,17 @@ class Client(Generic[H]):
         await asyncio.to_thread(self.portal.stop)
         self._abandon_others()
 
-    def closed_on(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether the app was closed on ``loop`` and not used again since: a result still waited on
-        there stops instead of connecting anew."""
-        return loop in self._closed_on
+    def closes_on(self, loop: asyncio.AbstractEventLoop) -> int:
+        """How many times the app was closed on ``loop``: a wait running there when it changes
+        stops instead of connecting anew."""
+        return self._closes.get(loop, 0)
 
     async def _close_loop_brokers(self) -> None:
         loop = asyncio.get_running_loop()
         with self._lock:
             entry = self._brokers.pop(loop, None)
             self._ready.pop(loop, None)
-            self._closed_on.add(loop)
+            self._closes[loop] = self._closes.get(loop, 0) + 1
         self._stop_waiting(loop)
         if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is None:
             await entry.result().close()

@@ -410,6 +410,7 @@ class AsyncResult(Generic[R]):
 
     async def _wait_outcome(self) -> None:
         loop = asyncio.get_running_loop()
+        closes = self.app.client.closes_on(loop)
         read = False
         while not self._final:
             route = self._route
@@ -425,7 +426,7 @@ class AsyncResult(Generic[R]):
                 continue
             # No reply route (another process, a duplicate call, a lost connection, a loop that
             # runs only during another thread's sync calls): read the key, then watch it.
-            if self.app.client.closed_on(loop):
+            if self.app.client.closes_on(loop) != closes:
                 raise ResultError(f"the app was closed while waiting for task {self.id}: its outcome is not "
                                   "known here (read it later with AsyncResult(id))")
             broker = await self.app.client.broker()

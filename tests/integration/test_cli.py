@@ -77,7 +77,7 @@ async def test_dlq_list_show_replay_purge(nats_server: NatsServer, cli_app: tupl
 
 async def _next_dead_letter(app: Natask, after: int):  # type: ignore[no-untyped-def]
     broker = await app.client.broker()
-    sub = await broker.nc.subscribe("natask.dlq.cli.>")
+    sub = await broker.subscribe("natask.dlq.cli.>")
     try:
         entries = [e for e in await DeadLetters(app).list() if e.seq > after]
         if not entries:

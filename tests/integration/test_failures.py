@@ -181,7 +181,7 @@ async def test_unknown_task_waits_for_a_worker_that_knows_it(app: Natask, nats_s
     new.task(name="t.added")(lambda x: x * 2)
     try:
         broker = await app.client.broker()
-        sent = await broker.nc.subscribe("tasks._sched.default.>")  # the old worker hands it back
+        sent = await broker.subscribe("tasks._sched.default.>")  # the old worker hands it back
         async with worker(app):  # the old code: no t.added
             result = await app.asend_task("t.added", [21])
             await sent.next_msg(timeout=10)

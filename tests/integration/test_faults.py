@@ -32,7 +32,7 @@ async def test_task_that_crashes_its_worker_is_dead_lettered_after_its_retry_lim
         broker = await app.client.broker()
         await broker.ensure_dlq()
         # Subscribed before any worker starts: the last one dead-letters as soon as it fetches.
-        dead = await broker.nc.subscribe("natask.dlq.crash.>")
+        dead = await broker.subscribe("natask.dlq.crash.>")
         try:
             for _ in range(3):
                 w = await WorkerProcess(nats_server.url, "crash", log, ack_wait=1).ready()

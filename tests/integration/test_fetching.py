@@ -153,7 +153,7 @@ async def test_a_stopping_worker_is_not_handed_the_same_message_again(app: Natas
         acks.append((msg.subject, msg.data))
 
     broker = await app.client.broker()
-    await broker.nc.subscribe(f"$JS.ACK.{app.names.stream}.>", cb=on_ack)
+    await broker.subscribe(f"$JS.ACK.{app.names.stream}.>", cb=on_ack)
     first = Worker(app, concurrency=8)
     await first.start()
     await hold.adelay()

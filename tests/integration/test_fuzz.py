@@ -94,7 +94,7 @@ async def test_crafted_messages_are_dead_lettered_once_and_good_tasks_keep_flowi
             values = [await r.aget(timeout=30) for r in good]
             dlq = DeadLetters(app)
             broker = await app.client.broker()
-            sub = await broker.nc.subscribe("natask.dlq.tasks.>")
+            sub = await broker.subscribe("natask.dlq.tasks.>")
             entries = await dlq.list(limit=100_000)
             while len(entries) < crafted:
                 await sub.next_msg(timeout=30)

@@ -45,7 +45,7 @@ async def dead_letters(app: Natask, count: int, timeout: float = 20) -> list[Dea
     """Wait until ``count`` dead letters of the app are stored; return them."""
     broker = await app.client.broker()
     await broker.ensure_dlq()
-    sub = await broker.nc.subscribe(f"natask.dlq.{app.config.subject_prefix}.>")
+    sub = await broker.subscribe(f"natask.dlq.{app.config.subject_prefix}.>")
     try:
         entries = await DeadLetters(app).list()
         while len(entries) < count:

@@ -86,7 +86,7 @@ async def test_broadcast_runs_once_on_every_worker(nats_server: NatsServer, tmp_
     app = producer(nats_server.url, "bcast")
     async with workers(nats_server.url, "bcast", tmp_path) as procs:
         broker = await app.client.broker()
-        seen = await broker.nc.subscribe("test.hello")
+        seen = await broker.subscribe("test.hello")
         pids = {str(p.proc.pid) for p in procs}
         heard: list[tuple[str, str]] = []
 

@@ -45,7 +45,7 @@ async def test_crashed_child_is_restarted(nats_server: NatsServer, tmp_path: Pat
     try:
         broker = await app.client.broker()
         await broker.ensure_dlq()
-        dead = await broker.nc.subscribe("natask.dlq.sup.>")
+        dead = await broker.subscribe("natask.dlq.sup.>")
         result = await app.tasks["it.crash"].adelay("boom")
         await dead.next_msg(timeout=60)  # two crashes, two restarts, then dead-lettered
         [entry] = await DeadLetters(app).list()

@@ -268,6 +268,12 @@ class Config:
         return f"Config({', '.join(shown)})"
 
     @property
+    def queue_domains(self) -> tuple[str, ...]:
+        """The JetStream domains ``queue_options`` put queue streams in (sorted, each once)."""
+        return tuple(sorted({str(o["jetstream_domain"]) for o in self.queue_options.values()
+                             if o.get("jetstream_domain")}))
+
+    @property
     def safe_servers(self) -> str:
         """The server list with credentials redacted, for logs and error messages."""
         return ", ".join(redact_url(s) for s in self.servers)

@@ -44,9 +44,8 @@ async def queues(app: App) -> list[QueueStatus]:
     """Every queue that has a consumer or holds tasks, with its counters (``natask status``, the dashboard)."""
     broker = await app.client.broker()
     names = app.names
-    streams = (await broker.queue_streams()).values() if broker.per_queue else [(names.stream, None)]
     found: dict[str, QueueStatus] = {}
-    for stream, domain in streams:
+    for stream, domain in await broker.task_streams():
         consumers, state = await asyncio.gather(broker.consumer_states(stream, domain),
                                                 broker.stream_state(stream, f"{names.prefix}.>", domain))
         _count(names, consumers, state, found)

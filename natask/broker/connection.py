@@ -206,10 +206,9 @@ class Connection:
     async def _queue_domain_answering(self) -> str | None:
         """A JetStream domain of one of the app's queue streams (``queue_options``) whose API
         answers, if any."""
-        if not self.config.stream_per_queue:
-            return None
-        domains = {str(o["jetstream_domain"]) for o in self.config.queue_options.values() if o.get("jetstream_domain")}
-        for domain in sorted(domains - {self.config.jetstream_domain}):
+        for domain in self.config.queue_domains:
+            if domain == self.config.jetstream_domain:
+                continue
             try:
                 await self._ask(f"{api_prefix(domain)}.INFO", CHECK_WAIT)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, PermissionDenied):

@@ -19,8 +19,13 @@ from .connection import ResultCallback, api_prefix
 from .publish import Publishing
 from .translate import describe
 
-SUBJECTS_OVERLAP: Final = 10065
-"""JetStream's err_code for a stream whose subjects overlap another stream's of the account."""
+
+def placement(place: Mapping[str, Any] | None) -> Placement | None:
+    """JetStream's placement for ``{"cluster": ..., "tags": [...]}`` (validated by ``config.check_placement``)."""
+    if not place:
+        return None
+    return Placement(cluster=place.get("cluster"), tags=list(place.get("tags") or ()) or None)
+
 _LIST_PAGE: Final = 256
 """Streams the server lists per request."""
 
@@ -90,15 +95,13 @@ class Layout(Publishing):
 
     def queue_stream_config(self, queue: str) -> StreamConfig:
         """The configuration natask gives a queue's own stream."""
-        place: Mapping[str, Any] | None = self.queue_option(queue, "placement")
         return StreamConfig(
             name=self.names.queue_stream(queue),
             subjects=self.names.queue_stream_subjects(queue),
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             num_replicas=self.replicas_of(queue),
-            placement=None if not place else Placement(cluster=place.get("cluster"),
-                                                       tags=list(place.get("tags") or ()) or None),
+            placement=placement(self.queue_option(queue, "placement")),
             allow_msg_schedules=True,
             allow_msg_ttl=True,
             allow_direct=True,
@@ -160,9 +163,8 @@ class Layout(Publishing):
     async def queue_streams(self) -> dict[str, tuple[str, str | None]]:
         """Every queue's own stream on the server (``stream_per_queue``): queue -> (stream, domain),
         found in the app's domain and in each domain ``queue_options`` names."""
-        domains = {None, *(o.get("jetstream_domain") for o in self.config.queue_options.values())}
         found: dict[str, tuple[str, str | None]] = {}
-        for domain in sorted(domains, key=lambda d: d or ""):
+        for domain in (None, *self.config.queue_domains):
             for config in await self._stream_configs(f"{self.names.prefix}.>", domain):
                 subjects = config.get("subjects") or []
                 queue = self.names.queue_of_subject(subjects[0]) if subjects else None
@@ -170,6 +172,13 @@ class Layout(Publishing):
                         and self.domain_of(queue) == domain:
                     found[queue] = (str(config.get("name")), domain)
         return found
+
+    async def task_streams(self) -> list[tuple[str, str | None]]:
+        """Every stream holding the app's tasks, with its domain: the app's one stream, or each
+        queue's own (``stream_per_queue``)."""
+        if not self.per_queue:
+            return [(self.names.stream, None)]
+        return sorted((await self.queue_streams()).values(), key=str)
 
     async def _stream_configs(self, subject: str, domain: str | None) -> list[dict[str, Any]]:
         api = self.api_for(domain)

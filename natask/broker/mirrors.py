@@ -11,9 +11,10 @@ from typing import Any, Final
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import Placement, RetentionPolicy, StorageType, StreamConfig, StreamSource, SubjectTransform
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamSource, SubjectTransform
 
 from ..errors import BrokerError, NataskError
+from .layout import placement as stream_placement
 from .streams import Streams
 from .translate import STREAM_NOT_FOUND, describe
 
@@ -45,8 +46,7 @@ class Mirrors(Streams):
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             num_replicas=replicas or self.replicas_of(queue),
-            placement=None if not placement else Placement(cluster=placement.get("cluster"),
-                                                           tags=list(placement.get("tags") or ()) or None),
+            placement=stream_placement(placement),
             mirror=StreamSource(name=origin, subject_transforms=[SubjectTransform(src=s, dest=s) for s in copied]),
         )
         try:

@@ -30,8 +30,17 @@ from ..errors import BrokerError, ConfigError
 from ..naming import DLQ_STREAM
 from .connection import ResultCallback
 from .kv import Bucket, Entry, _Watch
-from .layout import SUBJECTS_OVERLAP, Layout
-from .translate import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, describe, full_error, gone, storage_full
+from .layout import Layout
+from .translate import (
+    CONSUMER_NOT_FOUND,
+    STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
+    SUBJECTS_OVERLAP,
+    describe,
+    full_error,
+    gone,
+    storage_full,
+)
 
 log = logging.getLogger("natask.broker")
 
@@ -95,18 +104,12 @@ class Provisioning(Layout):
         js, wanted = self.jetstream(domain), self.queue_stream_config(queue)
         have = await self.find_queue_stream(queue)
         if have is None:
-            try:
-                await self.api(lambda: js.add_stream(wanted))
-                have = wanted
-            except nats.js.errors.BadRequestError as e:
-                if e.err_code == SUBJECTS_OVERLAP:
-                    raise self.layout_conflict(queue, await self.stream_names(self.names.queue_filter(queue),
-                                                                               domain)) from e
-                if e.err_code != 10058:  # 10058: created concurrently by another process: fine
-                    raise BrokerError(f"cannot create stream {wanted.name}: {e.description}") from e
-                have = await self.find_queue_stream(queue) or wanted
-            except Exception as e:
-                raise self._translate(e, f"{self.api_for(domain)}.STREAM.CREATE.{wanted.name}") from e
+
+            async def conflict() -> ConfigError:
+                return self.layout_conflict(queue, await self.stream_names(self.names.queue_filter(queue), domain))
+
+            created = await self._create_stream(wanted, js, self.api_for(domain), conflict)
+            have = wanted if created else await self.find_queue_stream(queue) or wanted
             log.info("created stream %s for queue %s", have.name, queue)
         elif configure and queue not in self._configured:
             have = await self._configure(queue, have, wanted, js)
@@ -202,17 +205,13 @@ class Provisioning(Layout):
         try:
             info = await self.api(lambda: self.js.stream_info(config.name))  # type: ignore[arg-type]
         except nats.js.errors.NotFoundError:
-            try:
-                await self.api(lambda: self.js.add_stream(config))
-                return config
-            except nats.js.errors.BadRequestError as e:
-                if e.err_code == SUBJECTS_OVERLAP and config.name == self.names.stream:
-                    raise self.layout_conflict(None, await self.stream_names(f"{self.names.prefix}.>")) from e
-                if e.err_code != 10058:  # created concurrently by another process: fine
-                    raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
-                return config
-            except Exception as e:
-                raise self._translate(e, f"{self.api_prefix}.STREAM.CREATE.{config.name}") from e
+
+            async def conflict() -> ConfigError:
+                return self.layout_conflict(None, await self.stream_names(f"{self.names.prefix}.>"))
+
+            await self._create_stream(config, self.js, self.api_prefix,
+                                      conflict if config.name == self.names.stream else None)
+            return config
         except Exception as e:
             raise self._translate(e, f"{self.api_prefix}.STREAM.INFO.{config.name}") from e
         have = info.config
@@ -228,6 +227,22 @@ class Provisioning(Layout):
                         "natask does not change an existing stream (nats stream edit %s --dupe-window %gs)",
                         config.name, kept, wanted, config.name, wanted)
         return have
+
+    async def _create_stream(self, config: StreamConfig, js: Any, api: str,
+                             conflict: Callable[[], Awaitable[ConfigError]] | None) -> bool:
+        """Create a stream natask owns: True, or False if another process created it meanwhile.
+        Subjects another stream holds: ``conflict()``'s error (the two layouts), else BrokerError."""
+        try:
+            await self.api(lambda: js.add_stream(config))
+            return True
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code == SUBJECTS_OVERLAP and conflict is not None:
+                raise await conflict() from e
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise BrokerError(f"cannot create stream {config.name}: {e.description}") from e
+            return False
+        except Exception as e:
+            raise self._translate(e, f"{api}.STREAM.CREATE.{config.name}") from e
 
     async def ensure_level(self, queue: str, priority: int) -> None:
         """Make sure the consumer of a priority level (1..9) of ``queue`` exists, once per connection
@@ -370,7 +385,7 @@ class Provisioning(Layout):
         try:
             return await self.api(lambda: self.js.create_key_value(config))
         except nats.js.errors.BadRequestError as e:
-            if getattr(e, "err_code", None) != 10058:  # 10058: created meanwhile, with other settings
+            if getattr(e, "err_code", None) != STREAM_NAME_IN_USE:  # created meanwhile, with other settings
                 raise self._translate(e, f"$KV.{bucket}") from e
         except Exception as e:
             raise self._translate(e, f"$KV.{bucket}") from e

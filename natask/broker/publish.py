@@ -97,7 +97,7 @@ class Publishing(Connection):
                     raise BrokerError(
                         f"publish to {subject} not acknowledged after {attempt} attempt(s) ({describe(error)}; "
                         f"the call's retry={'False' if retry.attempts == 1 else 'policy'}): is the stream "
-                        f"{self.names.stream} available?")
+                        f"{self._owner(subject) or self.names.stream} available?")
                 await asyncio.sleep(retry.pause(attempt))
                 continue
             if time.monotonic() >= deadline:

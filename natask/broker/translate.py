@@ -16,6 +16,10 @@ from ..errors import BrokerError, StorageFull
 WRONG_LAST_SEQUENCE: Final = 10071
 STREAM_NOT_FOUND: Final = 10059
 CONSUMER_NOT_FOUND: Final = 10014
+STREAM_NAME_IN_USE: Final = 10058
+"""A stream (or bucket) of that name exists already with another configuration: created meanwhile."""
+SUBJECTS_OVERLAP: Final = 10065
+"""A stream's subjects overlap another stream's of the account."""
 _STORAGE_FULL: Final = frozenset({10002, 10023, 10028, 10047})
 """JetStream err_codes of a full store: account limits exceeded (10002), insufficient resources
 (10023: the server's max_file_store/max_memory_store), memory and storage reservations (10028, 10047)."""

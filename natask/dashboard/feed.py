@@ -382,8 +382,7 @@ class Feed:
         broker = await self.app.client.broker()
         names = self.app.names
         # The task stream, or each queue's own (stream_per_queue, perhaps in another JetStream domain).
-        tasks = (sorted((await broker.queue_streams()).values(), key=str) if broker.per_queue
-                 else [(names.stream, None)])
+        tasks = await broker.task_streams()
         streams = (*((stream, "tasks", domain) for stream, domain in tasks),
                    (DLQ_STREAM, "dead letters (every app's)", None), (names.events_stream, "dashboard history", None),
                    (f"OBJ_{names.objects_bucket}", "large payloads", None))
